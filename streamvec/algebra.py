@@ -1,0 +1,369 @@
+"""Lazy models and task arithmetic on them.
+
+A :class:`Model` maps tensor names to :class:`~streamvec.tensor.LazyTensor`. Opening a
+checkpoint or a store gives a *source*; ``+``, ``-``, unary ``-``, scalar ``*`` and ``/`` and
+:meth:`Model.filter` build a :class:`Combination`, a weighted sum of sources, so an expression
+such as ``base + 0.4 * (math + code) - tox`` is evaluated in one streaming pass with no
+intermediate written.
+
+Checkpoints are *points* (models) and task-vector stores are *vectors*. The weights of the
+points in a combination decide what it is: summing to 1 it is a model (``base + tau``), to 0 a
+task vector (``ft - base``). A model keeps each tensor's base dtype and passes non-float tensors
+(int/bool buffers) through from its *anchor*, the first checkpoint in the expression; a task
+vector is float32 by default and leaves non-float tensors out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from streamvec.dtypes import dtype_name, is_float, parse_output_dtype
+from streamvec.errors import MismatchError, StreamvecError
+from streamvec.io.blocks import BlockReader
+from streamvec.names import NameFilter, combine_filters
+from streamvec.tensor import LazyTensor
+
+if TYPE_CHECKING:
+    from streamvec.engine import RunReport
+
+Kind = Literal["model", "task_vector", "combination"]
+OnMissing = Literal["error", "base"]
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a source: its geometry and where its bytes are."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    reader: BlockReader
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint or store on disk. Equal when they are the same path and kind.
+
+    Attributes:
+        label: the path as given (for messages and provenance).
+        is_point: True for a checkpoint (a model), False for a task-vector store.
+        tensors: name -> tensor, in file order.
+        info: provenance details (kind, fingerprint) recorded in outputs.
+    """
+
+    label: str
+    is_point: bool
+    key: str
+    tensors: Mapping[str, SourceTensor] = field(compare=False, hash=False, repr=False)
+    info: Mapping[str, Any] = field(compare=False, hash=False, repr=False, default_factory=dict)
+    extra_files: tuple[str, ...] = field(compare=False, hash=False, repr=False, default=())
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coef * source``, active only on names that pass ``where`` (None: every name)."""
+
+    coef: float
+    source: Source
+    where: NameFilter | None = None
+
+
+class Model(Mapping[str, LazyTensor]):
+    """A lazy mapping of tensor name to :class:`LazyTensor`, with task-arithmetic operators."""
+
+    def combination(self) -> Combination:
+        raise NotImplementedError
+
+    # -- Mapping ----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> LazyTensor:
+        return self.combination().resolved().tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.combination().resolved().tensors)
+
+    def __len__(self) -> int:
+        return len(self.combination().resolved().tensors)
+
+    # -- algebra ----------------------------------------------------------------------------
+    def __add__(self, other: object) -> Combination:
+        if not isinstance(other, Model):
+            return NotImplemented
+        a, b = self.combination(), other.combination()
+        return Combination(a.terms + b.terms, dtype=a.dtype or b.dtype, on_missing=a.on_missing)
+
+    def __sub__(self, other: object) -> Combination:
+        if not isinstance(other, Model):
+            return NotImplemented
+        return self + (-other)
+
+    def __neg__(self) -> Combination:
+        return self * -1.0
+
+    def __mul__(self, scalar: object) -> Combination:
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float, np.floating)):
+            return NotImplemented
+        c = self.combination()
+        terms = tuple(Term(t.coef * float(scalar), t.source, t.where) for t in c.terms)
+        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: object) -> Combination:
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float, np.floating)):
+            return NotImplemented
+        return self * (1.0 / float(scalar))
+
+    def filter(
+        self,
+        include: str | list[str] | tuple[str, ...] | None = None,
+        exclude: str | list[str] | tuple[str, ...] | None = None,
+    ) -> Combination:
+        """Restrict the edit to tensors whose names pass the filter.
+
+        For a task vector, tensors outside the filter are dropped. For a model, tensors outside
+        the filter keep the anchor's (the base's) value: ``(base + tau).filter("*attn*")``
+        edits only attention tensors.
+
+        Args:
+            include: glob(s) or ``re:`` regex(es) a name must match (one of).
+            exclude: glob(s) or ``re:`` regex(es) a name must not match.
+
+        Example:
+            >>> tv = (sv.open("ft") - sv.open("base")).filter("*.self_attn.*")  # doctest: +SKIP
+        """
+        inc = (include,) if isinstance(include, str) else include
+        exc = (exclude,) if isinstance(exclude, str) else exclude
+        f = NameFilter.from_patterns(inc, exc)
+        c = self.combination()
+        if f is None:
+            return c
+        anchor = c.anchor()
+        if c.kind() == "model" and anchor is not None:
+            # p.filter(f) = anchor + (p - anchor).filter(f)
+            inner = (*c.terms, Term(-1.0, anchor))
+            terms = (
+                Term(1.0, anchor),
+                *(Term(t.coef, t.source, combine_filters(t.where, f)) for t in inner),
+            )
+        else:
+            terms = tuple(Term(t.coef, t.source, combine_filters(t.where, f)) for t in c.terms)
+        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing)
+
+    def astype(self, dtype: str | np.dtype) -> Combination:
+        """The same model with float tensors rounded to ``dtype`` (e.g. ``"bfloat16"``)."""
+        c = self.combination()
+        dt = parse_output_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+        return Combination(c.terms, dtype=dt, on_missing=c.on_missing)
+
+    def keep_base_when_missing(self) -> Combination:
+        """Where a term lacks a tensor, keep the anchor's value instead of failing."""
+        c = self.combination()
+        return Combination(c.terms, dtype=c.dtype, on_missing="base")
+
+    # -- running ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], **options: Any) -> RunReport:
+        """Compute every tensor and write the result, streaming block by block.
+
+        A task vector goes to a Zarr store; a model to sharded safetensors in the Hugging Face
+        layout (``format="zarr"`` or ``"safetensors"`` overrides). Options are those of
+        :func:`streamvec.engine.run`: ``workers``, ``scheduler``, ``memory_limit``,
+        ``progress``, ``overwrite``, ``shard_size``, ``resume``.
+
+        Returns:
+            A :class:`~streamvec.engine.RunReport` (tensors, bytes, seconds, checksums).
+
+        Example:
+            >>> (sv.open("ft") - sv.open("base")).save("tau.zarr")  # doctest: +SKIP
+        """
+        from streamvec.engine import run
+
+        return run(self.combination(), path, **options)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.combination().describe()}>"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a combination evaluates to, tensor by tensor."""
+
+    kind: Kind
+    tensors: dict[str, LazyTensor]
+    skipped_nonfloat: tuple[str, ...]
+    kept_base: tuple[str, ...]
+
+
+class Combination(Model):
+    """A weighted sum of sources: ``sum(coef_i * source_i)``, with per-term name filters."""
+
+    def __init__(
+        self,
+        terms: tuple[Term, ...],
+        *,
+        dtype: np.dtype | None = None,
+        on_missing: OnMissing = "error",
+    ) -> None:
+        self.terms = _merge(terms)
+        self.dtype = dtype
+        self.on_missing: OnMissing = on_missing
+        self._resolved: Resolved | None = None
+
+    def combination(self) -> Combination:
+        return self
+
+    def kind(self) -> Kind:
+        """``model`` (checkpoint weights sum to 1), ``task_vector`` (0), else ``combination``."""
+        # Filtered terms come in +/- pairs of the same source (see filter), so the plain sum
+        # of point weights decides.
+        w = sum(t.coef for t in self.terms if t.source.is_point)
+        if abs(w - 1.0) < _EPS:
+            return "model"
+        if abs(w) < _EPS:
+            return "task_vector"
+        return "combination"
+
+    def anchor(self) -> Source | None:
+        """The first checkpoint in the expression: the base of a model."""
+        return next((t.source for t in self.terms if t.source.is_point), None)
+
+    def sources(self) -> list[Source]:
+        seen: dict[Source, None] = {}
+        for t in self.terms:
+            seen.setdefault(t.source, None)
+        return list(seen)
+
+    def describe(self) -> str:
+        parts = []
+        for t in self.terms:
+            w = f" [{t.where.describe()}]" if t.where is not None else ""
+            parts.append(f"{t.coef:+g}*{t.source.label}{w}")
+        return " ".join(parts) or "0"
+
+    def resolved(self) -> Resolved:
+        """Resolve every tensor (headers only), checking names, shapes and dtypes."""
+        if self._resolved is None:
+            self._resolved = _resolve(self)
+        return self._resolved
+
+
+def _merge(terms: tuple[Term, ...]) -> tuple[Term, ...]:
+    merged: dict[tuple[Source, NameFilter | None], float] = {}
+    for t in terms:
+        key = (t.source, t.where)
+        merged[key] = merged.get(key, 0.0) + t.coef
+    return tuple(Term(c, s, w) for (s, w), c in merged.items())
+
+
+def _resolve(comb: Combination) -> Resolved:
+    kind = comb.kind()
+    anchor = comb.anchor()
+    names: dict[str, None] = {}
+    for s in comb.sources():
+        for n in s.tensors:
+            names.setdefault(n, None)
+    tensors: dict[str, LazyTensor] = {}
+    skipped: list[str] = []
+    kept_base: list[str] = []
+    missing: list[str] = []
+    mismatched: list[str] = []
+    for name in names:
+        active = [t for t in comb.terms if t.where is None or t.where(name)]
+        if not active:
+            continue
+        base = anchor.tensors.get(name) if anchor is not None else None
+        if kind == "model" and base is not None and not is_float(base.dtype):
+            # Task vectors carry no int/bool buffers: those pass through from the base, and
+            # only other checkpoints are required to have them.
+            active = [t for t in active if t.source.is_point]
+        lacking = [t.source.label for t in active if name not in t.source.tensors]
+        if lacking:
+            if comb.on_missing == "base" and anchor is not None and name in anchor.tensors:
+                if kind == "model":
+                    active = [Term(1.0, anchor)]
+                    kept_base.append(name)
+                else:
+                    continue
+            else:
+                missing.append(f"{name} (missing in {', '.join(lacking)})")
+                continue
+        parts = [(t.coef, t.source.tensors[name]) for t in active]
+        shapes = {p.shape for _, p in parts}
+        if len(shapes) > 1:
+            detail = ", ".join(
+                f"{t.source.label}: {list(p.shape)}"
+                for t, (_, p) in zip(active, parts, strict=True)
+            )
+            mismatched.append(f"{name} shapes differ ({detail})")
+            continue
+        floats = {is_float(p.dtype) for _, p in parts}
+        if floats == {True, False}:
+            detail = ", ".join(
+                f"{t.source.label}: {dtype_name(p.dtype)}"
+                for t, (_, p) in zip(active, parts, strict=True)
+            )
+            mismatched.append(f"{name} mixes float and non-float dtypes ({detail})")
+            continue
+        first = parts[0][1]
+        if floats == {False}:
+            if kind == "model" and base is not None:
+                tensors[name] = LazyTensor(name, base.shape, base.dtype, ((1.0, base.reader),))
+            else:
+                skipped.append(name)
+            continue
+        if kind == "model" and base is not None:
+            out_dtype = base.dtype
+        else:
+            out_dtype = np.dtype(np.float32)
+        if comb.dtype is not None:
+            out_dtype = comb.dtype
+        terms = _collapse([(c, p.reader) for c, p in parts])
+        tensors[name] = LazyTensor(name, first.shape, np.dtype(out_dtype), terms)
+    problems = missing + mismatched
+    if problems:
+        shown = "; ".join(problems[:6])
+        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        hint = (
+            " (pass --missing keep-base to keep the base value for missing tensors)"
+            if missing and kind == "model"
+            else ""
+        )
+        raise MismatchError(f"inputs do not match: {shown}{more}{hint}")
+    if not tensors:
+        raise StreamvecError(
+            f"the expression selects no floating-point tensors ({comb.describe()}); "
+            "check --include/--exclude"
+        )
+    return Resolved(kind, tensors, tuple(skipped), tuple(kept_base))
+
+
+def _collapse(terms: list[tuple[float, BlockReader]]) -> tuple[tuple[float, BlockReader], ...]:
+    """Sum coefficients of identical readers (filtered +/- pairs) and drop zero weights."""
+    acc: dict[BlockReader, float] = {}
+    for c, r in terms:
+        acc[r] = acc.get(r, 0.0) + c
+    kept = tuple((c, r) for r, c in acc.items() if c != 0.0)
+    if kept:
+        return kept
+    # Everything cancelled (ft - ft): keep one zero-weight term so the result is zeros.
+    first = terms[0][1]
+    return ((0.0, first),)
+
+
+class SourceModel(Model):
+    """A checkpoint or a store opened with :func:`streamvec.open`."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def combination(self) -> Combination:
+        return Combination((Term(1.0, self.source),))
+
+    def __repr__(self) -> str:
+        what = "checkpoint" if self.source.is_point else "task-vector store"
+        return f"<streamvec {what} {self.source.label}: {len(self.source.tensors)} tensors>"

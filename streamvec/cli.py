@@ -1,0 +1,314 @@
+"""The ``streamvec`` command line: thin argument parsing over the Python API.
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr saying what is wrong, with
+which file or tensor, and what to do); 1 internal error. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from streamvec import __version__
+from streamvec.errors import StreamvecError
+
+EPILOG = """examples:
+  streamvec info llama-base
+  streamvec diff llama-base llama-math -o math.zarr --include '*.self_attn.*'
+  streamvec combine --base llama-base -o edited llama-math:0.5 llama-code:0.5
+  streamvec combine --base llama-base -o detox --scale 0.6 tox.zarr:-1
+  streamvec combine -o analogy.zarr c.zarr b.zarr a.zarr:-1
+  streamvec verify edited
+  streamvec demo
+
+Patterns in --include/--exclude are shell globs on tensor names, or regexes written re:...
+Sizes accept 5GB, 512MB, 8GiB or bytes. Exit codes: 0 ok, 2 bad input, 1 internal error.
+"""
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
+    g = p.add_argument_group("running")
+    g.add_argument(
+        "--workers", type=int, metavar="N", help="blocks in flight at once (default: CPU count)"
+    )
+    g.add_argument(
+        "--scheduler",
+        default="threads",
+        metavar="S",
+        help="threads (default), processes, sync, local:N (a LocalCluster of N worker "
+        "processes) or a dask.distributed scheduler address like tcp://host:8786",
+    )
+    g.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="ceiling on anonymous memory, e.g. 4GB (default: half of the available RAM); "
+        "block sizes are chosen to stay under it",
+    )
+    g.add_argument("--device", choices=["cpu"], default="cpu", help="where block arithmetic runs")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace OUT once the new one is complete"
+    )
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    if filters:
+        _add_filter_options(p)
+
+
+def _add_filter_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor filters")
+    g.add_argument(
+        "--include", action="append", metavar="PAT", help="only tensors matching PAT (repeatable)"
+    )
+    g.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PAT",
+        help="leave out tensors matching PAT (repeatable)",
+    )
+
+
+def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "workers": args.workers,
+        "scheduler": args.scheduler,
+        "memory_limit": args.memory_limit,
+        "progress": not args.quiet and sys.stderr.isatty(),
+        "overwrite": args.overwrite,
+    }
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from streamvec.info import describe, format_info
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=1) if args.json else format_info(info, limit=args.limit))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from streamvec.ops.task_vector import task_vector
+
+    tv = task_vector(
+        args.base, args.finetuned, include=args.include, exclude=args.exclude, dtype=args.dtype
+    )
+    report = tv.save(args.output, description="diff", **_run_kwargs(args))
+    _say(args, report.summary())
+    if report.skipped_nonfloat:
+        n = len(report.skipped_nonfloat)
+        _say(args, f"left out {n} non-float tensor(s) (listed in the store attrs)")
+    return 0
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from streamvec.ops.combine import combine_terms, parse_term
+
+    terms = [parse_term(t) for t in args.terms]
+    model = combine_terms(
+        terms,
+        base=args.base,
+        scale=args.scale,
+        include=args.include,
+        exclude=args.exclude,
+        dtype=args.dtype,
+        keep_base_when_missing=args.missing == "keep-base",
+    )
+    report = model.save(
+        args.output, description="combine", shard_size=args.shard_size, **_run_kwargs(args)
+    )
+    _say(args, report.summary())
+    if report.kept_base:
+        _say(args, f"kept the base value for {len(report.kept_base)} tensor(s) missing in a term")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from streamvec.verify import verify
+
+    result = verify(args.path, progress=not args.quiet and sys.stderr.isatty())
+    _say(args, result.summary())
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from streamvec import synth
+
+    if args.finetune_of:
+        out = synth.build_finetune(
+            args.finetune_of, args.output, rank=args.rank, seed=args.seed, only=args.only
+        )
+    else:
+        out = synth.build_checkpoint(
+            args.output,
+            params=args.params,
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+            seed=args.seed,
+        )
+    _say(args, f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streamvec.demo import run_demo
+
+    run_demo(args.workdir, params=args.params, progress=not args.quiet and sys.stderr.isatty())
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamvec",
+        description="Out-of-core task arithmetic for large safetensors checkpoints: task vectors, "
+        "their combinations and edited models, streamed tensor by tensor in bounded memory.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"streamvec {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="what a checkpoint or store holds (headers only)")
+    p.add_argument("path", help="checkpoint directory, .safetensors file, or streamvec Zarr store")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--limit", type=int, default=40, metavar="N", help="tensors listed (default 40; 0 = all)"
+    )
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "diff",
+        help="task vector FINETUNED - BASE into a Zarr store",
+        description="Compute tau = FINETUNED - BASE for every floating-point tensor (upcast to "
+        "float32 before subtracting, rounded once) into a Zarr v3 store. Non-float tensors are "
+        "left out and listed in the store's attrs.",
+    )
+    p.add_argument("base")
+    p.add_argument("finetuned")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="stored dtype (default float32)",
+    )
+    _add_run_options(p)
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
+        "combine",
+        help="task arithmetic: edited model or combined task vector",
+        description="Linear combination of task vectors. TERM is PATH or PATH:WEIGHT; PATH is a "
+        "task-vector store, or a checkpoint whose task vector relative to --base is computed on "
+        "the fly (never stored). With --base the output is the edited model "
+        "theta_base + SCALE * sum(w_i tau_i) as sharded safetensors (HF layout); without it, "
+        "the combined task vector as a Zarr store. Negation: ft:-1. Analogy C + (B - A): C B A:-1. "
+        "--include/--exclude restrict the edit; other tensors keep the base value.",
+    )
+    p.add_argument("terms", nargs="+", metavar="TERM")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--base", metavar="BASE", help="base checkpoint: output the edited model")
+    p.add_argument(
+        "--scale", type=float, default=1.0, metavar="LAMBDA", help="lambda (default 1.0)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="output dtype (default: the base's, or float32 for a task vector)",
+    )
+    p.add_argument(
+        "--shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)"
+    )
+    p.add_argument(
+        "--missing",
+        choices=["error", "keep-base"],
+        default="error",
+        help="a tensor missing in a term: fail (default) or keep the base value",
+    )
+    _add_run_options(p)
+    p.set_defaults(func=cmd_combine)
+
+    p = sub.add_parser("verify", help="recompute the checksums of an output streamvec wrote")
+    p.add_argument("path")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic Llama-shaped checkpoint (or a fine-tune of one)",
+        description="Synthetic checkpoints for trying streamvec and benchmarking it: Llama-shaped "
+        "sharded safetensors of the requested size, or with --finetune-of a fine-tune whose "
+        "task vector is low-rank plus noise.",
+    )
+    p.add_argument("output", metavar="OUT")
+    p.add_argument(
+        "--params", default="0.1B", help="parameter count, e.g. 0.1B, 1B, 300M (default 0.1B)"
+    )
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--shard-size", default="1GB", metavar="SIZE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--finetune-of", metavar="BASE", help="write a fine-tune of this synthetic base instead"
+    )
+    p.add_argument("--rank", type=int, default=8, help="rank of the fine-tune's delta (default 8)")
+    p.add_argument("--only", metavar="GLOB", help="fine-tune only tensors matching GLOB")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "demo",
+        help="build synthetic checkpoints and run the engine end to end",
+        description="Builds a synthetic base and fine-tunes, computes task vectors, edits the "
+        "model by task arithmetic, verifies the outputs and prints a summary.",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="where to write (default: a temporary directory, removed after)",
+    )
+    p.add_argument("--params", default="0.1B", help="model size (default 0.1B)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except StreamvecError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"streamvec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamvec: interrupted; no output was finished", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"streamvec: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+            "traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Run a lazy model to a sink under a memory budget, through a Dask scheduler.
+
+The work is one task per (tensor, row block): read the rows of every input, combine them,
+write the block, return its checksum. Tasks are independent, so the scheduler keeps exactly
+``workers`` blocks in flight and memory is bounded by ``workers x block working set``; block
+sizes are chosen from the budget. Input pages are file-backed (page cache) and not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from streamvec import __version__
+from streamvec.algebra import Combination
+from streamvec.dtypes import dtype_name
+from streamvec.errors import StreamvecError
+from streamvec.io.blocks import matrix_shape
+from streamvec.io.output import OutputDir
+from streamvec.kernel import accumulation_dtype
+from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.sinks import BlockWriter, PlannedTensor, SafetensorsSink, Sink, ZarrSink
+from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
+from streamvec.units import format_bytes, parse_size
+
+CHECKSUM_ALGO = "xxh3_128"
+# Headroom for the interpreter, dask, zarr's event loop and codec buffers beyond the blocks.
+RUNTIME_OVERHEAD = 256 << 20
+
+
+@dataclass
+class RunReport:
+    """What a run did: enough for a summary line and for benchmarks."""
+
+    path: Path
+    kind: str
+    format: str
+    tensors: int
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    workers: int
+    memory_limit: int
+    skipped_nonfloat: tuple[str, ...] = ()
+    kept_base: tuple[str, ...] = ()
+    checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rate = self.input_bytes / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"wrote {self.path} ({self.kind}, {self.format}): {self.tensors} tensors, "
+            f"{format_bytes(self.input_bytes)} read, {format_bytes(self.output_bytes)} written "
+            f"in {self.seconds:.1f} s ({format_bytes(rate)}/s of input)"
+        )
+
+
+def working_bytes_per_element(t: LazyTensor) -> int:
+    """Anonymous bytes a block task holds per element: accumulator, output, encode buffer."""
+    acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
+    out = t.dtype.itemsize
+    return (acc if acc != out else 0) + 3 * out
+
+
+def plan_blocks(
+    tensors: list[LazyTensor], memory_limit: int, workers: int, baseline: int
+) -> list[PlannedTensor]:
+    """Choose each tensor's block rows so ``workers`` blocks fit in the budget.
+
+    Raises:
+        StreamvecError: the budget cannot hold even one row per worker.
+    """
+    per_worker = (memory_limit - baseline - RUNTIME_OVERHEAD) // workers
+    plan = []
+    for t in tensors:
+        rows, cols = matrix_shape(t.shape)
+        row_cost = max(cols, 1) * working_bytes_per_element(t)
+        fit = per_worker // row_cost if per_worker > 0 else 0
+        if fit < 1:
+            need = baseline + RUNTIME_OVERHEAD + workers * row_cost
+            raise StreamvecError(
+                f"--memory-limit {format_bytes(memory_limit)} is too small: tensor {t.name!r} "
+                f"needs about {format_bytes(need)} with {workers} worker(s); raise the limit or "
+                "use fewer workers"
+            )
+        plan.append(PlannedTensor(t, max(1, min(rows_per_block(t.shape), fit, max(rows, 1)))))
+    return plan
+
+
+def _block_task(t: LazyTensor, r0: int, r1: int, writer: BlockWriter) -> tuple[str, int, bytes]:
+    block = t.read_rows(r0, r1)
+    writer.write(r0, block)
+    return t.name, r0, block_digest(block)
+
+
+def tensor_checksum(block_digests: list[bytes]) -> str:
+    """Digest of a tensor from its block digests, in row order."""
+    return xxhash.xxh3_128_hexdigest(b"".join(block_digests))
+
+
+def block_digest(block: np.ndarray) -> bytes:
+    """The per-block digest used by :func:`tensor_checksum` (C-order bytes of the block)."""
+    return xxhash.xxh3_128_digest(np.ascontiguousarray(block).view(np.uint8).data)
+
+
+def _execute(
+    graph: dict[Any, Any],
+    keys: list[Any],
+    sizes: dict[Any, int],
+    *,
+    scheduler: str,
+    workers: int,
+    progress: bool,
+    total: int,
+    desc: str,
+) -> list[tuple[str, int, bytes]]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc=desc,
+        disable=not progress,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
+    try:
+        if scheduler in ("threads", "processes", "sync", "synchronous"):
+            import dask
+            from dask.callbacks import Callback
+
+            def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+                bar.update(sizes.get(key, 0))
+
+            getters: dict[str, Callable[..., Any]] = {
+                "threads": dask.threaded.get,
+                "processes": dask.multiprocessing.get,
+            }
+            get = getters.get(scheduler, dask.get)
+            kwargs: dict[str, Any] = {"num_workers": workers} if scheduler != "sync" else {}
+            with Callback(posttask=posttask):
+                results = get(graph, keys, **kwargs)
+            return list(results)
+        return _execute_distributed(graph, keys, sizes, scheduler, bar)
+    finally:
+        bar.close()
+
+
+def _execute_distributed(
+    graph: dict[Any, Any], keys: list[Any], sizes: dict[Any, int], address: str, bar: Any
+) -> list[tuple[str, int, bytes]]:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if address.startswith("local:"):
+        n = int(address.split(":", 1)[1] or "2")
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True)
+        client = Client(cluster)
+    else:
+        client = Client(address)
+    try:
+        futures = client.get(graph, keys, sync=False)
+        by_key = {f.key: f for f in futures}
+        out = []
+        for fut in as_completed(futures):
+            out.append(fut.result())
+            bar.update(sizes.get(fut.key, 0))
+        del by_key
+        return out
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def run(
+    model: Combination,
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,  # noqa: A002 - the natural keyword for users
+    workers: int | None = None,
+    scheduler: str = "threads",
+    memory_limit: str | int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    shard_size: str | int = "5GB",
+    description: str | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+) -> RunReport:
+    """Compute every tensor of ``model`` and write it to ``path``; it appears only when done.
+
+    Args:
+        model: the lazy expression.
+        path: output; a Zarr store for task vectors, a sharded safetensors directory for models.
+        format: ``"zarr"`` or ``"safetensors"`` to override the default for the kind.
+        workers: blocks in flight at once (default: CPU count).
+        scheduler: ``threads`` (default), ``processes``, ``sync``, ``local:N`` (a LocalCluster
+            of N processes) or the address of a ``dask.distributed`` scheduler.
+        memory_limit: ceiling on anonymous memory, e.g. ``"4GB"`` (default: half of available).
+        progress: show a progress bar (bytes read, throughput).
+        overwrite: replace an existing output once the new one is complete.
+        shard_size: safetensors shard size.
+        description: what to record as the operation in the output's attrs.
+        extra_attrs: more provenance to record.
+
+    Returns:
+        A :class:`RunReport`.
+    """
+    started = time.perf_counter()
+    resolved = model.resolved()
+    fmt = format or ("safetensors" if resolved.kind == "model" else "zarr")
+    if fmt not in ("zarr", "safetensors"):
+        raise StreamvecError(f"unknown output format {fmt!r}: use zarr or safetensors")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise StreamvecError(f"--workers must be at least 1, got {workers}")
+    limit = parse_size(memory_limit) if memory_limit is not None else default_memory_limit()
+    tensors = list(resolved.tensors.values())
+    plan = plan_blocks(tensors, limit, workers, baseline=anon_bytes())
+    anchor = model.anchor()
+    sink: Sink
+    if fmt == "zarr":
+        sink = ZarrSink()
+    else:
+        extra = anchor.extra_files if anchor is not None and resolved.kind == "model" else ()
+        sink = SafetensorsSink(parse_size(shard_size), extra)
+    attrs: dict[str, Any] = {
+        "format": 1,
+        "kind": resolved.kind,
+        "operation": description or "combine",
+        "expression": model.describe(),
+        "sources": [s.info for s in model.sources()],
+        "created_by": f"streamvec {__version__}",
+        "skipped_nonfloat": list(resolved.skipped_nonfloat),
+        "kept_base": list(resolved.kept_base),
+        **(extra_attrs or {}),
+    }
+    out = OutputDir(path, overwrite=overwrite)
+    with out:
+        try:
+            sink.prepare(out.partial, plan, attrs)
+            graph: dict[Any, Any] = {}
+            sizes: dict[Any, int] = {}
+            for p in plan:
+                t = p.tensor
+                writer = sink.writer(t.name)
+                rows, cols = matrix_shape(t.shape)
+                in_row_bytes = sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
+                for r0, r1 in row_ranges(rows, p.block_rows):
+                    key = ("streamvec-block", t.name, r0)
+                    graph[key] = (_block_task, t, r0, r1, writer)
+                    sizes[key] = (r1 - r0) * in_row_bytes
+            keys = list(graph)
+            results = _execute(
+                graph,
+                keys,
+                sizes,
+                scheduler=scheduler,
+                workers=workers,
+                progress=progress,
+                total=sum(sizes.values()),
+                desc=Path(path).name,
+            )
+            checksums = _checksums(plan, results)
+            sink.finish(checksums, attrs)
+        finally:
+            sink.close()
+        final = out.commit()
+    return RunReport(
+        path=final,
+        kind=resolved.kind,
+        format=fmt,
+        tensors=len(plan),
+        input_bytes=sum(t.input_nbytes for t in tensors),
+        output_bytes=sum(t.nbytes for t in tensors),
+        seconds=time.perf_counter() - started,
+        workers=workers,
+        memory_limit=limit,
+        skipped_nonfloat=resolved.skipped_nonfloat,
+        kept_base=resolved.kept_base,
+        checksums=checksums,
+    )
+
+
+def _checksums(
+    plan: list[PlannedTensor], results: list[tuple[str, int, bytes]]
+) -> dict[str, dict[str, Any]]:
+    digests: dict[str, dict[int, bytes]] = {}
+    for name, r0, digest in results:
+        digests.setdefault(name, {})[r0] = digest
+    out = {}
+    for p in plan:
+        t = p.tensor
+        rows, _ = matrix_shape(t.shape)
+        got = digests.get(t.name, {})
+        expected = [r0 for r0, _ in row_ranges(rows, p.block_rows)]
+        if sorted(got) != expected:
+            raise RuntimeError(f"internal error: blocks of {t.name!r} missing from the results")
+        out[t.name] = {
+            CHECKSUM_ALGO: tensor_checksum([got[r0] for r0 in expected]),
+            "checksum_block_rows": p.block_rows,
+            "dtype": dtype_name(t.dtype),
+            "shape": list(t.shape),
+        }
+    return out

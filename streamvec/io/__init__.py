@@ -1,0 +1,1 @@
+"""Reading and writing checkpoint files and stores: bytes and offsets, no arithmetic."""

@@ -1,0 +1,117 @@
+"""Output directories that appear only when complete.
+
+Work goes to a hidden temporary sibling (``.NAME.partial``) guarded by an exclusive lock on
+``.NAME.lock``; :meth:`OutputDir.commit` makes the data durable and renames it to the final
+name. A failed run removes its partial output. Two runs writing the same output refuse each
+other through the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from streamvec.errors import OutputError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class OutputDir:
+    """A temporary sibling of ``final`` that becomes ``final`` on :meth:`commit`.
+
+    Args:
+        final: the output path the user asked for.
+        overwrite: replace an existing output (only once the new one is complete).
+    """
+
+    def __init__(self, final: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        self.final = Path(final).absolute()
+        self.overwrite = overwrite
+        parent = self.final.parent
+        self.partial = parent / f".{self.final.name}.partial"
+        self.lock_path = parent / f".{self.final.name}.lock"
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> OutputDir:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def open(self) -> Path:
+        """Check the destination, take the lock and create an empty partial directory."""
+        parent = self.final.parent
+        if not parent.is_dir():
+            raise OutputError(f"{self.final}: parent directory {parent} does not exist; create it")
+        if self.final.exists() or self.final.is_symlink():
+            if self.final.is_file():
+                raise OutputError(f"{self.final}: exists and is a file; choose another output path")
+            if not self.overwrite:
+                raise OutputError(
+                    f"{self.final}: already exists; choose another path or pass --overwrite"
+                )
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"{self.final}: directory {parent} is not writable")
+        try:
+            self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OutputError(
+                    f"{self.final}: another streamvec run is writing this output; wait for it "
+                    "or choose another path"
+                ) from None
+            raise OutputError(f"{self.final}: cannot create lock file ({exc.strerror})") from None
+        if self.partial.exists():
+            # Left by a run that died; nobody holds the lock, so it is ours to clear.
+            shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            self.partial.mkdir()
+        except OSError as exc:
+            self.release()
+            raise OutputError(f"{self.partial}: cannot create ({exc.strerror})") from None
+        return self.partial
+
+    def commit(self) -> Path:
+        """Make the partial output durable, then rename it to the final path."""
+        os.sync()  # one call flushes every file of the partial output before the rename
+        trash = None
+        if self.final.exists():
+            trash = self.final.parent / f".{self.final.name}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(self.final, trash)
+        os.replace(self.partial, self.final)
+        _fsync_dir(self.final.parent)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        self.release()
+        return self.final
+
+    def abort(self) -> None:
+        """Remove the partial output and release the lock."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self.lock_path)
+            except OSError:
+                pass
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,20 @@
+"""Decompositions of large matrices: streaming randomized SVD and math on SVD factors."""
+
+from streamvec.linalg.factors import (
+    common_subspace,
+    iso_c_merge,
+    split_shared_unique,
+    tsv_merge,
+)
+from streamvec.linalg.rsvd import SVDResult, exact_svd, randomized_svd, sketch_width
+
+__all__ = [
+    "SVDResult",
+    "common_subspace",
+    "exact_svd",
+    "iso_c_merge",
+    "randomized_svd",
+    "sketch_width",
+    "split_shared_unique",
+    "tsv_merge",
+]

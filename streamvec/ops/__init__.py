@@ -1,0 +1,1 @@
+"""Operations, one small module each; :mod:`streamvec.ops.registry` lists them."""

@@ -1,0 +1,155 @@
+"""Where computed blocks go: a Zarr store or sharded safetensors, behind one small protocol.
+
+A sink is prepared with the full list of output tensors (so every array or shard header is
+created before any data), hands out picklable per-tensor block writers (paths and offsets,
+never open handles, so any scheduler can run them), and is finished with the checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from streamvec.errors import OutputError
+from streamvec.io import zarr_store
+from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
+from streamvec.tensor import LazyTensor
+
+MANIFEST_NAME = "streamvec.json"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor and the row-block size it is computed (and checksummed) in."""
+
+    tensor: LazyTensor
+    block_rows: int
+
+
+class BlockWriter(Protocol):
+    def write(self, r0: int, block: np.ndarray) -> None: ...
+
+
+class Sink(Protocol):
+    format: str
+
+    def prepare(
+        self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]
+    ) -> None: ...
+
+    def writer(self, name: str) -> BlockWriter: ...
+
+    def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PwriteBlockWriter:
+    """Writes rows of one tensor at its byte offset in a pre-sized safetensors shard."""
+
+    path: str
+    offset: int
+    row_bytes: int
+
+    def write(self, r0: int, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block).view(np.uint8).reshape(-1).data
+        pos = self.offset + r0 * self.row_bytes
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                while data:
+                    n = os.pwrite(fd, data, pos)
+                    data, pos = data[n:], pos + n
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path}: write failed ({exc.strerror}); free space and rerun"
+            ) from None
+
+
+class ZarrSink:
+    """A Zarr v3 store in the layout of :mod:`streamvec.io.zarr_store`."""
+
+    format = "zarr"
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def prepare(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
+        self.path = directory
+        specs = []
+        for p in plan:
+            t = p.tensor
+            self._shapes[t.name] = t.shape
+            source_dtypes = sorted({str(r.dtype) for _, r in t.terms})
+            extra = {"source_dtype": source_dtypes[0] if len(source_dtypes) == 1 else source_dtypes}
+            specs.append(zarr_store.ArraySpec(t.name, t.shape, t.dtype, p.block_rows, extra))
+        zarr_store.create_store(directory, attrs, specs)
+
+    def writer(self, name: str) -> BlockWriter:
+        from streamvec.names import encode_array_path
+
+        assert self.path is not None
+        return zarr_store.ZarrBlockWriter(
+            str(self.path), encode_array_path(name), self._shapes[name]
+        )
+
+    def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None:
+        assert self.path is not None
+        zarr_store.set_array_attrs(self.path, checksums)
+        zarr_store.update_root_attrs(self.path, attrs)
+        zarr_store.consolidate(self.path)
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSink:
+    """Sharded safetensors in the Hugging Face layout, plus the base's non-weight files."""
+
+    format = "safetensors"
+
+    def __init__(self, shard_size: int, extra_files: tuple[str, ...] = ()) -> None:
+        self.shard_size = shard_size
+        self.extra_files = extra_files
+        self.path: Path | None = None
+        self._writer: ShardedSafetensorsWriter | None = None
+
+    def prepare(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
+        self.path = directory
+        specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
+        self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
+        self._writer.create()
+        self._row_bytes = {
+            p.tensor.name: p.tensor.dtype.itemsize
+            * int(np.prod(p.tensor.shape[1:], dtype=np.int64))
+            for p in plan
+        }
+        for f in self.extra_files:
+            shutil.copyfile(f, directory / Path(f).name)
+
+    def writer(self, name: str) -> BlockWriter:
+        assert self._writer is not None
+        path, offset = self._writer.location(name)
+        return PwriteBlockWriter(str(path), offset, self._row_bytes[name])
+
+    def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None:
+        assert self._writer is not None and self.path is not None
+        # Blocks were written at location() offsets by the block writers, not via write_rows;
+        # the engine has already checked that every block task returned.
+        self._writer.finish(fsync=False, require_complete=False)
+        manifest = {"streamvec": attrs, "tensors": checksums}
+        (self.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,111 @@
+"""Open checkpoints and stores as lazy models (headers and metadata only, no tensor bytes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import xxhash
+
+from streamvec.algebra import Source, SourceModel, SourceTensor
+from streamvec.errors import InputNotFoundError, StoreError
+from streamvec.io.blocks import SafetensorsReader
+from streamvec.io.checkpoint import CheckpointFiles, resolve_checkpoint
+from streamvec.io.zarr_store import is_zarr_store, read_store
+
+VECTOR_KINDS = ("task_vector",)
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """A quick identity of input files: names, sizes and safetensors headers (not the data).
+
+    Cheap enough for every run; ``streamvec verify`` recomputes full data checksums.
+    """
+    h = xxhash.xxh3_128()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0".encode())
+        with p.open("rb") as f:
+            head = f.read(8)
+            h.update(head)
+            if len(head) == 8:
+                h.update(f.read(min(int.from_bytes(head, "little"), 100_000_000)))
+    return h.hexdigest()
+
+
+def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
+    tensors = {
+        t.name: SourceTensor(
+            t.name, t.shape, t.dtype, SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype)
+        )
+        for t in files.tensors.values()
+    }
+    info = {
+        "path": label,
+        "kind": "checkpoint",
+        "fingerprint": fingerprint_files(list(files.shards)),
+        "bytes": files.total_bytes,
+    }
+    extra = tuple(str(p) for p in files.extra_files())
+    key = str(
+        files.shards[0].resolve().parent if len(files.shards) > 1 else files.shards[0].resolve()
+    )
+    return Source(label, True, key, tensors, info, extra)
+
+
+def store_source(path: Path, label: str) -> Source:
+    store = read_store(path)
+    if store.kind not in VECTOR_KINDS:
+        raise StoreError(
+            f"{path}: a {store.kind!r} store cannot be used as a term here (expected one of "
+            f"{', '.join(VECTOR_KINDS)})"
+        )
+    tensors = {
+        a.name: SourceTensor(a.name, a.shape, a.dtype, a.reader(path))
+        for a in store.arrays.values()
+    }
+    info = {
+        "path": label,
+        "kind": store.kind,
+        "fingerprint": fingerprint_files([path / "zarr.json"]),
+    }
+    return Source(label, False, str(path.resolve()), tensors, info)
+
+
+def open_source(path: str | os.PathLike[str]) -> Source:
+    """A :class:`Source` for a checkpoint (file or directory) or a streamvec Zarr store."""
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError(f"{p}: no such file or directory")
+    if is_zarr_store(p):
+        return store_source(p, str(path))
+    return checkpoint_source(resolve_checkpoint(p), str(path))
+
+
+def open(  # noqa: A001 - mirrors the builtin on purpose: sv.open(path)
+    path: str | os.PathLike[str],
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+) -> SourceModel:
+    """Open a checkpoint or a task-vector store as a lazy model. Reads headers only.
+
+    Args:
+        path: a safetensors checkpoint (HF sharded directory, one-file directory or file) or
+            a Zarr store written by streamvec.
+        include: only tensors matching these globs (or ``re:`` regexes).
+        exclude: leave out tensors matching these.
+
+    Returns:
+        A lazy mapping of tensor name to :class:`~streamvec.tensor.LazyTensor` that supports
+        ``+``, ``-``, scalar ``*``, ``.filter()`` and ``.save()``.
+
+    Example:
+        >>> import streamvec as sv
+        >>> tau = sv.open("llama-ft") - sv.open("llama-base")  # doctest: +SKIP
+        >>> tau.save("tau.zarr")  # doctest: +SKIP
+    """
+    model = SourceModel(open_source(path))
+    if include or exclude:
+        return model.filter(include, exclude)  # type: ignore[return-value]
+    return model
