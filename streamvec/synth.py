@@ -212,8 +212,18 @@ class LlamaShape:
 
         Returns:
             The sum of the element counts of :meth:`tensor_shapes`.
+
+        Example::
+
+            >>> LlamaShape(64, 176, 2, 2, 1, 256).param_count()
+            125248
         """
-        return sum(math.prod(shape) for shape in self.tensor_shapes().values())
+        # Closed form (equal to summing tensor_shapes()) so llama_shape_for can size 70B models
+        # without listing hundreds of thousands of candidate tensors.
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * kv * h + 3 * h * self.intermediate + 2 * h
+        embeddings = self.vocab * h * (1 if self.tie_embeddings else 2)
+        return embeddings + self.layers * per_layer + h
 
     def config(self, dtype_name: str) -> dict:
         """A ``config.json`` dict that ``transformers.LlamaConfig`` accepts.
@@ -443,9 +453,8 @@ def build_checkpoint(
 
     Example::
 
-        >>> d = build_checkpoint(tmp / "base", params="10M", dtype="float16", shard_size="8MB")
-        >>> sorted(p.name for p in d.glob("*.safetensors"))[:1]
-        ['model-00001-of-00003.safetensors']
+        base = build_checkpoint("/tmp/base", params="10M", dtype="float16", shard_size="8MB")
+        # -> /tmp/base/model-00001-of-00003.safetensors ... model-00003-of-00003.safetensors
     """
     if (params is None) == (shape is None):
         raise StreamvecError("give exactly one of params= and shape=")
@@ -597,7 +606,7 @@ def build_finetune(
 
     Example::
 
-        >>> ft = build_finetune(base, tmp / "ft", rank=4, only="*.self_attn.*")
+        ft = build_finetune("/tmp/base", "/tmp/ft-attn", rank=4, only="*.self_attn.*")
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise StreamvecError(f"rank must be a positive int, got {rank!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -147,8 +148,14 @@ def test_tied_embeddings_drop_lm_head() -> None:
         {"vocab": -1},
     ],
 )
-def test_invalid_shape(kwargs: dict) -> None:
-    args = {"hidden": 64, "intermediate": 176, "layers": 2, "heads": 2, "kv_heads": 1}
+def test_invalid_shape(kwargs: dict[str, int]) -> None:
+    args: dict[str, Any] = {
+        "hidden": 64,
+        "intermediate": 176,
+        "layers": 2,
+        "heads": 2,
+        "kv_heads": 1,
+    }
     args |= {"vocab": 256, **kwargs}
     with pytest.raises(StreamvecError):
         LlamaShape(**args)
@@ -178,6 +185,7 @@ def test_llama_shape_for(params: str) -> None:
     n = parse_param_count(params)
     shape = llama_shape_for(n)
     assert abs(shape.param_count() - n) / n <= 0.15
+    assert shape.param_count() == sum(math.prod(s) for s in shape.tensor_shapes().values())
     assert shape.hidden % 64 == 0
     assert shape.heads == shape.hidden // 64
     assert shape.heads % shape.kv_heads == 0
@@ -318,9 +326,7 @@ def _energy_ok(delta: np.ndarray, rank: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_finetune_delta_is_low_rank_plus_noise(
-    tmp_path: Path, base_f32: Path, dtype: str
-) -> None:
+def test_finetune_delta_is_low_rank_plus_noise(tmp_path: Path, base_f32: Path, dtype: str) -> None:
     base_dir = base_f32
     if dtype != "float32":
         base_dir = build_checkpoint(tmp_path / "base", shape=TINY, dtype=dtype, shard_size="40KB")

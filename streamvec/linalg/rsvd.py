@@ -18,16 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dask
+import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
 from streamvec.errors import StreamvecError
-
-if TYPE_CHECKING:
-    import dask.array as da
-    from dask.delayed import Delayed
 
 __all__ = ["SVDResult", "exact_svd", "randomized_svd", "sketch_width"]
 
@@ -115,8 +113,6 @@ def randomized_svd(
         StreamvecError: ``A`` is not a 2-D real dask array, ``rank`` is out of range,
             ``oversample`` or ``power_iters`` is negative, or ``A`` has non-finite values.
     """
-    import dask.array as da
-
     if not isinstance(A, da.Array):
         raise StreamvecError(
             f"randomized_svd needs a dask.array.Array, got {type(A).__name__}; "
