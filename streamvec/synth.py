@@ -26,12 +26,10 @@ import fnmatch
 import json
 import math
 import os
-import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +39,10 @@ from safetensors.numpy import save_file
 from streamvec.dtypes import dtype_name as _dtype_name
 from streamvec.dtypes import is_float, parse_output_dtype
 from streamvec.errors import CheckpointError, InputNotFoundError, OutputError, StreamvecError
+from streamvec.io.checkpoint import INDEX_NAME
+from streamvec.io.st_writer import TensorSpec, plan_shards, shard_file_names
+from streamvec.units import parse_param_count, parse_size
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 INT_BUFFER_NAME = "model.position_ids_buffer"
 _SHARD_METADATA = {"format": "pt"}
@@ -57,96 +57,6 @@ _BASE, _LOWRANK, _NOISE = 0, 1, 2
 
 _MATRIX_STD = 0.02  # the usual Llama initializer_range
 _NORM_STD = 0.02  # layernorm weights are 1 + this much noise
-
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
-_NUMBER_UNIT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*")
-
-
-def _parse_scaled(text: str | int, units: dict[str, int], what: str, forms: str) -> Decimal:
-    """Parse ``<number><unit>`` into an exact Decimal (floats would make "1.1GB" inexact)."""
-    if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise StreamvecError(f"invalid {what} {text!r}: expected {forms}")
-    if isinstance(text, int):
-        value = Decimal(text)
-    else:
-        match = _NUMBER_UNIT.fullmatch(text.lower())
-        if match is None or match.group(2) not in units:
-            raise StreamvecError(f"invalid {what} {text!r}: expected {forms}")
-        value = Decimal(match.group(1)) * units[match.group(2)]
-    if value < 0:
-        raise StreamvecError(f"invalid {what} {text!r}: must not be negative")
-    return value
-
-
-def parse_size(text: str | int) -> int:
-    """Parse a byte size such as ``"5GB"``, ``"512MiB"`` or ``1048576``.
-
-    Decimal units (``kB``/``K``, ``MB``/``M``, ``GB``/``G``, ``TB``/``T``) are powers of 1000,
-    binary units (``KiB``, ``MiB``, ``GiB``, ``TiB``) powers of 1024, ``B`` or no unit means
-    bytes. Units are case-insensitive, the number may have a fraction (``"1.5GB"``).
-
-    Args:
-        text: the size as text, or a plain non-negative number of bytes.
-
-    Returns:
-        The size in bytes.
-
-    Raises:
-        StreamvecError: the text is not a size or is not a whole number of bytes.
-
-    Example::
-
-        >>> parse_size("512MiB"), parse_size("1.5GB"), parse_size(100)
-        (536870912, 1500000000, 100)
-    """
-    forms = "a byte count like 1000000, 100MB, 1.5GB or 512MiB (units B, kB, MB, GB, TB, KiB..TiB)"
-    value = _parse_scaled(text, _SIZE_UNITS, "size", forms)
-    if value != value.to_integral_value():
-        raise StreamvecError(f"invalid size {text!r}: not a whole number of bytes")
-    return int(value)
-
-
-def parse_param_count(text: str | int) -> int:
-    """Parse a parameter count such as ``"0.1B"``, ``"300M"``, ``"2.5k"`` or ``7_000_000``.
-
-    Suffixes (case-insensitive): ``k`` thousand, ``M`` million, ``B`` billion, ``T`` trillion.
-    Fractional results are rounded to the nearest whole parameter.
-
-    Args:
-        text: the count as text, or a plain positive int.
-
-    Returns:
-        The number of parameters (at least 1).
-
-    Raises:
-        StreamvecError: the text is not a count, or it is zero.
-
-    Example::
-
-        >>> parse_param_count("0.1B"), parse_param_count("2.5k")
-        (100000000, 2500)
-    """
-    forms = "a parameter count like 300M, 0.1B, 1B, 2.5k or 1000000"
-    count = int(_parse_scaled(text, _COUNT_UNITS, "parameter count", forms).to_integral_value())
-    if count < 1:
-        raise StreamvecError(f"invalid parameter count {text!r}: must be at least 1")
-    return count
 
 
 @dataclass(frozen=True)
@@ -401,24 +311,6 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def _shard_names(count: int) -> list[str]:
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def _plan_shards(sizes: Iterable[tuple[str, int]], limit: int) -> list[list[str]]:
-    # Greedy like transformers' max_shard_size: start a new shard when the next tensor would
-    # push the current one past the limit; a tensor bigger than the limit gets a shard alone.
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, nbytes in sizes:
-        if shards[-1] and used + nbytes > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += nbytes
-    return shards
-
-
 def build_checkpoint(
     out_dir: str | os.PathLike,
     *,
@@ -475,8 +367,9 @@ def build_checkpoint(
     if int_buffer:
         specs[INT_BUFFER_NAME] = ((1, 64), np.dtype(np.int64))
     nbytes = {name: math.prod(dims) * dt.itemsize for name, (dims, dt) in specs.items()}
-    plan = _plan_shards(nbytes.items(), limit)
-    files = _shard_names(len(plan))
+    tensor_specs = [TensorSpec(n, dt, dims) for n, (dims, dt) in specs.items()]
+    plan = [[s.name for s in shard] for shard in plan_shards(tensor_specs, limit)]
+    files = shard_file_names(len(plan))
 
     with ThreadPoolExecutor(_workers()) as pool:
         for file, names in zip(files, plan, strict=True):

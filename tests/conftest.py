@@ -68,7 +68,12 @@ def pair_factory(
             root = tmp_path_factory.mktemp(f"pair-{key}")
             b = mixed_tensors(0, np.dtype(dtype))
             f = finetune_of(b, 1)
-            cache[key] = (write_checkpoint(root / "base", b), write_checkpoint(root / "ft", f), b, f)
+            cache[key] = (
+                write_checkpoint(root / "base", b),
+                write_checkpoint(root / "ft", f),
+                b,
+                f,
+            )
         return cache[key]
 
     return make
@@ -108,11 +113,30 @@ def run_cli_subprocess(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def ulp_distance(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     """Distance in units of the last place of ``want``'s dtype (bf16 included), as float64."""
     dt = want.dtype
-    mant = {np.dtype(np.float16): 10, BF16: 7, np.dtype(np.float32): 23, np.dtype(np.float64): 52}[dt]
+    mant = {np.dtype(np.float16): 10, BF16: 7, np.dtype(np.float32): 23, np.dtype(np.float64): 52}[
+        dt
+    ]
     w = want.astype(np.float64)
     g = got.astype(np.float64)
     # ulp of w: 2^(exponent - mantissa bits), with the subnormal floor of the type.
-    tiny = float(ml_dtypes.finfo(dt).smallest_subnormal if dt == BF16 else np.finfo(dt).smallest_subnormal)
+    tiny = float(
+        ml_dtypes.finfo(dt).smallest_subnormal if dt == BF16 else np.finfo(dt).smallest_subnormal
+    )
     exp = np.floor(np.log2(np.maximum(np.abs(w), tiny)))
     ulp = np.maximum(np.exp2(exp - mant), tiny)
     return np.abs(g - w) / ulp
+
+
+def assert_matches_float64(
+    got: np.ndarray, exact: np.ndarray, magnitude: np.ndarray, nterms: int, name: str = ""
+) -> None:
+    """``got`` is within 1 ulp of ``exact`` rounded to got's dtype, or, where the terms cancel
+    below the output's resolution, within float32 accumulation error: ``nterms * 2^-24 *
+    sum|c_i x_i|`` (``magnitude``). An exact float64 zero has no meaningful ulp scale."""
+    want = exact.astype(got.dtype)
+    ok_ulp = ulp_distance(got, want) <= 1.0
+    ok_cancel = np.abs(got.astype(np.float64) - exact) <= nterms * 2.0**-24 * magnitude
+    bad = ~(ok_ulp | ok_cancel)
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} elements off, e.g. got {got[bad][:3]} want {want[bad][:3]}"
+    )

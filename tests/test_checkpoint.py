@@ -19,7 +19,10 @@ def sharded(tmp_path: Path) -> Path:
     d.mkdir()
     safetensors.numpy.save_file({"a": np.zeros(3, np.float32)}, str(d / "s1.safetensors"))
     safetensors.numpy.save_file({"b": np.ones((2, 2), np.float32)}, str(d / "s2.safetensors"))
-    index = {"metadata": {"total_size": 28}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+    index = {
+        "metadata": {"total_size": 28},
+        "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"},
+    }
     (d / INDEX_NAME).write_text(json.dumps(index))
     return d
 
@@ -105,6 +108,8 @@ def test_empty_and_missing(tmp_path: Path) -> None:
 
 def test_several_files_without_index(tmp_path: Path) -> None:
     for n in ("x", "y"):
-        safetensors.numpy.save_file({n: np.zeros(1, np.float32)}, str(tmp_path / f"{n}.safetensors"))
+        safetensors.numpy.save_file(
+            {n: np.zeros(1, np.float32)}, str(tmp_path / f"{n}.safetensors")
+        )
     with pytest.raises(CheckpointError, match="no model.safetensors.index.json"):
         resolve_checkpoint(tmp_path)

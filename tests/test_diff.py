@@ -15,13 +15,19 @@ from streamvec.names import encode_array_path
 from .conftest import BF16, run_cli, run_cli_subprocess, write_checkpoint
 
 DTYPES = [BF16, np.dtype(np.float16), np.dtype(np.float32)]
-FLOAT_NAMES = ["model.embed.weight", "model/odd/name.weight", "model.norm.weight", "model.scale", "model.conv.weight"]
+FLOAT_NAMES = [
+    "model.embed.weight",
+    "model/odd/name.weight",
+    "model.norm.weight",
+    "model.scale",
+    "model.conv.weight",
+]
 
 
 def read_store(path: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(path), mode="r")
     out = {}
-    for key, arr in group.arrays():
+    for _, arr in group.arrays():
         out[arr.attrs["name"]] = np.asarray(arr[...])
     return out
 
@@ -51,7 +57,9 @@ def test_diff_is_exact_and_round_trips(pair_factory, tmp_path: Path, dtype: np.d
 def test_float32_diff_equals_float64_reference_rounded_once(pair_factory, tmp_path: Path) -> None:
     base_dir, ft_dir, base, ft = pair_factory(np.dtype(np.float32))
     tau = (sv.open(ft_dir) - sv.open(base_dir))["model.embed.weight"].compute()
-    want = (ft["model.embed.weight"].astype(np.float64) - base["model.embed.weight"]).astype(np.float32)
+    want = (ft["model.embed.weight"].astype(np.float64) - base["model.embed.weight"]).astype(
+        np.float32
+    )
     np.testing.assert_array_equal(tau, want)
 
 
@@ -79,8 +87,18 @@ def test_include_exclude_and_dtype(pair_factory, tmp_path: Path) -> None:
     base_dir, ft_dir, base, ft = pair_factory(BF16)
     out = tmp_path / "attn.zarr"
     code = run_cli(
-        "diff", base_dir, ft_dir, "-o", out, "-q", "--include", "model.*", "--exclude", "*.norm.*",
-        "--dtype", "bfloat16",
+        "diff",
+        base_dir,
+        ft_dir,
+        "-o",
+        out,
+        "-q",
+        "--include",
+        "model.*",
+        "--exclude",
+        "*.norm.*",
+        "--dtype",
+        "bfloat16",
     )
     assert code == 0
     tau = zarr.open_group(str(out), mode="r")
@@ -116,7 +134,7 @@ def test_small_blocks_match_one_block(pair_factory, tmp_path: Path) -> None:
     """A tight memory limit forces many row blocks; the result must not change."""
     base_dir, ft_dir, *_ = pair_factory(BF16)
     tau = sv.open(ft_dir) - sv.open(base_dir)
-    big = tau.save(tmp_path / "big.zarr", progress=False)
+    tau.save(tmp_path / "big.zarr", progress=False)
     from streamvec.memory import anon_bytes
 
     limit = anon_bytes() + (256 << 20) + 40_000  # a few rows of the widest tensor per worker
@@ -128,7 +146,7 @@ def test_small_blocks_match_one_block(pair_factory, tmp_path: Path) -> None:
 
 
 def test_mismatched_checkpoints_fail_cleanly(pair_factory, tmp_path: Path) -> None:
-    base_dir, _, base, ft = pair_factory(BF16)
+    base_dir, _, _, ft = pair_factory(BF16)
     other = dict(ft)
     other["model.norm.weight"] = np.zeros(47, dtype=BF16)  # wrong shape
     del other["model.scale"]  # missing
@@ -161,12 +179,16 @@ def test_existing_output_is_refused(pair_factory, tmp_path: Path) -> None:
 
 def test_memory_limit_too_small_is_a_usage_error(pair_factory, tmp_path: Path) -> None:
     base_dir, ft_dir, *_ = pair_factory(BF16)
-    proc = run_cli_subprocess("diff", base_dir, ft_dir, "-o", tmp_path / "x.zarr", "--memory-limit", "1MB")
+    proc = run_cli_subprocess(
+        "diff", base_dir, ft_dir, "-o", tmp_path / "x.zarr", "--memory-limit", "1MB"
+    )
     assert proc.returncode == 2
     assert "--memory-limit" in proc.stderr and "too small" in proc.stderr
 
 
-def test_info_reads_headers(pair_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_reads_headers(
+    pair_factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base_dir, ft_dir, base, _ = pair_factory(BF16)
     assert run_cli("info", base_dir, "--json") == 0
     info = json.loads(capsys.readouterr().out)

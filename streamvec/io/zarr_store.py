@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from streamvec.dtypes import BFLOAT16, OUTPUT_DTYPES, SAFETENSORS_DTYPES, dtype_
 from streamvec.errors import StoreError
 from streamvec.io.blocks import ZarrReader
 from streamvec.names import decode_array_path, encode_array_path
+
+if TYPE_CHECKING:
+    from zarr.core.metadata.v3 import ArrayV3Metadata
 
 FORMAT = 1
 
@@ -55,53 +59,238 @@ class ArraySpec:
     attrs: dict[str, Any]
 
 
-def create_store(path: Path, root_attrs: dict[str, Any], arrays: list[ArraySpec]) -> None:
-    """Create the group and pre-create every array (chunks = the row blocks)."""
-    import zarr
+def _chunk_shape(shape: tuple[int, ...], chunk_rows: int) -> tuple[int, ...]:
+    return (max(1, min(chunk_rows, shape[0])), *shape[1:]) if shape else ()
 
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.attrs["streamvec"] = root_attrs
+
+def create_store(
+    path: Path, root_attrs: dict[str, Any], arrays: list[ArraySpec]
+) -> dict[str, ArrayV3Metadata]:
+    """Create the group and pre-create every array (chunks = the row blocks), attrs included.
+
+    Returns:
+        Each array's metadata by tensor name, for :class:`ZarrBlockWriter`.
+    """
+    import zarr
+    from zarr.core.group import GroupMetadata
+    from zarr.storage import LocalStore
+
+    # Metadata is built once per distinct (shape, chunks, dtype) by zarr itself (in memory, so
+    # codecs are configured for the dtype exactly as zarr does), then copied with each array's
+    # attrs; zarr.create_hierarchy writes every node concurrently in one call. Creating arrays
+    # one by one and adding attrs after cost two metadata writes through zarr's event loop per
+    # array (~14 ms each here: 1.9 s of a 200-tensor store against 0.1 s).
+    templates: dict[tuple[Any, ...], ArrayV3Metadata] = {}
+    nodes: dict[str, Any] = {"": GroupMetadata(attributes={"streamvec": root_attrs})}
+    out: dict[str, ArrayV3Metadata] = {}
     for spec in arrays:
-        chunks = (spec.chunk_rows, *spec.shape[1:]) if spec.shape else ()
-        arr = group.create_array(
-            name=encode_array_path(spec.name),
-            shape=spec.shape,
-            chunks=chunks,
-            dtype=storage_dtype(spec.dtype),
-            compressors=_compressors(),
-            fill_value=0,
-            # Skip writing chunks that are all zero (frozen layers): costs one scan per chunk.
-            config={"write_empty_chunks": False},
+        chunks = _chunk_shape(spec.shape, spec.chunk_rows)
+        stored = storage_dtype(spec.dtype)
+        key = (spec.shape, chunks, stored.str)
+        if key not in templates:
+            templates[key] = zarr.create_array(
+                zarr.storage.MemoryStore(),
+                shape=spec.shape,
+                chunks=chunks,
+                dtype=stored,
+                compressors=_compressors(),
+                fill_value=0,
+            ).metadata  # type: ignore[assignment]
+        meta = templates[key].update_attributes(
+            {"name": spec.name, "dtype": dtype_name(spec.dtype), **spec.attrs}
         )
-        arr.attrs.update({"name": spec.name, "dtype": dtype_name(spec.dtype), **spec.attrs})
+        nodes[encode_array_path(spec.name)] = meta
+        out[spec.name] = meta
+    for _ in zarr.create_hierarchy(store=LocalStore(str(path)), nodes=nodes):
+        pass  # a generator: nodes are written as it is consumed
+    return out
+
+
+def _is_all_zero(data: np.ndarray) -> bool:
+    """True when every byte of ``data`` is zero (the bit pattern of a zero fill value).
+
+    A nonzero chunk almost always has a nonzero byte near its start, so a short prefix decides
+    it without a scan; zarr's own check compares element-wise at ~1.3 GB/s on this machine.
+    """
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if raw[:4096].any():
+        return False
+    if raw.size % 8 == 0:
+        return not raw.view(np.uint64).any()
+    return not raw.any()
+
+
+def _fill_is_zero_bits(meta: ArrayV3Metadata) -> bool:
+    fill = np.asarray(meta.fill_value)
+    return fill.dtype.kind in "biuf" and not fill.tobytes().strip(b"\0")
+
+
+def _write_file(path: Path, data: Any) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, as zarr's LocalStore does."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def _sync_codecs(meta: ArrayV3Metadata) -> tuple[Any, ...] | None:
+    """The array's codecs when every one can encode synchronously, else None.
+
+    The fast path runs zarr's own codec objects (``_encode_sync``, the functions zarr's async
+    pipeline runs in its worker threads), so chunk bytes are exactly zarr's. Anything it does
+    not know to be a plain chunk (sharding, array-to-array codecs) goes through zarr instead.
+    """
+    from zarr.abc.codec import BytesBytesCodec
+    from zarr.codecs import BytesCodec
+
+    codecs = tuple(meta.codecs)
+    if not codecs or not isinstance(codecs[0], BytesCodec):
+        return None
+    if not all(isinstance(c, BytesBytesCodec) for c in codecs[1:]):
+        return None
+    if not all(callable(getattr(c, "_encode_sync", None)) for c in codecs):
+        return None
+    return codecs
+
+
+def encode_chunk(meta: ArrayV3Metadata, chunk: np.ndarray, write_empty_chunks: bool) -> Any:
+    """The stored bytes of one whole chunk, or None for a chunk zarr would not write.
+
+    Raises:
+        ValueError: the array's codecs have no synchronous path (use zarr's setitem).
+    """
+    from zarr.core.array_spec import ArrayConfig
+    from zarr.core.buffer import default_buffer_prototype
+
+    codecs = _sync_codecs(meta)
+    if codecs is None:
+        raise ValueError("codecs without a synchronous encoder")
+    if not write_empty_chunks:
+        if _fill_is_zero_bits(meta):
+            if _is_all_zero(chunk):
+                return None
+        else:
+            from zarr.core.buffer.cpu import NDBuffer
+
+            if NDBuffer.from_numpy_array(chunk).all_equal(meta.fill_value):
+                return None
+    prototype = default_buffer_prototype()
+    spec = meta.get_chunk_spec(
+        (0,) * len(meta.shape), ArrayConfig(order="C", write_empty_chunks=True), prototype
+    )
+    buf: Any = prototype.nd_buffer.from_ndarray_like(chunk)
+    for codec in codecs:
+        buf = codec._encode_sync(buf, spec)
+    return buf.as_buffer_like()
 
 
 @dataclass(frozen=True)
 class ZarrBlockWriter:
-    """Writes row blocks of one array; picklable (holds the path, not an open array)."""
+    """Writes row blocks of one array; picklable (paths and metadata, no open handle).
+
+    A block that is exactly one chunk (the engine's blocks are the chunks) is encoded here, in
+    the calling worker thread, with the array's own codecs, and written as the chunk file; the
+    bytes are those zarr writes. Through ``zarr.Array.__setitem__`` each block crossed zarr's
+    event loop thread, which scanned it element-wise for emptiness and ran the codecs in its
+    own executor: 0.1-0.35 GB/s here, against the ~0.5 GB/s per thread of blosc alone.
+    Anything else (a block that is not one whole chunk, codecs without a synchronous path)
+    goes through ``zarr.Array.__setitem__``.
+    """
 
     store: str
     array_path: str
     shape: tuple[int, ...]
+    metadata: ArrayV3Metadata | None = None
+    write_empty_chunks: bool = False
+
+    def _meta(self) -> ArrayV3Metadata:
+        if self.metadata is not None:
+            return self.metadata
+        from zarr.core.metadata.v3 import ArrayV3Metadata
+
+        raw = json.loads((Path(self.store) / self.array_path / "zarr.json").read_bytes())
+        meta = ArrayV3Metadata.from_dict(raw)
+        # Cached on this instance only (it is a per-tensor value object); pickles carry it.
+        object.__setattr__(self, "metadata", meta)
+        return meta
 
     def write(self, r0: int, block: np.ndarray) -> None:
+        data = block.view(np.uint16) if block.dtype == BFLOAT16 else block
+        shape = (data.shape[0], *self.shape[1:]) if self.shape else ()
+        data = data.reshape(shape)
+        meta = self._meta()
+        chunk_shape = tuple(meta.chunks)
+        if self.shape and chunk_shape and _sync_codecs(meta) is not None:
+            rows = chunk_shape[0]
+            whole = r0 % rows == 0 and (
+                data.shape[0] == rows or r0 + data.shape[0] == self.shape[0] <= r0 + rows
+            )
+            if whole:
+                if data.shape[0] < rows:
+                    # The last chunk of an array is stored whole, padded with the fill value.
+                    padded = np.full(chunk_shape, meta.fill_value, dtype=data.dtype)
+                    padded[: data.shape[0]] = data
+                    data = padded
+                self._write_chunk(meta, (r0 // rows, *([0] * (len(shape) - 1))), data)
+                return
+        if not self.shape and _sync_codecs(meta) is not None:
+            self._write_chunk(meta, (), data)
+            return
+        self._write_with_zarr(r0, data)
+
+    def _write_chunk(
+        self, meta: ArrayV3Metadata, coords: tuple[int, ...], data: np.ndarray
+    ) -> None:
+        encoded = encode_chunk(meta, np.ascontiguousarray(data), self.write_empty_chunks)
+        path = Path(self.store) / self.array_path / meta.encode_chunk_key(coords)
+        if encoded is None:
+            path.unlink(missing_ok=True)  # zarr deletes a chunk that became all fill value
+        else:
+            _write_file(path, encoded)
+
+    def _write_with_zarr(self, r0: int, data: np.ndarray) -> None:
         import zarr
 
-        arr = zarr.open_array(self.store, path=self.array_path, mode="r+")
-        data = block.view(np.uint16) if block.dtype == BFLOAT16 else block
+        arr = zarr.open_array(
+            self.store,
+            path=self.array_path,
+            mode="r+",
+            config={"write_empty_chunks": self.write_empty_chunks},
+        )
         if not self.shape:
-            arr[...] = data.reshape(())
+            arr[...] = data
         else:
-            arr[r0 : r0 + data.shape[0]] = data.reshape((data.shape[0], *self.shape[1:]))
+            arr[r0 : r0 + data.shape[0]] = data
 
 
 def set_array_attrs(path: Path, updates: dict[str, dict[str, Any]]) -> None:
-    """Add attrs to arrays by tensor name (checksums known only after the run)."""
-    import zarr
+    """Add attrs to arrays by tensor name (checksums known only after the run).
 
-    group = zarr.open_group(str(path), mode="r+")
+    Each array's ``zarr.json`` is rewritten once, serialized by zarr's metadata class; through
+    ``Array.attrs.update`` each array cost an open and a write through zarr's event loop
+    (~4 ms per array here, 0.9 s for 200 arrays).
+    """
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    prototype = default_buffer_prototype()
     for name, attrs in updates.items():
-        group[encode_array_path(name)].attrs.update(attrs)
+        file = path / encode_array_path(name) / "zarr.json"
+        meta = ArrayV3Metadata.from_dict(json.loads(file.read_bytes()))
+        meta = meta.update_attributes({**meta.attributes, **attrs})
+        _write_file(file, meta.to_buffer_dict(prototype)["zarr.json"].as_buffer_like())
 
 
 def update_root_attrs(path: Path, updates: dict[str, Any]) -> None:
