@@ -282,7 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="0.1B", help="model size (default 0.1B)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+    _add_optional_parsers(sub)
     return parser
+
+
+def _add_optional_parsers(sub: Any) -> None:
+    """Commands defined next to their operations (SVD family, benchmarks)."""
+    import importlib
+
+    for module in ("streamvec.ops.svd_cli", "streamvec.benchmark"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.add_parsers(sub) if hasattr(mod, "add_parsers") else mod.add_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

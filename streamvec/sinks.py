@@ -83,6 +83,7 @@ class ZarrSink:
     def __init__(self) -> None:
         self.path: Path | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._metadata: dict[str, Any] = {}
 
     def prepare(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
         self.path = directory
@@ -93,14 +94,16 @@ class ZarrSink:
             source_dtypes = sorted({str(r.dtype) for _, r in t.terms})
             extra = {"source_dtype": source_dtypes[0] if len(source_dtypes) == 1 else source_dtypes}
             specs.append(zarr_store.ArraySpec(t.name, t.shape, t.dtype, p.block_rows, extra))
-        zarr_store.create_store(directory, attrs, specs)
+        self._metadata = zarr_store.create_store(directory, attrs, specs)
 
     def writer(self, name: str) -> BlockWriter:
         from streamvec.names import encode_array_path
 
         assert self.path is not None
+        # The writer carries the array's metadata (small, picklable) so no worker has to open
+        # the array to learn its codecs and chunk grid.
         return zarr_store.ZarrBlockWriter(
-            str(self.path), encode_array_path(name), self._shapes[name]
+            str(self.path), encode_array_path(name), self._shapes[name], self._metadata.get(name)
         )
 
     def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None:

@@ -190,7 +190,7 @@ def encode_chunk(meta: ArrayV3Metadata, chunk: np.ndarray, write_empty_chunks: b
     spec = meta.get_chunk_spec(
         (0,) * len(meta.shape), ArrayConfig(order="C", write_empty_chunks=True), prototype
     )
-    buf: Any = prototype.nd_buffer.from_ndarray_like(chunk)
+    buf: Any = prototype.nd_buffer.from_numpy_array(chunk)
     for codec in codecs:
         buf = codec._encode_sync(buf, spec)
     return buf.as_buffer_like()
@@ -228,37 +228,37 @@ class ZarrBlockWriter:
 
     def write(self, r0: int, block: np.ndarray) -> None:
         data = block.view(np.uint16) if block.dtype == BFLOAT16 else block
-        shape = (data.shape[0], *self.shape[1:]) if self.shape else ()
-        data = data.reshape(shape)
         meta = self._meta()
-        chunk_shape = tuple(meta.chunks)
-        if self.shape and chunk_shape and _sync_codecs(meta) is not None:
-            rows = chunk_shape[0]
-            whole = r0 % rows == 0 and (
-                data.shape[0] == rows or r0 + data.shape[0] == self.shape[0] <= r0 + rows
-            )
-            if whole:
-                if data.shape[0] < rows:
-                    # The last chunk of an array is stored whole, padded with the fill value.
-                    padded = np.full(chunk_shape, meta.fill_value, dtype=data.dtype)
-                    padded[: data.shape[0]] = data
-                    data = padded
-                self._write_chunk(meta, (r0 // rows, *([0] * (len(shape) - 1))), data)
-                return
-        if not self.shape and _sync_codecs(meta) is not None:
-            self._write_chunk(meta, (), data)
+        coords: tuple[int, ...] | None = ()
+        if self.shape:
+            data = data.reshape((data.shape[0], *self.shape[1:]))
+            coords = self._chunk_of(meta, r0, data.shape[0])
+        else:
+            data = data.reshape(())
+        if coords is None or _sync_codecs(meta) is None:
+            self._write_with_zarr(r0, data)
             return
-        self._write_with_zarr(r0, data)
-
-    def _write_chunk(
-        self, meta: ArrayV3Metadata, coords: tuple[int, ...], data: np.ndarray
-    ) -> None:
+        chunk_shape = tuple(meta.chunks)
+        if data.shape != chunk_shape:
+            # The last chunk of an array is stored whole, padded with the fill value (as zarr).
+            padded = np.full(chunk_shape, meta.fill_value, dtype=data.dtype)
+            padded[: data.shape[0]] = data
+            data = padded
         encoded = encode_chunk(meta, np.ascontiguousarray(data), self.write_empty_chunks)
         path = Path(self.store) / self.array_path / meta.encode_chunk_key(coords)
         if encoded is None:
             path.unlink(missing_ok=True)  # zarr deletes a chunk that became all fill value
         else:
             _write_file(path, encoded)
+
+    def _chunk_of(self, meta: ArrayV3Metadata, r0: int, n: int) -> tuple[int, ...] | None:
+        """Coordinates of the chunk rows ``[r0, r0 + n)`` are exactly, else None."""
+        rows = meta.chunks[0]
+        if n == 0 or r0 % rows:
+            return None
+        if n != rows and not (n < rows and r0 + n == self.shape[0]):
+            return None
+        return (r0 // rows, *([0] * (len(self.shape) - 1)))
 
     def _write_with_zarr(self, r0: int, data: np.ndarray) -> None:
         import zarr
