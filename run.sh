@@ -38,7 +38,7 @@ if [ "$cmd" = demo ]; then
   exec "$venv/bin/streamvec" demo "$@"
 fi
 
-"$venv/bin/ruff" check streamvec tests bench
-"$venv/bin/ruff" format --check streamvec tests bench
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
 "$venv/bin/mypy" streamvec
 exec "$py" -m pytest -q "$@"

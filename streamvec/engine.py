@@ -21,7 +21,7 @@ import xxhash
 from streamvec import __version__
 from streamvec.algebra import Combination
 from streamvec.dtypes import dtype_name
-from streamvec.errors import StreamvecError
+from streamvec.errors import OutputError, StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.output import OutputDir
 from streamvec.kernel import accumulation_dtype
@@ -168,12 +168,10 @@ def _execute_distributed(
         client = Client(address)
     try:
         futures = client.get(graph, keys, sync=False)
-        by_key = {f.key: f for f in futures}
         out = []
         for fut in as_completed(futures):
             out.append(fut.result())
             bar.update(sizes.get(fut.key, 0))
-        del by_key
         return out
     finally:
         client.close()
@@ -243,6 +241,7 @@ def run(
         "kept_base": list(resolved.kept_base),
         **(extra_attrs or {}),
     }
+    _refuse_overwriting_inputs(Path(path), model)
     out = OutputDir(path, overwrite=overwrite)
     with out:
         try:
@@ -288,6 +287,19 @@ def run(
         kept_base=resolved.kept_base,
         checksums=checksums,
     )
+
+
+def _refuse_overwriting_inputs(path: Path, model: Combination) -> None:
+    """An output at (or above) an input's location would replace the input when renamed."""
+    final = path.absolute().resolve()
+    for source in model.sources():
+        for t in list(source.tensors.values())[:1]:
+            where = Path(getattr(t.reader, "path", getattr(t.reader, "store", source.label)))
+            where = where.resolve()
+            if where == final or final in where.parents:
+                raise OutputError(
+                    f"{path}: is (or contains) the input {source.label}; write to another path"
+                )
 
 
 def _checksums(
