@@ -247,8 +247,10 @@ def test_missing_input_is_exit_2(tmp_path: Path) -> None:
 
 
 def test_output_over_an_input_is_refused(pair_factory, tmp_path: Path) -> None:
-    base_dir, ft_dir, _, ft = pair_factory(BF16)
+    base_dir, ft_dir, *_ = pair_factory(BF16)
     before = (ft_dir / "model.safetensors").read_bytes()
-    proc = run_cli_subprocess("combine", "--base", base_dir, "-o", ft_dir, "--overwrite", str(ft_dir))
+    proc = run_cli_subprocess(
+        "combine", "--base", base_dir, "-o", ft_dir, "--overwrite", str(ft_dir)
+    )
     assert proc.returncode == 2 and "is (or contains) the input" in proc.stderr
     assert (ft_dir / "model.safetensors").read_bytes() == before
