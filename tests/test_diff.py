@@ -254,3 +254,19 @@ def test_output_over_an_input_is_refused(pair_factory, tmp_path: Path) -> None:
     )
     assert proc.returncode == 2 and "is (or contains) the input" in proc.stderr
     assert (ft_dir / "model.safetensors").read_bytes() == before
+
+
+def test_diff_does_not_import_torch(pair_factory, tmp_path: Path) -> None:
+    """torch costs ~2 s and ~120 MB of anonymous memory at start-up; diff must not pay it."""
+    import subprocess
+    import sys
+
+    base_dir, ft_dir, *_ = pair_factory(BF16)
+    code = (
+        "import sys; from streamvec.cli import main; "
+        f"rc = main(['diff', {str(base_dir)!r}, {str(ft_dir)!r}, '-o', "
+        f"{str(tmp_path / 't.zarr')!r}, '-q']); "
+        "assert rc == 0; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
