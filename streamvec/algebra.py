@@ -78,17 +78,35 @@ class Model(Mapping[str, LazyTensor]):
     """A lazy mapping of tensor name to :class:`LazyTensor`, with task-arithmetic operators."""
 
     def combination(self) -> Combination:
+        """This model as a weighted sum of sources (what the operators act on)."""
         raise NotImplementedError
+
+    # What the engine needs; models that are not weighted sums (merge methods) override these.
+    def resolved(self) -> Resolved:
+        """Every output tensor, checked across sources (headers only)."""
+        return self.combination().resolved()
+
+    def anchor(self) -> Source | None:
+        """The base checkpoint whose dtypes, buffers and config files a model output keeps."""
+        return self.combination().anchor()
+
+    def sources(self) -> list[Source]:
+        """The distinct inputs, for provenance."""
+        return self.combination().sources()
+
+    def describe(self) -> str:
+        """A one-line description of the computation, recorded in outputs."""
+        return self.combination().describe()
 
     # -- Mapping ----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> LazyTensor:
-        return self.combination().resolved().tensors[name]
+        return self.resolved().tensors[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.combination().resolved().tensors)
+        return iter(self.resolved().tensors)
 
     def __len__(self) -> int:
-        return len(self.combination().resolved().tensors)
+        return len(self.resolved().tensors)
 
     # -- algebra ----------------------------------------------------------------------------
     def __add__(self, other: object) -> Combination:
@@ -183,10 +201,10 @@ class Model(Mapping[str, LazyTensor]):
         """
         from streamvec.engine import run
 
-        return run(self.combination(), path, **options)
+        return run(self, path, **options)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.combination().describe()}>"
+        return f"<{type(self).__name__} {self.describe()}>"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 import xxhash
 
 from streamvec import __version__
-from streamvec.algebra import Combination
+from streamvec.algebra import Model
 from streamvec.dtypes import dtype_name
 from streamvec.errors import OutputError, StreamvecError
 from streamvec.io.blocks import matrix_shape
@@ -63,8 +63,11 @@ class RunReport:
 
 def working_bytes_per_element(t: LazyTensor) -> int:
     """Anonymous bytes a block task holds per element: accumulator, output, encode buffer."""
-    acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
     out = t.dtype.itemsize
+    if t.op is not None:
+        # every term upcast to float32, plus the op's result and a temporary of that size
+        return 4 * (len(t.terms) + 2) + 3 * out
+    acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
     return (acc if acc != out else 0) + 3 * out
 
 
@@ -180,7 +183,7 @@ def _execute_distributed(
 
 
 def run(
-    model: Combination,
+    model: Model,
     path: str | os.PathLike[str],
     *,
     format: str | None = None,  # noqa: A002 - the natural keyword for users
@@ -289,7 +292,7 @@ def run(
     )
 
 
-def _refuse_overwriting_inputs(path: Path, model: Combination) -> None:
+def _refuse_overwriting_inputs(path: Path, model: Model) -> None:
     """An output at (or above) an input's location would replace the input when renamed."""
     final = path.absolute().resolve()
     for source in model.sources():

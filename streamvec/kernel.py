@@ -13,6 +13,7 @@ CPU cache across terms: on the development machine that ran 2.5x faster than who
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -34,6 +35,34 @@ def accumulation_dtype(out_dtype: np.dtype, coefficients: Sequence[float]) -> np
     if out == np.float32 and len(coefficients) <= 2 and all(abs(c) == 1.0 for c in coefficients):
         return np.dtype(np.float32)
     return np.dtype(np.float64)
+
+
+class BlockOp(Protocol):
+    """A non-linear per-block operation (TIES, DARE, ...): picklable, deterministic.
+
+    Called with the tensor name, the row range and every term's rows upcast to float32 (in
+    term order, with the term coefficients); returns the float32 (or float64) result rows,
+    which the kernel rounds once to the output dtype. It must give the same rows whatever the
+    block partition, so that results do not depend on the memory budget or the scheduler.
+    """
+
+    def __call__(
+        self, name: str, blocks: Sequence[np.ndarray], coefs: Sequence[float], r0: int, r1: int
+    ) -> np.ndarray: ...
+
+
+def op_block(
+    op: BlockOp,
+    name: str,
+    terms: Sequence[tuple[float, BlockReader]],
+    r0: int,
+    r1: int,
+    out_dtype: np.dtype,
+) -> np.ndarray:
+    """Rows ``[r0, r1)`` of a non-linear operation over the terms, rounded once."""
+    blocks = [reader.read(r0, r1).astype(np.float32) for _, reader in terms]  # upcast first
+    result = op(name, blocks, [float(c) for c, _ in terms], r0, r1)
+    return np.asarray(result).astype(out_dtype)
 
 
 def combine_block(

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from streamvec.io.blocks import BlockReader, matrix_shape
-from streamvec.kernel import combine_block
+from streamvec.kernel import BlockOp, combine_block, op_block
 
 # Row blocks target this many bytes of float32 work when nothing else decides: large enough
 # that per-task overhead is noise, small enough that many fit in memory at once.
@@ -45,6 +45,8 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: np.dtype
     terms: tuple[tuple[float, BlockReader], ...]
+    # A non-linear block operation replacing the weighted sum (merge methods); None: the sum.
+    op: BlockOp | None = None
 
     @property
     def nbytes(self) -> int:
@@ -59,10 +61,12 @@ class LazyTensor:
 
     def astype(self, dtype: np.dtype) -> LazyTensor:
         """The same tensor rounded to another dtype."""
-        return LazyTensor(self.name, self.shape, np.dtype(dtype), self.terms)
+        return LazyTensor(self.name, self.shape, np.dtype(dtype), self.terms, self.op)
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` as a ``(r1 - r0, cols)`` array."""
+        if self.op is not None:
+            return op_block(self.op, self.name, self.terms, r0, r1, self.dtype)
         return combine_block(self.terms, r0, r1, self.dtype)
 
     def compute(self) -> np.ndarray:
@@ -86,7 +90,7 @@ class LazyTensor:
         rows, _ = matrix_shape(self.shape)
         block_rows = block_rows or rows_per_block(self.shape)
         name = "streamvec-" + tokenize(
-            self.name, self.shape, str(self.dtype), self.terms, block_rows
+            self.name, self.shape, str(self.dtype), self.terms, self.op, block_rows
         )
         graph: dict[tuple[Any, ...], tuple[Any, ...]]
         if not self.shape:
