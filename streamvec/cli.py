@@ -53,6 +53,22 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
     g.add_argument(
         "--overwrite", action="store_true", help="replace OUT once the new one is complete"
     )
+    g.add_argument(
+        "--block-size",
+        metavar="SIZE",
+        help="target float32 bytes per row block (default 32MB; lowered to fit --memory-limit)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run writing OUT (inputs and parameters must match); "
+        "only unfinished blocks are redone and the result is identical to an uninterrupted run",
+    )
+    g.add_argument(
+        "--check-finite",
+        action="store_true",
+        help="fail, naming tensors and rows, if any result is NaN or infinite",
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     if filters:
         _add_filter_options(p)
@@ -78,6 +94,9 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "memory_limit": args.memory_limit,
         "progress": not args.quiet and sys.stderr.isatty(),
         "overwrite": args.overwrite,
+        "resume": args.resume,
+        "block_size": args.block_size,
+        "check_finite": args.check_finite,
     }
 
 
@@ -312,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamvec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("streamvec: interrupted; no output was finished", file=sys.stderr)
+        resumable = " (rerun with --resume to continue)" if hasattr(args, "resume") else ""
+        print(f"streamvec: interrupted; no output was finished{resumable}", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.debug:

@@ -23,14 +23,26 @@ from streamvec.algebra import Model
 from streamvec.dtypes import dtype_name
 from streamvec.errors import OutputError, StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.output import OutputDir
+from streamvec.io.output import OutputDir, output_error
+from streamvec.jobs import (
+    DEFAULT_SYNC_SECONDS,
+    DoneLog,
+    JobPlan,
+    ResumeError,
+    explain_mismatch,
+    read_done,
+    read_job,
+    remove_job_files,
+    write_job,
+)
 from streamvec.kernel import accumulation_dtype
 from streamvec.memory import anon_bytes, default_memory_limit
 from streamvec.sinks import BlockWriter, PlannedTensor, SafetensorsSink, Sink, ZarrSink
-from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
+from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.units import format_bytes, parse_size
 
 CHECKSUM_ALGO = "xxh3_128"
+LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
 # Headroom for the interpreter, dask, zarr's event loop and codec buffers beyond the blocks.
 RUNTIME_OVERHEAD = 256 << 20
 
@@ -51,6 +63,7 @@ class RunReport:
     skipped_nonfloat: tuple[str, ...] = ()
     kept_base: tuple[str, ...] = ()
     checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resumed_blocks: int = 0
 
     def summary(self) -> str:
         rate = self.input_bytes / self.seconds if self.seconds > 0 else float("inf")
@@ -72,7 +85,11 @@ def working_bytes_per_element(t: LazyTensor) -> int:
 
 
 def plan_blocks(
-    tensors: list[LazyTensor], memory_limit: int, workers: int, baseline: int
+    tensors: list[LazyTensor],
+    memory_limit: int,
+    workers: int,
+    baseline: int,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> list[PlannedTensor]:
     """Choose each tensor's block rows so ``workers`` blocks fit in the budget.
 
@@ -92,14 +109,38 @@ def plan_blocks(
                 f"needs about {format_bytes(need)} with {workers} worker(s); raise the limit or "
                 "use fewer workers"
             )
-        plan.append(PlannedTensor(t, max(1, min(rows_per_block(t.shape), fit, max(rows, 1)))))
+        target = rows_per_block(t.shape, block_bytes)
+        plan.append(PlannedTensor(t, max(1, min(target, fit, max(rows, 1)))))
     return plan
 
 
-def _block_task(t: LazyTensor, r0: int, r1: int, writer: BlockWriter) -> tuple[str, int, bytes]:
+@dataclass(frozen=True)
+class BlockResult:
+    """What a block task returns: small, so any scheduler ships it back cheaply."""
+
+    name: str
+    r0: int
+    digest: bytes
+    nonfinite: int = 0
+    first_nonfinite_row: int = -1
+
+
+def _block_task(
+    t: LazyTensor, r0: int, r1: int, writer: BlockWriter, check_finite: bool
+) -> BlockResult:
     block = t.read_rows(r0, r1)
-    writer.write(r0, block)
-    return t.name, r0, block_digest(block)
+    bad, first = 0, -1
+    if check_finite:
+        finite = np.isfinite(block.astype(np.float32, copy=False))
+        if not finite.all():
+            bad_rows = np.flatnonzero(~finite.all(axis=1))
+            bad, first = int((~finite).sum()), r0 + int(bad_rows[0])
+    try:
+        writer.write(r0, block)
+    except OSError as exc:  # disk full, quota, I/O error: say what and where
+        where = getattr(writer, "path", getattr(writer, "store", "output"))
+        raise output_error("write", Path(str(where)), exc) from None
+    return BlockResult(t.name, r0, block_digest(block), bad, first)
 
 
 def tensor_checksum(block_digests: list[bytes]) -> str:
@@ -122,7 +163,9 @@ def _execute(
     progress: bool,
     total: int,
     desc: str,
-) -> list[tuple[str, int, bytes]]:
+    on_result: Callable[[Any, Any], None],
+) -> list[Any]:
+    """Run independent tasks on the chosen scheduler; ``on_result`` sees each as it finishes."""
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -135,46 +178,60 @@ def _execute(
         dynamic_ncols=True,
         smoothing=0.1,
     )
+
+    def finished(key: Any, result: Any) -> None:
+        on_result(key, result)
+        bar.update(sizes.get(key, 0))
+
     try:
-        if scheduler in ("threads", "processes", "sync", "synchronous"):
+        if scheduler in LOCAL_SCHEDULERS:
             import dask
             from dask.callbacks import Callback
 
             def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-                bar.update(sizes.get(key, 0))
+                finished(key, result)
 
             getters: dict[str, Callable[..., Any]] = {
                 "threads": dask.threaded.get,
                 "processes": dask.multiprocessing.get,
             }
             get = getters.get(scheduler, dask.get)
-            kwargs: dict[str, Any] = {"num_workers": workers} if scheduler != "sync" else {}
+            kwargs: dict[str, Any] = {"num_workers": workers} if scheduler in getters else {}
             with Callback(posttask=posttask):
-                results = get(graph, keys, **kwargs)
-            return list(results)
-        return _execute_distributed(graph, keys, sizes, scheduler, bar)
+                return list(get(graph, keys, **kwargs))
+        return _execute_distributed(graph, keys, scheduler, finished)
     finally:
         bar.close()
 
 
 def _execute_distributed(
-    graph: dict[Any, Any], keys: list[Any], sizes: dict[Any, int], address: str, bar: Any
-) -> list[tuple[str, int, bytes]]:
+    graph: dict[Any, Any], keys: list[Any], address: str, finished: Callable[[Any, Any], None]
+) -> list[Any]:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if address.startswith("local:"):
-        n = int(address.split(":", 1)[1] or "2")
+        try:
+            n = int(address.split(":", 1)[1])
+        except ValueError:
+            raise StreamvecError(f"--scheduler {address}: write local:N with N workers") from None
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True)
         client = Client(cluster)
     else:
-        client = Client(address)
+        try:
+            client = Client(address, timeout="10s")
+        except OSError as exc:
+            raise StreamvecError(
+                f"--scheduler {address}: cannot reach a dask.distributed scheduler ({exc}); "
+                "use threads, processes, sync, local:N or a scheduler address"
+            ) from None
     try:
         futures = client.get(graph, keys, sync=False)
         out = []
         for fut in as_completed(futures):
-            out.append(fut.result())
-            bar.update(sizes.get(fut.key, 0))
+            result = fut.result()
+            out.append(result)
+            finished(fut.key, result)
         return out
     finally:
         client.close()
@@ -192,9 +249,13 @@ def run(
     memory_limit: str | int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
+    check_finite: bool = False,
+    block_size: str | int | None = None,
     shard_size: str | int = "5GB",
     description: str | None = None,
     extra_attrs: dict[str, Any] | None = None,
+    sync_seconds: float | None = None,
 ) -> RunReport:
     """Compute every tensor of ``model`` and write it to ``path``; it appears only when done.
 
@@ -208,9 +269,16 @@ def run(
         memory_limit: ceiling on anonymous memory, e.g. ``"4GB"`` (default: half of available).
         progress: show a progress bar (bytes read, throughput).
         overwrite: replace an existing output once the new one is complete.
+        resume: continue an unfinished job writing ``path`` if its inputs and parameters match
+            (its block plan is reused, so the result is identical to an uninterrupted run).
+        check_finite: fail, naming tensors and rows, if any result is NaN or infinite.
+        block_size: target bytes of float32 work per block (default 32MB); smaller under a
+            tight memory limit.
         shard_size: safetensors shard size.
         description: what to record as the operation in the output's attrs.
         extra_attrs: more provenance to record.
+        sync_seconds: how often finished blocks are made durable and logged for resume
+            (default 5 s, or the ``STREAMVEC_SYNC_SECONDS`` environment variable).
 
     Returns:
         A :class:`RunReport`.
@@ -225,7 +293,10 @@ def run(
         raise StreamvecError(f"--workers must be at least 1, got {workers}")
     limit = parse_size(memory_limit) if memory_limit is not None else default_memory_limit()
     tensors = list(resolved.tensors.values())
-    plan = plan_blocks(tensors, limit, workers, baseline=anon_bytes())
+    block_bytes = parse_size(block_size) if block_size is not None else DEFAULT_BLOCK_BYTES
+    if block_bytes < 1:
+        raise StreamvecError("--block-size must be positive")
+    plan = plan_blocks(tensors, limit, workers, anon_bytes(), block_bytes)
     anchor = model.anchor()
     sink: Sink
     if fmt == "zarr":
@@ -244,38 +315,60 @@ def run(
         "kept_base": list(resolved.kept_base),
         **(extra_attrs or {}),
     }
+    identity = {
+        "attrs": attrs,
+        "format": fmt,
+        "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
+        "tensors": [[t.name, list(t.shape), dtype_name(t.dtype)] for t in tensors],
+    }
     _refuse_overwriting_inputs(Path(path), model)
     out = OutputDir(path, overwrite=overwrite)
-    with out:
-        try:
+    kept = out.open(keep_partial=resume)
+    if kept and read_job(out.partial) is None:
+        # Killed before its job record was written: nothing was logged as done, start over.
+        out.release()
+        kept = out.open(keep_partial=False)
+    try:
+        done: dict[tuple[str, int], bytes] = {}
+        if kept:
+            plan, done = _resume_plan(out.partial, identity, plan)
+            sink.reopen(out.partial, plan, attrs)
+        else:
+            write_job(out.partial, JobPlan(identity, {p.tensor.name: p.block_rows for p in plan}))
             sink.prepare(out.partial, plan, attrs)
-            graph: dict[Any, Any] = {}
-            sizes: dict[Any, int] = {}
-            for p in plan:
-                t = p.tensor
-                writer = sink.writer(t.name)
-                rows, cols = matrix_shape(t.shape)
-                in_row_bytes = sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
-                for r0, r1 in row_ranges(rows, p.block_rows):
-                    key = ("streamvec-block", t.name, r0)
-                    graph[key] = (_block_task, t, r0, r1, writer)
-                    sizes[key] = (r1 - r0) * in_row_bytes
-            keys = list(graph)
-            results = _execute(
-                graph,
-                keys,
-                sizes,
+        if sync_seconds is None:
+            sync_seconds = float(os.environ.get("STREAMVEC_SYNC_SECONDS", DEFAULT_SYNC_SECONDS))
+        log = DoneLog(out.partial, sync_seconds)
+        try:
+            results = _run_blocks(
+                plan,
+                sink,
+                done,
+                log,
                 scheduler=scheduler,
                 workers=workers,
                 progress=progress,
-                total=sum(sizes.values()),
+                check_finite=check_finite,
                 desc=Path(path).name,
             )
-            checksums = _checksums(plan, results)
-            sink.finish(checksums, attrs)
+            log.flush()
         finally:
-            sink.close()
+            log.close()
+        _raise_if_nonfinite(results)
+        digests = {(r.name, r.r0): r.digest for r in results} | done
+        checksums = _checksums(plan, digests)
+        sink.finish(checksums, attrs)
+        sink.close()
+        remove_job_files(out.partial)
         final = out.commit()
+    except KeyboardInterrupt:
+        sink.close()
+        out.release()  # keep the partial output: --resume continues it
+        raise
+    except BaseException:
+        sink.close()
+        out.abort()
+        raise
     return RunReport(
         path=final,
         kind=resolved.kind,
@@ -289,7 +382,82 @@ def run(
         skipped_nonfloat=resolved.skipped_nonfloat,
         kept_base=resolved.kept_base,
         checksums=checksums,
+        resumed_blocks=len(done),
     )
+
+
+def _resume_plan(
+    partial: Path, identity: dict[str, Any], plan: list[PlannedTensor]
+) -> tuple[list[PlannedTensor], dict[tuple[str, int], bytes]]:
+    """The recorded plan of an unfinished job, if it is this job; else a ResumeError."""
+    recorded = read_job(partial)
+    assert recorded is not None  # checked by run()
+    if recorded.identity != identity:
+        what = explain_mismatch(recorded.identity, identity)
+        raise ResumeError(
+            f"cannot resume: the unfinished job differs in {what}; rerun without --resume to "
+            "start over"
+        )
+    # The recorded block rows, not this run's budget: blocks must be cut as before.
+    replanned = [PlannedTensor(p.tensor, recorded.block_rows[p.tensor.name]) for p in plan]
+    return replanned, read_done(partial)
+
+
+def _run_blocks(
+    plan: list[PlannedTensor],
+    sink: Sink,
+    done: dict[tuple[str, int], bytes],
+    log: DoneLog,
+    *,
+    scheduler: str,
+    workers: int,
+    progress: bool,
+    check_finite: bool,
+    desc: str,
+) -> list[BlockResult]:
+    """One task per block not already done; each finished block is logged for resume."""
+    graph: dict[Any, Any] = {}
+    sizes: dict[Any, int] = {}
+    for p in plan:
+        t = p.tensor
+        writer = sink.writer(t.name)
+        rows, cols = matrix_shape(t.shape)
+        in_row_bytes = sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
+        for r0, r1 in row_ranges(rows, p.block_rows):
+            if (t.name, r0) in done:
+                continue
+            key = ("streamvec-block", t.name, r0)
+            graph[key] = (_block_task, t, r0, r1, writer, check_finite)
+            sizes[key] = (r1 - r0) * in_row_bytes
+
+    def finished(key: Any, result: BlockResult) -> None:
+        log.record(result.name, result.r0, result.digest)
+
+    return _execute(
+        graph,
+        list(graph),
+        sizes,
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+        total=sum(sizes.values()),
+        desc=desc,
+        on_result=finished,
+    )
+
+
+def _raise_if_nonfinite(results: list[BlockResult]) -> None:
+    bad: dict[str, tuple[int, int]] = {}
+    for r in results:
+        if r.nonfinite:
+            count, first = bad.get(r.name, (0, r.first_nonfinite_row))
+            bad[r.name] = (count + r.nonfinite, min(first, r.first_nonfinite_row))
+    if bad:
+        where = "; ".join(
+            f"{n}: {c} values, first at row {f}" for n, (c, f) in list(bad.items())[:5]
+        )
+        more = f"; and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
+        raise StreamvecError(f"NaN or infinite values in the result: {where}{more}")
 
 
 def _refuse_overwriting_inputs(path: Path, model: Model) -> None:
@@ -306,21 +474,17 @@ def _refuse_overwriting_inputs(path: Path, model: Model) -> None:
 
 
 def _checksums(
-    plan: list[PlannedTensor], results: list[tuple[str, int, bytes]]
+    plan: list[PlannedTensor], digests: dict[tuple[str, int], bytes]
 ) -> dict[str, dict[str, Any]]:
-    digests: dict[str, dict[int, bytes]] = {}
-    for name, r0, digest in results:
-        digests.setdefault(name, {})[r0] = digest
     out = {}
     for p in plan:
         t = p.tensor
         rows, _ = matrix_shape(t.shape)
-        got = digests.get(t.name, {})
-        expected = [r0 for r0, _ in row_ranges(rows, p.block_rows)]
-        if sorted(got) != expected:
+        blocks = [digests.get((t.name, r0)) for r0, _ in row_ranges(rows, p.block_rows)]
+        if any(b is None for b in blocks):
             raise RuntimeError(f"internal error: blocks of {t.name!r} missing from the results")
         out[t.name] = {
-            CHECKSUM_ALGO: tensor_checksum([got[r0] for r0 in expected]),
+            CHECKSUM_ALGO: tensor_checksum([b for b in blocks if b is not None]),
             "checksum_block_rows": p.block_rows,
             "dtype": dtype_name(t.dtype),
             "shape": list(t.shape),

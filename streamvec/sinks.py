@@ -43,6 +43,8 @@ class Sink(Protocol):
         self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]
     ) -> None: ...
 
+    def reopen(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None: ...
+
     def writer(self, name: str) -> BlockWriter: ...
 
     def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None: ...
@@ -76,11 +78,17 @@ class PwriteBlockWriter:
 
 
 class ZarrSink:
-    """A Zarr v3 store in the layout of :mod:`streamvec.io.zarr_store`."""
+    """A Zarr v3 store in the layout of :mod:`streamvec.io.zarr_store`.
+
+    Args:
+        compression: chunk compression, one of :data:`streamvec.io.zarr_store.COMPRESSIONS`
+            (default lz4 + bitshuffle; ``"none"`` trades 2-2.65x the bytes for less CPU).
+    """
 
     format = "zarr"
 
-    def __init__(self) -> None:
+    def __init__(self, compression: str = "lz4") -> None:
+        self.compression = compression
         self.path: Path | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._metadata: dict[str, Any] = {}
@@ -94,7 +102,7 @@ class ZarrSink:
             source_dtypes = sorted({str(r.dtype) for _, r in t.terms})
             extra = {"source_dtype": source_dtypes[0] if len(source_dtypes) == 1 else source_dtypes}
             specs.append(zarr_store.ArraySpec(t.name, t.shape, t.dtype, p.block_rows, extra))
-        self._metadata = zarr_store.create_store(directory, attrs, specs)
+        self._metadata = zarr_store.create_store(directory, attrs, specs, self.compression)
 
     def writer(self, name: str) -> BlockWriter:
         from streamvec.names import encode_array_path
@@ -114,6 +122,12 @@ class ZarrSink:
 
     def close(self) -> None:
         pass
+
+    def reopen(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
+        """Continue an unfinished store: its arrays exist; writers read their metadata."""
+        self.path = directory
+        self._shapes = {p.tensor.name: p.tensor.shape for p in plan}
+        self._metadata = {}
 
 
 class SafetensorsSink:
@@ -156,3 +170,15 @@ class SafetensorsSink:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+    def reopen(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
+        """Continue unfinished shards: same layout, checked header by header."""
+        self.path = directory
+        specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
+        self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
+        self._writer.reopen()
+        self._row_bytes = {
+            p.tensor.name: p.tensor.dtype.itemsize
+            * int(np.prod(p.tensor.shape[1:], dtype=np.int64))
+            for p in plan
+        }

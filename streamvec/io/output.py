@@ -25,6 +25,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def output_error(action: str, path: Path, exc: OSError) -> OutputError:
+    """An :class:`OutputError` that says what failed, where, and what to do about it."""
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space (or raise the quota), or write to another directory"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a directory you can write to"
+    elif code == errno.EEXIST:
+        fix = "remove it or choose an empty output directory"
+    else:
+        fix = "check the output directory and the device it is on"
+    reason = exc.strerror or str(exc)
+    return OutputError(f"cannot {action} {path}: {reason}; {fix}")
+
+
 class OutputDir:
     """A temporary sibling of ``final`` that becomes ``final`` on :meth:`commit`.
 
@@ -49,8 +64,15 @@ class OutputDir:
         if exc_type is not None:
             self.abort()
 
-    def open(self) -> Path:
-        """Check the destination, take the lock and create an empty partial directory."""
+    def open(self, *, keep_partial: bool = False) -> bool:
+        """Check the destination, take the lock and make the partial directory.
+
+        Args:
+            keep_partial: keep an unfinished partial output left by an earlier run (resume).
+
+        Returns:
+            True when an earlier partial output was kept.
+        """
         parent = self.final.parent
         if not parent.is_dir():
             raise OutputError(f"{self.final}: parent directory {parent} does not exist; create it")
@@ -76,6 +98,8 @@ class OutputDir:
                     "or choose another path"
                 ) from None
             raise OutputError(f"{self.final}: cannot create lock file ({exc.strerror})") from None
+        if self.partial.is_dir() and keep_partial:
+            return True
         if self.partial.exists():
             # Left by a run that died; nobody holds the lock, so it is ours to clear.
             shutil.rmtree(self.partial, ignore_errors=True)
@@ -84,7 +108,7 @@ class OutputDir:
         except OSError as exc:
             self.release()
             raise OutputError(f"{self.partial}: cannot create ({exc.strerror})") from None
-        return self.partial
+        return False
 
     def commit(self) -> Path:
         """Make the partial output durable, then rename it to the final path."""

@@ -37,6 +37,7 @@ import numpy as np
 
 from streamvec.dtypes import dtype_name, safetensors_tag
 from streamvec.errors import OutputError, StreamvecError
+from streamvec.io.output import output_error
 
 INDEX_NAME = "model.safetensors.index.json"
 # The reference reader refuses headers over 100 MB; a file it cannot open is useless.
@@ -189,21 +190,6 @@ def encode_header(
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
-def _output_error(action: str, path: Path, exc: OSError) -> OutputError:
-    """An :class:`OutputError` that says what failed, where, and what to do about it."""
-    code = exc.errno
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free disk space (or raise the quota), or write to another directory"
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "choose a directory you can write to"
-    elif code == errno.EEXIST:
-        fix = "remove it or choose an empty output directory"
-    else:
-        fix = "check the output directory and the device it is on"
-    reason = exc.strerror or str(exc)
-    return OutputError(f"cannot {action} {path}: {reason}; {fix}")
-
-
 def _add_rows(intervals: list[tuple[int, int]], start: int, stop: int) -> None:
     """Merge ``[start, stop)`` into a sorted list of disjoint, non-touching row ranges."""
     i = bisect.bisect_right(intervals, (start, sys.maxsize)) - 1
@@ -353,6 +339,37 @@ class ShardedSafetensorsWriter:
         with self._cv:
             self._state = "open"
 
+    def reopen(self) -> None:
+        """Open shards an earlier :meth:`create` made, to finish an interrupted job.
+
+        Each shard must exist with exactly the size and header this writer would create, so a
+        resumed job cannot write into files laid out differently.
+
+        Raises:
+            OutputError: a shard is missing, unreadable, or laid out differently.
+        """
+        with self._cv:
+            if self._state != "new":
+                raise StreamvecError(f"reopen() needs a new writer (writer is {self._state})")
+        try:
+            for path, prefix, size in zip(self._paths, self._prefixes, self._sizes, strict=True):
+                fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+                with self._cv:
+                    self._fds.append(fd)
+                if os.fstat(fd).st_size != size or os.pread(fd, len(prefix), 0) != prefix:
+                    raise OutputError(
+                        f"{path}: not the shard this job would write (size or header differs); "
+                        "start over without --resume"
+                    )
+        except OSError as exc:
+            self._close_fds()
+            raise output_error("reopen", path, exc) from exc
+        except OutputError:
+            self._close_fds()
+            raise
+        with self._cv:
+            self._state = "open"
+
     def _create_files(self) -> None:
         if not self._dir.is_dir():
             raise OutputError(f"output directory {self._dir} does not exist; create it first")
@@ -383,7 +400,7 @@ class ShardedSafetensorsWriter:
                     os.unlink(done)
                 except OSError:
                     pass
-            raise _output_error(action, path, exc) from exc
+            raise output_error(action, path, exc) from exc
 
     def _check_free_space(self) -> None:
         # Fail before hours of compute rather than at the last block: sparse files only
@@ -459,7 +476,7 @@ class ShardedSafetensorsWriter:
         try:
             self._pwrite_all(fd, data.data, base + row_start * row_bytes)
         except OSError as exc:
-            raise _output_error(f"write tensor {name!r} to", self._paths[k], exc) from exc
+            raise output_error(f"write tensor {name!r} to", self._paths[k], exc) from exc
         finally:
             with self._cv:
                 self._inflight -= 1
@@ -561,12 +578,12 @@ class ShardedSafetensorsWriter:
                 if fsync:
                     getattr(os, "fdatasync", os.fsync)(fd)
             except OSError as exc:
-                error = error or _output_error("flush", path, exc)
+                error = error or output_error("flush", path, exc)
             try:
                 # close() can be where a network filesystem reports a failed write.
                 os.close(fd)
             except OSError as exc:
-                error = error or _output_error("close", path, exc)
+                error = error or output_error("close", path, exc)
         if error is not None:
             raise error
 
@@ -592,7 +609,7 @@ class ShardedSafetensorsWriter:
                 finally:
                     os.close(dfd)
         except OSError as exc:
-            raise _output_error("write", target, exc) from exc
+            raise output_error("write", target, exc) from exc
         finally:
             if tmp:
                 try:

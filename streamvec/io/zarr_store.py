@@ -30,12 +30,27 @@ if TYPE_CHECKING:
 FORMAT = 1
 
 
-def _compressors() -> list[Any]:
+# Chunk compressors a store can be written with; the first is the default. Measured on this
+# project's 2-core machine (docs/benchmarks.md): lz4+bitshuffle stored synthetic deltas 2.0-2.65x
+# smaller at ~0.6 GB/s encode per core, and is the default because a float32 task vector is
+# 4 bytes per parameter (280 GB for a 70B model) and disks there wrote at 0.38-1.8 GB/s; zstd
+# (clevel 1) gained 9% more ratio at less than half the speed; "none" made diff 1.5-1.9x faster
+# on 2 cores when the disk kept up, at 2-2.65x the bytes. clevel 1, 5 and 9 of lz4 were equal
+# within noise in speed and within 2.5% in ratio.
+COMPRESSIONS = ("lz4", "zstd", "none")
+
+
+def _compressors(compression: str = "lz4") -> list[Any]:
     from zarr.codecs import BloscCodec
 
-    # lz4 + bitshuffle: ~2.6x on real bf16 deltas stored as float32 at ~1 GB/s encode (zstd
-    # compressed slightly better and ran far slower); see docs/store.md.
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    if compression == "lz4":
+        # typesize is filled in from the array's dtype by zarr (4 for float32).
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    if compression == "zstd":
+        return [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]
+    if compression == "none":
+        return []
+    raise StoreError(f"unknown compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
 
 
 def is_zarr_store(path: Path) -> bool:
@@ -64,9 +79,15 @@ def _chunk_shape(shape: tuple[int, ...], chunk_rows: int) -> tuple[int, ...]:
 
 
 def create_store(
-    path: Path, root_attrs: dict[str, Any], arrays: list[ArraySpec]
+    path: Path, root_attrs: dict[str, Any], arrays: list[ArraySpec], compression: str = "lz4"
 ) -> dict[str, ArrayV3Metadata]:
     """Create the group and pre-create every array (chunks = the row blocks), attrs included.
+
+    Args:
+        path: the store directory.
+        root_attrs: the ``streamvec`` root attrs.
+        arrays: the arrays to create.
+        compression: one of :data:`COMPRESSIONS`.
 
     Returns:
         Each array's metadata by tensor name, for :class:`ZarrBlockWriter`.
@@ -80,6 +101,7 @@ def create_store(
     # attrs; zarr.create_hierarchy writes every node concurrently in one call. Creating arrays
     # one by one and adding attrs after cost two metadata writes through zarr's event loop per
     # array (~14 ms each here: 1.9 s of a 200-tensor store against 0.1 s).
+    compressors = _compressors(compression)  # fails on a bad name before anything is written
     templates: dict[tuple[Any, ...], ArrayV3Metadata] = {}
     nodes: dict[str, Any] = {"": GroupMetadata(attributes={"streamvec": root_attrs})}
     out: dict[str, ArrayV3Metadata] = {}
@@ -93,7 +115,7 @@ def create_store(
                 shape=spec.shape,
                 chunks=chunks,
                 dtype=stored,
-                compressors=_compressors(),
+                compressors=compressors,
                 fill_value=0,
             ).metadata  # type: ignore[assignment]
         meta = templates[key].update_attributes(
@@ -231,8 +253,10 @@ class ZarrBlockWriter:
         meta = self._meta()
         coords: tuple[int, ...] | None = ()
         if self.shape:
+            if data.shape[0] == 0:
+                return  # no rows: nothing to store (zarr's setitem is a no-op too)
             data = data.reshape((data.shape[0], *self.shape[1:]))
-            coords = self._chunk_of(meta, r0, data.shape[0])
+            coords = self._chunk_of(meta, r0, data.shape[0]) if data.size else None
         else:
             data = data.reshape(())
         if coords is None or _sync_codecs(meta) is None:
