@@ -215,7 +215,9 @@ def _execute_distributed(
             n = int(address.split(":", 1)[1])
         except ValueError:
             raise StreamvecError(f"--scheduler {address}: write local:N with N workers") from None
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True)
+        cluster = LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
+        )
         client = Client(cluster)
     else:
         try:
