@@ -130,6 +130,14 @@ class ZarrSink:
         self._metadata = {}
 
 
+def _row_bytes(plan: list[PlannedTensor]) -> dict[str, int]:
+    """Bytes per row (first axis) of each tensor, for offsets of row blocks."""
+    return {
+        p.tensor.name: p.tensor.dtype.itemsize * int(np.prod(p.tensor.shape[1:], dtype=np.int64))
+        for p in plan
+    }
+
+
 class SafetensorsSink:
     """Sharded safetensors in the Hugging Face layout, plus the base's non-weight files."""
 
@@ -146,11 +154,7 @@ class SafetensorsSink:
         specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
         self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
         self._writer.create()
-        self._row_bytes = {
-            p.tensor.name: p.tensor.dtype.itemsize
-            * int(np.prod(p.tensor.shape[1:], dtype=np.int64))
-            for p in plan
-        }
+        self._row_bytes = _row_bytes(plan)
         for f in self.extra_files:
             shutil.copyfile(f, directory / Path(f).name)
 
@@ -177,8 +181,4 @@ class SafetensorsSink:
         specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
         self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
         self._writer.reopen()
-        self._row_bytes = {
-            p.tensor.name: p.tensor.dtype.itemsize
-            * int(np.prod(p.tensor.shape[1:], dtype=np.int64))
-            for p in plan
-        }
+        self._row_bytes = _row_bytes(plan)
