@@ -13,7 +13,9 @@ from streamvec.io.blocks import SafetensorsReader
 from streamvec.io.checkpoint import CheckpointFiles, resolve_checkpoint
 from streamvec.io.zarr_store import is_zarr_store, read_store
 
-VECTOR_KINDS = ("task_vector",)
+# Store kinds usable as task-vector terms: dense task vectors, and SVD stores, whose factored
+# tensors read back as U S Vh (see streamvec.io.lowrank).
+VECTOR_KINDS = ("task_vector", "svd")
 
 
 def fingerprint_files(paths: list[Path]) -> str:
@@ -54,16 +56,44 @@ def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
 
 
 def store_source(path: Path, label: str) -> Source:
+    """A task-vector :class:`Source` for a streamvec Zarr store.
+
+    A ``task_vector`` store reads its arrays as they are. An ``svd`` store (written by
+    ``streamvec svd``, or the shared components of ``streamvec decompose``) reads each
+    factored tensor as rows of ``U @ diag(S) @ Vh`` (float32, computed in float64) and each
+    dense tensor as it is, so a low-rank approximation is a term like any task vector.
+
+    Args:
+        path: the store directory.
+        label: the path as the user wrote it (messages and provenance).
+
+    Returns:
+        A non-point source (a vector, not a model).
+
+    Raises:
+        StoreError: the store is of another kind or damaged.
+
+    Example:
+        >>> src = store_source(Path("tau-r64.zarr"), "tau-r64.zarr")  # doctest: +SKIP
+        >>> src.tensors["model.layers.0.self_attn.q_proj.weight"].reader  # doctest: +SKIP
+        LowRankReader(store='tau-r64.zarr', ...)
+    """
     store = read_store(path)
     if store.kind not in VECTOR_KINDS:
         raise StoreError(
             f"{path}: a {store.kind!r} store cannot be used as a term here (expected one of "
             f"{', '.join(VECTOR_KINDS)})"
         )
-    tensors = {
-        a.name: SourceTensor(a.name, a.shape, a.dtype, a.reader(path))
-        for a in store.arrays.values()
-    }
+    if store.kind == "svd":
+        from streamvec.io.lowrank import read_svd_store
+
+        entries = read_svd_store(path).entries.values()
+        tensors = {e.name: SourceTensor(e.name, e.shape, e.dtype, e.reader(path)) for e in entries}
+    else:
+        tensors = {
+            a.name: SourceTensor(a.name, a.shape, a.dtype, a.reader(path))
+            for a in store.arrays.values()
+        }
     info = {
         "path": label,
         "kind": store.kind,

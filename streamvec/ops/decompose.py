@@ -1,0 +1,333 @@
+"""Split task vectors into a shared and a unique component each (``streamvec decompose``).
+
+Following Damirchi, Abbasnejad, Zhang & Shi, "Decomposing Task Vectors for Refined Model
+Editing" (arXiv:2512.22511, 2025): several task vectors overlap in concepts; the directions they
+share are the near-common column spaces of their SVDs. Per weight matrix, with ``T`` tasks:
+
+1. ``U_i``: the top-``K`` left singular vectors of ``tau_i`` (streaming truncated SVD);
+2. ``C = common_subspace(U_1..U_T, threshold)``: an orthonormal basis (m x s) of the directions
+   whose energy survives projection onto every task's subspace by at least ``threshold``
+   (a cos^2 overlap; see :func:`streamvec.linalg.common_subspace`);
+3. ``shared_i = C C^T tau_i`` and ``unique_i = tau_i - shared_i``.
+
+Tensors that are not matrices (norms, biases, scalars) have ``shared_i = 0``, ``unique_i = tau_i``.
+
+Output: a directory with two stores per input, named after it (``tox.zarr`` gives ``tox``):
+
+* ``OUT/<name>.shared.zarr``: ``shared_i`` as an SVD store. It is exactly low-rank:
+  ``shared_i = C (C^T tau_i) = (C Ub) diag(Sb) Vhb`` with ``C^T tau_i = Ub diag(Sb) Vhb`` (s x n,
+  small), so it costs ``s (m + n)`` numbers per matrix, not ``m n``; like every SVD store it is
+  a valid ``combine`` term (read back as ``U S Vh`` in float32, computed in float64).
+* ``OUT/<name>.unique.zarr``: ``unique_i = tau_i - shared_i`` as an ordinary task-vector store
+  written by the engine from exactly that expression (the shared store as written), so
+  ``shared_i + unique_i`` equals ``tau_i`` within one float32 rounding.
+* ``OUT/decomposition.json``: inputs, components, per-matrix shared dimension ``s``.
+
+so that, e.g.::
+
+    streamvec combine --base BASE -o detox OUT/tox.unique.zarr:-1          # negate unique part
+    streamvec combine --base BASE -o multi OUT/a.shared.zarr OUT/b.shared.zarr   # add shared parts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamvec import __version__
+from streamvec.algebra import Combination, Model
+from streamvec.errors import StreamvecError
+from streamvec.io.blocks import matrix_shape
+from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
+from streamvec.io.output import OutputDir
+from streamvec.linalg.factors import common_subspace
+from streamvec.ops.svd import (
+    Factorizer,
+    RunOptions,
+    SVDOptions,
+    dask_compute_kwargs,
+    matrix_dask,
+    source_dtype,
+    task_vector_of,
+    tensor_seed,
+)
+from streamvec.sources import open as open_model
+from streamvec.tensor import LazyTensor, rows_per_block
+
+__all__ = ["DEFAULT_RANK", "DEFAULT_THRESHOLD", "DecomposeReport", "component_names", "decompose"]
+
+DEFAULT_RANK = 16
+DEFAULT_THRESHOLD = 0.85
+MANIFEST = "decomposition.json"
+
+
+@dataclass
+class DecomposeReport:
+    """What ``streamvec decompose`` did."""
+
+    path: Path
+    components: dict[str, dict[str, str]]
+    shared_dims: dict[str, int]
+    methods: Counter[str]
+    seconds: float
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        dims = list(self.shared_dims.values())
+        with_shared = sum(1 for d in dims if d > 0)
+        return (
+            f"wrote {self.path}: shared + unique components of {len(self.components)} task "
+            f"vectors; {with_shared} of {len(dims)} matrices have shared directions "
+            f"(max dimension {max(dims, default=0)}), in {self.seconds:.1f} s"
+        )
+
+
+def component_names(terms: list[str]) -> list[str]:
+    """Stems that name each input's components: the file name without ``.zarr``, deduplicated.
+
+    Args:
+        terms: the input paths as given.
+
+    Returns:
+        One unique stem per input.
+
+    Example:
+        >>> component_names(["runs/tox.zarr", "math", "other/tox.zarr"])
+        ['tox', 'math', 'tox-2']
+    """
+    stems: list[str] = []
+    for i, t in enumerate(terms):
+        name = Path(str(t).rstrip("/")).name
+        stem = name[: -len(".zarr")] if name.endswith(".zarr") and len(name) > 5 else name
+        stem = stem or f"task{i}"
+        if stem in stems:
+            stem = f"{stem}-{i}"
+        stems.append(stem)
+    return stems
+
+
+def project(t: LazyTensor, c: np.ndarray, block_rows: int, compute_kwargs: dict[str, Any]) -> Any:
+    """``C^T tau`` (s x n, float64) in one streaming pass over the row blocks of ``tau``.
+
+    Args:
+        t: the task-vector tensor (its matrix view, m x n).
+        c: (m, s) basis.
+        block_rows: rows per block.
+        compute_kwargs: ``dask.compute`` keyword arguments.
+
+    Returns:
+        The (s, n) float64 coefficients.
+    """
+    import dask.array as da
+
+    a = matrix_dask(t, block_rows)  # (m, n) row blocks
+    cd = da.from_array(c, chunks=(a.chunks[0], c.shape[1]))  # (m, s), same row blocks
+    # Blockwise C_b^T A_b (s, n) then a tree sum over blocks: one read of each block.
+    return np.asarray((cd.T @ a.astype(np.float64)).compute(**compute_kwargs))
+
+
+def decompose(
+    terms: list[str],
+    output: str | os.PathLike[str],
+    *,
+    options: SVDOptions,
+    threshold: float = DEFAULT_THRESHOLD,
+    base: str | os.PathLike[str] | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    run: RunOptions | None = None,
+) -> DecomposeReport:
+    """Write the shared and unique components of each task vector (see module doc).
+
+    Args:
+        terms: two or more task-vector stores (or checkpoints, with ``base``).
+        output: the directory to write; it appears only when complete.
+        options: SVD options; ``options.rank`` is ``K``, the per-task subspace size.
+        threshold: cos^2 overlap for a direction to count as shared, in (0, 1].
+        base: base checkpoint for checkpoint terms.
+        include: only tensors matching these patterns.
+        exclude: leave out tensors matching these.
+        run: workers, scheduler, memory limit, progress, overwrite.
+
+    Returns:
+        A :class:`DecomposeReport`.
+
+    Raises:
+        StreamvecError: fewer than two inputs, mismatched inputs, a bad threshold, or a
+            matrix that cannot be factored within the memory budget.
+
+    Example:
+        >>> decompose(["tox.zarr", "math.zarr"], "parts", options=SVDOptions(rank=16))
+        ... # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from streamvec.engine import run as run_engine
+
+    started = time.perf_counter()
+    run = run or RunOptions()
+    if len(terms) < 2:
+        raise StreamvecError("decompose needs at least two task vectors (TV1 TV2 ...)")
+    if not 0.0 < threshold <= 1.0:
+        raise StreamvecError(f"--threshold must be in (0, 1], got {threshold}")
+    taus = [
+        task_vector_of(t, base, include=include, exclude=exclude, base_for_stores="ignore")
+        for t in terms
+    ]
+    total: Model = taus[0]
+    for tau in taus[1:]:
+        total = total + tau
+    names = list(total.combination().resolved().tensors)  # checks names and shapes agree
+    per_task = [tau.resolved().tensors for tau in taus]
+    stems = component_names([str(t) for t in terms])
+    components = {
+        str(t): {"shared": f"{s}.shared.zarr", "unique": f"{s}.unique.zarr"}
+        for t, s in zip(terms, stems, strict=True)
+    }
+    common = {
+        "operation": "decompose",
+        "created_by": f"streamvec {__version__}",
+        "decomposition": {
+            "inputs": [str(t) for t in terms],
+            "threshold": threshold,
+            "method": "Damirchi et al. 2025: shared_i = C C^T tau_i, unique_i = tau_i - shared_i",
+        },
+        **options.attrs(),
+    }
+
+    shared_dims: dict[str, int] = {}
+    methods: Counter[str] = Counter()
+    out = OutputDir(output, overwrite=run.overwrite)
+    with out:
+        writers = []
+        for i, (term, tau) in enumerate(zip(terms, taus, strict=True)):
+            attrs = {
+                **common,
+                "component": "shared",
+                "task": str(term),
+                "task_index": i,
+                "expression": f"shared part of ({tau.describe()})",
+                "sources": [s.info for s in tau.sources()],
+            }
+            writers.append(SVDStoreWriter(out.partial / components[str(term)]["shared"], attrs))
+        with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
+            factorizer = Factorizer(options, run, kwargs)
+            desc = f"{Path(output).name} (shared)"
+            bar = tqdm(names, desc=desc, unit="tensor", disable=not run.progress)
+            for name in bar:
+                tensors = [tensors[name] for tensors in per_task]
+                shape = tensors[0].shape
+                if not is_factored_shape(shape):
+                    for w, t in zip(writers, tensors, strict=True):
+                        # shared = 0 for non-matrices; zero chunks are not even written.
+                        w.write_dense(name, np.zeros(shape, np.float32), source_dtype(t))
+                    continue
+                shared_dims[name] = _decompose_matrix(
+                    name, tensors, writers, factorizer, options, threshold, kwargs, methods
+                )
+        for w in writers:
+            w.finish()
+        for i, (term, tau) in enumerate(zip(terms, taus, strict=True)):
+            shared_path = out.partial / components[str(term)]["shared"]
+            # keep_base_when_missing: a checkpoint pair also has int/bool buffers, which a task
+            # vector leaves out and the shared store therefore lacks; only those are missing.
+            unique: Combination = (tau - open_model(shared_path)).keep_base_when_missing()
+            run_engine(
+                unique,
+                out.partial / components[str(term)]["unique"],
+                description="decompose",
+                extra_attrs={
+                    **common,
+                    "component": "unique",
+                    "task": str(term),
+                    "task_index": i,
+                    "expression": f"({tau.describe()}) - shared",
+                    "shared_store": components[str(term)]["shared"],
+                    "sources": [s.info for s in tau.sources()],
+                },
+                **{**run.engine_kwargs(), "overwrite": False},
+            )
+        manifest = {
+            **common,
+            "components": components,
+            "shared_dims": shared_dims,
+            "usage": {
+                "negate a unique component": f"streamvec combine --base BASE -o OUT "
+                f"{Path(output).name}/{components[str(terms[0])]['unique']}:-1",
+                "add the shared components": "streamvec combine --base BASE -o OUT "
+                + " ".join(f"{Path(output).name}/{c['shared']}" for c in components.values()),
+            },
+        }
+        (out.partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        final = out.commit()
+    return DecomposeReport(
+        path=final,
+        components=components,
+        shared_dims=shared_dims,
+        methods=methods,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _decompose_matrix(
+    name: str,
+    tensors: list[LazyTensor],
+    writers: list[SVDStoreWriter],
+    factorizer: Factorizer,
+    options: SVDOptions,
+    threshold: float,
+    compute_kwargs: dict[str, Any],
+    methods: Counter[str],
+) -> int:
+    """Factor each task's matrix, find the common subspace, write each shared part.
+
+    Returns:
+        ``s``, the dimension of the shared subspace.
+    """
+    seed = tensor_seed(options.seed, name)  # same test matrix for every task: equal in, equal out
+    bases = []
+    norms = []
+    block_rows = rows_per_block(tensors[0].shape)
+    for t in tensors:
+        result, plan = factorizer.factor(t, options.rank, seed)
+        bases.append(result.U)
+        norms.append(result.frob_norm)
+        methods[plan.method] += 1
+        if plan.method == "randomized":
+            block_rows = min(block_rows, plan.block_rows)
+    c = common_subspace(bases, threshold=threshold)  # (m, s) float64
+    m, n = matrix_shape(tensors[0].shape)
+    s_dim = c.shape[1]
+    for t, w, norm in zip(tensors, writers, norms, strict=True):
+        if s_dim:
+            with factorizer.blas_limit():
+                coeffs = project(t, c, block_rows, compute_kwargs)  # (s, n) = C^T tau
+            ub, sb, vhb = np.linalg.svd(coeffs, full_matrices=False)  # (s, s), (s,), (s, n)
+            u = c @ ub  # (m, s): orthonormal, so (C Ub) Sb Vhb is an SVD of C C^T tau
+        else:
+            u, sb, vhb = np.zeros((m, 0)), np.zeros(0), np.zeros((0, n))
+        energy = float(np.sum(sb**2) / norm**2) if norm > 0 else 0.0
+        w.write_factors(
+            name,
+            t.shape,
+            source_dtype(t),
+            u,
+            sb,
+            vhb,
+            {
+                "rank": int(s_dim),
+                "method": "projection",
+                "task_rank": int(bases[0].shape[1]),
+                "threshold": threshold,
+                "shared_energy": energy,
+                "seed": int(seed),
+            },
+        )
+    return int(s_dim)

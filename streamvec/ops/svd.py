@@ -1,0 +1,683 @@
+"""Truncated SVD of every matrix of a task vector, into an SVD store (``streamvec svd``).
+
+Each matrix ``tau`` (m x n; a tensor with more axes is its ``(shape[0], prod(rest))`` matrix)
+is factored as ``U diag(S) Vh`` with ``k = min(rank, m, n)`` triplets by one of two methods,
+chosen per matrix (:func:`plan_svd`):
+
+* ``exact``: read the whole matrix once and run LAPACK's float64 SVD
+  (:func:`streamvec.linalg.exact_svd`); used when it fits the memory budget and its estimated
+  time is lower (small matrices, or ``k`` close to ``min(m, n)``);
+* ``randomized``: Halko, Martinsson & Tropp (2011) randomized subspace iteration over row blocks
+  (:func:`streamvec.linalg.randomized_svd`), ``2 + 2q`` streaming passes, never more than a few
+  blocks plus ``(m + n) x (k + p)`` factors in memory; used whenever the matrix does not fit,
+  and when it is faster.
+
+When SOURCE is ``FINETUNED`` with ``--base BASE`` the task vector is recomputed block by block
+(``ft - base``, in float32) on every pass and never stored. Tensors that are not matrices are
+stored dense. The random test matrix of each tensor is seeded from ``(seed, tensor name)``, so
+a tensor's factors depend neither on which other tensors are selected nor on their order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from streamvec import __version__
+from streamvec.algebra import Combination, Model
+from streamvec.dtypes import dtype_name, is_float
+from streamvec.engine import RUNTIME_OVERHEAD  # the engine's headroom, so budgets agree
+from streamvec.errors import StreamvecError
+from streamvec.io.blocks import matrix_shape
+from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
+from streamvec.io.output import OutputDir
+from streamvec.kernel import accumulation_dtype
+from streamvec.linalg.blas import limit_blas_threads
+from streamvec.linalg.rsvd import SVDResult, exact_svd, randomized_svd, sketch_width
+from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.sources import open as open_model
+from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
+from streamvec.units import format_bytes, parse_size
+
+__all__ = [
+    "METHODS",
+    "Factorizer",
+    "RunOptions",
+    "SVDOptions",
+    "SVDPlan",
+    "SVDReport",
+    "matrix_dask",
+    "plan_svd",
+    "source_dtype",
+    "svd",
+    "task_vector_of",
+    "tensor_seed",
+]
+
+Method = Literal["exact", "randomized"]
+METHODS = ("auto", "exact", "randomized")
+
+
+# Time model used to pick a method (seconds). Measured on the development machine (2 shared
+# cores, OpenBLAS): numpy's float64 gesdd took 0.7-2.6 ns per m*n*min(m, n); a randomized pass
+# 0.4-1.3 ns per m*n*l plus ~2 ms of dask scheduling per pass; reading a block ~1 ns/element.
+# Only the ratio matters, and the choice only flips where both are fast.
+EXACT_S_PER_MNP = 1.5e-9
+RANDOMIZED_S_PER_MNL = 0.5e-9
+READ_S_PER_ELEMENT = 1.0e-9
+PASS_OVERHEAD_S = 2e-3
+BLOCK_OVERHEAD_S = 5e-4
+
+
+@dataclass(frozen=True)
+class SVDOptions:
+    """How to factor each matrix.
+
+    Attributes:
+        rank: target rank ``K``; a matrix keeps ``min(K, m, n)`` triplets.
+        oversample: extra random probes ``p`` of the randomized method.
+        power_iters: subspace iterations ``q`` of the randomized method (2 passes each).
+        seed: base seed; each tensor's test matrix is seeded from ``(seed, name)``.
+        method: ``auto`` (per matrix, see :func:`plan_svd`), ``exact`` or ``randomized``.
+    """
+
+    rank: int
+    oversample: int = 10
+    power_iters: int = 2
+    seed: int = 0
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        for label, value, low in (
+            ("--rank", self.rank, 1),
+            ("--oversample", self.oversample, 0),
+            ("--power-iters", self.power_iters, 0),
+            ("--seed", self.seed, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+                raise StreamvecError(f"{label} must be an integer >= {low}, got {value!r}")
+        if self.method not in METHODS:
+            raise StreamvecError(
+                f"--method must be one of {', '.join(METHODS)}, got {self.method!r}"
+            )
+
+    def attrs(self) -> dict[str, Any]:
+        """The options as store attrs."""
+        return {
+            "rank": int(self.rank),
+            "oversample": int(self.oversample),
+            "power_iters": int(self.power_iters),
+            "seed": int(self.seed),
+            "method": self.method,
+        }
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run: the knobs of :func:`streamvec.engine.run` that apply to SVD commands.
+
+    Attributes:
+        workers: row blocks in flight at once (default: CPU count).
+        scheduler: ``threads``, ``processes``, ``sync``, ``local:N`` or a scheduler address.
+        memory_limit: ceiling on anonymous memory (``"4GB"``; default: half of available).
+        progress: show progress bars.
+        overwrite: replace an existing output once the new one is complete.
+        block_size: target float32 bytes per row block (default 32 MB; lowered to fit the
+            memory limit), for the SVD passes and for the engine runs of these commands.
+        check_finite: fail, naming the tensor, on NaN or infinite values (matrices are always
+            checked by the SVD itself; this adds the dense tensors and the engine outputs).
+        resume: not supported by the SVD commands; refused rather than ignored.
+    """
+
+    workers: int | None = None
+    scheduler: str = "threads"
+    memory_limit: str | int | None = None
+    progress: bool = True
+    overwrite: bool = False
+    block_size: str | int | None = None
+    check_finite: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resume:
+            raise StreamvecError(
+                "--resume is not supported by the SVD commands (svd, lora, decompose, "
+                "merge-svd) yet; rerun without it (the output appears only when complete)"
+            )
+
+    def resolved_workers(self) -> int:
+        """The worker count, checked."""
+        workers = self.workers or os.cpu_count() or 1
+        if workers < 1:
+            raise StreamvecError(f"--workers must be at least 1, got {workers}")
+        return workers
+
+    def resolved_limit(self) -> int:
+        """The memory limit in bytes."""
+        if self.memory_limit is None:
+            return default_memory_limit()
+        return parse_size(self.memory_limit)
+
+    def block_bytes(self) -> int:
+        """Target bytes of a float32 row block."""
+        if self.block_size is None:
+            return DEFAULT_BLOCK_BYTES
+        size = parse_size(self.block_size)
+        if size < 1:
+            raise StreamvecError(f"--block-size must be positive, got {self.block_size!r}")
+        return size
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`streamvec.engine.run`."""
+        return {
+            "workers": self.workers,
+            "scheduler": self.scheduler,
+            "memory_limit": self.memory_limit,
+            "progress": self.progress,
+            "overwrite": self.overwrite,
+            "block_size": self.block_size,
+            "check_finite": self.check_finite,
+        }
+
+
+@dataclass(frozen=True)
+class SVDPlan:
+    """The method, rank and block height chosen for one matrix, and the estimates behind it.
+
+    Attributes:
+        method: ``exact`` or ``randomized``.
+        rank: triplets kept, ``min(K, m, n)``.
+        block_rows: rows per block of the randomized passes (all rows for ``exact``).
+        exact_bytes: estimated peak anonymous bytes of the exact method.
+        randomized_bytes: the same for the randomized method at ``block_rows``.
+        exact_seconds: estimated time of the exact method.
+        randomized_seconds: estimated time of the randomized method.
+    """
+
+    method: Method
+    rank: int
+    block_rows: int
+    exact_bytes: int
+    randomized_bytes: int
+    exact_seconds: float
+    randomized_seconds: float
+
+
+def tensor_seed(seed: int, name: str, salt: str = "") -> int:
+    """The seed of one tensor's random test matrix: a hash of ``(seed, name, salt)``.
+
+    Args:
+        seed: the user's seed.
+        name: tensor name.
+        salt: distinguishes several factorizations of one tensor (e.g. one per task).
+
+    Returns:
+        A 63-bit integer for ``numpy.random.default_rng``.
+
+    Example:
+        >>> tensor_seed(0, "w") == tensor_seed(0, "w"), tensor_seed(0, "w") == tensor_seed(1, "w")
+        (True, False)
+    """
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _read_bytes_per_element(t: LazyTensor) -> int:
+    """Anonymous bytes per element of ``t.read_rows``: the result, plus an accumulator."""
+    out = np.dtype(t.dtype).itemsize
+    acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
+    return out + (acc if acc != out else 0)
+
+
+def plan_svd(
+    t: LazyTensor,
+    rank: int,
+    options: SVDOptions,
+    budget: int,
+    workers: int,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> SVDPlan:
+    """Choose the method and block height for a rank-``rank`` SVD of ``t`` under ``budget``.
+
+    Memory (anonymous bytes; file pages of the inputs are page cache and not counted):
+
+    * exact: the matrix as read (``e`` bytes/element), its float64 copy and LAPACK's own copy
+      (``16 m n``), thin ``U`` and ``Vh`` (``8 p (m + n)``) and gesdd's workspace
+      (about ``8 (4 p^2 + max(m, n))``), ``p = min(m, n)``;
+    * randomized: the ``l = k + oversample`` wide factors (``Y``, ``Q`` and TSQR's blocks of
+      m rows; the test matrix, ``Z``, its QR, ``B`` and ``B``'s SVD of n columns:
+      ``8 l (3 m + 5 n)``, plus ``U``) and, per row of a block, the row as read and its
+      float64 upcast; dask may hold up to two blocks per worker (one being read while the
+      previous one's product finishes).
+
+    Time: see the constants of this module. ``auto`` picks the faster method that fits;
+    ``exact``/``randomized`` force one (and fail when it does not fit).
+
+    Args:
+        t: the tensor (any shape with >= 2 axes; its matrix view is factored).
+        rank: target rank ``K`` (clamped to ``min(m, n)``).
+        options: the SVD options (method, oversample, power iterations).
+        budget: bytes available to this factorization.
+        workers: blocks in flight at once.
+        block_bytes: target float32 bytes of a block when the budget allows it.
+
+    Returns:
+        The :class:`SVDPlan`.
+
+    Raises:
+        StreamvecError: no allowed method fits in ``budget``.
+
+    Example:
+        >>> plan_svd(tv["w"], 64, SVDOptions(64), 1 << 30, 2).method  # doctest: +SKIP
+        'randomized'
+    """
+    m, n = matrix_shape(t.shape)
+    p = min(m, n)
+    k = min(rank, p)
+    el = _read_bytes_per_element(t)
+    exact_bytes = m * n * el + 16 * m * n + 8 * p * (m + n) + 8 * (4 * p * p + max(m, n))
+    exact_s = EXACT_S_PER_MNP * m * n * p + READ_S_PER_ELEMENT * m * n + PASS_OVERHEAD_S
+
+    width = sketch_width(k, options.oversample, m, n)
+    fixed = 8 * width * (3 * m + 5 * n) + 8 * m * k
+    per_row = 2 * workers * n * (el + 8)
+    fit = (budget - fixed) // per_row if budget > fixed else 0
+    block_rows = max(1, min(rows_per_block(t.shape, block_bytes), fit, m))
+    passes = 2 + 2 * options.power_iters
+    blocks = math.ceil(m / block_rows)
+    randomized_bytes = fixed + per_row * block_rows
+    randomized_s = passes * (
+        RANDOMIZED_S_PER_MNL * m * n * width
+        + READ_S_PER_ELEMENT * m * n
+        + PASS_OVERHEAD_S
+        + BLOCK_OVERHEAD_S * blocks
+    )
+    exact_fits = exact_bytes <= budget
+    randomized_fits = fit >= 1
+
+    def plan(method: Method) -> SVDPlan:
+        return SVDPlan(
+            method,
+            k,
+            m if method == "exact" else block_rows,
+            exact_bytes,
+            randomized_bytes,
+            exact_s,
+            randomized_s,
+        )
+
+    def too_small(what: str, need: int) -> StreamvecError:
+        return StreamvecError(
+            f"--memory-limit leaves {format_bytes(max(budget, 0))} for the SVD of tensor "
+            f"{t.name!r} ({m} x {n}, rank {k}), and {what} needs about {format_bytes(need)}; "
+            "raise --memory-limit, use fewer --workers or a lower --rank"
+        )
+
+    if options.method == "exact":
+        if not exact_fits:
+            raise too_small("the exact method", exact_bytes)
+        return plan("exact")
+    if options.method == "randomized":
+        if not randomized_fits:
+            raise too_small("the randomized method", fixed + per_row)
+        return plan("randomized")
+    if exact_fits and (not randomized_fits or exact_s <= randomized_s):
+        return plan("exact")
+    if randomized_fits:
+        return plan("randomized")
+    raise too_small("even the randomized method", fixed + per_row)
+
+
+def matrix_dask(t: LazyTensor, block_rows: int) -> Any:
+    """``t`` as a 2-D ``(rows, cols)`` dask array of row blocks, one read task per block.
+
+    Unlike :meth:`LazyTensor.to_dask` (which keeps the tensor's own shape), the blocks are the
+    matrix view the SVD needs, also for tensors with more than two axes.
+
+    Args:
+        t: the lazy tensor.
+        block_rows: rows per block.
+
+    Returns:
+        A ``dask.array.Array`` of shape ``matrix_shape(t.shape)`` chunked along rows only.
+
+    Example:
+        >>> matrix_dask(tv["model.conv.weight"], 2).shape  # doctest: +SKIP
+        (4, 90)
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    rows, cols = matrix_shape(t.shape)
+    ranges = row_ranges(rows, block_rows)
+    name = "streamvec-matrix-" + tokenize(t.name, t.shape, str(t.dtype), t.terms, block_rows)
+    graph = {(name, i, 0): (_read_rows, t, r0, r1) for i, (r0, r1) in enumerate(ranges)}
+    chunks = (tuple(r1 - r0 for r0, r1 in ranges), (cols,))
+    return da.Array(graph, name, chunks=chunks, dtype=t.dtype)
+
+
+def _read_rows(t: LazyTensor, r0: int, r1: int) -> np.ndarray:
+    return t.read_rows(r0, r1)
+
+
+@contextmanager
+def dask_compute_kwargs(scheduler: str, workers: int) -> Iterator[dict[str, Any]]:
+    """Keyword arguments for ``dask.compute`` for a scheduler name (a client while open).
+
+    Args:
+        scheduler: ``threads``, ``processes``, ``sync``, ``local:N`` or a scheduler address.
+        workers: worker threads/processes of the local schedulers.
+
+    Yields:
+        The keyword arguments.
+    """
+    if scheduler in ("threads", "processes"):
+        yield {"scheduler": scheduler, "num_workers": workers}
+        return
+    if scheduler in ("sync", "synchronous"):
+        yield {"scheduler": "sync"}
+        return
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if scheduler.startswith("local:"):
+        n = int(scheduler.split(":", 1)[1] or "2")
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True)
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    try:
+        yield {"scheduler": client}
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+class Factorizer:
+    """Factors tensors one at a time under a memory budget fixed at construction.
+
+    The budget is ``memory_limit - (anonymous memory now) - RUNTIME_OVERHEAD``, taken once,
+    like the engine's, so the plan does not drift as the process's own state grows.
+
+    Args:
+        options: SVD options.
+        run: run options (workers, memory limit, scheduler).
+        compute_kwargs: ``dask.compute`` keyword arguments (from :func:`dask_compute_kwargs`).
+
+    Example:
+        >>> with dask_compute_kwargs("threads", 2) as kw:  # doctest: +SKIP
+        ...     f = Factorizer(SVDOptions(rank=16), RunOptions(), kw)
+        ...     result, plan = f.factor(tv["w"], 16, seed=tensor_seed(0, "w"))
+    """
+
+    def __init__(
+        self, options: SVDOptions, run: RunOptions, compute_kwargs: dict[str, Any]
+    ) -> None:
+        self.options = options
+        self.workers = run.resolved_workers()
+        self.limit = run.resolved_limit()
+        self.budget = self.limit - anon_bytes() - RUNTIME_OVERHEAD
+        self.block_bytes = run.block_bytes()
+        self.compute_kwargs = compute_kwargs
+
+    def plan(self, t: LazyTensor, rank: int) -> SVDPlan:
+        """The plan for ``t`` at ``rank`` (see :func:`plan_svd`)."""
+        return plan_svd(t, rank, self.options, self.budget, self.workers, self.block_bytes)
+
+    def factor(self, t: LazyTensor, rank: int, seed: int) -> tuple[SVDResult, SVDPlan]:
+        """Truncated SVD of ``t``'s matrix view with ``min(rank, m, n)`` triplets.
+
+        Args:
+            t: the tensor (>= 2 axes, no zero-size axis).
+            rank: target rank.
+            seed: seed of the random test matrix (randomized method).
+
+        Returns:
+            The :class:`~streamvec.linalg.SVDResult` and the plan that produced it.
+        """
+        plan = self.plan(t, rank)
+        if plan.method == "exact":
+            rows, _ = matrix_shape(t.shape)
+            return exact_svd(t.read_rows(0, rows), plan.rank), plan
+        a = matrix_dask(t, plan.block_rows)
+        with self.blas_limit():
+            result = randomized_svd(
+                a,
+                plan.rank,
+                oversample=self.options.oversample,
+                power_iters=self.options.power_iters,
+                seed=seed,
+                compute_kwargs=self.compute_kwargs,
+            )
+        return result, plan
+
+    def blas_limit(self) -> AbstractContextManager[Any]:
+        """One BLAS thread per call while several Dask threads run block tasks here.
+
+        Dask already runs ``workers`` block products at once; OpenBLAS threads on top of
+        them oversubscribe the cores (3-4x slower measured, see :mod:`streamvec.linalg.blas`).
+        Results are bit-identical either way. The exact path keeps every BLAS thread: it is
+        one LAPACK call. Process-based schedulers run BLAS in their own processes.
+
+        Returns:
+            A context manager: the BLAS thread limit, or a no-op.
+        """
+        if self.compute_kwargs.get("scheduler") == "threads" and self.workers > 1:
+            return limit_blas_threads(1)
+        return nullcontext()
+
+
+def source_dtype(t: LazyTensor) -> str | list[str]:
+    """The dtype(s) of a tensor's inputs, as recorded in store attrs."""
+    names = sorted({dtype_name(r.dtype) for _, r in t.terms})
+    return names[0] if len(names) == 1 else names
+
+
+def task_vector_of(
+    path: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    base_for_stores: Literal["error", "ignore"] = "error",
+) -> Combination:
+    """The lazy task vector a command-line SOURCE/TERM names.
+
+    A task-vector store (or an SVD store) is used as it is; a checkpoint needs ``base`` and
+    gives ``ft - base``, recomputed block by block whenever it is read.
+
+    Args:
+        path: a store or a checkpoint.
+        base: the base checkpoint, for checkpoint inputs.
+        include: only tensors matching these patterns.
+        exclude: leave out tensors matching these.
+        base_for_stores: with a store and a ``base``: fail (``error``) or use the store as is.
+
+    Returns:
+        A task-vector :class:`~streamvec.algebra.Combination`.
+
+    Raises:
+        StreamvecError: a checkpoint without ``base``, the base itself, or a store with an
+            unwanted ``base``.
+
+    Example:
+        >>> tau = task_vector_of("llama-math", "llama-base")  # doctest: +SKIP
+    """
+    src = open_model(path)
+    tau: Model
+    if src.source.is_point:
+        if base is None:
+            raise StreamvecError(
+                f"{path}: is a checkpoint; pass --base BASE so its task vector can be formed, "
+                "or give a task-vector store made by `streamvec diff`"
+            )
+        if Path(path).resolve() == Path(base).resolve():
+            raise StreamvecError(f"{path}: is the base itself (its task vector is 0)")
+        tau = src - open_model(base)
+    else:
+        if base is not None and base_for_stores == "error":
+            raise StreamvecError(
+                f"{path}: is a task-vector store; --base is only for a FINETUNED checkpoint "
+                "(drop --base)"
+            )
+        tau = src
+    comb = tau.filter(include, exclude)
+    if comb.kind() != "task_vector":
+        raise StreamvecError(f"{path}: is not a task vector ({comb.describe()})")
+    return comb
+
+
+@dataclass
+class SVDReport:
+    """What ``streamvec svd`` did."""
+
+    path: Path
+    factored: int
+    dense: int
+    methods: Counter[str]
+    max_residual: float
+    seconds: float
+    residuals: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        how = ", ".join(f"{n} {m}" for m, n in sorted(self.methods.items())) or "none"
+        return (
+            f"wrote {self.path} (svd): {self.factored} matrices factored ({how}), "
+            f"{self.dense} tensors dense, max relative residual {self.max_residual:.3g}, "
+            f"in {self.seconds:.1f} s"
+        )
+
+
+def svd(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    options: SVDOptions,
+    base: str | os.PathLike[str] | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    run: RunOptions | None = None,
+) -> SVDReport:
+    """Write the truncated SVD of every matrix of a task vector as an SVD store.
+
+    Args:
+        source: a task-vector store, or a fine-tuned checkpoint (with ``base``).
+        output: the SVD store to write; it appears only when complete.
+        options: rank, oversampling, power iterations, seed, method.
+        base: the base checkpoint when ``source`` is a checkpoint.
+        include: only tensors matching these patterns.
+        exclude: leave out tensors matching these.
+        run: workers, scheduler, memory limit, progress, overwrite.
+
+    Returns:
+        An :class:`SVDReport`.
+
+    Raises:
+        StreamvecError: bad input, or a matrix that cannot be factored within the budget.
+
+    Example:
+        >>> svd("llama-math", "math-r64.zarr", options=SVDOptions(rank=64),
+        ...     base="llama-base", run=RunOptions(memory_limit="8GB"))  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    run = run or RunOptions()
+    tv = task_vector_of(source, base, include=include, exclude=exclude)
+    resolved = tv.resolved()
+    root_attrs = {
+        "operation": "svd",
+        "expression": tv.describe(),
+        "sources": [s.info for s in tv.sources()],
+        "created_by": f"streamvec {__version__}",
+        "skipped_nonfloat": list(resolved.skipped_nonfloat),
+        "factored_shape": "tensors with more than 2 axes are factored as (shape[0], prod(rest))",
+        **options.attrs(),
+    }
+    methods: Counter[str] = Counter()
+    residuals: dict[str, float] = {}
+    dense = 0
+    out = OutputDir(output, overwrite=run.overwrite)
+    with out, dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
+        factorizer = Factorizer(options, run, kwargs)
+        writer = SVDStoreWriter(out.partial, root_attrs)
+        items = list(resolved.tensors.items())
+        bar = tqdm(items, desc=Path(output).name, unit="tensor", disable=not run.progress)
+        for name, t in bar:
+            if not is_factored_shape(t.shape):
+                writer.write_dense(name, _dense_values(t, run.check_finite), source_dtype(t))
+                dense += 1
+                continue
+            seed = tensor_seed(options.seed, name)
+            result, plan = factorizer.factor(t, options.rank, seed)
+            writer.write_factors(
+                name,
+                t.shape,
+                source_dtype(t),
+                result.U,
+                result.S,
+                result.Vh,
+                svd_attrs(result, plan, options, seed),
+            )
+            methods[plan.method] += 1
+            residuals[name] = result.residual
+        writer.finish()
+        final = out.commit()
+    return SVDReport(
+        path=final,
+        factored=sum(methods.values()),
+        dense=dense,
+        methods=methods,
+        max_residual=max(residuals.values(), default=0.0),
+        seconds=time.perf_counter() - started,
+        residuals=residuals,
+    )
+
+
+def _dense_values(t: LazyTensor, check_finite: bool = False) -> np.ndarray:
+    """A non-matrix tensor's values in a dtype Zarr stores (bfloat16 kept as float32)."""
+    values = t.compute()
+    if check_finite and not np.isfinite(values.astype(np.float64)).all():
+        raise StreamvecError(f"tensor {t.name!r} has NaN or infinite values (--check-finite)")
+    if is_float(values.dtype) and values.dtype.kind != "f":
+        values = values.astype(np.float32)
+    return values
+
+
+def svd_attrs(result: SVDResult, plan: SVDPlan, options: SVDOptions, seed: int) -> dict[str, Any]:
+    """The ``svd`` attrs of one factored tensor.
+
+    Args:
+        result: the factorization.
+        plan: the plan that produced it.
+        options: the SVD options.
+        seed: the tensor's derived seed.
+
+    Returns:
+        rank (kept), requested rank, oversampling, power iterations, seed, method, relative
+        Frobenius residual, Frobenius norm, passes over the matrix, block rows.
+    """
+    return {
+        "rank": int(result.S.shape[0]),
+        "requested_rank": int(options.rank),
+        "oversample": int(options.oversample),
+        "power_iters": int(options.power_iters) if plan.method == "randomized" else 0,
+        "seed": int(seed),
+        "method": plan.method,
+        "residual": float(result.residual),
+        "frob_norm": float(result.frob_norm),
+        "passes": int(result.passes),
+        "block_rows": int(plan.block_rows),
+    }

@@ -1,0 +1,287 @@
+"""Command-line parsers of the SVD family: ``svd``, ``lora``, ``decompose``, ``merge-svd``.
+
+:func:`add_parsers` registers the four commands on the ``streamvec`` subparsers; each command
+function takes the parsed namespace and returns an exit code, raising
+:class:`~streamvec.errors.StreamvecError` for bad input (the CLI prints it as one line and
+exits 2).
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="streamvec")
+    >>> add_parsers(parser.add_subparsers(dest="command"))
+    >>> parser.parse_args(["svd", "tau.zarr", "-o", "out.zarr", "--rank", "8"]).rank
+    8
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["add_parsers", "cmd_decompose", "cmd_lora", "cmd_merge_svd", "cmd_svd"]
+
+
+def _add_svd_options(p: argparse.ArgumentParser, *, rank_required: bool, rank_help: str) -> None:
+    g = p.add_argument_group("SVD")
+    # type=int, not a validating type: a bad value is a StreamvecError (one line, exit 2)
+    # raised by SVDOptions rather than argparse's usage dump.
+    g.add_argument("--rank", type=int, required=rank_required, metavar="K", help=rank_help)
+    g.add_argument(
+        "--oversample",
+        type=int,
+        default=10,
+        metavar="P",
+        help="extra random probes of the randomized SVD (default 10)",
+    )
+    g.add_argument(
+        "--power-iters",
+        type=int,
+        default=2,
+        metavar="Q",
+        help="subspace iterations of the randomized SVD, 2 passes each (default 2)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed of the random test matrices"
+    )
+    g.add_argument(
+        "--method",
+        choices=["auto", "exact", "randomized"],
+        default="auto",
+        help="per matrix: auto (exact LAPACK SVD when it fits the memory limit and is "
+        "estimated faster, else streaming randomized), or force one (default auto)",
+    )
+
+
+def _options(args: argparse.Namespace, rank: int | None = None) -> Any:
+    from streamvec.ops.svd import SVDOptions
+
+    return SVDOptions(
+        rank=rank if rank is not None else args.rank,
+        oversample=args.oversample,
+        power_iters=args.power_iters,
+        seed=args.seed,
+        method=args.method,
+    )
+
+
+def _run_options(args: argparse.Namespace) -> Any:
+    from streamvec.cli import _run_kwargs
+    from streamvec.ops.svd import RunOptions
+
+    # Only the knobs these commands support (the engine's set may grow, e.g. --resume).
+    known = (
+        "workers",
+        "scheduler",
+        "memory_limit",
+        "progress",
+        "overwrite",
+        "block_size",
+        "check_finite",
+        "resume",
+    )
+    kwargs = _run_kwargs(args)
+    return RunOptions(**{k: kwargs[k] for k in known if k in kwargs})
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+def cmd_svd(args: argparse.Namespace) -> int:
+    """``streamvec svd``: truncated SVD of every matrix into an SVD store."""
+    from streamvec.ops.svd import svd
+
+    report = svd(
+        args.source,
+        args.output,
+        options=_options(args),
+        base=args.base,
+        include=args.include,
+        exclude=args.exclude,
+        run=_run_options(args),
+    )
+    _say(args, report.summary())
+    return 0
+
+
+def cmd_lora(args: argparse.Namespace) -> int:
+    """``streamvec lora``: PEFT LoRA adapter from BASE and FINETUNED."""
+    from streamvec.ops.lora import export_lora
+
+    report = export_lora(
+        args.base,
+        args.finetuned,
+        args.output,
+        options=_options(args),
+        rank_tol=args.rank_tol,
+        dtype=args.dtype,
+        task_type=args.task_type,
+        include=args.include,
+        exclude=args.exclude,
+        run=_run_options(args),
+    )
+    _say(args, report.summary())
+    return 0
+
+
+def cmd_decompose(args: argparse.Namespace) -> int:
+    """``streamvec decompose``: shared and unique components of each task vector."""
+    from streamvec.ops.decompose import decompose
+
+    report = decompose(
+        args.terms,
+        args.output,
+        options=_options(args),
+        threshold=args.threshold,
+        base=args.base,
+        include=args.include,
+        exclude=args.exclude,
+        run=_run_options(args),
+    )
+    _say(args, report.summary())
+    return 0
+
+
+def cmd_merge_svd(args: argparse.Namespace) -> int:
+    """``streamvec merge-svd``: TSV-M or Iso-C merge."""
+    from streamvec.ops.merge_svd import merge_svd
+
+    report = merge_svd(
+        args.merge,
+        args.terms,
+        args.output,
+        options=_options(args, rank=1),
+        rank=args.rank,
+        alpha=args.alpha,
+        base=args.base,
+        include=args.include,
+        exclude=args.exclude,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        run=_run_options(args),
+    )
+    _say(args, report.summary())
+    return 0
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register ``svd``, ``lora``, ``decompose`` and ``merge-svd`` on ``streamvec``'s subparsers.
+
+    Args:
+        subparsers: the object ``ArgumentParser.add_subparsers()`` returned.
+
+    Example:
+        >>> from streamvec.cli import build_parser  # doctest: +SKIP
+        >>> build_parser().parse_args(["lora", "base", "ft", "-o", "a", "--rank", "8"])
+        ... # doctest: +SKIP
+    """
+    from streamvec.cli import _add_run_options
+
+    p = subparsers.add_parser(
+        "svd",
+        help="truncated SVD of every matrix of a task vector, into an SVD store",
+        description="Factor every matrix of a task vector as U diag(S) Vh with K triplets "
+        "(randomized subspace iteration, Halko et al. 2011, streamed over row blocks; or "
+        "LAPACK's exact SVD where it fits --memory-limit and is faster). SOURCE is a "
+        "task-vector store, or FINETUNED with --base BASE (tau recomputed block by block, "
+        "never stored). Tensors with more than 2 axes are factored as (shape[0], "
+        "prod(rest)); 0-d/1-d tensors are stored dense. The store is a valid combine TERM "
+        "(read back as U S Vh).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="task-vector store, or FINETUNED checkpoint")
+    p.add_argument("--base", metavar="BASE", help="base checkpoint when SOURCE is a checkpoint")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the SVD store to write")
+    _add_svd_options(p, rank_required=True, rank_help="triplets per matrix (min(K, m, n))")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_svd)
+
+    p = subparsers.add_parser(
+        "lora",
+        help="export FINETUNED - BASE as a PEFT LoRA adapter",
+        description="Factor each linear layer's task vector (2-D *.weight, not embeddings or "
+        "norms) and write a PEFT LoRA adapter: B = U sqrt(S) (out x r), A = sqrt(S) Vh "
+        "(r x in), lora_alpha = r (scaling 1). A module whose delta is exactly low-rank gets "
+        "its true rank in rank_pattern (singular values below --rank-tol * S_1 are dropped).",
+    )
+    p.add_argument("base", metavar="BASE")
+    p.add_argument("finetuned", metavar="FINETUNED")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="adapter directory")
+    _add_svd_options(p, rank_required=True, rank_help="maximum LoRA rank r")
+    p.add_argument(
+        "--rank-tol",
+        type=float,
+        default=1e-5,
+        metavar="TOL",
+        help="drop singular values below TOL * largest (default 1e-5)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="adapter weight dtype (default float32)",
+    )
+    p.add_argument(
+        "--task-type", default="CAUSAL_LM", metavar="T", help="PEFT task_type (CAUSAL_LM)"
+    )
+    _add_run_options(p)
+    p.set_defaults(func=cmd_lora)
+
+    p = subparsers.add_parser(
+        "decompose",
+        help="split task vectors into shared and unique components",
+        description="Per matrix: each task's top-K left singular subspace, their common "
+        "subspace C (directions with cos^2 overlap >= --threshold with every task), "
+        "shared_i = C C^T tau_i and unique_i = tau_i - shared_i (non-matrix tensors: "
+        "shared 0, unique tau). OUT is a directory with NAME.shared.zarr (an SVD store) and "
+        "NAME.unique.zarr (a task-vector store) per input, each a combine TERM: "
+        "`streamvec combine --base B -o X OUT/tox.unique.zarr:-1` negates only the unique "
+        "part; `streamvec combine --base B -o X OUT/a.shared.zarr OUT/b.shared.zarr` adds "
+        "the shared parts.",
+    )
+    p.add_argument("terms", nargs="+", metavar="TV", help="task-vector stores (or checkpoints)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="directory to write")
+    p.add_argument("--base", metavar="BASE", help="base checkpoint for checkpoint inputs")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.85,
+        metavar="T",
+        help="cos^2 overlap for a direction to be shared (default 0.85)",
+    )
+    _add_svd_options(p, rank_required=False, rank_help="per-task subspace size K (default 16)")
+    p.set_defaults(rank=16)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_decompose)
+
+    p = subparsers.add_parser(
+        "merge-svd",
+        help="merge task vectors by TSV-M or Iso-C",
+        description="TSV-M (Gargiulo et al., CVPR 2025): each task keeps its top K/T singular "
+        "triplets, U and V concatenations are orthogonalised (polar factors), merged = "
+        "U_perp diag(S) V_perp^T. Iso-C (Marczak et al., ICML 2025): SVD of sum tau_i, "
+        "merged = mean(S) U V^T. Non-matrix tensors are averaged. Output: alpha * merged as "
+        "a task-vector store, or with --base the edited model base + alpha * merged.",
+    )
+    p.add_argument("merge", choices=["tsv", "iso-c"], metavar="{tsv,iso-c}")
+    p.add_argument("terms", nargs="+", metavar="TV", help="task-vector stores (or checkpoints)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--base", metavar="BASE", help="base checkpoint: output the edited model")
+    p.add_argument(
+        "--alpha", type=float, default=1.0, metavar="A", help="scaling coefficient (default 1)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="output dtype (default: the base's, or float32 for a task vector)",
+    )
+    p.add_argument(
+        "--shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (5GB)"
+    )
+    _add_svd_options(
+        p,
+        rank_required=False,
+        rank_help="rank budget per matrix (default min(m, n), the papers' full rank)",
+    )
+    _add_run_options(p)
+    p.set_defaults(func=cmd_merge_svd)
