@@ -43,6 +43,7 @@ from streamvec.units import format_bytes, parse_size
 
 CHECKSUM_ALGO = "xxh3_128"
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
+IN_PROCESS_SCHEDULERS = ("threads", "sync", "synchronous")
 # Headroom for the interpreter, dask, zarr's event loop and codec buffers beyond the blocks.
 RUNTIME_OVERHEAD = 256 << 20
 
@@ -298,7 +299,10 @@ def run(
     block_bytes = parse_size(block_size) if block_size is not None else DEFAULT_BLOCK_BYTES
     if block_bytes < 1:
         raise StreamvecError("--block-size must be positive")
-    plan = plan_blocks(tensors, limit, workers, anon_bytes(), block_bytes)
+    # Blocks run in this process only on the threaded and synchronous schedulers; elsewhere
+    # they run in fresh worker processes, whose runtime RUNTIME_OVERHEAD covers.
+    baseline = anon_bytes() if scheduler in IN_PROCESS_SCHEDULERS else 0
+    plan = plan_blocks(tensors, limit, workers, baseline, block_bytes)
     anchor = model.anchor()
     sink: Sink
     if fmt == "zarr":
