@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from streamvec.engine import CHECKSUM_ALGO, block_digest, tensor_checksum
 from streamvec.errors import InputNotFoundError, StoreError, StreamvecError
 from streamvec.io.blocks import BlockReader, matrix_shape
@@ -33,6 +35,30 @@ def _digest(reader: BlockReader, block_rows: int) -> str:
     )
 
 
+def _checksummed_arrays(store: Path) -> list[tuple[str, BlockReader, dict[str, Any]]]:
+    """Every array of a store that carries a checksum, nested ones (SVD factors) included."""
+    import json
+
+    from streamvec.dtypes import OUTPUT_DTYPES
+    from streamvec.io.blocks import ZarrReader
+    from streamvec.names import decode_array_path
+
+    root = json.loads((store / "zarr.json").read_text())
+    meta = root["consolidated_metadata"]["metadata"]
+    out: list[tuple[str, BlockReader, dict[str, Any]]] = []
+    for array_path, node in sorted(meta.items()):
+        attrs = node.get("attributes", {})
+        if node.get("node_type") != "array" or CHECKSUM_ALGO not in attrs:
+            continue
+        dtype = OUTPUT_DTYPES.get(attrs.get("dtype", ""))
+        if dtype is None:
+            dtype = np.dtype(node["data_type"])
+        group, _, leaf = array_path.rpartition("/")
+        label = attrs.get("name") or decode_array_path(group) + f" [{leaf}]"
+        out.append((label, ZarrReader(str(store), array_path, tuple(node["shape"]), dtype), attrs))
+    return out
+
+
 def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyResult:
     """Re-read every tensor of a streamvec output and compare with its recorded checksum.
 
@@ -46,9 +72,9 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRes
         raise InputNotFoundError(f"{p}: no such file or directory")
     items: list[tuple[str, BlockReader, dict[str, Any]]] = []
     if is_zarr_store(p):
-        store = read_store(p)
-        for a in store.arrays.values():
-            items.append((a.name, a.reader(p), a.attrs))
+        read_store(p)  # a streamvec store, finished (consolidated)
+        for label, reader, attrs in _checksummed_arrays(p):
+            items.append((label, reader, attrs))
     else:
         manifest_path = p / MANIFEST_NAME
         if not manifest_path.is_file():
