@@ -40,6 +40,21 @@ SMALL = ("--block-size", "16kB", "--workers", "1")
 
 
 def command(kind: str, fam: dict[str, Path], out: Path) -> list[str]:
+    if kind == "svd":
+        return [
+            "svd",
+            str(fam["a"]),
+            "--base",
+            str(fam["base"]),
+            "-o",
+            str(out),
+            "-q",
+            "--rank",
+            "4",
+            "--method",
+            "randomized",
+            *SMALL,
+        ]
     if kind == "diff":
         return ["diff", str(fam["base"]), str(fam["a"]), "-o", str(out), "-q", *SMALL]
     return [
@@ -82,12 +97,12 @@ def kill_after(cmd: list[str], out: Path, blocks: int) -> int:
     return log.read_text().count("\n") if log.is_file() else 0
 
 
-@pytest.mark.parametrize("kind", ["diff", "combine"])
+@pytest.mark.parametrize("kind", ["diff", "combine", "svd"])
 def test_killed_runs_resume_to_identical_output(family, tmp_path: Path, kind: str) -> None:
     reference = tmp_path / f"ref-{kind}"
     assert run_cli(*command(kind, family, reference)) == 0
     want = output_bytes(reference)
-    for point in (1, 25):
+    for point in (1, 25) if kind != "svd" else (1, 12):
         out = tmp_path / f"{kind}-{point}"
         logged = kill_after(command(kind, family, out), out, point)
         assert logged >= point

@@ -311,14 +311,28 @@ class SVDStoreWriter:
         >>> w.finish()  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str], root_attrs: dict[str, Any]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], root_attrs: dict[str, Any], *, reopen: bool = False
+    ) -> None:
         import zarr
         from zarr.storage import LocalStore
 
         self.path = Path(path)
         self._store = LocalStore(str(self.path))
         attrs = {**root_attrs, "format": 1, "kind": "svd"}
-        self._root = zarr.create_group(self._store, attributes={"streamvec": attrs})
+        if reopen:  # continuing an interrupted job: keep what it wrote
+            self._root = zarr.open_group(self._store, mode="r+")
+        else:
+            self._root = zarr.create_group(self._store, attributes={"streamvec": attrs})
+
+    def factor_attrs(self, name: str) -> dict[str, Any] | None:
+        """The SVD attrs of a factored tensor already written, or None for a dense one."""
+        from streamvec.names import encode_array_path
+
+        node = self._root[encode_array_path(name)]
+        if hasattr(node, "shape"):
+            return None  # a dense array
+        return dict(node.attrs["svd"])  # type: ignore[arg-type]
 
     def write_factors(
         self,

@@ -173,6 +173,7 @@ def decompose(
 
     started = time.perf_counter()
     run = run or RunOptions()
+    run.refuse_resume("decompose")
     if len(terms) < 2:
         raise StreamvecError("decompose needs at least two task vectors (TV1 TV2 ...)")
     if not 0.0 < threshold <= 1.0:

@@ -204,6 +204,7 @@ def export_lora(
 
     started = time.perf_counter()
     run = run or RunOptions()
+    run.refuse_resume("lora")
     if not (0.0 <= rank_tol < 1.0):
         raise StreamvecError(f"--rank-tol must be in [0, 1), got {rank_tol}")
     if dtype not in ADAPTER_DTYPES:

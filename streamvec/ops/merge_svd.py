@@ -192,6 +192,7 @@ def merge_svd(
     from streamvec.engine import run as run_engine
 
     run = run or RunOptions()
+    run.refuse_resume("merge-svd")
     if method not in MERGES:
         raise StreamvecError(f"merge method must be one of {', '.join(MERGES)}, got {method!r}")
     if not terms:

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +41,16 @@ from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import OutputDir
+from streamvec.jobs import (
+    DoneLog,
+    JobPlan,
+    ResumeError,
+    explain_mismatch,
+    read_done,
+    read_job,
+    remove_job_files,
+    write_job,
+)
 from streamvec.kernel import accumulation_dtype
 from streamvec.linalg.blas import limit_blas_threads
 from streamvec.linalg.rsvd import SVDResult, exact_svd, randomized_svd, sketch_width
@@ -136,7 +146,8 @@ class RunOptions:
             memory limit), for the SVD passes and for the engine runs of these commands.
         check_finite: fail, naming the tensor, on NaN or infinite values (matrices are always
             checked by the SVD itself; this adds the dense tensors and the engine outputs).
-        resume: not supported by the SVD commands; refused rather than ignored.
+        resume: continue an interrupted ``svd`` (tensor by tensor); the other SVD commands
+            refuse it rather than ignore it.
     """
 
     workers: int | None = None
@@ -148,11 +159,12 @@ class RunOptions:
     check_finite: bool = False
     resume: bool = False
 
-    def __post_init__(self) -> None:
+    def refuse_resume(self, command: str) -> None:
+        """Commands that cannot resume say so rather than ignore ``--resume``."""
         if self.resume:
             raise StreamvecError(
-                "--resume is not supported by the SVD commands (svd, lora, decompose, "
-                "merge-svd) yet; rerun without it (the output appears only when complete)"
+                f"--resume is not supported by `streamvec {command}` yet; rerun without it "
+                "(the output appears only when complete)"
             )
 
     def resolved_workers(self) -> int:
@@ -609,32 +621,91 @@ def svd(
     methods: Counter[str] = Counter()
     residuals: dict[str, float] = {}
     dense = 0
+    # The budget is part of the job: the block height enters the QR rounding, so a resumed
+    # run reuses the recorded limit, workers and block size rather than this run's.
+    identity = {
+        "attrs": root_attrs,
+        "tensors": [[n, list(t.shape)] for n, t in resolved.tensors.items()],
+    }
+    budget = {
+        "memory_limit": run.resolved_limit(),
+        "workers": run.resolved_workers(),
+        "block_size": run.block_bytes(),
+    }
     out = OutputDir(output, overwrite=run.overwrite)
-    with out, dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-        factorizer = Factorizer(options, run, kwargs)
-        writer = SVDStoreWriter(out.partial, root_attrs)
-        items = list(resolved.tensors.items())
-        bar = tqdm(items, desc=Path(output).name, unit="tensor", disable=not run.progress)
-        for name, t in bar:
-            if not is_factored_shape(t.shape):
-                writer.write_dense(name, _dense_values(t, run.check_finite), source_dtype(t))
-                dense += 1
-                continue
-            seed = tensor_seed(options.seed, name)
-            result, plan = factorizer.factor(t, options.rank, seed)
-            writer.write_factors(
-                name,
-                t.shape,
-                source_dtype(t),
-                result.U,
-                result.S,
-                result.Vh,
-                svd_attrs(result, plan, options, seed),
-            )
-            methods[plan.method] += 1
-            residuals[name] = result.residual
-        writer.finish()
-        final = out.commit()
+    kept = out.open(keep_partial=run.resume) and read_job(out.partial) is not None
+    if not kept and run.resume:
+        out.release()
+        out.open()
+    done: set[str] = set()
+    try:
+        if kept:
+            recorded = read_job(out.partial)
+            assert recorded is not None
+            if recorded.identity["job"] != identity:
+                what = explain_mismatch(recorded.identity["job"], identity)
+                raise ResumeError(
+                    f"cannot resume: the unfinished job differs in {what}; rerun without "
+                    "--resume to start over"
+                )
+            budget = recorded.identity["budget"]
+            done = {name for name, _ in read_done(out.partial)}
+        else:
+            write_job(out.partial, JobPlan({"job": identity, "budget": budget}, {}))
+        run = replace(
+            run,
+            memory_limit=budget["memory_limit"],
+            workers=budget["workers"],
+            block_size=budget["block_size"],
+        )
+    except BaseException:
+        out.abort()
+        raise
+    try:
+        with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
+            factorizer = Factorizer(options, run, kwargs)
+            writer = SVDStoreWriter(out.partial, root_attrs, reopen=kept)
+            log = DoneLog(out.partial, sync_seconds=0.0)  # a tensor is a large unit: log each
+            items = list(resolved.tensors.items())
+            bar = tqdm(items, desc=Path(output).name, unit="tensor", disable=not run.progress)
+            for name, t in bar:
+                if name in done:
+                    recorded_attrs = writer.factor_attrs(name)
+                    if recorded_attrs is None:
+                        dense += 1
+                    else:
+                        methods[recorded_attrs["method"]] += 1
+                        residuals[name] = float(recorded_attrs["residual"])
+                    continue
+                if not is_factored_shape(t.shape):
+                    writer.write_dense(name, _dense_values(t, run.check_finite), source_dtype(t))
+                    dense += 1
+                    log.record(name, 0, b"")
+                    continue
+                seed = tensor_seed(options.seed, name)
+                result, plan = factorizer.factor(t, options.rank, seed)
+                writer.write_factors(
+                    name,
+                    t.shape,
+                    source_dtype(t),
+                    result.U,
+                    result.S,
+                    result.Vh,
+                    svd_attrs(result, plan, options, seed),
+                )
+                methods[plan.method] += 1
+                residuals[name] = result.residual
+                log.record(name, 0, b"")
+            log.close()
+            remove_job_files(out.partial)
+            writer.finish()
+            final = out.commit()
+    except KeyboardInterrupt:
+        out.release()  # keep the partial output: --resume continues it
+        raise
+    except BaseException:
+        out.abort()
+        raise
     return SVDReport(
         path=final,
         factored=sum(methods.values()),
