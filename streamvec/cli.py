@@ -54,6 +54,13 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
         "--overwrite", action="store_true", help="replace OUT once the new one is complete"
     )
     g.add_argument(
+        "--compression",
+        choices=["lz4", "zstd", "none"],
+        default="lz4",
+        help="Zarr chunk compression (default lz4: blosc lz4 with bit-shuffle; see "
+        "docs/benchmarks.md)",
+    )
+    g.add_argument(
         "--block-size",
         metavar="SIZE",
         help="target float32 bytes per row block (default 32MB; lowered to fit --memory-limit)",
@@ -96,6 +103,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "overwrite": args.overwrite,
         "resume": args.resume,
         "block_size": args.block_size,
+        "compression": args.compression,
         "check_finite": args.check_finite,
     }
 

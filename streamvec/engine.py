@@ -85,6 +85,18 @@ def working_bytes_per_element(t: LazyTensor) -> int:
     return (acc if acc != out else 0) + 3 * out
 
 
+def balanced_rows(rows: int, most: int) -> int:
+    """Rows per block for the fewest blocks of at most ``most`` rows, split evenly.
+
+    Zarr stores every chunk whole, the last one padded: 5632 rows in blocks of 4096 would store
+    8192 rows. The same two blocks of 2816 rows store none extra, and never exceed ``most``.
+    """
+    if rows <= most:
+        return max(rows, 1)
+    blocks = -(-rows // most)
+    return -(-rows // blocks)
+
+
 def plan_blocks(
     tensors: list[LazyTensor],
     memory_limit: int,
@@ -110,8 +122,8 @@ def plan_blocks(
                 f"needs about {format_bytes(need)} with {workers} worker(s); raise the limit or "
                 "use fewer workers"
             )
-        target = rows_per_block(t.shape, block_bytes)
-        plan.append(PlannedTensor(t, max(1, min(target, fit, max(rows, 1)))))
+        most = max(1, min(rows_per_block(t.shape, block_bytes), fit, max(rows, 1)))
+        plan.append(PlannedTensor(t, balanced_rows(rows, most)))
     return plan
 
 
@@ -256,6 +268,7 @@ def run(
     check_finite: bool = False,
     block_size: str | int | None = None,
     shard_size: str | int = "5GB",
+    compression: str = "lz4",
     description: str | None = None,
     extra_attrs: dict[str, Any] | None = None,
     sync_seconds: float | None = None,
@@ -278,6 +291,8 @@ def run(
         block_size: target bytes of float32 work per block (default 32MB); smaller under a
             tight memory limit.
         shard_size: safetensors shard size.
+        compression: Zarr chunk compression: ``lz4`` (default, blosc with bit-shuffle),
+            ``zstd`` (about 8% smaller, 1.5x the time) or ``none``.
         description: what to record as the operation in the output's attrs.
         extra_attrs: more provenance to record.
         sync_seconds: how often finished blocks are made durable and logged for resume
@@ -306,7 +321,7 @@ def run(
     anchor = model.anchor()
     sink: Sink
     if fmt == "zarr":
-        sink = ZarrSink()
+        sink = ZarrSink(compression)
     else:
         extra = anchor.extra_files if anchor is not None and resolved.kind == "model" else ()
         sink = SafetensorsSink(parse_size(shard_size), extra)
@@ -324,6 +339,7 @@ def run(
     identity = {
         "attrs": attrs,
         "format": fmt,
+        "compression": compression if fmt == "zarr" else None,
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
         "tensors": [[t.name, list(t.shape), dtype_name(t.dtype)] for t in tensors],
     }

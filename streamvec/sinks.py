@@ -82,7 +82,7 @@ class ZarrSink:
 
     Args:
         compression: chunk compression, one of :data:`streamvec.io.zarr_store.COMPRESSIONS`
-            (default lz4 + bitshuffle; ``"none"`` trades 2-2.65x the bytes for less CPU).
+            (default lz4 + bitshuffle; ``"none"`` trades 2x the bytes for half the CPU).
     """
 
     format = "zarr"

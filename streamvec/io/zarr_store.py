@@ -6,6 +6,14 @@ percent-encoded (see :func:`streamvec.names.encode_array_path`) and whose attrs 
 ``{"name", "source_dtype", "dtype", "xxh3_128", "checksum_block_rows"}``. Zarr 3 has no
 bfloat16, so bf16 arrays are stored as their raw ``uint16`` bits with ``"dtype": "bfloat16"``
 in the attrs; streamvec's readers view them back.
+
+Arrays are chunked in the engine's row blocks (one chunk per block, the last one padded to
+full size as zarr stores edge chunks) and compressed with blosc lz4 + bitshuffle by default
+(see :data:`COMPRESSIONS`). All arrays, with their attrs, are created in one
+``zarr.create_hierarchy`` call; :class:`ZarrBlockWriter` then encodes each block with the
+array's own codecs in the worker thread that computed it and writes the chunk file, the
+bytes zarr itself would write; checksums are added to the array attrs at the end and the
+metadata is consolidated. ``zarr.open`` reads the store like any other.
 """
 
 from __future__ import annotations
@@ -30,13 +38,16 @@ if TYPE_CHECKING:
 FORMAT = 1
 
 
-# Chunk compressors a store can be written with; the first is the default. Measured on this
-# project's 2-core machine (docs/benchmarks.md): lz4+bitshuffle stored synthetic deltas 2.0-2.65x
-# smaller at ~0.6 GB/s encode per core, and is the default because a float32 task vector is
-# 4 bytes per parameter (280 GB for a 70B model) and disks there wrote at 0.38-1.8 GB/s; zstd
-# (clevel 1) gained 9% more ratio at less than half the speed; "none" made diff 1.5-1.9x faster
-# on 2 cores when the disk kept up, at 2-2.65x the bytes. clevel 1, 5 and 9 of lz4 were equal
-# within noise in speed and within 2.5% in ratio.
+# Chunk compressors a store can be written with; the first is the default. Measured side by
+# side on the project's 2-core machine with synthetic deltas (docs/benchmarks.md), diff of a
+# 1B bf16 pair: lz4+bitshuffle stored the float32 task vector 2.0x smaller than its size at
+# ~0.6 GB/s encode per core; zstd (clevel 1) 2.17x, taking 1.5x the time of lz4; none took
+# 0.54-0.7x the time and 0.5-0.6x the CPU of lz4 (the disk kept up: 1.2-1.8 GB/s with
+# fdatasync when the machine was quiet). lz4 stays the default: a float32 task vector is
+# 4 bytes per parameter (280 GB for a 70B model), and at the 0.38 GB/s once measured for this
+# kind of disk the 2 GB more of a 1B store would take ~5 s to write, more than the encode it
+# saves (an estimate, not a measurement). lz4 clevel 1, 5 and 9 were equal in speed within
+# noise and within 2.5% in ratio.
 COMPRESSIONS = ("lz4", "zstd", "none")
 
 
@@ -100,7 +111,7 @@ def create_store(
     # codecs are configured for the dtype exactly as zarr does), then copied with each array's
     # attrs; zarr.create_hierarchy writes every node concurrently in one call. Creating arrays
     # one by one and adding attrs after cost two metadata writes through zarr's event loop per
-    # array (~14 ms each here: 1.9 s of a 200-tensor store against 0.1 s).
+    # array: 1.95 s for 200 arrays here, against 0.31 s (bench/bench_store_write.py).
     compressors = _compressors(compression)  # fails on a bad name before anything is written
     templates: dict[tuple[Any, ...], ArrayV3Metadata] = {}
     nodes: dict[str, Any] = {"": GroupMetadata(attributes={"streamvec": root_attrs})}
@@ -132,7 +143,8 @@ def _is_all_zero(data: np.ndarray) -> bool:
     """True when every byte of ``data`` is zero (the bit pattern of a zero fill value).
 
     A nonzero chunk almost always has a nonzero byte near its start, so a short prefix decides
-    it without a scan; zarr's own check compares element-wise at ~1.3 GB/s on this machine.
+    it without a scan; zarr's own check compares element-wise (~1.3 GB/s on a quiet 2-core
+    machine here): about half of the synchronous write path's time in bench_store_write.py.
     """
     raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     if raw[:4096].any():
