@@ -338,3 +338,31 @@ def test_randomized_path_agrees(structured, independent, tmp_path: Path) -> None
     got = read_all(merged)[name]
     ref = tsv_reference([t[name] for t in independent["taus"]], 6)
     assert np.linalg.norm(got - ref) <= 1e-2 * np.linalg.norm(ref)
+
+
+def test_decompose_with_filters(synth_family, tmp_path) -> None:
+    """Filters restrict both components (the unique step used to trip on filtered tensors)."""
+    import zarr
+
+    from .conftest import run_cli
+
+    fam = synth_family
+    out = tmp_path / "parts"
+    code = run_cli(
+        "decompose",
+        fam["a"],
+        fam["b"],
+        "--base",
+        fam["base"],
+        "-o",
+        out,
+        "-q",
+        "--rank",
+        "4",
+        "--include",
+        "*.self_attn.*",
+    )
+    assert code == 0
+    for store in sorted(out.glob("*.unique.zarr")):
+        names = {a.attrs["name"] for _, a in zarr.open_group(str(store), mode="r").arrays()}
+        assert names and all(".self_attn." in n for n in names)

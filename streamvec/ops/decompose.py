@@ -239,7 +239,10 @@ def decompose(
             shared_path = out.partial / components[str(term)]["shared"]
             # keep_base_when_missing: a checkpoint pair also has int/bool buffers, which a task
             # vector leaves out and the shared store therefore lacks; only those are missing.
-            unique: Combination = (tau - open_model(shared_path)).keep_base_when_missing()
+            # The filter applies to the whole difference: the shared store holds only the
+            # filtered tensors, so its term must not be active outside the filter either.
+            difference = (tau - open_model(shared_path)).filter(include, exclude)
+            unique: Combination = difference.keep_base_when_missing()
             run_engine(
                 unique,
                 out.partial / components[str(term)]["unique"],
