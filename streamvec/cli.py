@@ -309,22 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="0.1B", help="model size (default 0.1B)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
-    _add_optional_parsers(sub)
+    _add_operation_parsers(sub)
     return parser
 
 
-def _add_optional_parsers(sub: Any) -> None:
-    """Commands defined next to their operations (SVD family, benchmarks)."""
-    import importlib
+def _add_operation_parsers(sub: Any) -> None:
+    """Commands defined next to their operations (SVD family, merges, benchmarks)."""
+    from streamvec.benchmark import add_parser as add_bench
+    from streamvec.merge.cli import add_parsers as add_merge
+    from streamvec.ops.svd_cli import add_parsers as add_svd
 
-    for module in ("streamvec.ops.svd_cli", "streamvec.benchmark"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.add_parsers(sub) if hasattr(mod, "add_parsers") else mod.add_parser(sub)
+    add_svd(sub)
+    add_merge(sub)
+    add_bench(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
