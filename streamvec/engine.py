@@ -166,7 +166,7 @@ def block_digest(block: np.ndarray) -> bytes:
     return xxhash.xxh3_128_digest(np.ascontiguousarray(block).view(np.uint8).data)
 
 
-def _execute(
+def execute_graph(
     graph: dict[Any, Any],
     keys: list[Any],
     sizes: dict[Any, int],
@@ -176,15 +176,30 @@ def _execute(
     progress: bool,
     total: int,
     desc: str,
-    on_result: Callable[[Any, Any], None],
+    on_result: Callable[[Any, Any], None] | None = None,
+    unit: str = "B",
 ) -> list[Any]:
-    """Run independent tasks on the chosen scheduler; ``on_result`` sees each as it finishes."""
+    """Run a graph on the chosen scheduler and return the values of ``keys``.
+
+    Args:
+        graph: a Dask task graph.
+        keys: the keys to compute.
+        sizes: progress units per key (bytes of input for block tasks); on the local
+            schedulers every finished task counts, on a cluster the requested keys.
+        scheduler: ``threads``, ``processes``, ``sync``, ``local:N`` or a scheduler address.
+        workers: threads or processes for the local schedulers.
+        progress: show a progress bar.
+        total: the bar's total.
+        desc: the bar's label.
+        on_result: called with ``(key, value)`` as each requested key finishes.
+        unit: the bar's unit (``B`` scales as bytes).
+    """
     from tqdm.auto import tqdm
 
     bar = tqdm(
         total=total,
-        unit="B",
-        unit_scale=True,
+        unit=unit,
+        unit_scale=unit == "B",
         unit_divisor=1000,
         desc=desc,
         disable=not progress,
@@ -193,7 +208,8 @@ def _execute(
     )
 
     def finished(key: Any, result: Any) -> None:
-        on_result(key, result)
+        if on_result is not None:
+            on_result(key, result)
         bar.update(sizes.get(key, 0))
 
     try:
@@ -455,7 +471,7 @@ def _run_blocks(
     def finished(key: Any, result: BlockResult) -> None:
         log.record(result.name, result.r0, result.digest)
 
-    return _execute(
+    return execute_graph(
         graph,
         list(graph),
         sizes,

@@ -432,12 +432,6 @@ class SVDStoreWriter:
 
     def finish(self) -> None:
         """Consolidate the metadata (readers list the store from the root ``zarr.json``)."""
-        import warnings
+        from streamvec.io.zarr_store import consolidate
 
-        import zarr
-
-        with warnings.catch_warnings():
-            # zarr warns that consolidated metadata is not in the v3 spec yet; zarr-python
-            # reads it, and it makes listing a store one file read.
-            warnings.simplefilter("ignore", UserWarning)
-            zarr.consolidate_metadata(self._store)
+        consolidate(self.path)

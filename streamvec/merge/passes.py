@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from streamvec.engine import plan_blocks
+from streamvec.engine import execute_graph, plan_blocks
 from streamvec.io.blocks import BlockReader, matrix_shape
 from streamvec.memory import anon_bytes, default_memory_limit
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges
@@ -198,42 +198,16 @@ def _execute(
     nblocks: int,
     desc: str,
 ) -> list[Any]:
-    from tqdm.auto import tqdm
-
-    scheduler = options.scheduler
-    bar = tqdm(total=nblocks, unit="block", desc=desc, disable=not options.progress)
-    try:
-        if scheduler in ("threads", "processes", "sync", "synchronous"):
-            import dask
-            from dask.callbacks import Callback
-
-            def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-                if isinstance(key, tuple) and key and key[0] == "sv-merge-stat":
-                    bar.update(1)
-
-            getters: dict[str, Callable[..., Any]] = {
-                "threads": dask.threaded.get,
-                "processes": dask.multiprocessing.get,
-            }
-            get = getters.get(scheduler, dask.get)
-            kwargs: dict[str, Any] = {"num_workers": workers} if scheduler in getters else {}
-            with Callback(posttask=posttask):
-                return list(get(graph, keys, **kwargs))
-        from distributed import Client, LocalCluster
-
-        cluster = None
-        if scheduler.startswith("local:"):
-            n = int(scheduler.split(":", 1)[1] or "2")
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True)
-            client = Client(cluster)
-        else:
-            client = Client(scheduler)
-        try:
-            futures = client.get(graph, keys, sync=False)
-            return list(client.gather(futures))
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-    finally:
-        bar.close()
+    # The engine's executor; progress counts the per-block statistics tasks.
+    sizes = {k: 1 for k in graph if isinstance(k, tuple) and k and k[0] == "sv-merge-stat"}
+    return execute_graph(
+        graph,
+        keys,
+        sizes,
+        scheduler=options.scheduler,
+        workers=workers,
+        progress=options.progress,
+        total=nblocks,
+        desc=desc,
+        unit="block",
+    )
