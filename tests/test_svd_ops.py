@@ -188,7 +188,7 @@ def test_same_seed_same_store_bit_for_bit(pair, tmp_path: Path) -> None:
 
 
 def test_matrix_larger_than_the_memory_limit_streams_randomized(tmp_path: Path) -> None:
-    m, n, k = 2048, 512, 8
+    m, n, k = 8192, 512, 8
     delta = planted(m, n, np.linspace(2.0, 0.5, k), 1e-3, 4).astype(np.float32)
     base = write_checkpoint(tmp_path / "base", {"w": np.zeros((m, n), np.float32)})
     ft = write_checkpoint(tmp_path / "ft", {"w": delta})
@@ -202,8 +202,8 @@ def test_matrix_larger_than_the_memory_limit_streams_randomized(tmp_path: Path) 
         run=RunOptions(progress=False),
     )
     # A budget of ~6 MB beyond what the process already holds: the float32 matrix alone is
-    # 4 MB, the exact method would need ~40 MB (float64 copies + LAPACK), so only the
-    # streaming method fits, with blocks of about a hundred rows.
+    # 16 MB, the exact method would need ~160 MB (float64 copies + LAPACK), so only the
+    # streaming method fits, with blocks of a few hundred rows.
     limit = anon_bytes() + RUNTIME_OVERHEAD + (6 << 20)
     out = tmp_path / "w.zarr"
     with PeakSampler() as sampler:
@@ -221,8 +221,10 @@ def test_matrix_larger_than_the_memory_limit_streams_randomized(tmp_path: Path) 
     assert 1 <= attrs["block_rows"] < m // 8  # many blocks: the matrix was never whole
     optimal = optimal_residual(delta, k)
     assert attrs["residual"] <= RESIDUAL_TOL * optimal + 1e-6
-    # Measured ~0.2-1.5 MB here; the exact path held ~48 MB, its float64 matrix alone 8 MB.
-    assert sampler.peak - before < 8 << 20
+    # Growth stays below the float32 matrix itself (16 MB): it was never whole in memory.
+    # Measured 0.2-1.5 MB alone and up to ~8 MB inside the full suite, where allocator
+    # arenas of earlier tests' threads add noise; the exact path would hold ~160 MB.
+    assert sampler.peak - before < 16 << 20
     with pytest.raises(Exception, match="exact method needs about"):
         svd(
             ft,
