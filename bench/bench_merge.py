@@ -160,7 +160,7 @@ def compare(
     missing = sorted(set(b) - set(a))
     if name in DETERMINISTIC:
         total = over = same = 0
-        causes = {"f32_cancellation": 0, "magnitude_tie_at_cut": 0, "sign_vote_near_zero": 0}
+        causes = {"mergekit_f32_rounding": 0, "magnitude_tie_at_cut": 0, "sign_vote_near_zero": 0}
         unexplained = 0
         worst = 0.0
         for n in common:
@@ -174,8 +174,8 @@ def compare(
                 continue
             b64 = base[n].astype(np.float64)
             taus32 = [f[n].astype(np.float32) - base[n].astype(np.float32) for f in fts]
-            # 1. Where the merge cancels to (near) zero, mergekit's float32 arithmetic is off by a
-            # few float32 roundings of the operands: many ulps of a tiny result.
+            # 1. mergekit rounds every delta, product and sum to float32: within a few float32
+            # roundings of the operands' magnitude (many ulps where the result cancels).
             mag = np.abs(b64) + sum(np.abs(f[n].astype(np.float64)) for f in fts)
             diff = np.abs(a[n].astype(np.float64) - b[n].astype(np.float64))
             cancel = bad & (diff <= 8 * 2.0**-24 * mag)
@@ -206,7 +206,7 @@ def compare(
             ]
             near = np.abs(sum(terms)) <= 2.0**-20 * sum(np.abs(x) for x in terms)
             vote = near if "ties" in name else np.zeros(bad.shape, bool)
-            causes["f32_cancellation"] += int(cancel.sum())
+            causes["mergekit_f32_rounding"] += int(cancel.sum())
             causes["magnitude_tie_at_cut"] += int((bad & ~cancel & tied).sum())
             causes["sign_vote_near_zero"] += int((bad & ~cancel & ~tied & vote).sum())
             unexplained += int((bad & ~cancel & ~tied & ~vote).sum())

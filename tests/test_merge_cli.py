@@ -26,13 +26,19 @@ def merge_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
     try:
         cli.build_parser().parse_args(["merge", "--list"])
     except SystemExit:
-        original = cli._add_optional_parsers
+        hook = next(
+            (h for h in ("_add_operation_parsers", "_add_optional_parsers") if hasattr(cli, h)),
+            None,
+        )
+        if hook is None:
+            pytest.skip("cannot register `merge` on this streamvec.cli")
+        original = getattr(cli, hook)
 
         def with_merge(sub: Any) -> None:
             original(sub)
             add_parsers(sub)
 
-        monkeypatch.setattr(cli, "_add_optional_parsers", with_merge)
+        monkeypatch.setattr(cli, hook, with_merge)
     return lambda *args: cli.main([str(a) for a in args])
 
 

@@ -7,9 +7,9 @@ suite when enabled; ``bench/bench_merge.py`` runs the full matrix and classifies
 
 Inputs are float32 so that magnitude ties (frequent in bf16 task vectors, and broken by
 mergekit's unstable sort arbitrarily) do not blur the comparison; mergekit computes in
-float32 (``dtype: float32``), streamvec in float64, so the outputs must agree within 1 ulp
-except where the merge cancels to near zero and mergekit's float32 rounding of the operands
-dominates (bounded here by 8 float32 roundings of the operands' magnitude).
+float32 (``dtype: float32``, every delta, product and sum rounded), streamvec in float64, so
+the outputs must agree within 1 ulp or within mergekit's own float32 rounding error (bounded
+here by 8 float32 roundings of the operands' magnitude).
 """
 
 from __future__ import annotations

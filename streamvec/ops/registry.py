@@ -66,5 +66,13 @@ OPERATIONS: dict[str, Operation] = {
             "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
             "Task-Specific Subspaces, ICML 2025",
         ),
+        Operation(
+            "merge",
+            "streamvec.merge",
+            "mergekit-style recipes: TIES, DARE, breadcrumbs, DELLA and the papers' variants; "
+            "the methods and their papers are listed in streamvec.merge.registry",
+            "Yadav et al. NeurIPS 2023; Yu et al. ICML 2024; Davari & Belilovsky 2024; "
+            "Deep et al. 2024",
+        ),
     )
 }
