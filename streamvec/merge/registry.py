@@ -18,6 +18,7 @@ from streamvec.merge.methods import (
     della,
     della_linear,
     iso_c,
+    shared_unique,
     task_arithmetic,
     ties,
     ties_paper,
@@ -43,6 +44,8 @@ METHODS: dict[str, MergeMethod] = {
         # SVD-based merges (streamvec.ops.merge_svd)
         tsv.METHOD,
         iso_c.METHOD,
+        # shared/unique components of the task vectors (streamvec.ops.decompose)
+        shared_unique.METHOD,
     )
 }
 
