@@ -140,3 +140,19 @@ def assert_matches_float64(
     assert not bad.any(), (
         f"{name}: {int(bad.sum())} elements off, e.g. got {got[bad][:3]} want {want[bad][:3]}"
     )
+
+
+def tiny_llama_config(**overrides: object) -> object:
+    """A real ``transformers`` LlamaConfig small enough for tests (2 layers, hidden 32)."""
+    import transformers
+
+    settings: dict[str, object] = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    return transformers.LlamaConfig(**{**settings, **overrides})

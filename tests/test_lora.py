@@ -10,7 +10,7 @@ import pytest
 import safetensors.numpy
 
 from streamvec.ops.lora import _target_modules, is_linear_weight
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -33,15 +33,7 @@ def lora_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rounding of ``W + delta`` would make the stored delta full-rank noise of size ulp(W).
     """
     root = tmp_path_factory.mktemp("lora")
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config()
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config)
     base.save_pretrained(root / "base")
