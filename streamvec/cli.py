@@ -94,6 +94,29 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_output_dtype_option(
+    p: argparse.ArgumentParser,
+    help: str = "output dtype (default: the base's, or float32 for a task vector)",  # noqa: A002
+) -> None:
+    """``--dtype`` with the output dtypes streamvec writes."""
+    from streamvec.dtypes import OUTPUT_DTYPES
+
+    p.add_argument("--dtype", choices=list(OUTPUT_DTYPES), help=help)
+
+
+def add_shard_size_option(p: argparse.ArgumentParser) -> None:
+    """``--shard-size`` of safetensors outputs."""
+    p.add_argument(
+        "--shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)"
+    )
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    """Print unless ``--quiet``."""
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
 def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "workers": args.workers,
@@ -106,11 +129,6 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "compression": args.compression,
         "check_finite": args.check_finite,
     }
-
-
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(text)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -131,10 +149,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         args.base, args.finetuned, include=args.include, exclude=args.exclude, dtype=args.dtype
     )
     report = tv.save(args.output, description="diff", **_run_kwargs(args))
-    _say(args, report.summary())
+    say(args, report.summary())
     if report.skipped_nonfloat:
         n = len(report.skipped_nonfloat)
-        _say(args, f"left out {n} non-float tensor(s) (listed in the store attrs)")
+        say(args, f"left out {n} non-float tensor(s) (listed in the store attrs)")
     return 0
 
 
@@ -154,9 +172,9 @@ def cmd_combine(args: argparse.Namespace) -> int:
     report = model.save(
         args.output, description="combine", shard_size=args.shard_size, **_run_kwargs(args)
     )
-    _say(args, report.summary())
+    say(args, report.summary())
     if report.kept_base:
-        _say(args, f"kept the base value for {len(report.kept_base)} tensor(s) missing in a term")
+        say(args, f"kept the base value for {len(report.kept_base)} tensor(s) missing in a term")
     return 0
 
 
@@ -164,7 +182,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from streamvec.verify import verify
 
     result = verify(args.path, progress=not args.quiet and sys.stderr.isatty())
-    _say(args, result.summary())
+    say(args, result.summary())
     return 0
 
 
@@ -183,7 +201,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             seed=args.seed,
         )
-    _say(args, f"wrote {out}")
+    say(args, f"wrote {out}")
     return 0
 
 
@@ -227,11 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base")
     p.add_argument("finetuned")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16", "float64"],
-        help="stored dtype (default float32)",
-    )
+    add_output_dtype_option(p, "stored dtype (default float32)")
     _add_run_options(p)
     p.set_defaults(func=cmd_diff)
 
@@ -251,14 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scale", type=float, default=1.0, metavar="LAMBDA", help="lambda (default 1.0)"
     )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16", "float64"],
-        help="output dtype (default: the base's, or float32 for a task vector)",
-    )
-    p.add_argument(
-        "--shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)"
-    )
+    add_output_dtype_option(p)
+    add_shard_size_option(p)
     p.add_argument(
         "--missing",
         choices=["error", "keep-base"],

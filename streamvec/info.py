@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "name": a.name,
                 "dtype": dtype_name(a.dtype),
                 "shape": list(a.shape),
-                "bytes": int(a.dtype.itemsize * _numel(a.shape)),
+                "bytes": int(a.dtype.itemsize * math.prod(a.shape)),
                 "file": a.array_path,
             }
             for a in store.arrays.values()
@@ -59,20 +60,13 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def _numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _totals(tensors: list[dict[str, Any]]) -> dict[str, Any]:
     by_dtype: Counter[str] = Counter()
     for t in tensors:
         by_dtype[t["dtype"]] += t["bytes"]
     return {
         "num_tensors": len(tensors),
-        "num_parameters": sum(_numel(t["shape"]) for t in tensors),
+        "num_parameters": sum(math.prod(t["shape"]) for t in tensors),
         "total_bytes": sum(t["bytes"] for t in tensors),
         "bytes_by_dtype": dict(by_dtype),
     }

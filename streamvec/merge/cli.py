@@ -35,7 +35,7 @@ dtype, out_dtype); model paths are local checkpoints. See docs/from-mergekit.md.
 
 def add_parsers(subparsers: Any) -> None:
     """Register ``merge`` on the ``streamvec`` subparsers."""
-    from streamvec.cli import _add_run_options
+    from streamvec.cli import _add_run_options, add_shard_size_option
 
     p = subparsers.add_parser(
         "merge",
@@ -56,9 +56,7 @@ def add_parsers(subparsers: Any) -> None:
         metavar="S",
         help="seed of randomised methods (dare_*, della*); overrides the recipe's seed",
     )
-    p.add_argument(
-        "--shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)"
-    )
+    add_shard_size_option(p)
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from streamvec.cli import say
+
 __all__ = ["add_parsers", "cmd_decompose", "cmd_lora", "cmd_merge_svd", "cmd_svd"]
 
 
@@ -90,11 +92,6 @@ def _run_options(args: argparse.Namespace) -> Any:
     return RunOptions(**{k: kwargs[k] for k in known if k in kwargs})
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(text)
-
-
 def cmd_svd(args: argparse.Namespace) -> int:
     """``streamvec svd``: truncated SVD of every matrix into an SVD store."""
     from streamvec.ops.svd import svd
@@ -108,7 +105,7 @@ def cmd_svd(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         run=_run_options(args),
     )
-    _say(args, report.summary())
+    say(args, report.summary())
     return 0
 
 
@@ -128,7 +125,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         run=_run_options(args),
     )
-    _say(args, report.summary())
+    say(args, report.summary())
     return 0
 
 
@@ -146,7 +143,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         run=_run_options(args),
     )
-    _say(args, report.summary())
+    say(args, report.summary())
     return 0
 
 
@@ -168,7 +165,7 @@ def cmd_merge_svd(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         run=_run_options(args),
     )
-    _say(args, report.summary())
+    say(args, report.summary())
     return 0
 
 
@@ -183,7 +180,7 @@ def add_parsers(subparsers: Any) -> None:
         >>> build_parser().parse_args(["lora", "base", "ft", "-o", "a", "--rank", "8"])
         ... # doctest: +SKIP
     """
-    from streamvec.cli import _add_run_options
+    from streamvec.cli import _add_run_options, add_output_dtype_option, add_shard_size_option
 
     p = subparsers.add_parser(
         "svd",
@@ -277,14 +274,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument(
         "--alpha", type=float, default=1.0, metavar="A", help="scaling coefficient (default 1)"
     )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16", "float64"],
-        help="output dtype (default: the base's, or float32 for a task vector)",
-    )
-    p.add_argument(
-        "--shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (5GB)"
-    )
+    add_output_dtype_option(p)
+    add_shard_size_option(p)
     _add_svd_options(
         p,
         rank_required=False,
