@@ -56,8 +56,8 @@ def instrumented(timer: StageTimer) -> Iterator[None]:
     from streamvec.io import blocks, output, zarr_store
 
     patches: list[tuple[Any, str, str]] = [
-        (blocks.SafetensorsReader, "read", "read (map rows)"),
-        (tensor, "combine_block", "compute (read + convert + subtract)"),
+        (blocks.SafetensorsReader, "read", "read (map + populate rows)"),
+        (tensor.LazyTensor, "evaluate", "compute (convert + subtract)"),
         (engine, "block_digest", "checksum"),
         (zarr_store.ZarrBlockWriter, "write", "block write, total (check+encode+write)"),
         (zarr_store, "_is_all_zero", "  empty-chunk check"),

@@ -49,7 +49,14 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
         help="ceiling on anonymous memory, e.g. 4GB (default: half of the available RAM); "
         "block sizes are chosen to stay under it",
     )
-    g.add_argument("--device", choices=["cpu"], default="cpu", help="where block arithmetic runs")
+    g.add_argument(
+        "--device",
+        default="cpu",
+        metavar="D",
+        help="where block arithmetic and SVDs run: cpu (default, numpy) or cuda / cuda:N "
+        "(torch on a GPU; same results bit for bit for sums; torch-cpu runs that code on the "
+        "CPU, to check it); see docs/distributed.md",
+    )
     g.add_argument(
         "--overwrite", action="store_true", help="replace OUT once the new one is complete"
     )
@@ -128,7 +135,27 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "block_size": args.block_size,
         "compression": args.compression,
         "check_finite": args.check_finite,
+        "device": args.device,
     }
+
+
+def add_report_option(p: argparse.ArgumentParser) -> None:
+    """``--report FILE``: the run's figures as JSON, for batch jobs and benchmarks."""
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help="also write what the run did as JSON to FILE: bytes read and written, seconds, "
+        "and seconds per stage (read, compute, encode, write, checksum; summed over blocks)",
+    )
+
+
+def write_report(args: argparse.Namespace, report: Any) -> None:
+    """Write ``--report`` if asked (a RunReport, without its per-tensor checksums)."""
+    if getattr(args, "report", None) is None:
+        return
+    data = {k: v for k, v in vars(report).items() if k != "checksums"}
+    args.report.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -149,6 +176,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         args.base, args.finetuned, include=args.include, exclude=args.exclude, dtype=args.dtype
     )
     report = tv.save(args.output, description="diff", **_run_kwargs(args))
+    write_report(args, report)
     say(args, report.summary())
     if report.skipped_nonfloat:
         n = len(report.skipped_nonfloat)
@@ -172,6 +200,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     report = model.save(
         args.output, description="combine", shard_size=args.shard_size, **_run_kwargs(args)
     )
+    write_report(args, report)
     say(args, report.summary())
     if report.kept_base:
         say(args, f"kept the base value for {len(report.kept_base)} tensor(s) missing in a term")
@@ -247,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
     add_output_dtype_option(p, "stored dtype (default float32)")
     _add_run_options(p)
+    add_report_option(p)
     p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser(
@@ -274,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a tensor missing in a term: fail (default) or keep the base value",
     )
     _add_run_options(p)
+    add_report_option(p)
     p.set_defaults(func=cmd_combine)
 
     p = sub.add_parser("verify", help="recompute the checksums of an output streamvec wrote")

@@ -20,6 +20,7 @@ import xxhash
 
 from streamvec import __version__
 from streamvec.algebra import Model
+from streamvec.devices import CPU, block_kernel, check_device
 from streamvec.dtypes import dtype_name
 from streamvec.errors import OutputError, StreamvecError
 from streamvec.io.blocks import matrix_shape
@@ -65,6 +66,11 @@ class RunReport:
     kept_base: tuple[str, ...] = ()
     checksums: dict[str, dict[str, Any]] = field(default_factory=dict)
     resumed_blocks: int = 0
+    # Seconds per stage: read, compute, encode, write, checksum summed over blocks
+    # (worker-seconds); blocks_wall (all blocks) and finish_wall (durable flush, metadata,
+    # rename) are wall time.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    device: str = CPU
 
     def summary(self) -> str:
         rate = self.input_bytes / self.seconds if self.seconds > 0 else float("inf")
@@ -75,14 +81,18 @@ class RunReport:
         )
 
 
-def working_bytes_per_element(t: LazyTensor) -> int:
-    """Anonymous bytes a block task holds per element: accumulator, output, encode buffer."""
+def working_bytes_per_element(t: LazyTensor, device: str = CPU) -> int:
+    """Anonymous bytes a block task holds per element: accumulator, output, encode buffer.
+
+    On a GPU the operands are also staged in host buffers (one per operand) on their way.
+    """
     out = t.dtype.itemsize
     if t.op is not None:
         # every term upcast to float32, plus the op's result and a temporary of that size
         return 4 * (len(t.terms) + 2) + 3 * out
     acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
-    return (acc if acc != out else 0) + 3 * out
+    staging = sum(r.dtype.itemsize for _, r in t.terms) if device != CPU else 0
+    return (acc if acc != out else 0) + 3 * out + staging
 
 
 def balanced_rows(rows: int, most: int) -> int:
@@ -103,6 +113,7 @@ def plan_blocks(
     workers: int,
     baseline: int,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    device: str = CPU,
 ) -> list[PlannedTensor]:
     """Choose each tensor's block rows so ``workers`` blocks fit in the budget.
 
@@ -113,7 +124,7 @@ def plan_blocks(
     plan = []
     for t in tensors:
         rows, cols = matrix_shape(t.shape)
-        row_cost = max(cols, 1) * working_bytes_per_element(t)
+        row_cost = max(cols, 1) * working_bytes_per_element(t, device)
         fit = per_worker // row_cost if per_worker > 0 else 0
         if fit < 1:
             need = baseline + RUNTIME_OVERHEAD + workers * row_cost
@@ -127,6 +138,10 @@ def plan_blocks(
     return plan
 
 
+# The stages of a block task, in order; RunReport.stage_seconds sums them over all blocks.
+BLOCK_STAGES = ("read", "compute", "encode", "write", "checksum")
+
+
 @dataclass(frozen=True)
 class BlockResult:
     """What a block task returns: small, so any scheduler ships it back cheaply."""
@@ -136,12 +151,20 @@ class BlockResult:
     digest: bytes
     nonfinite: int = 0
     first_nonfinite_row: int = -1
+    # Seconds spent in each of BLOCK_STAGES.
+    seconds: tuple[float, ...] = ()
 
 
 def _block_task(
-    t: LazyTensor, r0: int, r1: int, writer: BlockWriter, check_finite: bool
+    t: LazyTensor, r0: int, r1: int, writer: BlockWriter, check_finite: bool, device: str = "cpu"
 ) -> BlockResult:
-    block = t.read_rows(r0, r1)
+    clock = time.perf_counter
+    started = clock()
+    operands = t.read_operands(r0, r1)
+    read = clock()
+    block = t.evaluate(operands, r0, r1, block_kernel(device))
+    del operands
+    computed = clock()
     bad, first = 0, -1
     if check_finite:
         finite = np.isfinite(block.astype(np.float32, copy=False))
@@ -149,11 +172,20 @@ def _block_task(
             bad_rows = np.flatnonzero(~finite.all(axis=1))
             bad, first = int((~finite).sum()), r0 + int(bad_rows[0])
     try:
-        writer.write(r0, block)
+        encoding = writer.write(r0, block) or 0.0
     except OSError as exc:  # disk full, quota, I/O error: say what and where
         where = getattr(writer, "path", getattr(writer, "store", "output"))
         raise output_error("write", Path(str(where)), exc) from None
-    return BlockResult(t.name, r0, block_digest(block), bad, first)
+    written = clock()
+    digest = block_digest(block)
+    seconds = (
+        read - started,
+        computed - read,
+        encoding,
+        written - computed - encoding,
+        clock() - written,
+    )
+    return BlockResult(t.name, r0, digest, bad, first, seconds)
 
 
 def tensor_checksum(block_digests: list[bytes]) -> str:
@@ -288,6 +320,7 @@ def run(
     description: str | None = None,
     extra_attrs: dict[str, Any] | None = None,
     sync_seconds: float | None = None,
+    device: str = CPU,
 ) -> RunReport:
     """Compute every tensor of ``model`` and write it to ``path``; it appears only when done.
 
@@ -313,6 +346,8 @@ def run(
         extra_attrs: more provenance to record.
         sync_seconds: how often finished blocks are made durable and logged for resume
             (default 5 s, or the ``STREAMVEC_SYNC_SECONDS`` environment variable).
+        device: where weighted sums run: ``cpu`` (numpy, default) or ``cuda``/``cuda:N``
+            (torch; bit-identical results). Merge methods' per-element rules run on the CPU.
 
     Returns:
         A :class:`RunReport`.
@@ -326,6 +361,7 @@ def run(
     if workers < 1:
         raise StreamvecError(f"--workers must be at least 1, got {workers}")
     limit = parse_size(memory_limit) if memory_limit is not None else default_memory_limit()
+    device = check_device(device)
     tensors = list(resolved.tensors.values())
     block_bytes = parse_size(block_size) if block_size is not None else DEFAULT_BLOCK_BYTES
     if block_bytes < 1:
@@ -333,7 +369,7 @@ def run(
     # Blocks run in this process only on the threaded and synchronous schedulers; elsewhere
     # they run in fresh worker processes, whose runtime RUNTIME_OVERHEAD covers.
     baseline = anon_bytes() if scheduler in IN_PROCESS_SCHEDULERS else 0
-    plan = plan_blocks(tensors, limit, workers, baseline, block_bytes)
+    plan = plan_blocks(tensors, limit, workers, baseline, block_bytes, device)
     anchor = model.anchor()
     sink: Sink
     if fmt == "zarr":
@@ -377,6 +413,7 @@ def run(
         if sync_seconds is None:
             sync_seconds = float(os.environ.get("STREAMVEC_SYNC_SECONDS", DEFAULT_SYNC_SECONDS))
         log = DoneLog(out.partial, sync_seconds)
+        blocks_started = time.perf_counter()
         try:
             results = _run_blocks(
                 plan,
@@ -388,7 +425,9 @@ def run(
                 progress=progress,
                 check_finite=check_finite,
                 desc=Path(path).name,
+                device=device,
             )
+            blocks_done = time.perf_counter()
             log.flush()
         finally:
             log.close()
@@ -399,6 +438,7 @@ def run(
         sink.close()
         remove_job_files(out.partial)
         final = out.commit()
+        finished = time.perf_counter()
     except KeyboardInterrupt:
         sink.close()
         out.release()  # keep the partial output: --resume continues it
@@ -421,7 +461,22 @@ def run(
         kept_base=resolved.kept_base,
         checksums=checksums,
         resumed_blocks=len(done),
+        stage_seconds={
+            **_stage_sums(results),
+            "blocks_wall": blocks_done - blocks_started,
+            "finish_wall": finished - blocks_done,
+        },
+        device=device,
     )
+
+
+def _stage_sums(results: list[BlockResult]) -> dict[str, float]:
+    """Seconds per block stage, summed over blocks (so over parallel workers)."""
+    sums = dict.fromkeys(BLOCK_STAGES, 0.0)
+    for r in results:
+        for stage, seconds in zip(BLOCK_STAGES, r.seconds, strict=False):
+            sums[stage] += seconds
+    return sums
 
 
 def _resume_plan(
@@ -452,6 +507,7 @@ def _run_blocks(
     progress: bool,
     check_finite: bool,
     desc: str,
+    device: str = CPU,
 ) -> list[BlockResult]:
     """One task per block not already done; each finished block is logged for resume."""
     graph: dict[Any, Any] = {}
@@ -465,7 +521,7 @@ def _run_blocks(
             if (t.name, r0) in done:
                 continue
             key = ("streamvec-block", t.name, r0)
-            graph[key] = (_block_task, t, r0, r1, writer, check_finite)
+            graph[key] = (_block_task, t, r0, r1, writer, check_finite, device)
             sizes[key] = (r1 - r0) * in_row_bytes
 
     def finished(key: Any, result: BlockResult) -> None:

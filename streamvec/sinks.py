@@ -19,6 +19,7 @@ import numpy as np
 from streamvec.errors import OutputError
 from streamvec.io import zarr_store
 from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
+from streamvec.io.writeback import start_writeback
 from streamvec.tensor import LazyTensor
 
 MANIFEST_NAME = "streamvec.json"
@@ -33,7 +34,9 @@ class PlannedTensor:
 
 
 class BlockWriter(Protocol):
-    def write(self, r0: int, block: np.ndarray) -> None: ...
+    def write(self, r0: int, block: np.ndarray) -> float:
+        """Store rows from ``r0``; returns the seconds of it spent encoding (0.0: none)."""
+        ...
 
 
 class Sink(Protocol):
@@ -60,21 +63,24 @@ class PwriteBlockWriter:
     offset: int
     row_bytes: int
 
-    def write(self, r0: int, block: np.ndarray) -> None:
+    def write(self, r0: int, block: np.ndarray) -> float:
         data = np.ascontiguousarray(block).view(np.uint8).reshape(-1).data
         pos = self.offset + r0 * self.row_bytes
         try:
             fd = os.open(self.path, os.O_WRONLY)
             try:
+                start, length = pos, len(data)
                 while data:
                     n = os.pwrite(fd, data, pos)
                     data, pos = data[n:], pos + n
+                start_writeback(fd, start, length)
             finally:
                 os.close(fd)
         except OSError as exc:
             raise OutputError(
                 f"{self.path}: write failed ({exc.strerror}); free space and rerun"
             ) from None
+        return 0.0  # raw bytes: nothing to encode
 
 
 class ZarrSink:

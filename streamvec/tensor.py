@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from streamvec.io.blocks import BlockReader, matrix_shape
-from streamvec.kernel import BlockOp, combine_block, op_block
+from streamvec.kernel import BlockOp, Kernel, apply_op, combine_blocks
 
 # Row blocks target this many bytes of float32 work when nothing else decides: large enough
 # that per-task overhead is noise, small enough that many fit in memory at once.
@@ -65,9 +66,29 @@ class LazyTensor:
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` as a ``(r1 - r0, cols)`` array."""
+        return self.evaluate(self.read_operands(r0, r1), r0, r1)
+
+    def read_operands(self, r0: int, r1: int) -> list[tuple[float, np.ndarray]]:
+        """Every term's rows ``[r0, r1)`` as stored, with its coefficient (the read stage)."""
+        return [(c, reader.read(r0, r1)) for c, reader in self.terms]
+
+    def evaluate(
+        self,
+        operands: Sequence[tuple[float, np.ndarray]],
+        r0: int,
+        r1: int,
+        kernel: Kernel | None = None,
+    ) -> np.ndarray:
+        """Rows ``[r0, r1)`` from operands read by :meth:`read_operands` (the compute stage).
+
+        ``kernel`` runs the weighted sum elsewhere (``--device cuda``); non-linear operations
+        (merge methods) always run here on the CPU.
+        """
         if self.op is not None:
-            return op_block(self.op, self.name, self.terms, r0, r1, self.dtype)
-        return combine_block(self.terms, r0, r1, self.dtype)
+            return apply_op(self.op, self.name, operands, r0, r1, self.dtype)
+        if kernel is not None:
+            return kernel(operands, self.dtype)
+        return combine_blocks(operands, self.dtype)
 
     def compute(self) -> np.ndarray:
         """The whole tensor in memory (for small tensors and tests)."""

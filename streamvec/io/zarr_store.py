@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 from streamvec.dtypes import BFLOAT16, OUTPUT_DTYPES, SAFETENSORS_DTYPES, dtype_name
 from streamvec.errors import StoreError
 from streamvec.io.blocks import ZarrReader
+from streamvec.io.writeback import start_writeback
 from streamvec.names import decode_array_path, encode_array_path
 
 if TYPE_CHECKING:
@@ -169,8 +171,10 @@ def _write_file(path: Path, data: Any) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data).cast("B")
+        length = len(view)
         while view:
             view = view[os.write(fd, view) :]
+        start_writeback(fd, 0, length)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -260,32 +264,36 @@ class ZarrBlockWriter:
         object.__setattr__(self, "metadata", meta)
         return meta
 
-    def write(self, r0: int, block: np.ndarray) -> None:
+    def write(self, r0: int, block: np.ndarray) -> float:
+        """Store rows ``[r0, r0 + len(block))``; returns the seconds spent encoding."""
         data = block.view(np.uint16) if block.dtype == BFLOAT16 else block
         meta = self._meta()
         coords: tuple[int, ...] | None = ()
         if self.shape:
             if data.shape[0] == 0:
-                return  # no rows: nothing to store (zarr's setitem is a no-op too)
+                return 0.0  # no rows: nothing to store (zarr's setitem is a no-op too)
             data = data.reshape((data.shape[0], *self.shape[1:]))
             coords = self._chunk_of(meta, r0, data.shape[0]) if data.size else None
         else:
             data = data.reshape(())
         if coords is None or _sync_codecs(meta) is None:
             self._write_with_zarr(r0, data)
-            return
+            return 0.0  # encoded inside zarr: counted as writing
         chunk_shape = tuple(meta.chunks)
         if data.shape != chunk_shape:
             # The last chunk of an array is stored whole, padded with the fill value (as zarr).
             padded = np.full(chunk_shape, meta.fill_value, dtype=data.dtype)
             padded[: data.shape[0]] = data
             data = padded
+        started = time.perf_counter()
         encoded = encode_chunk(meta, np.ascontiguousarray(data), self.write_empty_chunks)
+        encoding = time.perf_counter() - started
         path = Path(self.store) / self.array_path / meta.encode_chunk_key(coords)
         if encoded is None:
             path.unlink(missing_ok=True)  # zarr deletes a chunk that became all fill value
         else:
             _write_file(path, encoded)
+        return encoding
 
     def _chunk_of(self, meta: ArrayV3Metadata, r0: int, n: int) -> tuple[int, ...] | None:
         """Coordinates of the chunk rows ``[r0, r0 + n)`` are exactly, else None."""

@@ -70,5 +70,6 @@ def run_svd_merge(
             memory_limit=settings.memory_limit,
             progress=settings.progress,
             overwrite=settings.overwrite,
+            device=settings.engine.get("device", "cpu"),
         ),
     )

@@ -35,6 +35,7 @@ import numpy as np
 
 from streamvec import __version__
 from streamvec.algebra import Combination, Model
+from streamvec.devices import CPU, check_device, torch_device_name
 from streamvec.dtypes import dtype_name, is_float
 from streamvec.engine import RUNTIME_OVERHEAD  # the engine's headroom, so budgets agree
 from streamvec.errors import StreamvecError
@@ -158,6 +159,7 @@ class RunOptions:
     block_size: str | int | None = None
     check_finite: bool = False
     resume: bool = False
+    device: str = "cpu"
 
     def refuse_resume(self, command: str) -> None:
         """Commands that cannot resume say so rather than ignore ``--resume``."""
@@ -199,6 +201,7 @@ class RunOptions:
             "overwrite": self.overwrite,
             "block_size": self.block_size,
             "check_finite": self.check_finite,
+            "device": self.device,
         }
 
 
@@ -442,6 +445,7 @@ class Factorizer:
         self.budget = self.limit - anon_bytes() - RUNTIME_OVERHEAD
         self.block_bytes = run.block_bytes()
         self.compute_kwargs = compute_kwargs
+        self.device = check_device(run.device)
 
     def plan(self, t: LazyTensor, rank: int) -> SVDPlan:
         """The plan for ``t`` at ``rank`` (see :func:`plan_svd`)."""
@@ -459,6 +463,8 @@ class Factorizer:
             The :class:`~streamvec.linalg.SVDResult` and the plan that produced it.
         """
         plan = self.plan(t, rank)
+        if self.device != CPU:
+            return self._factor_on_device(t, plan, seed), plan
         if plan.method == "exact":
             rows, _ = matrix_shape(t.shape)
             return exact_svd(t.read_rows(0, rows), plan.rank), plan
@@ -473,6 +479,28 @@ class Factorizer:
                 compute_kwargs=self.compute_kwargs,
             )
         return result, plan
+
+    def _factor_on_device(self, t: LazyTensor, plan: SVDPlan, seed: int) -> SVDResult:
+        """The same factorization on the GPU: one read of the files, passes in GPU memory."""
+        from streamvec.linalg.torch_svd import factor_on_device
+
+        # The exact plan reads the matrix whole; on the device it is streamed in blocks too.
+        block_rows = (
+            plan.block_rows
+            if plan.method == "randomized"
+            else rows_per_block(t.shape, self.block_bytes)
+        )
+        return factor_on_device(
+            t,
+            plan.rank,
+            method=plan.method,
+            oversample=self.options.oversample,
+            power_iters=self.options.power_iters,
+            seed=seed,
+            block_rows=block_rows,
+            workers=self.workers,
+            device=torch_device_name(self.device),
+        )
 
     def blas_limit(self) -> AbstractContextManager[Any]:
         """One BLAS thread per call while several Dask threads run block tasks here.

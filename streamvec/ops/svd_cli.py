@@ -81,10 +81,11 @@ def _run_options(args: argparse.Namespace) -> Any:
         "block_size",
         "check_finite",
         "resume",
+        "device",
     )
     kwargs = _run_kwargs(args)
     # An option these commands do not honour is refused, never silently dropped.
-    defaults = {"compression": "lz4"}
+    defaults = {"compression": "lz4", "device": "cpu"}
     for key, value in kwargs.items():
         if key not in known and value not in (None, False, defaults.get(key)):
             flag = "--" + key.replace("_", "-")

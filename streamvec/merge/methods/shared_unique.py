@@ -70,6 +70,7 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
                 scheduler=settings.scheduler,
                 memory_limit=settings.memory_limit,
                 progress=settings.progress,
+                device=settings.engine.get("device", "cpu"),
             ),
         )
         terms = []
