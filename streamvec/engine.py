@@ -156,7 +156,7 @@ class BlockResult:
 
 
 def _block_task(
-    t: LazyTensor, r0: int, r1: int, writer: BlockWriter, check_finite: bool, device: str = "cpu"
+    t: LazyTensor, r0: int, r1: int, writer: BlockWriter, check_finite: bool, device: str = CPU
 ) -> BlockResult:
     clock = time.perf_counter
     started = clock()

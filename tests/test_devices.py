@@ -250,3 +250,23 @@ def test_cpu_path_does_not_import_torch(synth_family, tmp_path: Path) -> None:
         "assert rc == 0; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_bench_gpu_script_dry_run(tmp_path: Path) -> None:
+    """bench/bench_gpu.py runs end to end (torch on the CPU here) and finds equal outputs."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+    out = tmp_path / "gpu.json"
+    device = "cuda" if HAS_CUDA else "torch-cpu"
+    args = ["--params", "2M", "--repeat", "1", "--rank", "4", "--device", device]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args, "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["device"] == device
+    for step in ("combine", "diff", "svd"):
+        assert data["results"][step]["same_result"] is True, step
+        assert data["results"][step][device]["seconds"] > 0

@@ -1,0 +1,140 @@
+"""What each engine speed-up buys: the current engine against itself with one change undone.
+
+Variants, interleaved round by round on the same inputs (in-process, threads scheduler):
+
+* ``current``: the engine as it is;
+* ``no-writeback``: without asking the kernel to start writing each block's bytes to disk as
+  soon as they are written (:mod:`streamvec.io.writeback`), so the whole output is flushed
+  by the final ``os.sync`` after the computation, as before that change;
+* ``block-accumulator``: the kernel accumulating a 16-bit output's float32 sum in a whole
+  block-sized buffer instead of one cache-sized slab (the previous kernel, reproduced here).
+
+Operations: ``diff`` (float32 task vector into Zarr, lz4), ``diff-none`` (the same without
+compression) and ``combine`` (the edited model ``base + 0.5 (ft - base)`` straight from the
+checkpoints, bf16 safetensors).
+
+    PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
+        [--variants current,no-writeback,block-accumulator] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+OPS = ("diff", "diff-none", "combine")
+VARIANTS = ("current", "no-writeback", "block-accumulator")
+
+
+def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype):
+    """The previous kernel: the float32 accumulator of a 16-bit output was block-sized."""
+    from streamvec import kernel
+
+    out_dtype = np.dtype(out_dtype)
+    acc_dtype = kernel.accumulation_dtype(out_dtype, [c for c, _ in operands])
+    if out_dtype == acc_dtype or (len(operands) == 1 and operands[0][0] == 1.0):
+        return ORIGINAL_COMBINE(operands, out_dtype)
+    rows, cols = operands[0][1].shape
+    out = np.empty((rows, cols), out_dtype)
+    acc = np.empty(rows * cols, acc_dtype)
+    slab = max(kernel.SLAB_ELEMENTS // max(cols, 1), 1) * max(cols, 1)
+    scratch = np.empty(slab, acc_dtype)
+    for s0 in range(0, rows * cols, slab):
+        s1 = min(s0 + slab, rows * cols)
+        a = acc[s0:s1]
+        for i, (c, x) in enumerate(operands):
+            x = x.reshape(-1)[s0:s1]
+            if i == 0:
+                np.multiply(x, c, out=a, dtype=acc_dtype, casting="unsafe")
+            else:
+                t = scratch[: s1 - s0]
+                np.multiply(x, c, out=t, dtype=acc_dtype, casting="unsafe")
+                np.add(a, t, out=a)
+        np.copyto(out.reshape(-1)[s0:s1], a, casting="unsafe")
+    return out
+
+
+ORIGINAL_COMBINE: Callable[..., np.ndarray]
+
+
+@contextmanager
+def variant(name: str) -> Iterator[None]:
+    from streamvec import sinks, tensor
+    from streamvec.io import zarr_store
+
+    saved = (sinks.start_writeback, zarr_store.start_writeback, tensor.combine_blocks)
+    if name == "no-writeback":
+        sinks.start_writeback = zarr_store.start_writeback = lambda *a: None
+    elif name == "block-accumulator":
+        tensor.combine_blocks = block_accumulator_combine
+    try:
+        yield
+    finally:
+        sinks.start_writeback, zarr_store.start_writeback, tensor.combine_blocks = saved
+
+
+def run_op(op: str, base: str, ft: str, out: Path) -> float:
+    import streamvec as sv
+    from streamvec.ops.task_vector import task_vector
+
+    if op == "combine":
+        b = sv.open(base)
+        report = (b + 0.5 * (sv.open(ft) - b)).save(out, progress=False)
+    else:
+        compression = "none" if op == "diff-none" else "lz4"
+        report = task_vector(base, ft).save(out, progress=False, compression=compression)
+    return report.seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ORIGINAL_COMBINE
+    from streamvec import tensor
+
+    ORIGINAL_COMBINE = tensor.combine_blocks
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base")
+    ap.add_argument("ft")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--workdir", type=Path)
+    args = ap.parse_args(argv)
+    ops = args.ops.split(",")
+    variants = args.variants.split(",")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="streamvec-ab-", dir="/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    times: dict[tuple[str, str], list[float]] = {(o, v): [] for o in ops for v in variants}
+    for r in range(args.rounds):
+        for op in ops:
+            for v in variants:
+                out = workdir / f"{op}-{v}"
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # earlier writeback is not billed to this run
+                with variant(v):
+                    seconds = run_op(op, args.base, args.ft, out)
+                times[(op, v)].append(seconds)
+                shutil.rmtree(out, ignore_errors=True)
+                load = os.getloadavg()[0]
+                print(f"round {r + 1} {op:9s} {v:18s} {seconds:6.2f} s  load {load:.1f}")
+    print(f"\n{'op':9s} {'variant':18s} {'median s':>9s} {'vs current':>11s}  all")
+    for op in ops:
+        ref = statistics.median(times[(op, variants[0])])
+        for v in variants:
+            med = statistics.median(times[(op, v)])
+            runs = " ".join(f"{t:.2f}" for t in times[(op, v)])
+            print(f"{op:9s} {v:18s} {med:9.2f} {med / ref:10.2f}x  {runs}")
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
