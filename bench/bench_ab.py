@@ -7,14 +7,17 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
   soon as they are written (:mod:`streamvec.io.writeback`), so the whole output is flushed
   by the final ``os.sync`` after the computation, as before that change;
 * ``block-accumulator``: the kernel accumulating a 16-bit output's float32 sum in a whole
-  block-sized buffer instead of one cache-sized slab (the previous kernel, reproduced here).
+  block-sized buffer instead of one cache-sized slab (the previous kernel, reproduced here);
+* ``zarr-reader``: task-vector stores read through ``zarr.open_array`` + ``__getitem__`` per
+  block instead of the synchronous chunk reader (:mod:`streamvec.io.zarr_chunks`).
 
 Operations: ``diff`` (float32 task vector into Zarr, lz4), ``diff-none`` (the same without
 compression) and ``combine`` (the edited model ``base + 0.5 (ft - base)`` straight from the
-checkpoints, bf16 safetensors).
+checkpoints, bf16 safetensors) and ``combine-store`` (the same edit with the task vector read
+from a store written by ``diff`` first).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
-        [--variants current,no-writeback,block-accumulator] [--workdir DIR]
+        [--variants current,no-writeback,block-accumulator,zarr-reader] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-OPS = ("diff", "diff-none", "combine")
-VARIANTS = ("current", "no-writeback", "block-accumulator")
+OPS = ("diff", "diff-none", "combine", "combine-store")
+VARIANTS = ("current", "no-writeback", "block-accumulator", "zarr-reader")
 
 
 def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype):
@@ -68,26 +71,40 @@ ORIGINAL_COMBINE: Callable[..., np.ndarray]
 @contextmanager
 def variant(name: str) -> Iterator[None]:
     from streamvec import sinks, tensor
-    from streamvec.io import zarr_store
+    from streamvec.io import zarr_chunks, zarr_store
 
-    saved = (sinks.start_writeback, zarr_store.start_writeback, tensor.combine_blocks)
+    saved = (
+        sinks.start_writeback,
+        zarr_store.start_writeback,
+        tensor.combine_blocks,
+        zarr_chunks.read_rows,
+    )
     if name == "no-writeback":
         sinks.start_writeback = zarr_store.start_writeback = lambda *a: None
     elif name == "block-accumulator":
         tensor.combine_blocks = block_accumulator_combine
+    elif name == "zarr-reader":
+        zarr_chunks.read_rows = lambda *a: None  # every read falls back to zarr
     try:
         yield
     finally:
-        sinks.start_writeback, zarr_store.start_writeback, tensor.combine_blocks = saved
+        (
+            sinks.start_writeback,
+            zarr_store.start_writeback,
+            tensor.combine_blocks,
+            zarr_chunks.read_rows,
+        ) = saved
 
 
-def run_op(op: str, base: str, ft: str, out: Path) -> float:
+def run_op(op: str, base: str, ft: str, out: Path, store: Path) -> float:
     import streamvec as sv
     from streamvec.ops.task_vector import task_vector
 
     if op == "combine":
         b = sv.open(base)
         report = (b + 0.5 * (sv.open(ft) - b)).save(out, progress=False)
+    elif op == "combine-store":
+        report = (sv.open(base) + 0.5 * sv.open(store)).save(out, progress=False)
     else:
         compression = "none" if op == "diff-none" else "lz4"
         report = task_vector(base, ft).save(out, progress=False, compression=compression)
@@ -112,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="streamvec-ab-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     times: dict[tuple[str, str], list[float]] = {(o, v): [] for o in ops for v in variants}
+    store = workdir / "tau.zarr"
+    if "combine-store" in ops and not store.exists():
+        from streamvec.ops.task_vector import task_vector
+
+        task_vector(args.base, args.ft).save(store, progress=False)
     for r in range(args.rounds):
         for op in ops:
             for v in variants:
@@ -119,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # earlier writeback is not billed to this run
                 with variant(v):
-                    seconds = run_op(op, args.base, args.ft, out)
+                    seconds = run_op(op, args.base, args.ft, out, store)
                 times[(op, v)].append(seconds)
                 shutil.rmtree(out, ignore_errors=True)
                 load = os.getloadavg()[0]

@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamvec.benchmark import ensure_pair, weight_files  # noqa: E402
-from streamvec.devices import check_device  # noqa: E402
+from streamvec.benchmark import ensure_pair, weight_files
+from streamvec.devices import check_device
 
 
 def combine_step(base: Path, ft: Path, out: Path, device: str) -> dict[str, Any]:

@@ -1,95 +1,281 @@
-"""``streamvec bench``: the quick benchmark runs end to end and reports sane, complete figures.
+"""``streamvec bench``: every step runs end to end and reports sane, complete figures.
 
-Never asserts on time: the machine is shared, only the presence and sign of figures are
-checked.
+Never asserts on time beyond its sign: the machine is shared, only the presence, sign and
+internal consistency of figures are checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from streamvec import bench_plots
+from streamvec import benchmark as bench
 from streamvec.benchmark import RESULT_FIELDS, add_parser, format_table, run_bench
 
 from .conftest import BF16, run_cli
 
+ENGINE_STAGES = {"read", "compute", "encode", "write", "checksum", "blocks_wall", "finish_wall"}
+
+
+def _check_record(r: dict[str, Any], mode: str, repeat: int) -> None:
+    assert set(RESULT_FIELDS) <= set(r), set(RESULT_FIELDS) - set(r)
+    assert r["mode"] == mode and r["params"] > 0
+    assert r["input_bytes"] > 0 and r["output_bytes"] > 0 and r["output_logical_bytes"] > 0
+    for key in (
+        "seconds",
+        "input_gbps",
+        "output_gbps",
+        "read_roofline_gbps",
+        "write_roofline_gbps",
+        "write_roofline_nosync_gbps",
+        "ratio_input_to_read_roofline",
+        "ratio_output_to_write_roofline",
+        "roofline_seconds",
+        "ratio_to_roofline",
+    ):
+        assert r[key] > 0, key
+    # The ratios are what the docs say they are, computed from the record's own figures.
+    roof = (
+        r["input_bytes"] / r["read_roofline_gbps"] + r["output_bytes"] / r["write_roofline_gbps"]
+    ) / 1e9
+    assert math.isclose(r["roofline_seconds"], roof, rel_tol=1e-9)
+    assert math.isclose(r["ratio_to_roofline"], r["seconds"] / r["roofline_seconds"], rel_tol=1e-9)
+    assert r["peak_anon_bytes"] > 0 and r["memory_limit_bytes"] > 0
+    assert len(r["seconds_all"]) == repeat
+    if r["step"] in bench.REPORTING:
+        assert set(r["stage_seconds"]) >= ENGINE_STAGES
+        assert all(v >= 0 for v in r["stage_seconds"].values())
+        assert 0 < r["engine_seconds"] <= r["seconds"] and r["engine_workers"] >= 1
+        if mode == "subprocess":
+            assert r["startup_seconds"] > 0
+        else:
+            assert r["startup_seconds"] is None
+    else:
+        assert r["stage_seconds"] is None and r["engine_seconds"] is None
+        assert r["startup_seconds"] is None and r["engine_workers"] is None
+
 
 def _check_results(data: dict, steps: list[str], mode: str) -> None:
-    assert set(data) >= {"machine", "settings", "results", "result_fields"}
+    assert set(data) >= {"machine", "settings", "results", "result_fields", "plots"}
     assert data["machine"]["cpus"] >= 1
-    results = data["results"]
-    assert [r["step"] for r in results] == steps
-    for r in results:
-        assert set(RESULT_FIELDS) <= set(r), set(RESULT_FIELDS) - set(r)
-        assert r["mode"] == mode
-        assert r["params"] > 0
-        assert r["input_bytes"] > 0 and r["output_bytes"] > 0 and r["output_logical_bytes"] > 0
-        for key in (
-            "seconds",
-            "input_gbps",
-            "output_gbps",
-            "read_roofline_gbps",
-            "write_roofline_gbps",
-            "write_roofline_nosync_gbps",
-            "ratio_input_to_read_roofline",
-            "ratio_output_to_write_roofline",
-        ):
-            assert r[key] > 0, key
-        assert r["peak_anon_bytes"] > 0
-        assert r["memory_limit_bytes"] > 0
-        assert len(r["seconds_all"]) == data["settings"]["repeat"]
+    assert [r["step"] for r in data["results"]] == steps
+    for r in data["results"]:
+        _check_record(r, mode, data["settings"]["repeat"])
 
 
-def test_quick_bench_cli_subprocess_steps(tmp_path: Path) -> None:
-    """The CLI entry point, steps as real subprocesses (what users run)."""
-    work = tmp_path / "work"
-    code = run_cli("bench", "--quick", "--size", "2M", "--out", tmp_path, "--workdir", work, "-q")
+def _check_plots(out: Path, names: list[str]) -> None:
+    image = pytest.importorskip("matplotlib.image")
+    assert names == ["bench-throughput.png", "bench-memory.png", "bench-time-split.png"]
+    for name in names:
+        pixels = image.imread(out / name)
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+
+
+def test_quick_bench_every_step_as_subprocesses(tmp_path: Path) -> None:
+    """The CLI entry point, every step as a real subprocess (what users run), with plots."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    code = run_cli("bench", "--quick", "--size", "2M", "--out", out, "--workdir", work, "-q")
     assert code == 0
-    data = json.loads((tmp_path / "bench.json").read_text())
-    _check_results(data, ["diff", "combine"], "subprocess")
+    data = json.loads((out / "bench.json").read_text())
+    _check_results(data, list(bench.STEPS), "subprocess")
+    assert {r["cache"] for r in data["results"]} == {"warm"}
+    assert all(r["cache_resident_fraction"] is None for r in data["results"])
+    if bench_plots.available():
+        _check_plots(out, data["plots"])
     # Without --keep the checkpoints and outputs are gone; the given workdir itself stays.
     assert work.is_dir() and not any(work.iterdir())
 
 
-def test_bench_in_process_keep_and_reuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _fadvise_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Cold runs in tests evict only their own files: never the shared machine's whole cache."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    unwritable = tmp_path / "drop_caches"
+    unwritable.mkdir()  # writing a directory fails, as /proc/sys/vm/drop_caches does unprivileged
+    monkeypatch.setattr(bench, "DROP_CACHES", unwritable)
+
+
+def test_bench_in_process_cold_keep_and_reuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from streamvec import synth
 
+    _fadvise_only(monkeypatch, tmp_path)
     work = tmp_path / "work"
-    kwargs = dict(workdir=work, steps=("diff",), memory_limit="1GB", in_process=True, quiet=True)
-    first = run_bench(["2M"], json_path=tmp_path / "a.json", keep=True, **kwargs)
-    assert (work / "base-2M").is_dir() and (work / "tau-2M.zarr").is_dir()
+    kwargs: dict[str, Any] = dict(
+        workdir=work, steps=("combine-ckpt",), memory_limit="1GB", in_process=True, quiet=True
+    )
+    first = run_bench(["2M"], json_path=tmp_path / "a.json", keep=True, plots=False, **kwargs)
+    assert (work / "base-2M").is_dir() and (work / "edited-ckpt-2M").is_dir()
+    assert not (work / "tau-2M.zarr").exists()  # nothing asked for diff's store
 
     def no_rebuild(*args: object, **kw: object) -> None:
         raise AssertionError("the pair left by --keep should have been reused")
 
     monkeypatch.setattr(synth, "build_checkpoint", no_rebuild)
-    second = run_bench(["2M"], json_path=tmp_path / "b.json", repeat=2, **kwargs)
+    second = run_bench(
+        ["2M"], json_path=tmp_path / "b.json", repeat=2, cold=True, plots=False, **kwargs
+    )
     # Without keep this time, the multi-GB files go once the size is measured.
-    assert not (work / "base-2M").exists() and not (work / "tau-2M.zarr").exists()
+    assert not (work / "base-2M").exists() and not (work / "edited-ckpt-2M").exists()
     assert first[0].input_bytes == second[0].input_bytes
     data = json.loads((tmp_path / "b.json").read_text())
-    _check_results(data, ["diff"], "in-process")
-    assert data["results"][0]["memory_limit_bytes"] == 10**9
+    _check_results(data, ["combine-ckpt"], "in-process")
+    record = data["results"][0]
+    assert record["memory_limit_bytes"] == 10**9
+    assert data["settings"]["cold_method"] == "fadvise"
+    assert record["cache"] == "cold (fadvise)", record["notes"]["cache_resident_fraction_all"]
+    assert record["cache_resident_fraction"] is None or record["cache_resident_fraction"] <= 0.05
+    # --no-plots: none written, none listed.
+    assert data["plots"] == [] and not list(tmp_path.glob("*.png"))
     table = format_table(second)
-    assert "2M" in table and "diff" in table
+    assert "2M" in table and "combine-ckpt" in table and "x roofline" in table
+    assert "cold (fadvise)" in table
+
+
+def test_cold_is_not_claimed_when_the_inputs_stay_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A drop_caches that accepts the write but drops nothing: the check must catch it.
+    fake = tmp_path / "drop_caches"
+    fake.write_text("0")
+    monkeypatch.setattr(bench, "DROP_CACHES", fake)
+    data = tmp_path / "input.bin"
+    data.write_bytes(os.urandom(1 << 20))  # just written: in the page cache
+    cache = bench.PageCache.cold()
+    assert cache.method == "drop_caches" and fake.read_text() == "1"
+    left = cache.drop([data])
+    if left is None:
+        pytest.skip("mincore is not available here: residency cannot be checked")
+    assert left > 0.5
+    assert cache.label(left).startswith("not cold (drop_caches left")
+    assert cache.label(0.0) == "cold (drop_caches)" and bench.PageCache().label(None) == "warm"
+
+
+def test_cold_without_any_method_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unwritable = tmp_path / "drop_caches"
+    unwritable.mkdir()
+    monkeypatch.setattr(bench, "DROP_CACHES", unwritable)
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
+    assert run_cli("bench", "--quick", "--cold", "--out", tmp_path, "--workdir", tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cold" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_missing_matplotlib_skips_plots_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_plots, "available", lambda: False)
+    run_bench(
+        ["2M"],
+        workdir=tmp_path / "work",
+        json_path=tmp_path / "bench.json",
+        steps=("diff",),
+        in_process=True,
+        quiet=True,
+    )
+    err = capsys.readouterr().err
+    assert "pip install 'streamvec[bench]'" in err and len(err.strip().splitlines()) == 1
+    data = json.loads((tmp_path / "bench.json").read_text())
+    _check_results(data, ["diff"], "in-process")
+    assert data["plots"] == [] and not list(tmp_path.glob("*.png"))
+
+
+def _fake_record(step: str, size: str, params: int, stages: bool) -> dict[str, Any]:
+    return {
+        "step": step,
+        "size": size,
+        "params": params,
+        "input_bytes": 4 * params,
+        "roofline_seconds": 0.5,
+        "input_gbps": 0.2,
+        "peak_anon_bytes": 200 << 20,
+        "memory_limit_bytes": 8 << 30,
+        "seconds": 5.0,
+        "engine_seconds": 4.0 if stages else None,
+        "startup_seconds": 1.0 if stages else None,
+        "engine_workers": 2 if stages else None,
+        "workers": None,
+        "cache": "warm",
+        "stage_seconds": {
+            "read": 1.0,
+            "compute": 2.0,
+            "encode": 1.0,
+            "write": 1.0,
+            "checksum": 1.0,
+            "blocks_wall": 3.5,
+            "finish_wall": 0.3,
+        }
+        if stages
+        else None,
+        "notes": {"load_average_1min_all": [1.5]},
+    }
+
+
+def test_plots_of_several_sizes_and_the_time_split(tmp_path: Path) -> None:
+    image = pytest.importorskip("matplotlib.image")
+    results = [
+        _fake_record(step, size, params, step == "diff")
+        for size, params in (("0.1B", 10**8), ("1B", 10**9))
+        for step in ("diff", "svd")
+    ]
+    data = {"machine": {"cpus": 2}, "settings": {"mode": "subprocess"}, "results": results}
+    names = bench_plots.write_plots(data, tmp_path, prefix="multi")
+    assert names == ["multi-throughput.png", "multi-memory.png", "multi-time-split.png"]
+    for name in names:
+        assert image.imread(tmp_path / name).shape[0] > 100
+    # Stages are worker-seconds: divided by 2 workers (3.0 s of 3.5 s blocks wall), plus what
+    # the blocks' wall clock saw beyond them, setup, finish and start-up: the wall time.
+    split = dict(bench_plots.time_split(results[0]))
+    assert split["compute"] == 1.0 and math.isclose(split[bench_plots.OTHER], 0.5)
+    assert math.isclose(split[bench_plots.SETUP], 4.0 - 3.5 - 0.3)
+    assert math.isclose(sum(split.values()), results[0]["seconds"])
+    assert bench_plots.time_split(results[1]) == []
+
+
+def test_steps_and_rooflines() -> None:
+    assert bench.steps_to_run(["svd"]) == ["diff", "svd"]
+    assert bench.steps_to_run(["merge", "combine-ckpt"]) == ["combine-ckpt", "merge"]
+    assert bench.parse_steps("merge,diff") == ["diff", "merge"]
+    assert bench.roofline_seconds(2 * 10**9, 10**9, 2.0, 0.5) == 3.0
+
+
+def test_docs_list_every_result_field() -> None:
+    """docs/benchmarks.md documents each field a record holds, by its JSON name."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    assert [f for f in (*RESULT_FIELDS, "notes") if f"`{f}`" not in docs] == []
+    assert all(f"`{step}`" in docs for step in bench.STEPS)
 
 
 def test_add_parser_registers_bench() -> None:
     parser = argparse.ArgumentParser(prog="streamvec")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
-    args = parser.parse_args(["bench", "--quick", "--size", "1B", "--out", "x"])
+    args = parser.parse_args(
+        ["bench", "--quick", "--size", "1B", "--out", "x", "--cold", "--no-plots"]
+    )
     assert args.quick and args.size == ["1B"] and args.out == Path("x")
+    assert args.cold and args.no_plots and args.steps == ",".join(bench.STEPS)
     assert callable(args.func)
 
 
-def test_bad_steps_are_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli("bench", "--quick", "--steps", "svd", "--out", tmp_path) == 2
-    assert "--steps" in capsys.readouterr().err
+def test_unknown_steps_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("bench", "--quick", "--steps", "diff,bogus", "--out", tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--steps" in err and "bogus" in err and len(err.splitlines()) == 1
 
 
 # -- the store write path the benchmark measures ----------------------------------------------

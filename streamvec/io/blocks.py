@@ -93,11 +93,15 @@ class ZarrReader:
     dtype: np.dtype
 
     def read(self, r0: int, r1: int) -> np.ndarray:
-        import zarr
+        from streamvec.io.zarr_chunks import read_rows
 
-        arr = zarr.open_array(self.store, path=self.array_path, mode="r")
         _, cols = matrix_shape(self.shape)
-        data = np.asarray(arr[...] if not self.shape else arr[r0:r1])
+        data = read_rows(self.store, self.array_path, r0, r1)
+        if data is None:  # not a plain chunked array: let zarr read it
+            import zarr
+
+            arr = zarr.open_array(self.store, path=self.array_path, mode="r")
+            data = np.asarray(arr[...] if not self.shape else arr[r0:r1])
         if data.dtype != self.dtype:
             data = data.view(self.dtype)  # raw bf16 bits stored as uint16
         return data.reshape(r1 - r0, cols)

@@ -1,0 +1,84 @@
+"""The synchronous chunk reader returns exactly what zarr's own ``__getitem__`` returns."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from streamvec.io.zarr_chunks import read_rows
+
+CODECS = {
+    "lz4": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
+    "zstd": [ZstdCodec(level=1)],
+    "none": None,
+}
+
+
+def make_array(root: Path, name: str, data: np.ndarray, chunk_rows: int, codec: str) -> None:
+    chunks = (chunk_rows, *data.shape[1:]) if data.ndim else ()
+    arr = zarr.create_array(
+        str(root),
+        name=name,
+        shape=data.shape,
+        chunks=chunks,
+        dtype=data.dtype,
+        compressors=CODECS[codec],
+        fill_value=0,
+        zarr_format=3,
+    )
+    arr[...] = data
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.uint16, np.int64])
+def test_rows_match_zarr_for_any_range(tmp_path: Path, codec: str, dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((37, 3, 5)) * 100).astype(dtype)
+    data[8:16] = 0  # a whole chunk of fill value: zarr does not write it
+    make_array(tmp_path, "w", data, chunk_rows=8, codec=codec)
+    assert not (tmp_path / "w" / "c" / "1" / "0" / "0").exists()  # the skipped chunk
+    want = zarr.open_array(str(tmp_path), path="w", mode="r")
+    for r0, r1 in [(0, 37), (0, 8), (8, 16), (5, 30), (32, 37), (36, 37), (3, 3)]:
+        got = read_rows(str(tmp_path), "w", r0, r1)
+        assert got is not None
+        assert got.dtype == data.dtype and got.shape == (r1 - r0, 3, 5)
+        assert np.array_equal(got, want[r0:r1]), (r0, r1)
+
+
+def test_zero_dim_and_one_dim(tmp_path: Path) -> None:
+    make_array(tmp_path, "s", np.array(2.5, np.float32), chunk_rows=1, codec="lz4")
+    make_array(tmp_path, "v", np.arange(10, dtype=np.float32), chunk_rows=4, codec="lz4")
+    assert np.array_equal(read_rows(str(tmp_path), "s", 0, 1), np.array(2.5, np.float32))
+    assert np.array_equal(read_rows(str(tmp_path), "v", 2, 9), np.arange(2, 9, dtype=np.float32))
+
+
+def test_arrays_it_does_not_know_fall_back(tmp_path: Path) -> None:
+    data = np.arange(64, dtype=np.float32).reshape(8, 8)
+    arr = zarr.create_array(str(tmp_path), name="split", shape=(8, 8), chunks=(4, 4), dtype="f4")
+    arr[...] = data
+    assert read_rows(str(tmp_path), "split", 0, 8) is None  # chunks split along columns
+    sharded = zarr.create_array(
+        str(tmp_path), name="sh", shape=(8, 8), chunks=(2, 8), shards=(4, 8), dtype="f4"
+    )
+    sharded[...] = data
+    assert read_rows(str(tmp_path), "sh", 0, 8) is None
+    assert read_rows(str(tmp_path), "missing", 0, 8) is None
+
+
+def test_rewritten_store_is_read_afresh(tmp_path: Path) -> None:
+    make_array(tmp_path, "w", np.ones((4, 2), np.float32), chunk_rows=2, codec="lz4")
+    assert read_rows(str(tmp_path), "w", 0, 4).sum() == 8
+    # Same path, new metadata (another dtype): the cached layout must not be reused.
+    import shutil
+
+    shutil.rmtree(tmp_path / "w")
+    make_array(tmp_path, "w", np.full((4, 2), 3, np.float64), chunk_rows=4, codec="none")
+    meta = tmp_path / "w" / "zarr.json"
+    os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 10**9))
+    got = read_rows(str(tmp_path), "w", 0, 4)
+    assert got.dtype == np.float64 and got.sum() == 24
