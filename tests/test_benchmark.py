@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamvec import bench_plots
 from streamvec import benchmark as bench
-from streamvec.benchmark import RESULT_FIELDS, add_parser, format_table, run_bench
+from streamvec.benchmark import RESULT_FIELDS, add_parser, format_table, plots, run_bench
+from streamvec.benchmark import cache as page_cache
 
 from .conftest import BF16, run_cli
 
@@ -88,7 +88,7 @@ def test_quick_bench_every_step_as_subprocesses(tmp_path: Path) -> None:
     _check_results(data, list(bench.STEPS), "subprocess")
     assert {r["cache"] for r in data["results"]} == {"warm"}
     assert all(r["cache_resident_fraction"] is None for r in data["results"])
-    if bench_plots.available():
+    if plots.available():
         _check_plots(out, data["plots"])
     # Without --keep the checkpoints and outputs are gone; the given workdir itself stays.
     assert work.is_dir() and not any(work.iterdir())
@@ -100,7 +100,7 @@ def _fadvise_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         pytest.skip("no posix_fadvise on this platform")
     unwritable = tmp_path / "drop_caches"
     unwritable.mkdir()  # writing a directory fails, as /proc/sys/vm/drop_caches does unprivileged
-    monkeypatch.setattr(bench, "DROP_CACHES", unwritable)
+    monkeypatch.setattr(page_cache, "DROP_CACHES", unwritable)
 
 
 def test_bench_in_process_cold_keep_and_reuse(
@@ -147,7 +147,7 @@ def test_cold_is_not_claimed_when_the_inputs_stay_cached(
     # A drop_caches that accepts the write but drops nothing: the check must catch it.
     fake = tmp_path / "drop_caches"
     fake.write_text("0")
-    monkeypatch.setattr(bench, "DROP_CACHES", fake)
+    monkeypatch.setattr(page_cache, "DROP_CACHES", fake)
     data = tmp_path / "input.bin"
     data.write_bytes(os.urandom(1 << 20))  # just written: in the page cache
     cache = bench.PageCache.cold()
@@ -165,7 +165,7 @@ def test_cold_without_any_method_is_a_usage_error(
 ) -> None:
     unwritable = tmp_path / "drop_caches"
     unwritable.mkdir()
-    monkeypatch.setattr(bench, "DROP_CACHES", unwritable)
+    monkeypatch.setattr(page_cache, "DROP_CACHES", unwritable)
     monkeypatch.delattr(os, "posix_fadvise", raising=False)
     assert run_cli("bench", "--quick", "--cold", "--out", tmp_path, "--workdir", tmp_path) == 2
     err = capsys.readouterr().err.strip()
@@ -176,7 +176,7 @@ def test_cold_without_any_method_is_a_usage_error(
 def test_missing_matplotlib_skips_plots_with_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(bench_plots, "available", lambda: False)
+    monkeypatch.setattr(plots, "available", lambda: False)
     run_bench(
         ["2M"],
         workdir=tmp_path / "work",
@@ -231,17 +231,17 @@ def test_plots_of_several_sizes_and_the_time_split(tmp_path: Path) -> None:
         for step in ("diff", "svd")
     ]
     data = {"machine": {"cpus": 2}, "settings": {"mode": "subprocess"}, "results": results}
-    names = bench_plots.write_plots(data, tmp_path, prefix="multi")
+    names = plots.write_plots(data, tmp_path, prefix="multi")
     assert names == ["multi-throughput.png", "multi-memory.png", "multi-time-split.png"]
     for name in names:
         assert image.imread(tmp_path / name).shape[0] > 100
     # Stages are worker-seconds: divided by 2 workers (3.0 s of 3.5 s blocks wall), plus what
     # the blocks' wall clock saw beyond them, setup, finish and start-up: the wall time.
-    split = dict(bench_plots.time_split(results[0]))
-    assert split["compute"] == 1.0 and math.isclose(split[bench_plots.OTHER], 0.5)
-    assert math.isclose(split[bench_plots.SETUP], 4.0 - 3.5 - 0.3)
+    split = dict(plots.time_split(results[0]))
+    assert split["compute"] == 1.0 and math.isclose(split[plots.OTHER], 0.5)
+    assert math.isclose(split[plots.SETUP], 4.0 - 3.5 - 0.3)
     assert math.isclose(sum(split.values()), results[0]["seconds"])
-    assert bench_plots.time_split(results[1]) == []
+    assert plots.time_split(results[1]) == []
 
 
 def test_steps_and_rooflines() -> None:
