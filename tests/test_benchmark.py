@@ -86,6 +86,11 @@ def test_quick_bench_every_step_as_subprocesses(tmp_path: Path) -> None:
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
     _check_results(data, list(bench.STEPS), "subprocess")
+    by_step = {r["step"]: r for r in data["results"]}
+    # Same task vector, stored without compression: same logical bytes, more on disk.
+    raw, lz4 = by_step["diff-raw"], by_step["diff"]
+    assert raw["output_logical_bytes"] == lz4["output_logical_bytes"]
+    assert raw["output_bytes"] > lz4["output_bytes"]
     assert {r["cache"] for r in data["results"]} == {"warm"}
     assert all(r["cache_resident_fraction"] is None for r in data["results"])
     if plots.available():

@@ -3,7 +3,7 @@
 The steps run as ``streamvec`` subprocesses by default (a fresh process per step, as a user
 runs it; the time includes interpreter start-up, reported apart as ``startup_seconds``) or
 in-process through the Python API. Steps run by the block engine (``diff``, ``combine``,
-``combine-ckpt``) also report their time per stage (``--report``). Peak memory is
+``combine-ckpt``, ``diff-raw``) also report their time per stage (``--report``). Peak memory is
 ``RssAnon + RssShmem + VmSwap`` of the engine process and its children, sampled every 10 ms
 (:class:`streamvec.memory.PeakSampler`): page-cache pages of the inputs are not counted,
 because the kernel can drop them.

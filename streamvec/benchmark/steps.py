@@ -11,9 +11,11 @@ from streamvec.benchmark.inputs import store_files, weight_files
 from streamvec.errors import StreamvecError
 
 # The operations measured, in the order they run; help texts say what each does.
-STEPS = ("diff", "combine", "combine-ckpt", "svd", "merge")
+STEPS = ("diff", "diff-raw", "combine", "combine-ckpt", "svd", "merge")
 STEP_HELP = {
     "diff": "task vector FT - BASE into a Zarr store (float32, lz4); reads both checkpoints",
+    "diff-raw": "the same with --compression none: twice the bytes written, no encoding (the "
+    "I/O-bound case next to diff's CPU-bound one)",
     "combine": "edited model BASE + 0.5 * tau, tau read back from diff's store (safetensors)",
     "combine-ckpt": "the same edited model straight from the checkpoints (tau computed on the "
     "fly, no store): streamvec combine --base BASE FT:0.5",
@@ -25,11 +27,12 @@ STEP_HELP = {
 # Steps that read the store diff writes: asking for one runs diff first.
 NEEDS_STORE = frozenset({"combine", "svd"})
 # Steps whose command writes the engine's RunReport (--report): time per stage, start-up.
-REPORTING = frozenset({"diff", "combine", "combine-ckpt"})
+REPORTING = frozenset({"diff", "diff-raw", "combine", "combine-ckpt"})
 SVD_RANK = 16
 TIES_DENSITY = 0.5
 OUTPUT_NAMES = {
     "diff": "tau-{}.zarr",
+    "diff-raw": "tau-raw-{}.zarr",
     "combine": "edited-{}",
     "combine-ckpt": "edited-ckpt-{}",
     "svd": "svd-{}.zarr",
@@ -81,16 +84,18 @@ class StepPlan:
     reports: bool  # the engine's RunReport (time per stage) is available
 
 
-def _plan_diff(pair: Pair, engine: Engine) -> StepPlan:
-    out = pair.tau
+def _plan_diff(name: str, pair: Pair, engine: Engine) -> StepPlan:
+    out = pair.output(name)
+    compression = "none" if name == "diff-raw" else "lz4"
 
     def here() -> Any:
         from streamvec.ops.task_vector import task_vector
 
-        return task_vector(pair.base, pair.ft).save(out, description="diff", **engine.kwargs())
+        tv = task_vector(pair.base, pair.ft)
+        return tv.save(out, description="diff", compression=compression, **engine.kwargs())
 
-    cli = ("diff", str(pair.base), str(pair.ft), "-o", str(out))
-    return StepPlan("diff", tuple(weight_files(pair.base, pair.ft)), out, cli, here, True)
+    cli = ("diff", str(pair.base), str(pair.ft), "-o", str(out), "--compression", compression)
+    return StepPlan(name, tuple(weight_files(pair.base, pair.ft)), out, cli, here, True)
 
 
 def _plan_edit(name: str, pair: Pair, engine: Engine) -> StepPlan:
@@ -157,8 +162,8 @@ def _plan_merge(pair: Pair, engine: Engine) -> StepPlan:
 
 def plan_step(name: str, pair: Pair, engine: Engine) -> StepPlan:
     """The plan of step ``name`` (store-reading steps list the store's files: plan after diff)."""
-    if name == "diff":
-        return _plan_diff(pair, engine)
+    if name in ("diff", "diff-raw"):
+        return _plan_diff(name, pair, engine)
     if name in ("combine", "combine-ckpt"):
         return _plan_edit(name, pair, engine)
     if name == "svd":
