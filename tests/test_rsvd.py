@@ -15,6 +15,7 @@ from dask.callbacks import Callback
 
 from streamvec.errors import StreamvecError
 from streamvec.linalg import SVDResult, exact_svd, randomized_svd, sketch_width
+from streamvec.linalg.rsvd import randomized_svd_in_memory
 
 M, N = 300, 200
 
@@ -307,3 +308,28 @@ def test_bad_matrices() -> None:
         exact_svd(bad, 11)
     with pytest.raises(StreamvecError, match="2-D"):
         exact_svd(np.zeros(5), 1)
+
+
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_in_memory_variant_matches_the_streamed_one(name: str) -> None:
+    """Whole-matrix products: the streamed algorithm's result to float64 rounding."""
+    a = SPECTRA[name]
+    streamed = randomized_svd(chunked(a), 20, power_iters=2, seed=3)
+    held = randomized_svd_in_memory(a, 20, power_iters=2, seed=3)
+    assert held.passes == streamed.passes == 6
+    np.testing.assert_allclose(held.S, streamed.S, rtol=1e-9)
+    # Same sign convention: the vectors agree entry by entry (float32 storage).
+    np.testing.assert_allclose(held.U, streamed.U, atol=1e-5)
+    np.testing.assert_allclose(held.Vh, streamed.Vh, atol=1e-5)
+    assert held.residual <= RESIDUAL_TOL * reference(name, 20).residual
+    assert abs(held.residual - direct_residual(a, held)) <= 1e-4
+    assert_orthonormal(held)
+    again = randomized_svd_in_memory(a, 20, power_iters=2, seed=3)
+    assert np.array_equal(again.U, held.U) and np.array_equal(again.S, held.S)
+
+
+def test_in_memory_variant_refuses_non_finite_values() -> None:
+    a = SPECTRA["geometric"].copy()
+    a[3, 4] = np.nan
+    with pytest.raises(StreamvecError, match="NaN or infinite"):
+        randomized_svd_in_memory(a, 5)

@@ -129,6 +129,7 @@ def test_svd_store_layout_and_near_optimal_residual(pair, tmp_path: Path) -> Non
         assert (u.dtype, s.dtype, vh.dtype) == (np.float32, np.float64, np.float32)
         attrs = e.attrs["svd"]
         assert attrs["method"] == "randomized" and attrs["rank"] == k and attrs["passes"] == 6
+        assert attrs["read_once"] is True  # small enough to hold: read once, passes in memory
         assert attrs["block_rows"] == min(m, 8000 // (4 * n))  # --block-size: several blocks
         a = want.reshape(m, n).astype(np.float64)
         approx = (u.astype(np.float64) * s) @ vh.astype(np.float64)
@@ -218,6 +219,7 @@ def test_matrix_larger_than_the_memory_limit_streams_randomized(tmp_path: Path) 
     e = read_svd_store(out).entries["w"]
     attrs = e.attrs["svd"]
     assert attrs["method"] == "randomized"
+    assert attrs["read_once"] is False  # streamed: the files were read on every pass
     assert 1 <= attrs["block_rows"] < m // 8  # many blocks: the matrix was never whole
     optimal = optimal_residual(delta, k)
     assert attrs["residual"] <= RESIDUAL_TOL * optimal + 1e-6

@@ -27,7 +27,13 @@ from dask.delayed import Delayed
 
 from streamvec.errors import StreamvecError
 
-__all__ = ["SVDResult", "exact_svd", "randomized_svd", "sketch_width"]
+__all__ = [
+    "SVDResult",
+    "exact_svd",
+    "randomized_svd",
+    "randomized_svd_in_memory",
+    "sketch_width",
+]
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,50 @@ def randomized_svd(
     ub, s, vh = np.linalg.svd(b, full_matrices=False)  # (l, l), (l,), (l, n)
     u = np.concatenate([q @ ub[:, :rank] for q in q_blocks], axis=0)  # (m, k)
     return _finish(u, s[:rank], vh[:rank], sq_norm, passes)
+
+
+def randomized_svd_in_memory(
+    a: np.ndarray, rank: int, *, oversample: int = 10, power_iters: int = 2, seed: int = 0
+) -> SVDResult:
+    """:func:`randomized_svd` of a matrix already in memory: whole-matrix BLAS products.
+
+    The same algorithm, test matrix and conventions as :func:`randomized_svd`, but each
+    product is one BLAS call over the whole matrix (all cores) and each QR one LAPACK call,
+    instead of a Dask pass of per-block tasks. The factors agree with the streamed ones to
+    float64 rounding (the sums are ordered differently), not bit for bit; the same input,
+    seed and machine give the same output.
+
+    Args:
+        a: (m, n) real array (upcast to float64 once).
+        rank: target rank ``k``, ``1 <= k <= min(m, n)``.
+        oversample: extra probe vectors ``p >= 0``.
+        power_iters: subspace iterations ``q >= 0``.
+        seed: seed of the Gaussian test matrix.
+
+    Returns:
+        An :class:`SVDResult`; ``passes == 2 + 2 * power_iters`` (over the matrix in memory).
+
+    Raises:
+        StreamvecError: as :func:`randomized_svd`.
+    """
+    a = np.asarray(a)
+    m, n = _check_matrix_shape(a.shape, a.dtype)
+    _check_rank(rank, m, n)
+    _check_count(oversample, "oversample")
+    _check_count(power_iters, "power_iters")
+    a64 = a.astype(np.float64, copy=False)  # (m, n)
+    sq_norm = float(np.vdot(a64, a64))
+    if not np.isfinite(sq_norm):
+        raise StreamvecError("randomized_svd: A contains NaN or infinite values")
+    width = sketch_width(rank, oversample, m, n)
+    omega = np.random.default_rng(seed).standard_normal((n, width))  # as randomized_svd
+    q, _ = np.linalg.qr(a64 @ omega)  # (m, l)
+    for _ in range(power_iters):
+        z, _ = np.linalg.qr(a64.T @ q)  # (n, l)
+        q, _ = np.linalg.qr(a64 @ z)  # (m, l)
+    ub, s, vh = np.linalg.svd(q.T @ a64, full_matrices=False)  # B = Q^T A: (l, n)
+    u = q @ ub[:, :rank]  # (m, k)
+    return _finish(u, s[:rank], vh[:rank], sq_norm, 2 + 2 * power_iters)
 
 
 def exact_svd(a: np.ndarray, rank: int) -> SVDResult:
