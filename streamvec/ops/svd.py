@@ -503,9 +503,16 @@ class Factorizer:
         return result, plan
 
     def _can_hold(self, t: LazyTensor, plan: SVDPlan) -> bool:
-        """Whether the matrix as read and in float64, next to the method's own memory, fits."""
+        """Whether the matrix as read and in float64, next to the method's own memory, fits.
+
+        Held and streamed factors differ in the last float64 bits (sums in another order), so
+        the choice must not depend on what this process happens to hold: it is made against
+        half of the limit (a function of the job's recorded parameters alone), and only falls
+        back to streaming when the process's own memory leaves less than that.
+        """
         m, n = matrix_shape(t.shape)
-        return m * n * (_read_bytes_per_element(t) + 8) + plan.randomized_bytes <= self.budget
+        need = m * n * (_read_bytes_per_element(t) + 8) + plan.randomized_bytes
+        return need <= min((self.limit - RUNTIME_OVERHEAD) // 2, self.budget)
 
     def _factor_on_device(self, t: LazyTensor, plan: SVDPlan, seed: int) -> SVDResult:
         """The same factorization on the GPU: one read of the files, passes in GPU memory."""
