@@ -18,6 +18,7 @@ import numpy as np
 
 from streamvec.errors import OutputError
 from streamvec.io import zarr_store
+from streamvec.io.output import remove_stray_temporaries
 from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
 from streamvec.io.writeback import start_writeback
 from streamvec.tensor import LazyTensor
@@ -131,6 +132,7 @@ class ZarrSink:
 
     def reopen(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
         """Continue an unfinished store: its arrays exist; writers read their metadata."""
+        remove_stray_temporaries(directory)
         self.path = directory
         self._shapes = {p.tensor.name: p.tensor.shape for p in plan}
         self._metadata = {}
@@ -183,6 +185,7 @@ class SafetensorsSink:
 
     def reopen(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
         """Continue unfinished shards: same layout, checked header by header."""
+        remove_stray_temporaries(directory)
         self.path = directory
         specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
         self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)

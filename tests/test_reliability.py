@@ -214,3 +214,32 @@ def test_inputs_are_never_modified(family, tmp_path: Path) -> None:
     assert digest_tree(tmp_path / "a.zarr") == store_before
     assert {k: digest_tree(v) for k, v in family.items()} == before
     assert {str(p): p.stat().st_mode for v in family.values() for p in v.rglob("*")} == modes
+
+
+@pytest.mark.parametrize("kind", ["diff", "combine", "svd"])
+def test_resume_removes_temporaries_of_writes_cut_short(family, tmp_path: Path, kind: str) -> None:
+    """A kill between a temporary file's creation and its rename leaves litter; resume drops it."""
+    reference = tmp_path / f"ref-{kind}"
+    assert run_cli(*command(kind, family, reference)) == 0
+    out = tmp_path / f"{kind}-out"
+    kill_after(command(kind, family, out), out, 1)
+    partial = out.parent / f".{out.name}.partial"
+    # What zarr's LocalStore, the chunk writer and the index writer leave when killed there.
+    litter = [
+        partial / "zarr.0123456789abcdef0123456789abcdef.partial",
+        partial / "some" / "c" / "0.fedcba9876543210fedcba9876543210.partial",
+        partial / ".model.safetensors.index.json.k3j2h1.tmp",
+    ]
+    for path in litter:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    keep = partial / "notes.partial.txt"  # not a temporary's name: left alone
+    keep.write_text("x")
+    proc = run_cli_subprocess(*command(kind, family, out), "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "notes.partial.txt").read_text() == "x"
+    (out / "notes.partial.txt").unlink()
+    for d in sorted((p for p in out.rglob("*") if p.is_dir()), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()  # the planted "some/c" directories, now empty
+    assert output_bytes(out) == output_bytes(reference)

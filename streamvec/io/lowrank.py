@@ -320,7 +320,10 @@ class SVDStoreWriter:
         self.path = Path(path)
         self._store = LocalStore(str(self.path))
         attrs = {**root_attrs, "format": 1, "kind": "svd"}
-        if reopen:  # continuing an interrupted job: keep what it wrote
+        if reopen:  # continuing an interrupted job: keep what it wrote, not its litter
+            from streamvec.io.output import remove_stray_temporaries
+
+            remove_stray_temporaries(self.path)
             self._root = zarr.open_group(self._store, mode="r+")
         else:
             self._root = zarr.create_group(self._store, attributes={"streamvec": attrs})

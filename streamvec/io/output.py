@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,26 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Temporary files of writes cut short: zarr's LocalStore and the chunk writer write
+# NAME.<32 hex>.partial and rename it; the safetensors index goes through .NAME.<random>.tmp.
+_STRAY = re.compile(r"(\.[0-9a-f]{32}\.partial|^\.model\.safetensors\.index\.json\..+\.tmp)$")
+
+
+def remove_stray_temporaries(directory: Path) -> int:
+    """Delete the temporary files a killed run left inside an unfinished output.
+
+    A write that is killed between creating its temporary file and renaming it leaves the
+    temporary behind; resuming rewrites the data under the real name, so the temporary is
+    only litter, but it would end up in the finished output. Returns how many were removed.
+    """
+    removed = 0
+    for path in directory.rglob("*"):
+        if _STRAY.search(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def output_error(action: str, path: Path, exc: OSError) -> OutputError:

@@ -1,0 +1,125 @@
+"""Two single-threaded micro-measurements behind docs/benchmarks.md, variants interleaved.
+
+1. The block kernel, two bf16 operands into bf16 (``0.5 a + 0.5 b``, the edited-model case),
+   on 4096 x 4096 blocks already in memory: the current kernel (a cache-sized float32
+   accumulator) against the previous one (a block-sized accumulator, reproduced in
+   ``bench_ab.block_accumulator_combine``). GB/s of input.
+2. Reading row blocks of a task-vector store (``--store``): the synchronous chunk reader
+   (``streamvec.io.zarr_chunks``) against ``zarr.open_array`` + ``__getitem__`` per block.
+   GB/s of decoded float32.
+
+    PYTHONPATH=. python bench/bench_kernel_io.py [--store TAU.zarr] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_ab
+
+from streamvec.dtypes import BFLOAT16
+from streamvec.kernel import combine_blocks
+
+
+def best_rate(fn: Callable[[], int], rounds: int) -> list[float]:
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        nbytes = fn()
+        rates.append(nbytes / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
+def kernel_variants(rounds: int) -> dict[str, list[float]]:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4096, 4096), dtype=np.float32).astype(BFLOAT16)
+    b = (a.astype(np.float32) + 0.01).astype(BFLOAT16)
+    operands = [(0.5, a), (0.5, b)]
+    bench_ab.ORIGINAL_COMBINE = combine_blocks
+    variants: dict[str, Callable[[], object]] = {
+        "slab accumulator (current)": lambda: combine_blocks(operands, BFLOAT16),
+        "block accumulator (before)": lambda: bench_ab.block_accumulator_combine(
+            operands, BFLOAT16
+        ),
+    }
+    assert np.array_equal(
+        variants["slab accumulator (current)"]().view(np.uint16),  # type: ignore[attr-defined]
+        variants["block accumulator (before)"]().view(np.uint16),  # type: ignore[attr-defined]
+    )
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):  # interleaved
+        for name, fn in variants.items():
+            rates[name] += best_rate(lambda fn=fn: (fn(), a.nbytes + b.nbytes)[1], 1)
+    return rates
+
+
+def reader_variants(store: Path, rounds: int) -> dict[str, list[float]]:
+    import zarr
+
+    from streamvec.io import zarr_chunks
+    from streamvec.io.zarr_store import read_store
+
+    info = read_store(store)
+    names = [n for n, a in info.arrays.items() if len(a.shape) == 2][:8]
+    paths = {n: info.arrays[n].array_path for n in names}
+
+    def chunk_reader() -> int:
+        total = 0
+        for name in names:
+            meta = zarr.open_array(str(store), path=paths[name], mode="r")
+            rows, step = meta.shape[0], meta.chunks[0]
+            for r0 in range(0, rows, step):
+                block = zarr_chunks.read_rows(str(store), paths[name], r0, min(rows, r0 + step))
+                assert block is not None
+                total += block.nbytes
+        return total
+
+    def zarr_getitem() -> int:
+        total = 0
+        for name in names:
+            meta = zarr.open_array(str(store), path=paths[name], mode="r")
+            rows, step = meta.shape[0], meta.chunks[0]
+            for r0 in range(0, rows, step):
+                arr = zarr.open_array(str(store), path=paths[name], mode="r")
+                total += np.asarray(arr[r0 : min(rows, r0 + step)]).nbytes
+        return total
+
+    rates: dict[str, list[float]] = {"chunk reader (current)": [], "zarr getitem (before)": []}
+    for _ in range(rounds):
+        rates["chunk reader (current)"] += best_rate(chunk_reader, 1)
+        rates["zarr getitem (before)"] += best_rate(zarr_getitem, 1)
+    return rates
+
+
+def report(title: str, rates: dict[str, list[float]]) -> None:
+    print(title)
+    ref = None
+    for name, values in rates.items():
+        med = statistics.median(values)
+        ref = ref or med
+        runs = " ".join(f"{v:.2f}" for v in values)
+        print(f"  {name:28s} median {med:5.2f} GB/s  ({med / ref:4.2f}x of the first)  {runs}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", type=Path, help="a task-vector store written by streamvec diff")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    report("kernel, 0.5 a + 0.5 b, bf16 -> bf16, 4096 x 4096:", kernel_variants(args.rounds))
+    if args.store is not None:
+        report(f"row blocks of {args.store}, one thread:", reader_variants(args.store, args.rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
