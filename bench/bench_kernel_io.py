@@ -72,31 +72,30 @@ def reader_variants(store: Path, rounds: int) -> dict[str, list[float]]:
     names = [n for n, a in info.arrays.items() if len(a.shape) == 2][:8]
     paths = {n: info.arrays[n].array_path for n in names}
 
-    def chunk_reader() -> int:
+    def read_all(read_block: Callable[[str, int, int], np.ndarray | None]) -> int:
         total = 0
         for name in names:
             meta = zarr.open_array(str(store), path=paths[name], mode="r")
             rows, step = meta.shape[0], meta.chunks[0]
             for r0 in range(0, rows, step):
-                block = zarr_chunks.read_rows(str(store), paths[name], r0, min(rows, r0 + step))
+                block = read_block(paths[name], r0, min(rows, r0 + step))
                 assert block is not None
                 total += block.nbytes
         return total
 
-    def zarr_getitem() -> int:
-        total = 0
-        for name in names:
-            meta = zarr.open_array(str(store), path=paths[name], mode="r")
-            rows, step = meta.shape[0], meta.chunks[0]
-            for r0 in range(0, rows, step):
-                arr = zarr.open_array(str(store), path=paths[name], mode="r")
-                total += np.asarray(arr[r0 : min(rows, r0 + step)]).nbytes
-        return total
+    def zarr_getitem(path: str, r0: int, r1: int) -> np.ndarray:
+        return np.asarray(zarr.open_array(str(store), path=path, mode="r")[r0:r1])
+
+    def chunk_reader() -> int:
+        return read_all(lambda path, r0, r1: zarr_chunks.read_rows(str(store), path, r0, r1))
+
+    def through_zarr() -> int:
+        return read_all(zarr_getitem)
 
     rates: dict[str, list[float]] = {"chunk reader (current)": [], "zarr getitem (before)": []}
     for _ in range(rounds):
         rates["chunk reader (current)"] += best_rate(chunk_reader, 1)
-        rates["zarr getitem (before)"] += best_rate(zarr_getitem, 1)
+        rates["zarr getitem (before)"] += best_rate(through_zarr, 1)
     return rates
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,22 +201,17 @@ def _log_y(ax: Any) -> None:
 
 def plot_throughput(results: Sequence[Mapping[str, Any]]) -> Any:
     """Engine input GB/s (solid) and the roofline-equivalent rate (dashed) per step."""
-    fig = _figure(9, 5.5)
-    ax = fig.add_subplot()
-    steps = steps_in_order(results)
-    colours = _step_colours(steps)
-    for i, step in enumerate(steps):
-        rows = series(results, step)
+    fig, ax = _size_figure()
+    for i, n, step, rows, colour in _per_step(results):
         x = [r["params"] for r in rows]
         engine = [r["input_gbps"] for r in rows]
         roof = [roofline_gbps(r) for r in rows]
-        colour = colours[step]
-        _plot_dodged(fig, ax, i, len(steps), x, engine, "o-", color=colour, label=f"{step}: engine")
+        _plot_dodged(fig, ax, i, n, x, engine, "o-", color=colour, label=f"{step}: engine")
         _plot_dodged(
             fig,
             ax,
             i,
-            len(steps),
+            n,
             x,
             roof,
             "s--",
@@ -224,29 +219,51 @@ def plot_throughput(results: Sequence[Mapping[str, Any]]) -> Any:
             mfc="none",
             label=f"{step}: plain I/O of the same bytes",
         )
+    _finish_size_plot(
+        ax,
+        results,
+        "input throughput (GB/s of input read, log scale)",
+        "Input throughput against model size\n"
+        "solid: the step; dashed: plain sequential read of its inputs + write of its output",
+    )
+    return fig
+
+
+def _size_figure() -> tuple[Any, Any]:
+    """A figure with one axes for a plot against model size."""
+    fig = _figure(9, 5.5)
+    return fig, fig.add_subplot()
+
+
+def _per_step(
+    results: Sequence[Mapping[str, Any]],
+) -> Iterator[tuple[int, int, str, list[Mapping[str, Any]], str]]:
+    """(index, step count, step, its records by size, its colour) for each step in order."""
+    steps = steps_in_order(results)
+    colours = _step_colours(steps)
+    for i, step in enumerate(steps):
+        yield i, len(steps), step, series(results, step), colours[step]
+
+
+def _finish_size_plot(
+    ax: Any, results: Sequence[Mapping[str, Any]], ylabel: str, title: str
+) -> None:
+    """Size axis, log y, labels, grid and legend of a plot against model size."""
     _size_axis(ax, results)
     _log_y(ax)
-    ax.set_ylabel("input throughput (GB/s of input read, log scale)")
-    ax.set_title(
-        "Input throughput against model size\n"
-        "solid: the step; dashed: plain sequential read of its inputs + write of its output"
-    )
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return fig
 
 
 def plot_memory(results: Sequence[Mapping[str, Any]]) -> Any:
     """Peak anonymous memory per step against model size, with the memory limit."""
-    fig = _figure(9, 5.5)
-    ax = fig.add_subplot()
-    steps = steps_in_order(results)
-    colours = _step_colours(steps)
-    for i, step in enumerate(steps):
-        rows = series(results, step)
+    fig, ax = _size_figure()
+    for i, n, step, rows, colour in _per_step(results):
         x = [r["params"] for r in rows]
         peak = [r["peak_anon_bytes"] / 2**20 for r in rows]
-        _plot_dodged(fig, ax, i, len(steps), x, peak, "o-", color=colours[step], label=step)
+        _plot_dodged(fig, ax, i, n, x, peak, "o-", color=colour, label=step)
     for limit in sorted({r["memory_limit_bytes"] for r in results}):
         ax.axhline(limit / 2**20, color="#c44e52", ls="--", lw=1.2)
         ax.annotate(
@@ -257,15 +274,13 @@ def plot_memory(results: Sequence[Mapping[str, Any]]) -> Any:
             fontsize=8,
             color="#c44e52",
         )
-    _size_axis(ax, results)
-    _log_y(ax)
-    ax.set_ylabel("peak anonymous memory (MiB, log scale)\nRssAnon + RssShmem + VmSwap")
-    ax.set_title(
+    _finish_size_plot(
+        ax,
+        results,
+        "peak anonymous memory (MiB, log scale)\nRssAnon + RssShmem + VmSwap",
         "Peak anonymous memory against model size\n"
-        "(page cache of the memory-mapped inputs not counted: the kernel can drop it)"
+        "(page cache of the memory-mapped inputs not counted: the kernel can drop it)",
     )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
