@@ -1,9 +1,9 @@
 """Truncated SVD of one streamed matrix on a GPU (``--device cuda``).
 
-The CPU path (:mod:`streamvec.linalg.rsvd`) keeps only row blocks in memory and re-reads the
-matrix on every pass. A GPU has room for any single weight matrix of today's models (the
-largest, an embedding of 128k x 8k, is 8.4 GB in float64), so here the matrix is read
-*once*, block by block, straight into device memory, and every pass runs there:
+On the CPU (:mod:`streamvec.linalg.rsvd`) a matrix is held in memory when it fits the budget
+and streamed pass by pass otherwise. A GPU has room for any single weight matrix of today's
+models (the largest, an embedding of 128k x 8k, is 8.4 GB in float64), so here the matrix is
+always read *once*, block by block, straight into device memory, and every pass runs there:
 
 * blocks are read by a small pool of threads (``workers``, at most that many in flight)
   while the previous ones are sent to the GPU and combined there (the same arithmetic and
