@@ -333,3 +333,19 @@ def test_in_memory_variant_refuses_non_finite_values() -> None:
     a[3, 4] = np.nan
     with pytest.raises(StreamvecError, match="NaN or infinite"):
         randomized_svd_in_memory(a, 5)
+
+
+def test_sum_of_squares_does_not_depend_on_blas_threads() -> None:
+    """Norms (and so residual attrs) must be the same bits in every process."""
+    import math
+
+    from streamvec.linalg.blas import limit_blas_threads
+    from streamvec.linalg.rsvd import sum_of_squares
+
+    a = np.random.default_rng(0).standard_normal((1500, 2001))
+    with limit_blas_threads(1):
+        one = sum_of_squares(a)
+    with limit_blas_threads(2):
+        two = sum_of_squares(a)
+    assert one == two
+    assert one == pytest.approx(math.fsum((a * a).ravel()), rel=1e-13)

@@ -200,7 +200,7 @@ def randomized_svd_in_memory(
     _check_count(oversample, "oversample")
     _check_count(power_iters, "power_iters")
     a64 = a.astype(np.float64, copy=False)  # (m, n)
-    sq_norm = float(np.vdot(a64, a64))
+    sq_norm = sum_of_squares(a64)
     if not np.isfinite(sq_norm):
         raise StreamvecError("randomized_svd: A contains NaN or infinite values")
     width = sketch_width(rank, oversample, m, n)
@@ -238,10 +238,26 @@ def exact_svd(a: np.ndarray, rank: int) -> SVDResult:
     if not np.isfinite(a64).all():
         raise StreamvecError("exact_svd: a contains NaN or infinite values")
     u, s, vh = np.linalg.svd(a64, full_matrices=False)  # (m, r), (r,), (r, n)
-    return _finish(u[:, :rank], s[:rank], vh[:rank], float(np.vdot(a64, a64)), 1)
+    return _finish(u[:, :rank], s[:rank], vh[:rank], sum_of_squares(a64), 1)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def sum_of_squares(a: np.ndarray, chunk_elements: int = 1 << 20) -> float:
+    """``||a||_F^2`` in float64, the same bits whatever BLAS threading is in effect.
+
+    ``np.vdot`` of a large array is a threaded BLAS ``ddot`` whose partial sums depend on
+    the thread count, so the reported norm and residual changed between a process with
+    BLAS limited to one thread and one without. numpy's own (pairwise) sums over fixed row
+    chunks, added in order, do not.
+    """
+    flat = np.asarray(a, dtype=np.float64).reshape(-1)
+    total = 0.0
+    for start in range(0, flat.size, chunk_elements):
+        part = flat[start : start + chunk_elements]
+        total += float(np.sum(part * part))
+    return total
 
 
 def _check_matrix_shape(shape: tuple[int, ...], dtype: Any) -> tuple[int, int]:
@@ -301,7 +317,7 @@ def _t_times(block: Any, q_i: np.ndarray) -> np.ndarray:
 
 def _project(block: Any, q_i: np.ndarray) -> tuple[np.ndarray, float]:
     a_i = _as_f64(block)  # (m_i, n)
-    return q_i.T @ a_i, float(np.vdot(a_i, a_i))  # (l, n), ||A_i||_F^2
+    return q_i.T @ a_i, sum_of_squares(a_i)  # (l, n), ||A_i||_F^2
 
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.output import OutputDir
 from streamvec.io.st_writer import TensorSpec, encode_header
+from streamvec.linalg.rsvd import sum_of_squares
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -158,7 +159,7 @@ def _frob_norm(t: LazyTensor) -> float:
     total = 0.0
     for r0, r1 in row_ranges(rows, rows_per_block(t.shape)):
         block = t.read_rows(r0, r1).astype(np.float64)
-        total += float(np.vdot(block, block))
+        total += sum_of_squares(block)
     return float(np.sqrt(total))
 
 
