@@ -62,8 +62,8 @@ class TorchKernel:
         self, operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype
     ) -> np.ndarray:
         out_dtype = np.dtype(out_dtype)
-        if not operands or out_dtype not in _TORCH_DTYPES:
-            return combine_blocks(operands, out_dtype)  # non-float pass-through: a copy
+        if not operands or out_dtype not in _TORCH_DTYPES or _is_copy(operands, out_dtype):
+            return combine_blocks(operands, out_dtype)  # a plain copy: nothing to compute
         shape = operands[0][1].shape
         with self.stream():
             result = self.on_device(operands, out_dtype)
@@ -77,7 +77,7 @@ class TorchKernel:
         """The rounded result rows as a tensor on the device (call inside :meth:`stream`)."""
         coefs = [float(c) for c, _ in operands]
         out_dtype = np.dtype(out_dtype)
-        if len(operands) == 1 and coefs[0] == 1.0 and operands[0][1].dtype == out_dtype:
+        if _is_copy(operands, out_dtype):
             return self._to_device(0, operands[0][1]).clone()  # nothing to compute
         acc_dtype = torch_dtype(accumulation_dtype(out_dtype, coefs))
         acc: torch.Tensor | None = None
@@ -118,11 +118,16 @@ class TorchKernel:
         while len(buffers) <= index:
             buffers.append(torch.empty(0, dtype=torch.uint8))
         if buffers[index].numel() < nbytes:
-            # Grown to the largest block seen; a device-side copy of a CPU tensor would alias
-            # it, so on the CPU every operand has its own buffer too.
+            # One buffer per operand, grown to the largest block seen. On the CPU backend
+            # ``.to(device)`` returns the buffer itself, so operands must not share one.
             pin = self.device.type == "cuda"
             buffers[index] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         return buffers[index]
+
+
+def _is_copy(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype) -> bool:
+    """One operand, weight 1, already of the output dtype: the result is a copy of it."""
+    return len(operands) == 1 and float(operands[0][0]) == 1.0 and operands[0][1].dtype == out_dtype
 
 
 def _as_torch(a: np.ndarray) -> torch.Tensor:
