@@ -9,7 +9,12 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
 * ``block-accumulator``: the kernel accumulating a 16-bit output's float32 sum in a whole
   block-sized buffer instead of one cache-sized slab (the previous kernel, reproduced here);
 * ``zarr-reader``: task-vector stores read through ``zarr.open_array`` + ``__getitem__`` per
-  block instead of the synchronous chunk reader (:mod:`streamvec.io.zarr_chunks`).
+  block instead of the synchronous chunk reader (:mod:`streamvec.io.zarr_chunks`);
+* ``no-prefetch``: without each block task asking the kernel to read the next planned block
+  ahead (``SafetensorsReader.prefetch``); matters from a cold cache (``--cold``).
+
+``--cold`` evicts the inputs from the page cache before every run (``streamvec bench``'s
+method: drop_caches where permitted, else fadvise).
 
 Operations: ``diff`` (float32 task vector into Zarr, lz4), ``diff-none`` (the same without
 compression) and ``combine`` (the edited model ``base + 0.5 (ft - base)`` straight from the
@@ -17,7 +22,8 @@ checkpoints, bf16 safetensors) and ``combine-store`` (the same edit with the tas
 from a store written by ``diff`` first).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
-        [--variants current,no-writeback,block-accumulator,zarr-reader] [--workdir DIR]
+        [--variants current,no-writeback,block-accumulator,zarr-reader,no-prefetch] [--cold]
+        [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 OPS = ("diff", "diff-none", "combine", "combine-store")
-VARIANTS = ("current", "no-writeback", "block-accumulator", "zarr-reader")
+VARIANTS = ("current", "no-writeback", "block-accumulator", "zarr-reader", "no-prefetch")
 
 
 def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype):
@@ -70,7 +76,7 @@ ORIGINAL_COMBINE: Callable[..., np.ndarray]
 
 @contextmanager
 def variant(name: str) -> Iterator[None]:
-    from streamvec import sinks, tensor
+    from streamvec import engine, sinks, tensor
     from streamvec.io import zarr_chunks, zarr_store
 
     saved = (
@@ -78,6 +84,7 @@ def variant(name: str) -> Iterator[None]:
         zarr_store.start_writeback,
         tensor.combine_blocks,
         zarr_chunks.read_rows,
+        engine._prefetch,
     )
     if name == "no-writeback":
         sinks.start_writeback = zarr_store.start_writeback = lambda *a: None
@@ -85,6 +92,8 @@ def variant(name: str) -> Iterator[None]:
         tensor.combine_blocks = block_accumulator_combine
     elif name == "zarr-reader":
         zarr_chunks.read_rows = lambda *a: None  # every read falls back to zarr
+    elif name == "no-prefetch":
+        engine._prefetch = lambda following: None
     try:
         yield
     finally:
@@ -93,6 +102,7 @@ def variant(name: str) -> Iterator[None]:
             zarr_store.start_writeback,
             tensor.combine_blocks,
             zarr_chunks.read_rows,
+            engine._prefetch,
         ) = saved
 
 
@@ -123,7 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--cold", action="store_true", help="evict the inputs before every run")
     args = ap.parse_args(argv)
+    cache = None
+    if args.cold:
+        from streamvec.benchmark.cache import PageCache
+        from streamvec.benchmark.inputs import weight_files
+
+        cache = PageCache.cold()
+        inputs = weight_files(Path(args.base), Path(args.ft))
     ops = args.ops.split(",")
     variants = args.variants.split(",")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="streamvec-ab-", dir="/tmp"))
@@ -140,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = workdir / f"{op}-{v}"
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # earlier writeback is not billed to this run
+                if cache is not None:
+                    cache.drop(inputs)
                 with variant(v):
                     seconds = run_op(op, args.base, args.ft, out, store)
                 times[(op, v)].append(seconds)

@@ -155,11 +155,29 @@ class BlockResult:
     seconds: tuple[float, ...] = ()
 
 
+def _prefetch(following: tuple[LazyTensor, int, int] | None) -> None:
+    """Start reading the block planned after this one (see ``SafetensorsReader.prefetch``)."""
+    if following is None:
+        return
+    t, r0, r1 = following
+    for _, reader in t.terms:
+        prefetch = getattr(reader, "prefetch", None)
+        if prefetch is not None:
+            prefetch(r0, r1)
+
+
 def _block_task(
-    t: LazyTensor, r0: int, r1: int, writer: BlockWriter, check_finite: bool, device: str = CPU
+    t: LazyTensor,
+    r0: int,
+    r1: int,
+    writer: BlockWriter,
+    check_finite: bool,
+    device: str = CPU,
+    following: tuple[LazyTensor, int, int] | None = None,
 ) -> BlockResult:
     clock = time.perf_counter
     started = clock()
+    _prefetch(following)
     operands = t.read_operands(r0, r1)
     read = clock()
     block = t.evaluate(operands, r0, r1, block_kernel(device))
@@ -512,17 +530,23 @@ def _run_blocks(
     """One task per block not already done; each finished block is logged for resume."""
     graph: dict[Any, Any] = {}
     sizes: dict[Any, int] = {}
+    blocks: list[tuple[LazyTensor, int, int, BlockWriter]] = []
     for p in plan:
         t = p.tensor
         writer = sink.writer(t.name)
-        rows, cols = matrix_shape(t.shape)
-        in_row_bytes = sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
-        for r0, r1 in row_ranges(rows, p.block_rows):
-            if (t.name, r0) in done:
-                continue
-            key = ("streamvec-block", t.name, r0)
-            graph[key] = (_block_task, t, r0, r1, writer, check_finite, device)
-            sizes[key] = (r1 - r0) * in_row_bytes
+        blocks += [
+            (t, r0, r1, writer)
+            for r0, r1 in row_ranges(matrix_shape(t.shape)[0], p.block_rows)
+            if (t.name, r0) not in done
+        ]
+    for i, (t, r0, r1, writer) in enumerate(blocks):
+        # Each task starts the read of the block planned after it: workers take blocks in
+        # about this order, so from a cold cache the disk works ahead of the computation.
+        following = blocks[i + 1][:3] if i + 1 < len(blocks) else None
+        key = ("streamvec-block", t.name, r0)
+        graph[key] = (_block_task, t, r0, r1, writer, check_finite, device, following)
+        cols = matrix_shape(t.shape)[1]
+        sizes[key] = (r1 - r0) * sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
 
     def finished(key: Any, result: BlockResult) -> None:
         log.record(result.name, result.r0, result.digest)

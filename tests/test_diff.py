@@ -270,3 +270,37 @@ def test_diff_does_not_import_torch(pair_factory, tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_each_block_starts_reading_the_next_one(
+    pair_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read-ahead: every block task asks for the block planned after it (cold-cache speed)."""
+    from streamvec import engine
+    from streamvec.io.blocks import SafetensorsReader
+
+    base, ft, _, _ = pair_factory(BF16)
+    asked: list[tuple[str, int, int]] = []
+    real = engine._prefetch
+
+    def recording(following):  # type: ignore[no-untyped-def]
+        if following is not None:
+            asked.append((following[0].name, following[1], following[2]))
+        real(following)  # and really advise the kernel: must not fail
+
+    monkeypatch.setattr(engine, "_prefetch", recording)
+    tv = sv.open(ft) - sv.open(base)
+    report = tv.save(tmp_path / "t.zarr", scheduler="sync", block_size="4kB", progress=False)
+    blocks = set()
+    for name, c in report.checksums.items():
+        rows = c["shape"][0] if c["shape"] else 1
+        step = c["checksum_block_rows"]
+        blocks |= {(name, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)}
+    assert len(blocks) > report.tensors  # several blocks per tensor: the case that matters
+    # Every block but the one planned first was asked for, exactly once, by its predecessor.
+    assert len(asked) == len(set(asked)) == len(blocks) - 1
+    assert set(asked) <= blocks
+    reader = next(r for _, r in tv["model.embed.weight"].terms)
+    assert isinstance(reader, SafetensorsReader)
+    reader.prefetch(0, 10)  # advice for real rows
+    reader.prefetch(5, 5)  # an empty range is nothing

@@ -9,6 +9,7 @@ of one element, a 1-d tensor is ``n`` rows of one element), and is read in row r
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,6 +60,28 @@ class SafetensorsReader:
         view = np.memmap(self.path, dtype=self.dtype, mode="r", offset=start, shape=(count,))
         populate(view)
         return view.reshape(r1 - r0, cols)
+
+    def prefetch(self, r0: int, r1: int) -> None:
+        """Ask the kernel to start reading rows ``[r0, r1)`` into the page cache, and return.
+
+        The engine calls it for the block after the one a worker starts, so that from a cold
+        cache the disk reads ahead while blocks are computed. Advice only: errors are ignored.
+        """
+        _, cols = matrix_shape(self.shape)
+        row_bytes = cols * self.dtype.itemsize
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None or r1 <= r0:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            advise(fd, self.offset + r0 * row_bytes, (r1 - r0) * row_bytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 # madvise(MADV_POPULATE_READ), Linux 5.14+; Python's mmap module does not name it.
