@@ -33,7 +33,7 @@ import os
 import shutil
 import statistics
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,12 +45,12 @@ VARIANTS = ("current", "no-writeback", "block-accumulator", "zarr-reader", "no-p
 
 def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype):
     """The previous kernel: the float32 accumulator of a 16-bit output was block-sized."""
-    from streamvec import kernel
+    from streamvec import kernel  # the module's own combine_blocks: variant() patches tensor's
 
     out_dtype = np.dtype(out_dtype)
     acc_dtype = kernel.accumulation_dtype(out_dtype, [c for c, _ in operands])
     if out_dtype == acc_dtype or (len(operands) == 1 and operands[0][0] == 1.0):
-        return ORIGINAL_COMBINE(operands, out_dtype)
+        return kernel.combine_blocks(operands, out_dtype)
     rows, cols = operands[0][1].shape
     out = np.empty((rows, cols), out_dtype)
     acc = np.empty(rows * cols, acc_dtype)
@@ -69,9 +69,6 @@ def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_
                 np.add(a, t, out=a)
         np.copyto(out.reshape(-1)[s0:s1], a, casting="unsafe")
     return out
-
-
-ORIGINAL_COMBINE: Callable[..., np.ndarray]
 
 
 @contextmanager
@@ -122,10 +119,6 @@ def run_op(op: str, base: str, ft: str, out: Path, store: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global ORIGINAL_COMBINE
-    from streamvec import tensor
-
-    ORIGINAL_COMBINE = tensor.combine_blocks
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base")
     ap.add_argument("ft")

@@ -44,7 +44,6 @@ def kernel_variants(rounds: int) -> dict[str, list[float]]:
     a = rng.standard_normal((4096, 4096), dtype=np.float32).astype(BFLOAT16)
     b = (a.astype(np.float32) + 0.01).astype(BFLOAT16)
     operands = [(0.5, a), (0.5, b)]
-    bench_ab.ORIGINAL_COMBINE = combine_blocks
     variants: dict[str, Callable[[], object]] = {
         "slab accumulator (current)": lambda: combine_blocks(operands, BFLOAT16),
         "block accumulator (before)": lambda: bench_ab.block_accumulator_combine(

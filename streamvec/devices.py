@@ -8,10 +8,13 @@ instead of a failure deep inside a worker.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamvec.errors import StreamvecError
 from streamvec.kernel import Kernel
+
+if TYPE_CHECKING:
+    from streamvec.torch_kernel import TorchKernel
 
 CPU = "cpu"
 # The GPU code path run by torch on the CPU: slower than ``cpu``; it lets the GPU path be
@@ -21,7 +24,7 @@ _CUDA = re.compile(r"^cuda(:\d+)?$")
 
 # One kernel per device and process: its staging buffers and streams are reused by every
 # block a worker runs there.
-_KERNELS: dict[str, Kernel] = {}
+_KERNELS: dict[str, TorchKernel] = {}
 
 
 def check_device(device: str | None) -> str:
@@ -56,19 +59,18 @@ def check_device(device: str | None) -> str:
 
 def block_kernel(device: str) -> Kernel | None:
     """The kernel for weighted sums on ``device``; None means numpy on the CPU."""
-    if device == CPU:
-        return None
+    return None if device == CPU else torch_kernel(device)
+
+
+def torch_kernel(device: str) -> TorchKernel:
+    """This process's torch kernel for a (non-``cpu``) device, made on first use."""
     kernel = _KERNELS.get(device)
     if kernel is None:
         from streamvec.torch_kernel import TorchKernel
 
-        kernel = _KERNELS[device] = TorchKernel(torch_device_name(device))
+        # torch-cpu is torch's own "cpu" device.
+        kernel = _KERNELS[device] = TorchKernel("cpu" if device == TORCH_CPU else device)
     return kernel
-
-
-def torch_device_name(device: str) -> str:
-    """The torch name of a streamvec device (``torch-cpu`` is torch's ``cpu``)."""
-    return "cpu" if device == TORCH_CPU else device
 
 
 def _import_torch(name: str) -> Any:

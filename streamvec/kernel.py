@@ -17,8 +17,6 @@ from typing import Protocol
 
 import numpy as np
 
-from streamvec.io.blocks import BlockReader
-
 SLAB_ELEMENTS = 1 << 17  # 512 KiB of float32: fits L2 with room for the operands
 
 
@@ -73,33 +71,13 @@ def apply_op(
     return np.asarray(result).astype(out_dtype)
 
 
-def combine_block(
-    terms: Sequence[tuple[float, BlockReader]],
-    r0: int,
-    r1: int,
-    out_dtype: np.dtype,
-) -> np.ndarray:
-    """Evaluate rows ``[r0, r1)`` of ``sum(c * x for c, x in terms)``.
-
-    Args:
-        terms: (coefficient, reader) pairs; every reader has the same (rows, cols) geometry.
-        r0: first row.
-        r1: one past the last row.
-        out_dtype: dtype of the result; integer/bool outputs require a single term of
-            weight 1 and the same dtype (a pass-through copy).
-
-    Returns:
-        A ``(r1 - r0, cols)`` array of ``out_dtype``.
-    """
-    return combine_blocks([(c, reader.read(r0, r1)) for c, reader in terms], out_dtype)
-
-
 def combine_blocks(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype) -> np.ndarray:
     """``sum(c * x for c, x in operands)`` over row blocks already read, rounded once.
 
     Args:
         operands: (coefficient, rows) pairs of one geometry ``(rows, cols)``.
-        out_dtype: dtype of the result (see :func:`combine_block`).
+        out_dtype: dtype of the result; integer/bool outputs require a single operand of
+            weight 1 and the same dtype (a pass-through copy).
 
     Returns:
         A ``(rows, cols)`` array of ``out_dtype``.
@@ -109,7 +87,7 @@ def combine_blocks(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.d
     if len(blocks) == 1 and blocks[0][0] == 1.0 and blocks[0][1].dtype == out_dtype:
         return np.array(blocks[0][1])  # pass-through: a plain copy, bit for bit
     if not blocks:
-        raise ValueError("combine_block needs at least one term")
+        raise ValueError("combine_blocks needs at least one operand")
     rows, cols = blocks[0][1].shape
     acc_dtype = accumulation_dtype(out_dtype, [c for c, _ in blocks])
     out = np.empty((rows, cols), out_dtype)

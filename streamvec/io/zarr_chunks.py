@@ -4,10 +4,12 @@ The mirror of the engine's chunk writer (:class:`streamvec.io.zarr_store.ZarrBlo
 each chunk a block needs is read as a file and decoded with the array's own zarr codec
 objects (``_decode_sync``), so the values are exactly what ``zarr.Array.__getitem__``
 returns. ``zarr.open_array`` plus ``__getitem__`` per block re-parsed the metadata and sent
-every chunk through zarr's event loop; decoding here measured 1.6x faster single-threaded
-(blosc lz4 + bit-shuffle float32 chunks of a 1B task vector: 0.95 against 0.61 GB/s of
-decoded bytes). Arrays this does not know to be plain (sharding, array-to-array codecs,
-chunks split along other axes) return None, and the caller goes through zarr.
+every chunk through zarr's single event-loop thread: single-threaded this reader is only a
+little faster (0.54 against 0.48 GB/s of decoded float32, ``bench/bench_kernel_io.py``), but
+with two engine workers ``combine`` from a 1B store took 5.60 s instead of 7.55 s
+(``bench/bench_ab.py``, docs/benchmarks.md). Arrays this does not know to be plain
+(sharding, array-to-array codecs, chunks split along other axes) return None, and the caller
+goes through zarr.
 """
 
 from __future__ import annotations
@@ -61,13 +63,13 @@ def _layout(meta_file: str, mtime_ns: int, size: int) -> tuple[Any, tuple[Any, .
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
-    from streamvec.io.zarr_store import _sync_codecs
+    from streamvec.io.zarr_store import sync_codecs
 
     raw = json.loads(Path(meta_file).read_bytes())
     if raw.get("node_type") != "array":
         return None
     meta = ArrayV3Metadata.from_dict(raw)
-    codecs = _sync_codecs(meta)
+    codecs = sync_codecs(meta)
     if codecs is None or not all(callable(getattr(c, "_decode_sync", None)) for c in codecs):
         return None
     if tuple(meta.chunks[1:]) != tuple(meta.shape[1:]):

@@ -183,7 +183,7 @@ def _write_file(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _sync_codecs(meta: ArrayV3Metadata) -> tuple[Any, ...] | None:
+def sync_codecs(meta: ArrayV3Metadata) -> tuple[Any, ...] | None:
     """The array's codecs when every one can encode synchronously, else None.
 
     The fast path runs zarr's own codec objects (``_encode_sync``, the functions zarr's async
@@ -212,7 +212,7 @@ def encode_chunk(meta: ArrayV3Metadata, chunk: np.ndarray, write_empty_chunks: b
     from zarr.core.array_spec import ArrayConfig
     from zarr.core.buffer import default_buffer_prototype
 
-    codecs = _sync_codecs(meta)
+    codecs = sync_codecs(meta)
     if codecs is None:
         raise ValueError("codecs without a synchronous encoder")
     if not write_empty_chunks:
@@ -276,7 +276,7 @@ class ZarrBlockWriter:
             coords = self._chunk_of(meta, r0, data.shape[0]) if data.size else None
         else:
             data = data.reshape(())
-        if coords is None or _sync_codecs(meta) is None:
+        if coords is None or sync_codecs(meta) is None:
             self._write_with_zarr(r0, data)
             return 0.0  # encoded inside zarr: counted as writing
         chunk_shape = tuple(meta.chunks)

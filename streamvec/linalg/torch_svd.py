@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamvec.devices import torch_kernel
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.linalg.rsvd import SVDResult, _finish, sketch_width
@@ -72,7 +73,7 @@ def factor_on_device(
         seed: seed of the Gaussian test matrix (numpy's, as on the CPU).
         block_rows: rows per block read from the inputs.
         workers: blocks read at once.
-        device: a torch device, ``cuda`` or ``cuda:N`` (``cpu`` runs the same code in torch).
+        device: ``cuda``, ``cuda:N`` or ``torch-cpu`` (the same code on torch's CPU backend).
 
     Returns:
         An :class:`~streamvec.linalg.rsvd.SVDResult`; ``passes`` is 1 (one read of the files).
@@ -82,9 +83,10 @@ def factor_on_device(
     """
     m, n = matrix_shape(t.shape)
     width = sketch_width(rank, oversample, m, n)
-    dev = torch.device(device)
+    kernel = torch_kernel(device)  # the engine's, with its staging buffers and streams
+    dev = kernel.device
     _check_device_memory(t, m, n, width, method, dev)
-    a = _load(t, m, n, block_rows, workers, dev)  # (m, n) float64 on the device
+    a = _load(t, m, n, block_rows, workers, kernel)  # (m, n) float64 on the device
     sq_norm = float(torch.sum(a * a))
     if not np.isfinite(sq_norm):
         raise StreamvecError(f"tensor {t.name!r}: NaN or infinite values; cannot factor it")
@@ -112,10 +114,11 @@ def _randomized(
 
 
 def _load(
-    t: LazyTensor, m: int, n: int, block_rows: int, workers: int, dev: torch.device
+    t: LazyTensor, m: int, n: int, block_rows: int, workers: int, kernel: TorchKernel
 ) -> torch.Tensor:
-    """The whole matrix in float64 on ``dev``: read by a thread pool, combined on the device."""
-    kernel = TorchKernel(str(dev))
+    """The whole matrix in float64 on the kernel's device: read by a thread pool, combined
+    on the device."""
+    dev = kernel.device
     a = torch.empty((m, n), dtype=torch.float64, device=dev)
     pending: deque[tuple[int, int, Future[Any]]] = deque()
     ranges = iter(row_ranges(m, block_rows))

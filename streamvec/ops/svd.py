@@ -35,7 +35,7 @@ import numpy as np
 
 from streamvec import __version__
 from streamvec.algebra import Combination, Model
-from streamvec.devices import CPU, check_device, torch_device_name
+from streamvec.devices import CPU, check_device
 from streamvec.dtypes import dtype_name, is_float
 from streamvec.engine import RUNTIME_OVERHEAD  # the engine's headroom, so budgets agree
 from streamvec.errors import StreamvecError
@@ -533,7 +533,7 @@ class Factorizer:
             seed=seed,
             block_rows=block_rows,
             workers=self.workers,
-            device=torch_device_name(self.device),
+            device=self.device,
         )
 
     def blas_limit(self) -> AbstractContextManager[Any]:
