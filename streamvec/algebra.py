@@ -55,6 +55,7 @@ class Source:
         is_point: True for a checkpoint (a model), False for a task-vector store.
         tensors: name -> tensor, in file order.
         info: provenance details (kind, fingerprint) recorded in outputs.
+        sparse: a tensor it lacks is zero (a LoRA adapter touches a few tensors), not missing.
     """
 
     label: str
@@ -63,6 +64,7 @@ class Source:
     tensors: Mapping[str, SourceTensor] = field(compare=False, hash=False, repr=False)
     info: Mapping[str, Any] = field(compare=False, hash=False, repr=False, default_factory=dict)
     extra_files: tuple[str, ...] = field(compare=False, hash=False, repr=False, default=())
+    sparse: bool = field(compare=False, hash=False, repr=False, default=False)
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,10 @@ def _resolve(comb: Combination) -> Resolved:
             # Task vectors carry no int/bool buffers: those pass through from the base, and
             # only other checkpoints are required to have them.
             active = [t for t in active if t.source.is_point]
+        # A sparse source (an adapter) lacking a tensor contributes zero to it.
+        active = [t for t in active if not t.source.sparse or name in t.source.tensors]
+        if not active:
+            continue
         lacking = [t.source.label for t in active if name not in t.source.tensors]
         if lacking:
             if comb.on_missing == "base" and anchor is not None and name in anchor.tensors:

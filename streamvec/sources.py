@@ -102,13 +102,34 @@ def store_source(path: Path, label: str) -> Source:
     return Source(label, False, str(path.resolve()), tensors, info)
 
 
-def open_source(path: str | os.PathLike[str]) -> Source:
-    """A :class:`Source` for a checkpoint (file or directory) or a streamvec Zarr store."""
+def open_source(
+    path: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+) -> Source:
+    """A :class:`Source` for a checkpoint, a streamvec Zarr store or a PEFT LoRA adapter.
+
+    Args:
+        path: the input.
+        base: for an adapter, the base checkpoint whose tensor names (and model class) its
+            module names map to; without it the adapter's recorded local base is used, or
+            module names are taken as checkpoint names. Ignored for other inputs.
+        strict: for an adapter, a base other than its recorded local one is an error.
+    """
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError(f"{p}: no such file or directory")
     if is_zarr_store(p):
         return store_source(p, str(path))
+    from streamvec.adapters.source import adapter_source, is_adapter_dir
+
+    if is_adapter_dir(p):
+        if base is None:
+            return adapter_source(p, str(path), strict=strict)
+        files = resolve_checkpoint(base)
+        base_src = checkpoint_source(files, str(base))
+        return adapter_source(p, str(path), base_src, files.root, strict=strict)
     return checkpoint_source(resolve_checkpoint(p), str(path))
 
 
@@ -117,6 +138,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: sv.open(path)
     *,
     include: str | list[str] | None = None,
     exclude: str | list[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    strict: bool = False,
 ) -> SourceModel:
     """Open a checkpoint or a task-vector store as a lazy model. Reads headers only.
 
@@ -125,6 +148,11 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: sv.open(path)
             a Zarr store written by streamvec.
         include: only tensors matching these globs (or ``re:`` regexes).
         exclude: leave out tensors matching these.
+        base: when ``path`` is a PEFT LoRA adapter folder, its base checkpoint (names map
+            through the base's loaded module tree; tensors it saves whole are taken relative
+            to it). Ignored for other inputs.
+        strict: with an adapter, a base other than the adapter's recorded local base is an
+            error instead of a warning.
 
     Returns:
         A lazy mapping of tensor name to :class:`~streamvec.tensor.LazyTensor` that supports
@@ -134,8 +162,10 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: sv.open(path)
         >>> import streamvec as sv
         >>> tau = sv.open("llama-ft") - sv.open("llama-base")  # doctest: +SKIP
         >>> tau.save("tau.zarr")  # doctest: +SKIP
+        >>> lora = sv.open("my-lora", base="llama-base")  # doctest: +SKIP
+        >>> (sv.open("llama-base") + 0.5 * lora).save("edited")  # doctest: +SKIP
     """
-    model = SourceModel(open_source(path))
+    model = SourceModel(open_source(path, base=base, strict=strict))
     if include or exclude:
         return model.filter(include, exclude)  # type: ignore[return-value]
     return model

@@ -2,8 +2,9 @@
 
 ``theta = theta_base + lambda * sum_i w_i tau_i``: negation (``w = -1``) forgets a task,
 addition builds multi-task models, and the analogy ``tau_C + (tau_B - tau_A)`` transfers a
-relation. A term is a task-vector store or a fine-tuned checkpoint whose task vector relative
-to the base is formed on the fly (``ft - base``), never stored.
+relation. A term is a task-vector store, a PEFT LoRA adapter folder (its ``scaling * B @ A``
+per target, see :mod:`streamvec.adapters.source`) or a fine-tuned checkpoint whose task vector
+relative to the base is formed on the fly (``ft - base``), never stored.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def combine_terms(
     base_model = open_model(base) if base is not None else None
     total: Model | None = None
     for spec in terms:
-        src = open_model(spec.path)
+        src = open_model(spec.path, base=base)  # an adapter maps its names through the base
         if src.source.is_point:
             if base_model is None:
                 raise StreamvecError(

@@ -569,7 +569,8 @@ def task_vector_of(
     """The lazy task vector a command-line SOURCE/TERM names.
 
     A task-vector store (or an SVD store) is used as it is; a checkpoint needs ``base`` and
-    gives ``ft - base``, recomputed block by block whenever it is read.
+    gives ``ft - base``, recomputed block by block whenever it is read; a PEFT LoRA adapter
+    is its ``scaling * B @ A`` per target, its names mapped through ``base`` when given.
 
     Args:
         path: a store or a checkpoint.
@@ -588,9 +589,11 @@ def task_vector_of(
     Example:
         >>> tau = task_vector_of("llama-math", "llama-base")  # doctest: +SKIP
     """
-    src = open_model(path)
+    src = open_model(path, base=base)
     tau: Model
-    if src.source.is_point:
+    if src.source.info.get("kind") == "lora_adapter":
+        tau = src  # an adapter is a task vector; a base only names its tensors
+    elif src.source.is_point:
         if base is None:
             raise StreamvecError(
                 f"{path}: is a checkpoint; pass --base BASE so its task vector can be formed, "

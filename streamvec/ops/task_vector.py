@@ -20,7 +20,8 @@ def task_vector(
 
     Args:
         base: base checkpoint.
-        finetuned: fine-tuned checkpoint with the same tensor names and shapes.
+        finetuned: fine-tuned checkpoint with the same tensor names and shapes, or a PEFT
+            LoRA adapter folder (its task vector, with names mapped through ``base``).
         include: only tensors matching these globs / ``re:`` regexes.
         exclude: leave out tensors matching these.
         dtype: stored dtype (default float32: exact for bf16 and f16 inputs).
@@ -31,5 +32,9 @@ def task_vector(
     Example:
         >>> task_vector("base", "ft", include=["*.self_attn.*"]).save("tau.zarr")  # doctest: +SKIP
     """
-    tv = (open_model(finetuned) - open_model(base)).filter(include, exclude)
+    ft = open_model(finetuned, base=base)
+    if ft.source.info.get("kind") == "lora_adapter":
+        tv = ft.filter(include, exclude)  # already a task vector
+    else:
+        tv = (ft - open_model(base)).filter(include, exclude)
     return tv.astype(dtype) if dtype else tv
