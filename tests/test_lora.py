@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from streamvec.ops.lora import _target_modules, is_linear_weight
+from streamvec.adapters.naming import target_modules_for
+from streamvec.ops.lora import is_linear_weight
 from tests.conftest import run_cli, tiny_llama_config
 
 transformers = pytest.importorskip("transformers")
@@ -72,7 +73,7 @@ def test_peft_adapter_reproduces_low_rank_finetune(lora_models, tmp_path: Path) 
         assert abs(na - nb) <= 1e-5 * na
     report = json.loads((out / "streamvec_lora.json").read_text())
     assert {m: v["rank"] for m, v in report["modules"].items()} == RANKS
-    assert report["left_out_changed"] == []
+    assert report["left_out_changed"] == {}
 
     base = transformers.LlamaForCausalLM.from_pretrained(lora_models["base"])
     ft = transformers.LlamaForCausalLM.from_pretrained(lora_models["ft"])
@@ -136,8 +137,11 @@ def test_linear_weight_selection_and_targets() -> None:
     assert not is_linear_weight("model.norm.weight", (32,))
     assert not is_linear_weight("model.layers.0.self_attn.q_proj.bias", (32,))
     assert not is_linear_weight("model.conv.weight", (4, 3, 5, 5))
-    base = ["a.0.q_proj", "a.1.q_proj", "a.0.k_proj", "a.1.k_proj"]
-    assert _target_modules(["a.0.q_proj", "a.1.q_proj", "a.0.k_proj"], base) == [
+    base = ("a.0.q_proj", "a.1.q_proj", "a.0.k_proj", "a.1.k_proj")
+    assert target_modules_for(["a.0.q_proj", "a.1.q_proj", "a.0.k_proj"], base) == [
         "a.0.k_proj",
         "q_proj",
     ]
+    # A digit is never a short target: "0" would wrap every module whose name ends in .0.
+    unet = ("up.0.attn.to_out", "up.0.attn.to_out.0", "up.0.attn.to_out.1", "down.0")
+    assert target_modules_for(["up.0.attn.to_out.0"], unet) == ["up.0.attn.to_out.0"]

@@ -360,7 +360,7 @@ def test_cli_parsers_registered() -> None:
     args = parser.parse_args(["merge-svd", "iso-c", "a.zarr", "-o", "m.zarr", "--alpha", "1.5"])
     assert (args.merge, args.rank, args.alpha) == ("iso-c", None, 1.5)
     args = parser.parse_args(["lora", "base", "ft", "-o", "ad", "--rank", "4"])
-    assert (args.rank_tol, args.dtype, args.task_type) == (1e-5, "float32", "CAUSAL_LM")
+    assert (args.rank_tol, args.dtype, args.task_type) == (1e-5, "float32", "auto")
 
 
 def test_safetensors_checkpoint_is_what_we_wrote(pair) -> None:

@@ -195,10 +195,10 @@ def _build_meta_model(root: Path) -> tuple[Any, str]:
 
         config = transformers.AutoConfig.from_pretrained(str(root))
         archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is None:
-            cls = transformers.AutoModel._model_mapping[type(config)]
-        return cls._from_config(config), cls.__name__
+        model_cls: Any = getattr(transformers, archs[0], None) if archs else None
+        if model_cls is None:
+            model_cls = transformers.AutoModel._model_mapping[type(config)]
+        return model_cls._from_config(config), model_cls.__name__
 
 
 def _renamer(model: Any, keys: list[str]) -> dict[str, tuple[str, bool]]:
@@ -271,7 +271,7 @@ def peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> Pe
         if root is None:
             raise RuntimeError("no checkpoint directory")
         model, cls_name = _build_meta_model(root)
-    except Exception as exc:  # noqa: BLE001 - any failure to build means: decide from shapes
+    except Exception as exc:  # any failure to build means: decide from shapes
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         modules = tuple(sorted({_module_of(n)[0] for n in tensors}))
         for name, shape in tensors.items():

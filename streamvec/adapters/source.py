@@ -328,7 +328,9 @@ def adapter_source(
             d = SumReader(tensors[tensor].reader, d)
         tensors[tensor] = SourceTensor(tensor, bt.shape, np.dtype(np.float32), d)
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        shown = "; ".join(problems[:6]) + (
+            f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        )
         raise MismatchError(
             f"{path}: the adapter does not fit the base {base_root}: {shown}. Pass the base "
             "model the adapter was trained on"

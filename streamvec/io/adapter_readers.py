@@ -56,7 +56,9 @@ class LoraProductReader:
         """``k``, the adapter rank of this target."""
         return int(self.a.shape[0])
 
-    def factors(self, r0: int | None = None, r1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def factors(
+        self, r0: int | None = None, r1: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(L[r0:r1], R)`` in float64 with ``tensor = L @ R`` and the scale folded into ``L``.
 
         Args:

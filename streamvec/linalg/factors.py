@@ -18,7 +18,13 @@ import numpy as np
 
 from streamvec.errors import StreamvecError
 
-__all__ = ["common_subspace", "iso_c_merge", "split_shared_unique", "tsv_merge"]
+__all__ = [
+    "common_subspace",
+    "iso_c_merge",
+    "split_shared_unique",
+    "stacked_lowrank_svd",
+    "tsv_merge",
+]
 
 # How far U^T U may be from I before a "basis" is rejected. Loose on purpose: float32
 # factors from randomized_svd are orthonormal to ~1e-6; this only catches a non-basis
@@ -207,6 +213,42 @@ def iso_c_merge(tau_sum_svd: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.nd
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def stacked_lowrank_svd(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Exact SVD of ``sum_i L_i @ R_i`` from the factors, never forming the (m, n) matrix.
+
+    With ``L = [L_1 | L_2 | ...]`` (m, K) and ``R = [R_1; R_2; ...]`` (K, n), ``K = sum k_i``:
+    ``L = Q_l T_l`` and ``R^T = Q_r T_r`` (thin QR), so ``L R = Q_l (T_l T_r^T) Q_r^T`` and
+    the SVD of the K x K core ``T_l T_r^T = U_c S V_c^T`` gives ``L R = (Q_l U_c) S
+    (Q_r V_c)^T``: exact, in O((m + n) K^2) time and (m + n) K memory. This is how several
+    LoRA updates ``w_i s_i B_i A_i`` of one layer merge into one (rank <= K).
+
+    Args:
+        parts: ``(L_i (m, k_i), R_i (k_i, n))`` pairs, weights and scalings folded into L_i.
+
+    Returns:
+        ``(U (m, K'), S (K',), Vh (K', n), frob_norm)`` in float64, ``K' = min(K, m, n)``,
+        singular values descending, and ``||sum L_i R_i||_F``.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> a, b = rng.normal(size=(6, 2)), rng.normal(size=(2, 5))
+        >>> u, s, vh, norm = stacked_lowrank_svd([(a, b), (-a, b)])
+        >>> bool(np.allclose(s, 0.0))
+        True
+    """
+    left = np.concatenate([np.asarray(p[0], np.float64) for p in parts], axis=1)  # (m, K)
+    right = np.concatenate([np.asarray(p[1], np.float64) for p in parts], axis=0)  # (K, n)
+    q_l, t_l = np.linalg.qr(left)  # (m, K'), (K', K)
+    q_r, t_r = np.linalg.qr(right.T)  # (n, K''), (K'', K)
+    core = t_l @ t_r.T  # (K', K'')
+    u_c, s, vh_c = np.linalg.svd(core, full_matrices=False)
+    u = q_l @ u_c  # (m, k)
+    vh = vh_c @ q_r.T  # (k, n)
+    return u, s, vh, float(np.linalg.norm(core))
 
 
 def _check_basis(u: np.ndarray, index: int) -> np.ndarray:

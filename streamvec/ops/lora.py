@@ -15,17 +15,30 @@ float16/bfloat16 storage and further training). ``lora_alpha = r`` makes PEFT's 
 The rank of each module is ``r_i = #{j <= K : S_j > rank_tol * S_1}``: an update that is
 exactly low-rank (up to float rounding) gets its true rank, listed in ``rank_pattern`` (with a
 matching ``alpha_pattern`` so its scaling stays 1); a module whose delta is zero is left out.
-Only 2-D ``*.weight`` tensors of linear layers are exported: embeddings, norms, biases and
-other tensors are not LoRA-adaptable and are reported when they changed.
+Which tensors become targets, under which module names, is decided by
+:mod:`streamvec.adapters.naming` from the base's model class (built from its config.json on the
+meta device, checkpoint keys renamed by transformers' own conversion rules): ``nn.Linear``
+layers, GPT-2's ``Conv1D`` (stored (in, out): ``fan_in_fan_out``) and ``nn.Embedding``
+(PEFT's ``lora_embedding_A/B``). Routers, norms, convolutions, fused experts, biases and other
+parameters cannot be held by a LoRA layer: when they changed they are listed on stderr, in the
+adapter's ``README.md`` and in ``streamvec_lora.json``.
+
+The input is a task-vector expression (:func:`lora`): fine-tuned checkpoints, task-vector
+stores and other LoRA adapters, with weights. When every term of a layer is a LoRA adapter,
+the combined update ``sum_i w_i s_i B_i A_i`` is factored from the factors (QR of the stacked
+factors and an SVD of the small core, :func:`~streamvec.linalg.factors.stacked_lowrank_svd`):
+exact when the rank asked for is at least the sum of the ranks, and no dense matrix is formed.
 
 Output, in the directory PEFT's ``save_pretrained`` writes:
 
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` (r x in) and
-  ``...lora_B.weight`` (out x r);
+  ``...lora_B.weight`` (out x r), or ``lora_embedding_A`` / ``lora_embedding_B``;
 * ``adapter_config.json``: ``peft_type`` LORA, ``task_type``, ``r``, ``lora_alpha``,
   ``target_modules`` (short names such as ``q_proj`` when every such module of the base is
   exported, else full module names), ``rank_pattern``, ``alpha_pattern``,
   ``base_model_name_or_path``;
+* ``README.md``: the inputs, the naming rule used, the relative error per module and the
+  changed tensors left out, with why;
 * ``streamvec_lora.json``: per module rank, method, relative residual, and what was left out.
 """
 
@@ -34,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,12 +57,23 @@ from typing import Any
 import numpy as np
 
 from streamvec import __version__
+from streamvec.adapters.naming import PeftNaming, PeftTarget, peft_naming, target_modules_for
+from streamvec.adapters.writer import (
+    ExportedModule,
+    adapter_config,
+    adapter_readme,
+    write_adapter_weights,
+)
+from streamvec.algebra import Model
 from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
 from streamvec.errors import StreamvecError
+from streamvec.io.adapter_readers import LoraProductReader
 from streamvec.io.blocks import matrix_shape
+from streamvec.io.checkpoint import resolve_checkpoint
 from streamvec.io.output import OutputDir
-from streamvec.io.st_writer import TensorSpec, encode_header
-from streamvec.linalg.rsvd import sum_of_squares
+from streamvec.linalg.factors import stacked_lowrank_svd
+from streamvec.linalg.rsvd import SVDResult, sum_of_squares
+from streamvec.ops.combine import TermSpec
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -57,10 +82,9 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
-from streamvec.sources import open as open_model
 from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
 
-__all__ = ["DEFAULT_RANK_TOL", "LoraReport", "export_lora", "is_linear_weight"]
+__all__ = ["DEFAULT_RANK_TOL", "LoraReport", "export_lora", "is_linear_weight", "lora"]
 
 # Relative singular-value cutoff for a module's rank. Dropping triplets below
 # tol * S_1 changes B A by at most sqrt(K) * tol * S_1 <= sqrt(K) * tol * ||tau|| (Frobenius):
@@ -112,46 +136,29 @@ class LoraReport:
     left_out_changed: list[str]
     seconds: float
     target_modules: list[str] = field(default_factory=list)
+    residuals: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """One line for the terminal."""
+        """One line for the terminal (the per-module errors are in the adapter's README)."""
         smaller = sum(1 for r in self.modules.values() if r < self.rank)
         text = (
             f"wrote {self.path} (LoRA adapter): {len(self.modules)} modules, r={self.rank} "
             f"({smaller} with a smaller rank), targets {', '.join(self.target_modules[:6])}"
             f"{' ...' if len(self.target_modules) > 6 else ''}, in {self.seconds:.1f} s"
         )
+        if self.residuals:
+            worst = max(self.residuals, key=lambda m: self.residuals[m])
+            errors = list(self.residuals.values())
+            text += (
+                f"; relative error per module: median {float(np.median(errors)):.3g}, "
+                f"max {self.residuals[worst]:.3g} ({worst}; all in README.md)"
+            )
         if self.left_out_changed:
             text += (
-                f"; {len(self.left_out_changed)} changed tensor(s) are not linear layers and "
-                f"are not in the adapter (see {REPORT_NAME})"
+                f"; {len(self.left_out_changed)} changed tensor(s) cannot be held by a LoRA "
+                "layer and are not in the adapter (listed above and in README.md)"
             )
         return text
-
-
-def _module_of(name: str) -> str:
-    return name[: -len(".weight")]
-
-
-def _target_modules(exported: list[str], base_linear: list[str]) -> list[str]:
-    """Short names (``q_proj``) where they select exactly the exported modules, else full names.
-
-    PEFT matches a ``target_modules`` entry against a module name when it is equal to it or a
-    dot-suffix of it; a short name would also wrap modules that are not in the adapter (e.g.
-    outside ``--include``), so those get their full names instead.
-    """
-    by_short: dict[str, set[str]] = {}
-    for module in base_linear:
-        by_short.setdefault(module.rsplit(".", 1)[-1], set()).add(module)
-    chosen = set(exported)
-    targets: list[str] = []
-    for short in sorted({m.rsplit(".", 1)[-1] for m in exported}):
-        mine = {m for m in exported if m.rsplit(".", 1)[-1] == short}
-        if by_short.get(short, set()) <= chosen:
-            targets.append(short)
-        else:
-            targets.extend(sorted(mine))
-    return targets
 
 
 def _frob_norm(t: LazyTensor) -> float:
@@ -163,43 +170,105 @@ def _frob_norm(t: LazyTensor) -> float:
     return float(np.sqrt(total))
 
 
-def export_lora(
+def _task_type(naming: PeftNaming) -> str | None:
+    """PEFT's task type from the model class (None: a plain PeftModel, e.g. a UNet)."""
+    cls = naming.model_class or ""
+    for suffix, kind in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+        ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if cls.endswith(suffix):
+            return kind
+    if naming.model_class is None:
+        return "CAUSAL_LM"  # the model class is unknown: the most common case
+    return None
+
+
+def _factor(t: LazyTensor, factorizer: Factorizer, options: SVDOptions) -> tuple[SVDResult, str]:
+    """Truncated SVD of one target's task vector, from the LoRA factors when it has them."""
+    readers = [r for _, r in t.terms if isinstance(r, LoraProductReader)]
+    if readers and len(readers) == len(t.terms):
+        parts = []
+        for (c, _), r in zip(t.terms, readers, strict=True):
+            left, right = r.factors()  # (m, k_i), (k_i, n)
+            parts.append((c * left, right))
+        u, s, vh, norm = stacked_lowrank_svd(parts)
+        k = min(options.rank, s.size)
+        kept = float(np.sum(s[:k] ** 2))
+        residual = float(np.sqrt(max(0.0, norm**2 - kept)) / norm) if norm else 0.0
+        exact = sum(r.rank for r in readers) <= options.rank
+        result = SVDResult(u[:, :k], s[:k], vh[:k], norm, residual, 0)
+        return result, "factored (exact)" if exact else "factored"
+    result, plan = factorizer.factor(t, options.rank, tensor_seed(options.seed, t.name))
+    return result, plan.method
+
+
+def _split(
+    result: SVDResult, r: int, target: PeftTarget, out_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(A, B)`` in PEFT's orientation from ``tau = U S Vh`` (stored orientation)."""
+    root = np.sqrt(result.S[:r])  # (r,)
+    u = result.U[:, :r].astype(np.float64)  # (rows, r)
+    vh = result.Vh[:r].astype(np.float64)  # (r, cols)
+    if target.transposed:
+        # PEFT adds (B @ A).T: B @ A = tau.T = Vh.T S U.T.
+        b = vh.T * root  # (cols, r)
+        a = root[:, None] * u.T  # (r, rows)
+    else:
+        b = u * root  # (rows, r)
+        a = root[:, None] * vh  # (r, cols)
+    return a.astype(out_dtype), b.astype(out_dtype)
+
+
+def lora(
     base: str | os.PathLike[str],
-    finetuned: str | os.PathLike[str],
+    terms: list[TermSpec],
     output: str | os.PathLike[str],
     *,
     options: SVDOptions,
     rank_tol: float = DEFAULT_RANK_TOL,
     dtype: str = "float32",
-    task_type: str = "CAUSAL_LM",
+    task_type: str | None = "auto",
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     run: RunOptions | None = None,
+    strict: bool = False,
 ) -> LoraReport:
-    """Write a PEFT LoRA adapter whose ``B A`` is the best rank-r part of each linear delta.
+    """Write one PEFT LoRA adapter for ``sum_i w_i tau_i``, rank ``options.rank`` per target.
+
+    Each term is a fine-tuned checkpoint (``ft - base``), a task-vector or SVD store, or a
+    PEFT LoRA adapter folder. Per target layer of the base's loaded model the combined update
+    is factored: from the LoRA factors when every term holding the layer is an adapter (exact
+    when ``options.rank`` is at least the sum of their ranks), else by the streaming
+    randomized (or exact) SVD of :mod:`streamvec.ops.svd`.
 
     Args:
         base: the base checkpoint.
-        finetuned: the fine-tuned checkpoint (same names and shapes).
+        terms: the task vectors with weights.
         output: the adapter directory; it appears only when complete.
-        options: SVD options; ``options.rank`` is the adapter's maximum rank ``K``.
+        options: SVD options; ``options.rank`` is the adapter's maximum rank.
         rank_tol: relative singular-value cutoff for each module's rank (see module doc).
         dtype: adapter weight dtype: float32 (default), float16 or bfloat16.
-        task_type: PEFT task type recorded in the config.
+        task_type: PEFT task type; ``auto`` takes it from the model class.
         include: only tensors matching these patterns.
         exclude: leave out tensors matching these.
         run: workers, scheduler, memory limit, progress, overwrite.
+        strict: an adapter term whose recorded local base is not ``base`` is an error.
 
     Returns:
         A :class:`LoraReport`.
 
     Raises:
-        StreamvecError: bad input, no linear layer changed, or a layer that cannot be
+        StreamvecError: bad input, no target layer changed, or a layer that cannot be
             factored within the memory budget.
 
     Example:
-        >>> export_lora("llama-base", "llama-ft", "adapter", options=SVDOptions(rank=16))
-        ... # doctest: +SKIP
+        >>> lora("llama-base", [TermSpec("a-lora", 0.5), TermSpec("b-lora", 0.5)], "merged",
+        ...      options=SVDOptions(rank=32))  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
@@ -210,22 +279,35 @@ def export_lora(
         raise StreamvecError(f"--rank-tol must be in [0, 1), got {rank_tol}")
     if dtype not in ADAPTER_DTYPES:
         raise StreamvecError(f"--dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {dtype!r}")
+    if not terms:
+        raise StreamvecError("lora needs at least one TERM (a fine-tune, store or adapter)")
     out_dtype = OUTPUT_DTYPES[dtype]
-    tv = task_vector_of(finetuned, base, include=include, exclude=exclude)
+    tv: Model | None = None
+    for spec in terms:
+        tau = task_vector_of(
+            spec.path,
+            base,
+            include=include,
+            exclude=exclude,
+            base_for_stores="ignore",
+            strict=strict,
+        )
+        tv = spec.weight * tau if tv is None else tv + spec.weight * tau
+    assert tv is not None
     resolved = tv.resolved()
-    selected = [(n, t) for n, t in resolved.tensors.items() if is_linear_weight(n, t.shape)]
-    others = [(n, t) for n, t in resolved.tensors.items() if not is_linear_weight(n, t.shape)]
+    base_files = resolve_checkpoint(base)
+    naming = peft_naming(base_files.root, {n: t.shape for n, t in base_files.tensors.items()})
+    selected = [(n, t) for n, t in resolved.tensors.items() if n in naming.targets]
+    others = [(n, t) for n, t in resolved.tensors.items() if n not in naming.targets]
     if not selected:
         raise StreamvecError(
-            f"no linear-layer weight (2-D *.weight, not an embedding) among the selected "
-            f"tensors of {finetuned}; check --include/--exclude"
+            f"no linear-layer or embedding weight PEFT can adapt among the selected tensors of "
+            f"{tv.describe()}; check --include/--exclude"
         )
-    base_src = open_model(base).source
-    base_linear = [
-        _module_of(n) for n, st in base_src.tensors.items() if is_linear_weight(n, st.shape)
-    ]
+    if task_type == "auto":
+        task_type = _task_type(naming)
 
-    modules: dict[str, dict[str, Any]] = {}
+    modules: list[ExportedModule] = []
     unchanged: list[str] = []
     methods: Counter[str] = Counter()
     out = OutputDir(output, overwrite=run.overwrite)
@@ -235,109 +317,119 @@ def export_lora(
         spill.mkdir()
         bar = tqdm(selected, desc=Path(output).name, unit="tensor", disable=not run.progress)
         for i, (name, t) in enumerate(bar):
-            result, plan = factorizer.factor(t, options.rank, tensor_seed(options.seed, name))
+            target = naming.targets[name]
+            result, method = _factor(t, factorizer, options)
             s = result.S
             if s.size == 0 or s[0] <= 0.0:
                 unchanged.append(name)
                 continue
             r = int(np.count_nonzero(s > rank_tol * s[0]))
-            root = np.sqrt(s[:r])  # (r,)
-            b = (result.U[:, :r].astype(np.float64) * root).astype(out_dtype)  # (out, r)
-            a = (root[:, None] * result.Vh[:r].astype(np.float64)).astype(out_dtype)  # (r, in)
+            a, b = _split(result, r, target, out_dtype)
             np.save(spill / f"{i}.A.npy", a.view(np.uint16) if dtype == "bfloat16" else a)
             np.save(spill / f"{i}.B.npy", b.view(np.uint16) if dtype == "bfloat16" else b)
             sq = result.frob_norm**2
             residual = np.sqrt(max(0.0, sq - float(np.sum(s[:r] ** 2))) / sq) if sq else 0.0
-            modules[_module_of(name)] = {
-                "index": i,
-                "tensor": name,
-                "rank": r,
-                "shape": list(t.shape),
-                "method": plan.method,
-                "residual": float(residual),
-                "singular_values": [float(x) for x in s[: min(len(s), 8)]],
-            }
-            methods[plan.method] += 1
+            modules.append(
+                ExportedModule(
+                    i,
+                    name,
+                    target.module,
+                    target.kind,
+                    r,
+                    (int(a.shape[0]), int(a.shape[1])),
+                    (int(b.shape[0]), int(b.shape[1])),
+                    float(residual),
+                    method,
+                )
+            )
+            methods[method] += 1
         if not modules:
             raise StreamvecError(
-                f"every selected linear layer of {finetuned} equals the base: nothing to export"
+                f"every selected layer of {tv.describe()} equals the base: nothing to export"
             )
-        left_out_changed = [n for n, t in others if is_float(t.dtype) and _frob_norm(t) > 0.0]
-        rank = max(m["rank"] for m in modules.values())
-        pattern = {mod: m["rank"] for mod, m in modules.items() if m["rank"] != rank}
-        targets = _target_modules(list(modules), base_linear)
-        _write_adapter(out.partial / ADAPTER_WEIGHTS, spill, modules, out_dtype)
-        shutil.rmtree(spill)
-        config = {
-            "peft_type": "LORA",
-            "task_type": task_type,
-            "base_model_name_or_path": str(base),
-            "r": rank,
-            "lora_alpha": rank,
-            "rank_pattern": pattern,
-            "alpha_pattern": dict(pattern),  # alpha_i = r_i: scaling 1 for every module
-            "target_modules": targets,
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "use_rslora": False,
-            "use_dora": False,
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "revision": None,
+        left_out = {
+            n: naming.left_out.get(n, "not a weight of a layer PEFT's LoRA adapts")
+            for n, t in others
+            if is_float(t.dtype) and _frob_norm(t) > 0.0
         }
+        rank = max(m.rank for m in modules)
+        pattern = {m.module: m.rank for m in modules if m.rank != rank}
+        targets = target_modules_for([m.module for m in modules], naming.modules)
+        write_adapter_weights(out.partial / ADAPTER_WEIGHTS, spill, modules, out_dtype)
+        shutil.rmtree(spill)
+        config = adapter_config(
+            base=str(base),
+            task_type=task_type,
+            rank=rank,
+            pattern=pattern,
+            targets=targets,
+            fan_in_fan_out=any(m.kind == "conv1d" for m in modules),
+        )
         (out.partial / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (out.partial / "README.md").write_text(
+            adapter_readme(
+                expression=tv.describe(),
+                base=str(base),
+                how=naming.how,
+                modules=modules,
+                left_out=left_out,
+                unchanged=unchanged,
+                rank=rank,
+                version=__version__,
+            )
+        )
         report = {
             "created_by": f"streamvec {__version__}",
             "operation": "lora",
             "expression": tv.describe(),
             "sources": [s.info for s in tv.sources()],
+            "naming": naming.how,
             "split": "B = U sqrt(S), A = sqrt(S) Vh; lora_alpha = r (scaling 1)",
             "rank_tol": rank_tol,
             "dtype": dtype_name(out_dtype),
             **options.attrs(),
             "modules": {
-                k: {kk: vv for kk, vv in v.items() if kk != "index"} for k, v in modules.items()
+                m.module: {
+                    "tensor": m.tensor,
+                    "kind": m.kind,
+                    "rank": m.rank,
+                    "method": m.method,
+                    "residual": m.residual,
+                }
+                for m in modules
             },
             "unchanged": unchanged,
-            "left_out_changed": left_out_changed,
+            "left_out_changed": left_out,
         }
         (out.partial / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
         final = out.commit()
+    for name, why in sorted(left_out.items()):
+        print(f"warning: {name} changed but is not in the adapter: {why}", file=sys.stderr)
     return LoraReport(
         path=final,
-        modules={k: v["rank"] for k, v in modules.items()},
+        modules={m.module: m.rank for m in modules},
         rank=rank,
         methods=methods,
         unchanged=unchanged,
-        left_out_changed=left_out_changed,
+        left_out_changed=sorted(left_out),
         seconds=time.perf_counter() - started,
-        target_modules=targets,
+        target_modules=[targets] if isinstance(targets, str) else targets,
+        residuals={m.module: m.residual for m in modules},
     )
 
 
-def _write_adapter(
-    path: Path, spill: Path, modules: dict[str, dict[str, Any]], dtype: np.dtype
-) -> None:
-    """Write the adapter safetensors file from the spilled factors, one tensor at a time."""
-    order: list[tuple[str, Path]] = []
-    specs: list[TensorSpec] = []
-    for module in sorted(modules):
-        info = modules[module]
-        r = info["rank"]
-        out_f, in_f = info["shape"]
-        for part, shape in (("A", (r, in_f)), ("B", (out_f, r))):
-            specs.append(TensorSpec(f"{PEFT_PREFIX}{module}.lora_{part}.weight", dtype, shape))
-            order.append((specs[-1].name, spill / f"{info['index']}.{part}.npy"))
-    prefix, offsets = encode_header(specs, {"format": "pt"})
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(prefix)
-        for spec, (begin, end), (_, file) in zip(specs, offsets, order, strict=True):
-            data = np.load(file)
-            if data.nbytes != end - begin or data.shape != spec.shape:
-                raise RuntimeError(f"internal error: spilled factor {file} does not match {spec}")
-            f.write(np.ascontiguousarray(data).tobytes())
+def export_lora(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    **kwargs: Any,
+) -> LoraReport:
+    """Write a PEFT LoRA adapter whose ``B A`` is the best rank-r part of ``finetuned - base``.
+
+    The two-checkpoint form of :func:`lora` (same keyword arguments).
+
+    Example:
+        >>> export_lora("llama-base", "llama-ft", "adapter", options=SVDOptions(rank=16))
+        ... # doctest: +SKIP
+    """
+    return lora(base, [TermSpec(str(finetuned))], output, **kwargs)

@@ -565,6 +565,7 @@ def task_vector_of(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     base_for_stores: Literal["error", "ignore"] = "error",
+    strict: bool = False,
 ) -> Combination:
     """The lazy task vector a command-line SOURCE/TERM names.
 
@@ -578,6 +579,7 @@ def task_vector_of(
         include: only tensors matching these patterns.
         exclude: leave out tensors matching these.
         base_for_stores: with a store and a ``base``: fail (``error``) or use the store as is.
+        strict: with an adapter, a base other than its recorded local base is an error.
 
     Returns:
         A task-vector :class:`~streamvec.algebra.Combination`.
@@ -589,7 +591,7 @@ def task_vector_of(
     Example:
         >>> tau = task_vector_of("llama-math", "llama-base")  # doctest: +SKIP
     """
-    src = open_model(path, base=base)
+    src = open_model(path, base=base, strict=strict)
     tau: Model
     if src.source.info.get("kind") == "lora_adapter":
         tau = src  # an adapter is a task vector; a base only names its tensors

@@ -111,20 +111,32 @@ def cmd_svd(args: argparse.Namespace) -> int:
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
-    """``streamvec lora``: PEFT LoRA adapter from BASE and FINETUNED."""
-    from streamvec.ops.lora import export_lora
+    """``streamvec lora``: PEFT LoRA adapter from BASE FINETUNED, or --base BASE TERM..."""
+    from streamvec.errors import StreamvecError
+    from streamvec.ops.combine import parse_term
+    from streamvec.ops.lora import lora
 
-    report = export_lora(
-        args.base,
-        args.finetuned,
+    if args.base is None:
+        if len(args.inputs) != 2:
+            raise StreamvecError(
+                "lora takes BASE FINETUNED, or --base BASE and one or more TERMs "
+                "(fine-tunes, stores or LoRA adapters, each PATH[:WEIGHT])"
+            )
+        base, terms = args.inputs[0], [parse_term(args.inputs[1])]
+    else:
+        base, terms = args.base, [parse_term(t) for t in args.inputs]
+    report = lora(
+        base,
+        terms,
         args.output,
         options=_options(args),
         rank_tol=args.rank_tol,
         dtype=args.dtype,
-        task_type=args.task_type,
+        task_type=None if args.task_type == "none" else args.task_type,
         include=args.include,
         exclude=args.exclude,
         run=_run_options(args),
+        strict=args.strict,
     )
     say(args, report.summary())
     return 0
@@ -203,14 +215,27 @@ def add_parsers(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "lora",
-        help="export FINETUNED - BASE as a PEFT LoRA adapter",
-        description="Factor each linear layer's task vector (2-D *.weight, not embeddings or "
-        "norms) and write a PEFT LoRA adapter: B = U sqrt(S) (out x r), A = sqrt(S) Vh "
-        "(r x in), lora_alpha = r (scaling 1). A module whose delta is exactly low-rank gets "
-        "its true rank in rank_pattern (singular values below --rank-tol * S_1 are dropped).",
+        help="export a task vector (FINETUNED - BASE, or adapters/fine-tunes combined) as a "
+        "PEFT LoRA adapter",
+        description="Factor each adaptable layer's task vector and write a PEFT LoRA adapter: "
+        "B = U sqrt(S) (out x r), A = sqrt(S) Vh (r x in), lora_alpha = r (scaling 1). "
+        "Targets are named as the base's *loaded* model names its modules (transformers' "
+        "key conversion): Linear, Conv1D (fan_in_fan_out) and Embedding layers (embedding "
+        "LoRA); changed tensors no LoRA layer can hold (routers, norms, biases, "
+        "convolutions, fused experts) are listed on stderr and in the adapter's README.md. "
+        "Either BASE FINETUNED, or --base BASE TERM... where each TERM is a fine-tune, a "
+        "task-vector store or a LoRA adapter, PATH[:WEIGHT]: many LoRAs into one. Layers "
+        "held only by adapters are factored from their factors (exact when K >= the sum "
+        "of their ranks). A module whose update is exactly low-rank gets its true rank in "
+        "rank_pattern (singular values below --rank-tol * S_1 are dropped).",
     )
-    p.add_argument("base", metavar="BASE")
-    p.add_argument("finetuned", metavar="FINETUNED")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="BASE FINETUNED, or with --base: TERM... (PATH[:WEIGHT])",
+    )
+    p.add_argument("--base", metavar="BASE", help="base checkpoint; then every INPUT is a TERM")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="adapter directory")
     _add_svd_options(p, rank_required=True, rank_help="maximum LoRA rank r")
     p.add_argument(
@@ -227,7 +252,16 @@ def add_parsers(subparsers: Any) -> None:
         help="adapter weight dtype (default float32)",
     )
     p.add_argument(
-        "--task-type", default="CAUSAL_LM", metavar="T", help="PEFT task_type (CAUSAL_LM)"
+        "--task-type",
+        default="auto",
+        metavar="T",
+        help="PEFT task_type (default auto: from the model class, e.g. CAUSAL_LM; 'none' "
+        "for models PEFT wraps without one, such as a UNet)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="an adapter TERM recorded with another local base is an error, not a warning",
     )
     _add_run_options(p)
     p.set_defaults(func=cmd_lora)
