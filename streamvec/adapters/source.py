@@ -348,3 +348,44 @@ def adapter_source(
     }
     key = f"{path.resolve()}@{base_root.resolve() if base_root else ''}"
     return Source(label, False, key, tensors, info, sparse=True)
+
+
+def split_model_plus_lora(text: str) -> tuple[str, str] | None:
+    """``MODEL+LORA`` (mergekit's syntax for a checkpoint with an adapter merged in), or None.
+
+    A path that exists as written is never split, so names holding ``+`` still work.
+    """
+    if "+" not in text or Path(text).exists():
+        return None
+    model, _, lora = text.rpartition("+")
+    if model and lora and is_adapter_dir(Path(lora)):
+        return model, lora
+    return None
+
+
+def applied_source(model: Source, adapter: Source, label: str) -> Source:
+    """A checkpoint with an adapter merged in (``MODEL+LORA``), read block by block.
+
+    Args:
+        model: the checkpoint.
+        adapter: the adapter's task vector, named through ``model``.
+        label: ``MODEL+LORA`` as written.
+
+    Returns:
+        A point source: ``model + tau`` where the adapter has a target, ``model`` elsewhere.
+        Each tensor keeps the checkpoint's dtype for the output.
+    """
+    tensors: dict[str, SourceTensor] = {}
+    for name, t in model.tensors.items():
+        delta = adapter.tensors.get(name)
+        if delta is None:
+            tensors[name] = t
+        else:
+            tensors[name] = SourceTensor(name, t.shape, t.dtype, SumReader(t.reader, delta.reader))
+    info = {
+        "path": label,
+        "kind": "checkpoint+lora",
+        "checkpoint": dict(model.info),
+        "adapter": dict(adapter.info),
+    }
+    return Source(label, True, f"{model.key}+{adapter.key}", tensors, info, model.extra_files)

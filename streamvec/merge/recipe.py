@@ -331,6 +331,7 @@ def bind(
         StreamvecError: unknown method, unknown parameter or one at the wrong scope, a value of
             the wrong type, a missing or non-local model path, duplicate models.
     """
+    from streamvec.adapters.source import applied_source, split_model_plus_lora
     from streamvec.merge.registry import get_method
     from streamvec.sources import open_source
 
@@ -349,6 +350,12 @@ def bind(
     seen: dict[str, str] = {}
     for entry in recipe.models:
         s = _open(entry.path, f"{entry.where}.model", src, open_source)
+        if s.info.get("kind") == "lora_adapter":
+            # An adapter alone stands for the base with it merged in (base_model+LORA).
+            assert recipe.base_model is not None
+            plain = split_model_plus_lora(recipe.base_model)
+            lora = open_source(entry.path, base=plain[0] if plain else recipe.base_model)
+            s = applied_source(base, lora, f"{recipe.base_model}+{entry.path}")
         if s.key == base.key:
             if entry.parameters:
                 raise StreamvecError(
@@ -385,6 +392,12 @@ def bind(
 
 
 def _open(path: str, where: str, src: str, open_source: Any) -> Source:
+    from streamvec.adapters.source import applied_source, split_model_plus_lora
+
+    plus = split_model_plus_lora(path)
+    if plus is not None:  # mergekit's MODEL+LORA: the checkpoint with the adapter merged in
+        model = _open(plus[0], where, src, open_source)
+        return applied_source(model, open_source(plus[1], base=plus[0]), path)
     if not Path(path).exists():
         raise StreamvecError(
             f"{src}: {where}: {path!r} is not a local path (no such file or directory); "

@@ -175,6 +175,7 @@ def _task_type(naming: PeftNaming) -> str | None:
     cls = naming.model_class or ""
     for suffix, kind in (
         ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
         ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
         ("ForSequenceClassification", "SEQ_CLS"),
