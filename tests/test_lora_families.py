@@ -50,7 +50,6 @@ def test_lora_export_is_applied_exactly_by_peft(
     assert rc == 0
     err = capsys.readouterr().err
     report = json.loads((out / "streamvec_lora.json").read_text())
-    readme = (out / "README.md").read_text()
     config = json.loads((out / "adapter_config.json").read_text())
     exported = set(report["modules"])
 
@@ -91,6 +90,7 @@ def test_lora_export_is_applied_exactly_by_peft(
 
     # Changed tensors no LoRA layer can hold are listed, with why, on stderr and in README.
     left_out = report["left_out_changed"]
+    readme = (out / "README.md").read_text()
     for name, why in left_out.items():
         assert f"`{name}`" in readme and why in readme
         assert name in err
