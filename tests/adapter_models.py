@@ -47,7 +47,12 @@ def _gpt2() -> Any:
 
     return T.GPT2LMHeadModel(
         T.GPT2Config(
-            n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            vocab_size=64,
+            n_positions=16,
+            bos_token_id=0,
             eos_token_id=0,
         )
     )

@@ -59,9 +59,7 @@ def test_lora_export_is_applied_exactly_by_peft(
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."
-    wrapped = {
-        n[len(prefix) :] for n, m in model.named_modules() if isinstance(m, LoraLayer)
-    }
+    wrapped = {n[len(prefix) :] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     # Every module the adapter holds is wrapped, and nothing else is.
     assert wrapped == exported, (wrapped ^ exported, config["target_modules"])
     merged = model.merge_and_unload()
@@ -73,11 +71,7 @@ def test_lora_export_is_applied_exactly_by_peft(
         module = name.rpartition(".")[0]
         if name.endswith(".weight") and module in exported:
             owner[id(p)] = name
-    edited = {
-        name
-        for name, p in merged.named_parameters(remove_duplicate=False)
-        if id(p) in owner
-    }
+    edited = {name for name, p in merged.named_parameters(remove_duplicate=False) if id(p) in owner}
     for name, got in merged.state_dict().items():
         got64 = got.double()
         want = base_state[name]

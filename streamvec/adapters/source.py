@@ -36,7 +36,12 @@ import numpy as np
 
 from streamvec.algebra import Source, SourceTensor
 from streamvec.errors import MismatchError, StreamvecError
-from streamvec.io.adapter_readers import DifferenceReader, LoraProductReader, SumReader
+from streamvec.io.adapter_readers import (
+    DifferenceReader,
+    LoraProductReader,
+    SumReader,
+    TaggedReader,
+)
 from streamvec.io.blocks import BlockReader, SafetensorsReader
 from streamvec.io.checkpoint import resolve_checkpoint
 
@@ -379,7 +384,7 @@ def applied_source(model: Source, adapter: Source, label: str) -> Source:
     for name, t in model.tensors.items():
         delta = adapter.tensors.get(name)
         if delta is None:
-            tensors[name] = t
+            tensors[name] = SourceTensor(name, t.shape, t.dtype, TaggedReader(t.reader, label))
         else:
             tensors[name] = SourceTensor(name, t.shape, t.dtype, SumReader(t.reader, delta.reader))
     info = {

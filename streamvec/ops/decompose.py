@@ -223,6 +223,13 @@ def decompose(
             desc = f"{Path(output).name} (shared)"
             bar = tqdm(names, desc=desc, unit="tensor", disable=not run.progress)
             for name in bar:
+                if any(name not in tensors for tensors in per_task):
+                    # A LoRA adapter touches few tensors: a task without an update of this
+                    # tensor shares no direction of it, so every shared part is 0.
+                    present = next(t[name] for t in per_task if name in t)
+                    for w in writers:
+                        w.write_dense(name, np.zeros(present.shape, np.float32), "float32")
+                    continue
                 tensors = [tensors[name] for tensors in per_task]
                 shape = tensors[0].shape
                 if not is_factored_shape(shape):
