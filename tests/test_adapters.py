@@ -223,7 +223,8 @@ def test_refused_features_exit_2(
     models: dict[str, Any], changes: dict[str, Any], named: str, capsys: Any
 ) -> None:
     root = models["root"]
-    bad = _edit_config(root / "llama-ab0", root / f"bad-{named.split()[0]}", **changes)
+    # The folder name must not contain the feature's name: the message has to say it.
+    bad = _edit_config(root / "llama-ab0", root / f"refused-{len(str(changes))}", **changes)
     out = root / "never"
     rc = run_cli("combine", "--base", models["llama"], "-o", out, str(bad))
     assert rc == 2
