@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import warnings
@@ -257,6 +258,9 @@ def _left_out_reason(module: Any, module_name: str) -> str:
 def peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> PeftNaming:
     """Map checkpoint tensors to PEFT targets of the loaded model (see the module doc).
 
+    The mapping of one base is built once per process (building the model class costs a few
+    seconds of imports), however many adapters refer to it.
+
     Args:
         root: the checkpoint directory (holding config.json), or None for shapes only.
         tensors: checkpoint tensor name -> shape.
@@ -264,6 +268,18 @@ def peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> Pe
     Returns:
         A :class:`PeftNaming`.
     """
+    key = str(root.resolve()) if root is not None else None
+    return _cached_naming(key, tuple((n, tuple(s)) for n, s in tensors.items()))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_naming(
+    root: str | None, tensors: tuple[tuple[str, tuple[int, ...]], ...]
+) -> PeftNaming:
+    return _peft_naming(Path(root) if root is not None else None, dict(tensors))
+
+
+def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> PeftNaming:
     targets: dict[str, PeftTarget] = {}
     left_out: dict[str, str] = {}
     params: dict[str, str] = {}
