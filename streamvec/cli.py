@@ -196,6 +196,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         dtype=args.dtype,
         keep_base_when_missing=args.missing == "keep-base",
+        strict=args.strict,
     )
     report = model.save(
         args.output, description="combine", shard_size=args.shard_size, **_run_kwargs(args)
@@ -283,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         "combine",
         help="task arithmetic: edited model or combined task vector",
         description="Linear combination of task vectors. TERM is PATH or PATH:WEIGHT; PATH is a "
-        "task-vector store, or a checkpoint whose task vector relative to --base is computed on "
-        "the fly (never stored). With --base the output is the edited model "
-        "theta_base + SCALE * sum(w_i tau_i) as sharded safetensors (HF layout); without it, "
+        "task-vector store, a PEFT LoRA adapter folder, or a checkpoint whose task vector "
+        "relative to --base is computed on the fly (never stored). With --base the output is "
+        "the edited model theta_base + SCALE * sum(w_i tau_i) as sharded safetensors (HF layout); without it, "
         "the combined task vector as a Zarr store. Negation: ft:-1. Analogy C + (B - A): C B A:-1. "
         "--include/--exclude restrict the edit; other tensors keep the base value.",
     )
@@ -302,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["error", "keep-base"],
         default="error",
         help="a tensor missing in a term: fail (default) or keep the base value",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a LoRA adapter TERM recorded with another local base is an error, not a warning",
     )
     _add_run_options(p)
     add_report_option(p)

@@ -56,6 +56,7 @@ def combine_terms(
     exclude: list[str] | None = None,
     dtype: str | None = None,
     keep_base_when_missing: bool = False,
+    strict: bool = False,
 ) -> Model:
     """Build ``base + scale * sum(w_i tau_i)`` (or ``scale * sum(w_i tau_i)`` without a base).
 
@@ -67,6 +68,7 @@ def combine_terms(
         exclude: leave these tensors unedited.
         dtype: output dtype (default: the base's per tensor; float32 for a task vector).
         keep_base_when_missing: where a term lacks a tensor, keep the base value.
+        strict: a LoRA adapter term recorded with another local base is an error.
 
     Returns:
         The lazy result; ``.save(path)`` writes it.
@@ -78,7 +80,8 @@ def combine_terms(
     base_model = open_model(base) if base is not None else None
     total: Model | None = None
     for spec in terms:
-        src = open_model(spec.path, base=base)  # an adapter maps its names through the base
+        # An adapter maps its names through the base.
+        src = open_model(spec.path, base=base, strict=strict)
         if src.source.is_point:
             if base_model is None:
                 raise StreamvecError(
