@@ -286,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Linear combination of task vectors. TERM is PATH or PATH:WEIGHT; PATH is a "
         "task-vector store, a PEFT LoRA adapter folder, or a checkpoint whose task vector "
         "relative to --base is computed on the fly (never stored). With --base the output is "
-        "the edited model theta_base + SCALE * sum(w_i tau_i) as sharded safetensors (HF layout); without it, "
-        "the combined task vector as a Zarr store. Negation: ft:-1. Analogy C + (B - A): C B A:-1. "
+        "the edited model theta_base + SCALE * sum(w_i tau_i) as sharded safetensors (HF "
+        "layout); without it, the combined task vector as a Zarr store. Negation: ft:-1. "
+        "Analogy C + (B - A): C B A:-1. "
         "--include/--exclude restrict the edit; other tensors keep the base value.",
     )
     p.add_argument("terms", nargs="+", metavar="TERM")
