@@ -404,6 +404,8 @@ def lora(
         }
         (out.partial / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
         final = out.commit()
+    if naming.model_class is None:
+        print(f"warning: {naming.how}", file=sys.stderr)
     for name, why in sorted(left_out.items()):
         print(f"warning: {name} changed but is not in the adapter: {why}", file=sys.stderr)
     return LoraReport(
