@@ -238,3 +238,23 @@ def test_merge_errors() -> None:
         iso_c_merge((u, s, vh[:, :, None]))
     with pytest.raises(StreamvecError, match="at least one"):
         iso_c_merge((u[:, :0], s[:0], vh[:0]))
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "ranks"), [(40, 30, (2, 3)), (8, 50, (4, 4, 4)), (6, 5, (3, 4))]
+)
+def test_stacked_lowrank_svd_is_the_exact_svd_of_the_sum(
+    m: int, n: int, ranks: tuple[int, ...]
+) -> None:
+    from streamvec.linalg.factors import stacked_lowrank_svd
+
+    rng = np.random.default_rng(7)
+    parts = [(rng.normal(size=(m, r)), rng.normal(size=(r, n))) for r in ranks]
+    dense = sum(a @ b for a, b in parts)
+    u, s, vh, norm = stacked_lowrank_svd(parts)
+    want = np.linalg.svd(dense, compute_uv=False)
+    k = min(sum(ranks), m, n)
+    np.testing.assert_allclose(s[:k], want[:k], rtol=1e-10, atol=1e-12 * want[0])
+    np.testing.assert_allclose((u * s) @ vh, dense, atol=1e-10 * np.abs(dense).max())
+    assert abs(norm - np.linalg.norm(dense)) <= 1e-12 * norm
+    np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-12)
