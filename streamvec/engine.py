@@ -601,9 +601,12 @@ def _checksums(
         blocks = [digests.get((t.name, r0)) for r0, _ in row_ranges(rows, p.block_rows)]
         if any(b is None for b in blocks):
             raise RuntimeError(f"internal error: blocks of {t.name!r} missing from the results")
+        ordered = [b for b in blocks if b is not None]
         out[t.name] = {
-            CHECKSUM_ALGO: tensor_checksum([b for b in blocks if b is not None]),
+            CHECKSUM_ALGO: tensor_checksum(ordered),
             "checksum_block_rows": p.block_rows,
+            # Per block (= per chunk of a Zarr output): readers check each chunk they decode.
+            "block_" + CHECKSUM_ALGO: [d.hex() for d in ordered],
             "dtype": dtype_name(t.dtype),
             "shape": list(t.shape),
         }

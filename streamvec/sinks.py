@@ -123,7 +123,11 @@ class ZarrSink:
 
     def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None:
         assert self.path is not None
-        zarr_store.set_array_attrs(self.path, checksums)
+        from streamvec.names import encode_array_path
+
+        # Checksums and the record of empty chunks in one rewrite of each array's metadata.
+        by_path = {encode_array_path(n): a for n, a in checksums.items()}
+        zarr_store.record_empty_chunks(self.path, by_path)
         zarr_store.update_root_attrs(self.path, attrs)
         zarr_store.consolidate(self.path)
 
@@ -176,7 +180,13 @@ class SafetensorsSink:
         # Blocks were written at location() offsets by the block writers, not via write_rows;
         # the engine has already checked that every block task returned.
         self._writer.finish(fsync=False, require_complete=False)
-        manifest = {"streamvec": attrs, "tensors": checksums}
+        # Per tensor: its checksum and where its header puts it (streamvec verify compares).
+        tensors = {}
+        for name, rec in checksums.items():
+            path, offset = self._writer.location(name)
+            kept = {k: v for k, v in rec.items() if not k.startswith("block_")}
+            tensors[name] = {**kept, "file": path.name, "offset": offset}
+        manifest = {"streamvec": attrs, "tensors": tensors}
         (self.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
 
     def close(self) -> None:
