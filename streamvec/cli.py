@@ -16,6 +16,8 @@ from typing import Any
 
 from streamvec import __version__
 from streamvec.errors import StreamvecError
+from streamvec.io.store_check import ReadPolicy, using_read_policy
+from streamvec.units import parse_size
 
 EPILOG = """examples:
   streamvec info llama-base
@@ -82,6 +84,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
         "--check-finite",
         action="store_true",
         help="fail, naming tensors and rows, if any result is NaN or infinite",
+    )
+    g.add_argument(
+        "--no-verify-inputs",
+        action="store_true",
+        help="do not compare each chunk read from a Zarr store with its recorded checksum "
+        "(see docs/reliability.md for what it costs)",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     if filters:
@@ -363,12 +371,22 @@ def _add_operation_parsers(sub: Any) -> None:
     add_bench(sub)
 
 
+def _read_policy(args: argparse.Namespace) -> ReadPolicy:
+    """How this command reads stores: chunk checksums, and chunks bounded by the budget."""
+    limit = getattr(args, "memory_limit", None)
+    return ReadPolicy(
+        verify=not getattr(args, "no_verify_inputs", False),
+        max_chunk_bytes=parse_size(limit) // 4 if limit else None,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        with using_read_policy(_read_policy(args)):
+            return func(args)
     except StreamvecError as exc:
         if args.debug:
             traceback.print_exc()

@@ -306,20 +306,24 @@ def _ints(value: Any, what: str, where: str, *, positive: bool) -> tuple[int, ..
     return tuple(out)
 
 
+def _codec_name(codec: Any) -> str:
+    name = codec.get("name") if isinstance(codec, dict) else codec
+    return repr(name)[:60]
+
+
 def _check_codecs(codecs: Any, where: str) -> bool:
     """True when compressed (bytes + blosc), False for bytes alone; refuses anything else."""
+    allowed = "little-endian bytes, then optionally blosc lz4 or zstd"
     if not isinstance(codecs, list) or not 1 <= len(codecs) <= 2:
-        raise _fail(f"{where}: codecs {codecs!r} are not ones streamvec writes (bytes [+ blosc])")
+        shown = [_codec_name(c) for c in codecs][:4] if isinstance(codecs, list) else codecs
+        raise _fail(f"{where}: codecs {shown!r} are not ones streamvec writes ({allowed})")
     first = codecs[0]
     if not (
         isinstance(first, dict)
         and first.get("name") == "bytes"
         and (first.get("configuration") or {}).get("endian", "little") == "little"
     ):
-        raise _fail(
-            f"{where}: first codec {first!r} is not little-endian 'bytes'; streamvec "
-            "reads only the codecs it writes"
-        )
+        raise _fail(f"{where}: codec {_codec_name(first)} is not one streamvec writes ({allowed})")
     if len(codecs) == 1:
         return False
     second = codecs[1]
@@ -333,7 +337,10 @@ def _check_codecs(codecs: Any, where: str) -> bool:
         or not isinstance(cfg.get("typesize"), int)
         or not 1 <= cfg["typesize"] <= 8
     ):
-        raise _fail(f"{where}: codec {second!r} is not one streamvec writes (blosc lz4/zstd)")
+        detail = f" {cfg.get('cname')!r}"[:40] if isinstance(cfg, dict) else ""
+        raise _fail(
+            f"{where}: codec {_codec_name(second)}{detail} is not one streamvec writes ({allowed})"
+        )
     return True
 
 
@@ -353,7 +360,7 @@ def _check_array(
     if not isinstance(attrs, dict):
         raise _fail(f"{where}: attributes are not a JSON object")
     tag = attrs.get("dtype", data_type)
-    if (tag == "bfloat16") != (data_type == "uint16") or (tag != "bfloat16" and tag != data_type):
+    if tag != data_type and not (tag == "bfloat16" and data_type == "uint16"):
         raise _fail(f"{where}: attrs dtype {tag!r} does not match its data type {data_type!r}")
     shape = _ints(node.get("shape"), "shape", where, positive=False)
     if math.prod(shape) > MAX_ELEMENTS:
