@@ -564,13 +564,6 @@ def validate_store(
     meta = (doc.get("consolidated_metadata") or {}).get("metadata")
     if not isinstance(meta, dict):
         raise _fail(f"{root}: store metadata is not consolidated (unfinished store?)")
-    on_disk = _node_paths_on_disk(root)
-    unlisted = sorted(on_disk - set(meta))
-    if unlisted:
-        raise _fail(
-            f"{root}: {unlisted[0]} is on disk but not in the consolidated metadata (the store "
-            "was changed after it was written); rewrite it"
-        )
     arrays: dict[str, ArrayCheck] = {}
     names: dict[str, str] = {}
     for node_path, node in meta.items():
@@ -616,7 +609,48 @@ def validate_store(
             arrays[node_path] = _check_array(root, node_path, node, label, policy)
         elif kind != "group":
             raise _fail(f"{root}: node {node_path!r} has node_type {kind!r}")
+    unlisted = sorted(_node_paths_on_disk(root) - set(meta))
+    if unlisted:
+        raise _fail(
+            f"{root}: {unlisted[0]} is on disk but not in the consolidated metadata (the store "
+            "was changed after it was written); rewrite it"
+        )
+    if attrs.get("kind") == "svd":
+        _check_svd_layout(root, meta, arrays)
     return ValidatedStore(root, attrs, meta, arrays)
+
+
+# The factors of each factored tensor of an SVD store: (name, axes, data type).
+SVD_FACTORS = (("U", 2, "float32"), ("S", 1, "float64"), ("Vh", 2, "float32"))
+
+
+def _check_svd_layout(root: Path, meta: dict[str, Any], arrays: dict[str, ArrayCheck]) -> None:
+    """Each group of an SVD store holds exactly its U, S and Vh factors, of fitting shapes."""
+    for node_path, node in meta.items():
+        if "/" in node_path:
+            if node_path.rpartition("/")[2] not in {f for f, _, _ in SVD_FACTORS}:
+                raise _fail(f"{root}: node {node_path!r} is not a factor (U, S or Vh)")
+            continue
+        if node.get("node_type") != "group":
+            continue
+        name = _label(node, node_path)
+        shapes = []
+        for f, ndim, kind in SVD_FACTORS:
+            check = arrays.get(f"{node_path}/{f}")
+            if check is None:
+                raise _fail(f"{root}: tensor {name!r} lacks its {f} factor; rewrite the store")
+            if len(check.shape) != ndim or check.dtype != np.dtype(kind):
+                raise _fail(
+                    f"{root}: tensor {name!r} factor {f} is {check.dtype} {list(check.shape)}; "
+                    f"expected {ndim}-d {kind}"
+                )
+            shapes.append(check.shape)
+        (_, k), (k2,), (k3, _) = shapes
+        if not k == k2 == k3:
+            raise _fail(
+                f"{root}: tensor {name!r} factors U {shapes[0]}, S {shapes[1]}, Vh {shapes[2]} "
+                "disagree on the rank"
+            )
 
 
 def array_check(store: str, array_path: str, policy: ReadPolicy | None = None) -> ArrayCheck:

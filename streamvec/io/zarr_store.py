@@ -163,13 +163,23 @@ def _fill_is_zero_bits(meta: ArrayV3Metadata) -> bool:
     return fill.dtype.kind in "biuf" and not fill.tobytes().strip(b"\0")
 
 
-def _write_file(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, as zarr's LocalStore does."""
+def _write_file(path: Path, data: Any, inside: Path | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, as zarr's LocalStore does.
+
+    Missing folders are made below ``inside`` only: a block still in flight after its run
+    failed (and the output was removed) must not make the output's folders again.
+    """
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if inside is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            below = path.parent.relative_to(inside).parts
+            for i in range(len(below)):
+                # parents=False: fails if `inside` itself is gone
+                inside.joinpath(*below[: i + 1]).mkdir(exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data).cast("B")
@@ -294,7 +304,7 @@ class ZarrBlockWriter:
         if encoded is None:
             path.unlink(missing_ok=True)  # zarr deletes a chunk that became all fill value
         else:
-            _write_file(path, encoded)
+            _write_file(path, encoded, inside=Path(self.store) / self.array_path)
         return encoding
 
     def _chunk_of(self, meta: ArrayV3Metadata, r0: int, n: int) -> tuple[int, ...] | None:
