@@ -433,7 +433,8 @@ def _block_digests(
         return None
     if (
         not isinstance(blocks, list)
-        or len(blocks) != n_chunks
+        # An empty tensor has no chunk, and one (empty) block when it was written.
+        or (len(blocks) != n_chunks and not (n_chunks == 0 and len(blocks) <= 1))
         or (n_chunks > 1 and attrs.get("checksum_block_rows") != chunk_rows)
     ):
         raise _fail(f"{where}: attr {BLOCK_DIGESTS_ATTR} does not list one digest per chunk")
