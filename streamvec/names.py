@@ -94,7 +94,7 @@ def encode_array_path(name: str) -> str:
 
     A leading ``__`` (reserved by Zarr v3), names made only of dots, and names Zarr or
     streamvec give a meaning to inside a store folder (``zarr.json``, the v2 metadata names,
-    ``c``, a temporary ``*.partial``) get their first character encoded: the array path
+    ``c``) get their first character encoded: the array path
     differs, and the ``name`` attr keeps the real name.
 
     Example:
@@ -106,7 +106,7 @@ def encode_array_path(name: str) -> str:
         encoded = "%5F" + encoded[1:]
     if set(encoded) <= {"."}:
         encoded = encoded.replace(".", "%2E")
-    if encoded in RESERVED_PATHS or encoded.endswith(".partial"):
+    if encoded in RESERVED_PATHS:
         encoded = f"%{ord(encoded[0]):02X}{encoded[1:]}"
     return encoded
 
