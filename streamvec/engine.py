@@ -22,7 +22,7 @@ from streamvec import __version__
 from streamvec.algebra import Model
 from streamvec.devices import CPU, block_kernel, check_device
 from streamvec.dtypes import dtype_name
-from streamvec.errors import OutputError, StreamvecError
+from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.output import OutputDir, output_error
 from streamvec.jobs import (
@@ -39,6 +39,7 @@ from streamvec.jobs import (
 from streamvec.kernel import accumulation_dtype
 from streamvec.memory import anon_bytes, default_memory_limit
 from streamvec.sinks import BlockWriter, PlannedTensor, SafetensorsSink, Sink, ZarrSink
+from streamvec.sources import input_paths
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.units import format_bytes, parse_size
 
@@ -413,8 +414,7 @@ def run(
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
         "tensors": [[t.name, list(t.shape), dtype_name(t.dtype)] for t in tensors],
     }
-    _refuse_overwriting_inputs(Path(path), model)
-    out = OutputDir(path, overwrite=overwrite)
+    out = OutputDir(path, overwrite=overwrite, inputs=input_paths(model.sources()))
     kept = out.open(keep_partial=resume)
     if kept and read_job(out.partial) is None:
         # Killed before its job record was written: nothing was logged as done, start over.
@@ -576,19 +576,6 @@ def _raise_if_nonfinite(results: list[BlockResult]) -> None:
         )
         more = f"; and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
         raise StreamvecError(f"NaN or infinite values in the result: {where}{more}")
-
-
-def _refuse_overwriting_inputs(path: Path, model: Model) -> None:
-    """An output at (or above) an input's location would replace the input when renamed."""
-    final = path.absolute().resolve()
-    for source in model.sources():
-        for t in list(source.tensors.values())[:1]:
-            where = Path(getattr(t.reader, "path", getattr(t.reader, "store", source.label)))
-            where = where.resolve()
-            if where == final or final in where.parents:
-                raise OutputError(
-                    f"{path}: is (or contains) the input {source.label}; write to another path"
-                )
 
 
 def _checksums(

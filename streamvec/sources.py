@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
@@ -33,6 +34,29 @@ def fingerprint_files(paths: list[Path]) -> str:
             if len(head) == 8:
                 h.update(f.read(min(int.from_bytes(head, "little"), 100_000_000)))
     return h.hexdigest()
+
+
+def input_paths(sources: Iterable[Source]) -> list[Path]:
+    """Every file and directory the sources read: what an output must not overlap.
+
+    Args:
+        sources: the inputs of a computation (``model.sources()``).
+
+    Returns:
+        The paths as given, the shard files or stores their tensors are read from, and the
+        files copied from them (config, tokenizer).
+    """
+    paths: dict[Path, None] = {}
+    for source in sources:
+        paths[Path(source.label)] = None
+        paths[Path(source.key)] = None
+        for t in source.tensors.values():
+            where = getattr(t.reader, "path", None) or getattr(t.reader, "store", None)
+            if where is not None:
+                paths[Path(str(where))] = None
+        for extra in source.extra_files:
+            paths[Path(extra)] = None
+    return list(paths)
 
 
 def checkpoint_source(files: CheckpointFiles, label: str) -> Source:

@@ -57,6 +57,7 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
+from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
 
@@ -228,7 +229,7 @@ def export_lora(
     modules: dict[str, dict[str, Any]] = {}
     unchanged: list[str] = []
     methods: Counter[str] = Counter()
-    out = OutputDir(output, overwrite=run.overwrite)
+    out = OutputDir(output, overwrite=run.overwrite, inputs=input_paths([*tv.sources(), base_src]))
     with out, dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
         factorizer = Factorizer(options, run, kwargs)
         spill = out.partial / ".factors"

@@ -62,6 +62,7 @@ from streamvec.linalg.rsvd import (
     sketch_width,
 )
 from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.units import format_bytes, parse_size
@@ -694,7 +695,7 @@ def svd(
         "workers": run.resolved_workers(),
         "block_size": run.block_bytes(),
     }
-    out = OutputDir(output, overwrite=run.overwrite)
+    out = OutputDir(output, overwrite=run.overwrite, inputs=input_paths(tv.sources()))
     kept = out.open(keep_partial=run.resume) and read_job(out.partial) is not None
     if not kept and run.resume:
         out.release()

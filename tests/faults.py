@@ -1,0 +1,97 @@
+"""Helpers of the fault suite: every writing command, a fingerprint of its inputs, checks.
+
+``writing_commands(fam, out)`` lists ``(id, argv)`` for every command that writes an output,
+all reading the same tiny synthetic family (a base and two fine-tunes), so a fault can be
+tried against each of them. ``snapshot(paths)`` hashes every file under the inputs; a case
+compares it before and after the command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .conftest import run_cli_subprocess
+
+# Small enough that every command finishes in a second or two on tiny models.
+RANK = ("--rank", "2")
+RSVD = ("--method", "randomized")
+
+
+def recipe(path: Path, method: str, fam: dict[str, Path], params: str = "") -> Path:
+    """A mergekit-style recipe over the family's base and fine-tunes ``a`` and ``b``."""
+    weights = {"task_arithmetic": "{weight: 0.5}", "ties": "{weight: 0.5, density: 0.5}"}.get(
+        method, "{}"
+    )
+    path.write_text(
+        f"merge_method: {method}\n"
+        f"base_model: {fam['base']}\n"
+        "models:\n"
+        f"  - model: {fam['a']}\n"
+        f"    parameters: {weights}\n"
+        f"  - model: {fam['b']}\n"
+        f"    parameters: {weights}\n"
+        f"parameters: {{{params}}}\n"
+    )
+    return path
+
+
+MERGE_METHODS = {
+    "task_arithmetic": "",
+    "ties": "",
+    "tsv": "rank: 2",
+    "iso_c": "rank: 2",
+    "shared_unique": "rank: 2, threshold: 0.5",
+}
+
+
+COMMANDS = (
+    "diff",
+    "combine",
+    "svd",
+    "lora",
+    "decompose",
+    "merge-svd",
+    *(f"merge-{m}" for m in MERGE_METHODS),
+)
+
+
+def writing_commands(fam: dict[str, Path], out: Path, scratch: Path) -> list[tuple[str, list]]:
+    """``(id, argv)`` of every command that writes ``out`` from the family's models."""
+    base, a, b = fam["base"], fam["a"], fam["b"]
+    cmds: list[tuple[str, list]] = [
+        ("diff", ["diff", base, a, "-o", out]),
+        ("combine", ["combine", "--base", base, "-o", out, f"{a}:0.5", f"{b}:0.5"]),
+        ("svd", ["svd", a, "--base", base, "-o", out, *RANK, *RSVD]),
+        ("lora", ["lora", base, a, "-o", out, *RANK]),
+        ("decompose", ["decompose", a, b, "--base", base, "-o", out, *RANK]),
+        ("merge-svd", ["merge-svd", "tsv", a, b, "--base", base, "-o", out, *RANK]),
+    ]
+    for method, params in MERGE_METHODS.items():
+        r = recipe(scratch / f"{method}.yaml", method, fam, params)
+        cmds.append((f"merge-{method}", ["merge", r, "-o", out]))
+    return cmds
+
+
+def snapshot(*paths: Path) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (files or directories), by path."""
+    out = {}
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in files:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def assert_refused(proc, *fragments: str) -> None:
+    """Exit 2, one line on stderr naming what is wrong (each fragment in it)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("streamvec: error:"), proc.stderr
+    for f in fragments:
+        assert f in lines[0], (f, proc.stderr)
+
+
+def run(*argv) -> object:
+    return run_cli_subprocess(*argv, "-q")
