@@ -30,8 +30,10 @@ from streamvec.jobs import (
     DoneLog,
     JobPlan,
     ResumeError,
+    check_done_inputs,
+    digest_operands,
     explain_mismatch,
-    read_done,
+    read_done_entries,
     read_job,
     remove_job_files,
     write_job,
@@ -85,15 +87,17 @@ class RunReport:
 def working_bytes_per_element(t: LazyTensor, device: str = CPU) -> int:
     """Anonymous bytes a block task holds per element: accumulator, output, encode buffer.
 
-    On a GPU the operands are also staged in host buffers (one per operand) on their way.
+    Operands are read (``pread``) into anonymous buffers, one per operand; on a GPU they are
+    also staged in host buffers (one per operand) on their way.
     """
     out = t.dtype.itemsize
+    reads = sum(r.dtype.itemsize for _, r in t.terms)
     if t.op is not None:
         # every term upcast to float32, plus the op's result and a temporary of that size
-        return 4 * (len(t.terms) + 2) + 3 * out
+        return 4 * (len(t.terms) + 2) + 3 * out + reads
     acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
-    staging = sum(r.dtype.itemsize for _, r in t.terms) if device != CPU else 0
-    return (acc if acc != out else 0) + 3 * out + staging
+    staging = reads if device != CPU else 0
+    return (acc if acc != out else 0) + 3 * out + staging + reads
 
 
 def balanced_rows(rows: int, most: int) -> int:
@@ -154,6 +158,8 @@ class BlockResult:
     first_nonfinite_row: int = -1
     # Seconds spent in each of BLOCK_STAGES.
     seconds: tuple[float, ...] = ()
+    # xxh3-128 of each operand's bytes, logged so that --resume can tell a changed input.
+    inputs: tuple[str, ...] = ()
 
 
 def _prefetch(following: tuple[LazyTensor, int, int] | None) -> None:
@@ -180,6 +186,7 @@ def _block_task(
     started = clock()
     _prefetch(following)
     operands = t.read_operands(r0, r1)
+    inputs = tuple(digest_operands(operands))
     read = clock()
     block = t.evaluate(operands, r0, r1, block_kernel(device))
     del operands
@@ -204,7 +211,7 @@ def _block_task(
         written - computed - encoding,
         clock() - written,
     )
-    return BlockResult(t.name, r0, digest, bad, first, seconds)
+    return BlockResult(t.name, r0, digest, bad, first, seconds, inputs)
 
 
 def tensor_checksum(block_digests: list[bytes]) -> str:
@@ -511,7 +518,16 @@ def _resume_plan(
         )
     # The recorded block rows, not this run's budget: blocks must be cut as before.
     replanned = [PlannedTensor(p.tensor, recorded.block_rows[p.tensor.name]) for p in plan]
-    return replanned, read_done(partial)
+    entries = read_done_entries(partial)
+    # The finished blocks were computed from the inputs as they were then: read them again
+    # and compare, so a changed input is refused rather than mixed in (docs/reliability.md).
+    for p in replanned:
+        rows = matrix_shape(p.tensor.shape)[0]
+        for r0, r1 in row_ranges(rows, p.block_rows):
+            entry = entries.get((p.tensor.name, r0))
+            if entry is not None:
+                check_done_inputs(p.tensor, r0, r1, entry[1], p.block_rows)
+    return replanned, {key: digest for key, (digest, _) in entries.items()}
 
 
 def _run_blocks(
@@ -549,7 +565,7 @@ def _run_blocks(
         sizes[key] = (r1 - r0) * sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
 
     def finished(key: Any, result: BlockResult) -> None:
-        log.record(result.name, result.r0, result.digest)
+        log.record(result.name, result.r0, result.digest, list(result.inputs))
 
     return execute_graph(
         graph,

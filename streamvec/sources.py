@@ -10,7 +10,7 @@ import xxhash
 
 from streamvec.algebra import Source, SourceModel, SourceTensor
 from streamvec.errors import InputNotFoundError, StoreError
-from streamvec.io.blocks import SafetensorsReader
+from streamvec.io.blocks import SafetensorsReader, file_stamp
 from streamvec.io.checkpoint import CheckpointFiles, resolve_checkpoint
 from streamvec.io.zarr_store import is_zarr_store, read_store
 
@@ -60,9 +60,15 @@ def input_paths(sources: Iterable[Source]) -> list[Path]:
 
 
 def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
+    # The version of each shard whose header was parsed: a block read from another version
+    # (replaced, truncated, rewritten during the run) is an error, never mixed in.
+    stamps = {p: file_stamp(p.stat()) for p in files.shards}
     tensors = {
         t.name: SourceTensor(
-            t.name, t.shape, t.dtype, SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype)
+            t.name,
+            t.shape,
+            t.dtype,
+            SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype, stamps.get(t.path)),
         )
         for t in files.tensors.values()
     }

@@ -46,10 +46,12 @@ from streamvec.jobs import (
     DoneLog,
     JobPlan,
     ResumeError,
+    check_done_inputs,
     explain_mismatch,
-    read_done,
+    read_done_entries,
     read_job,
     remove_job_files,
+    tensor_input_digests,
     write_job,
 )
 from streamvec.kernel import accumulation_dtype
@@ -712,7 +714,15 @@ def svd(
                     "--resume to start over"
                 )
             budget = recorded.identity["budget"]
-            done = {name for name, _ in read_done(out.partial)}
+            entries = read_done_entries(out.partial)
+            done = {name for name, _ in entries}
+            # Tensors already factored came from the inputs as they were then: a changed
+            # input is refused by name rather than mixed with this run's (docs/reliability.md).
+            for (name, _), (_, inputs) in entries.items():
+                if name in resolved.tensors:
+                    t = resolved.tensors[name]
+                    rows = matrix_shape(t.shape)[0]
+                    check_done_inputs(t, 0, rows, inputs, rows_per_block(t.shape))
         else:
             write_job(out.partial, JobPlan({"job": identity, "budget": budget}, {}))
         run = replace(
@@ -743,7 +753,7 @@ def svd(
                 if not is_factored_shape(t.shape):
                     writer.write_dense(name, _dense_values(t, run.check_finite), source_dtype(t))
                     dense += 1
-                    log.record(name, 0, b"")
+                    log.record(name, 0, b"", _input_digests(t))
                     continue
                 seed = tensor_seed(options.seed, name)
                 result, plan = factorizer.factor(t, options.rank, seed)
@@ -758,7 +768,7 @@ def svd(
                 )
                 methods[plan.method] += 1
                 residuals[name] = result.residual
-                log.record(name, 0, b"")
+                log.record(name, 0, b"", _input_digests(t))
             log.close()
             remove_job_files(out.partial)
             writer.finish()
@@ -778,6 +788,15 @@ def svd(
         seconds=time.perf_counter() - started,
         residuals=residuals,
     )
+
+
+def _input_digests(t: LazyTensor) -> list[str]:
+    """Digests of the tensor's inputs, logged with it so that --resume can tell a change.
+
+    One more read of the tensor's inputs (from the page cache, just after the factorization
+    read them); its cost is in docs/reliability.md.
+    """
+    return tensor_input_digests(t, 0, matrix_shape(t.shape)[0], rows_per_block(t.shape))
 
 
 def _dense_values(t: LazyTensor, check_finite: bool = False) -> np.ndarray:
