@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -363,10 +364,34 @@ def _add_operation_parsers(sub: Any) -> None:
     add_bench(sub)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every command keeps (or cleans) its output the same way."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _kept_partial(args: argparse.Namespace) -> bool:
+    """Whether an interrupted run left an unfinished output that --resume can continue."""
+    output = getattr(args, "output", None)
+    if not output or not hasattr(args, "resume"):
+        return False
+    out = Path(output).absolute()
+    return (out.parent / f".{out.name}.partial").is_dir()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    # SIGTERM (kill, a batch scheduler's time limit) behaves like Ctrl-C: the partial output
+    # of a resumable run is kept, the others are removed, and the exit code says which signal.
+    installed = True
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        installed = False
     try:
         return func(args)
     except StreamvecError as exc:
@@ -374,10 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"streamvec: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        resumable = " (rerun with --resume to continue)" if hasattr(args, "resume") else ""
-        print(f"streamvec: interrupted; no output was finished{resumable}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        resumable = " (rerun with --resume to continue)" if _kept_partial(args) else ""
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"streamvec: {how}; no output was finished{resumable}", file=sys.stderr)
+        # 128 + the signal's number, as a shell reports a process the signal killed
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
@@ -387,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

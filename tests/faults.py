@@ -95,3 +95,37 @@ def assert_refused(proc, *fragments: str) -> None:
 
 def run(*argv) -> object:
     return run_cli_subprocess(*argv, "-q")
+
+
+def act_during_run(argv: list, out: Path, act, env: dict | None = None):
+    """Run the CLI; once it has started writing ``out`` (a sibling ``.OUT...`` exists), call
+    ``act(proc)``; return the finished process (stderr as text) and whether ``act`` ran while
+    the command was still running."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamvec.cli", *map(str, argv)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+    )
+    prefix = f".{out.name}."
+    deadline = time.monotonic() + 120
+    acted = False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(p.name.startswith(prefix) for p in out.parent.iterdir()):
+                act(proc)
+                acted = proc.poll() is None
+                break
+            time.sleep(0.002)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc.stderr_text = err
+    return proc, acted

@@ -7,16 +7,23 @@ after).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streamvec import synth
+from streamvec.io.checkpoint import resolve_checkpoint
+from streamvec.jobs import DONE_LOG
 
 from .conftest import run_cli, run_cli_subprocess
-from .faults import COMMANDS, snapshot, writing_commands
+from .faults import COMMANDS, act_during_run, assert_refused, snapshot, writing_commands
+from .test_reliability import SHAPE as BIG
+from .test_reliability import command, kill_after
 
 SHAPE = synth.LlamaShape(hidden=64, intermediate=176, layers=2, heads=2, kv_heads=1, vocab=256)
 
@@ -91,3 +98,154 @@ def test_overlap_refused_in_a_real_process(family: dict[str, Path], tmp_path: Pa
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"{family['a']}: is the input" in proc.stderr
     assert snapshot(*family.values()) == before
+
+
+# -- what resume checks ------------------------------------------------------------------------
+
+RESUMABLE = ["diff", "svd"]
+
+
+@pytest.fixture(scope="module")
+def big_pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Large enough (with 16 kB blocks) that a run can be stopped in the middle."""
+    root = tmp_path_factory.mktemp("faults-big")
+    base = synth.build_checkpoint(root / "base", shape=BIG, shard_size="400kB", seed=0)
+    return {
+        "base": base,
+        "a": synth.build_finetune(base, root / "a", rank=4, seed=1),
+        "b": synth.build_finetune(base, root / "b", rank=4, seed=2),
+        "other": synth.build_finetune(base, root / "other", rank=4, seed=7),
+    }
+
+
+@pytest.fixture
+def big(big_pristine: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "models"
+    return {k: Path(shutil.copytree(v, root / k)) for k, v in big_pristine.items()}
+
+
+def _logged(out: Path) -> list[tuple[str, int]]:
+    log = out.parent / f".{out.name}.partial" / DONE_LOG
+    return [tuple(json.loads(line)[:2]) for line in log.read_text().splitlines()]
+
+
+def _flip_byte_of(ft: Path, tensor: str, row: int) -> Path:
+    """Flip one byte of ``tensor``'s row ``row`` in place (same size, same header)."""
+    t = resolve_checkpoint(ft).tensors[tensor]
+    cols = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+    where = t.offset + row * cols * t.dtype.itemsize
+    with open(t.path, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0x40]))
+    return Path(t.path)
+
+
+@pytest.mark.parametrize("kind", RESUMABLE)
+def test_resume_refuses_a_byte_flipped_in_a_finished_block(big, tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "out"
+    cmd = command(kind, big, out)
+    kill_after(cmd, out, 3)
+    name, r0 = _logged(out)[0]
+    changed = _flip_byte_of(big["a"], name, r0)
+    before = snapshot(*big.values())
+    proc = run_cli_subprocess(*cmd, "--resume")
+    assert_refused(proc, "cannot resume", str(changed), "changed since the unfinished run")
+    assert not out.exists()
+    assert snapshot(*big.values()) == before
+    # the unfinished job stays; without --resume the run starts over and succeeds
+    assert run_cli(*cmd) == 0
+
+
+@pytest.mark.parametrize("kind", RESUMABLE)
+def test_resume_refuses_a_finetune_replaced_by_another(big, tmp_path: Path, kind: str) -> None:
+    """Same names, shapes, dtypes and sizes (the header fingerprint is equal): the data differ."""
+    out = tmp_path / "out"
+    cmd = command(kind, big, out)
+    kill_after(cmd, out, 3)
+    for shard in big["other"].glob("*.safetensors"):
+        assert shard.stat().st_size == (big["a"] / shard.name).stat().st_size
+        shutil.copyfile(shard, big["a"] / shard.name)
+    proc = run_cli_subprocess(*cmd, "--resume")
+    assert_refused(proc, "cannot resume", str(big["a"]), "changed since the unfinished run")
+    assert not out.exists()
+
+
+# -- inputs that change during a run, and signals ---------------------------------------------
+
+SLOW = ("--block-size", "16kB", "--workers", "1", "-q")
+
+
+def _big_argv(big: dict[str, Path], tmp_path: Path, which: str, out: Path) -> list[str]:
+    return [*_argv(big, tmp_path, which, out), *SLOW]
+
+
+def _last_shard(ft: Path) -> Path:
+    """The last shard holding weights (the very last one holds only an int buffer)."""
+    return [p for p in sorted(ft.glob("*.safetensors")) if p.stat().st_size > 100_000][-1]
+
+
+def _assert_nothing_left(out: Path) -> None:
+    assert not out.exists(), "an output appeared"
+    left = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not left, f"left behind: {left}"
+
+
+@pytest.mark.parametrize("which", COMMANDS)
+def test_input_truncated_during_the_run(big, tmp_path: Path, which: str) -> None:
+    out = tmp_path / "out"
+    shard = _last_shard(big["a"])
+    others = snapshot(big["base"], big["b"])
+
+    def truncate(proc) -> None:
+        os.truncate(shard, shard.stat().st_size // 2)
+
+    proc, acted = act_during_run(_big_argv(big, tmp_path, which, out), out, truncate)
+    if not acted:
+        pytest.skip("the command finished before the input could be truncated")
+    assert proc.returncode == 2, proc.stderr_text
+    lines = proc.stderr_text.strip().splitlines()
+    assert len(lines) == 1 and str(shard) in lines[0], proc.stderr_text
+    _assert_nothing_left(out)
+    assert snapshot(big["base"], big["b"]) == others
+
+
+@pytest.mark.parametrize("which", ["diff", "svd", "lora", "merge-ties"])
+def test_input_replaced_during_the_run(big, tmp_path: Path, which: str) -> None:
+    out = tmp_path / "out"
+    shard = _last_shard(big["a"])
+    replacement = big["other"] / shard.name
+
+    def replace(proc) -> None:
+        os.replace(replacement, shard)  # same size and header, other data: a new file
+
+    proc, acted = act_during_run(_big_argv(big, tmp_path, which, out), out, replace)
+    if not acted:
+        pytest.skip("the command finished before the input could be replaced")
+    assert proc.returncode == 2, proc.stderr_text
+    assert "was replaced by another file" in proc.stderr_text and str(shard) in proc.stderr_text
+    _assert_nothing_left(out)
+
+
+@pytest.mark.parametrize("which", COMMANDS)
+def test_sigterm_is_like_ctrl_c(big, tmp_path: Path, which: str) -> None:
+    out = tmp_path / "out"
+    before = snapshot(*big.values())
+    argv = _big_argv(big, tmp_path, which, out)
+    proc, acted = act_during_run(argv, out, lambda p: p.send_signal(signal.SIGTERM))
+    if not acted:
+        pytest.skip("the command finished before the signal")
+    assert proc.returncode == 143, proc.stderr_text
+    assert proc.stderr_text.strip().splitlines() == [
+        line for line in proc.stderr_text.strip().splitlines() if "terminated (SIGTERM)" in line
+    ], proc.stderr_text
+    assert not out.exists()
+    assert snapshot(*big.values()) == before
+    partial = out.parent / f".{out.name}.partial"
+    if which in RESUMABLE and partial.is_dir():
+        assert "--resume" in proc.stderr_text
+        assert run_cli(*argv, "--resume") == 0
+        assert out.is_dir()
+    else:
+        _assert_nothing_left(out)
