@@ -129,3 +129,45 @@ def act_during_run(argv: list, out: Path, act, env: dict | None = None):
             proc.kill()
     proc.stderr_text = err
     return proc, acted
+
+
+def hostile_recipes(d: Path, fam: dict[str, Path]) -> list[tuple[str, Path, str]]:
+    """``(id, recipe path, message fragment)``: recipes that must be refused quickly."""
+    import os
+
+    d.mkdir(parents=True, exist_ok=True)
+    head = f"merge_method: task_arithmetic\nbase_model: {fam['base']}\n"
+    models = f"models:\n  - model: {fam['a']}\n    parameters: {{weight: 0.5}}\n"
+    cases = []
+    # "billion laughs": 10 ** 9 values once expanded, a few hundred bytes on disk
+    bomb = d / "bomb.yaml"
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 10):
+        refs = ", ".join([f"*l{i - 1}"] * 10)
+        lines.append(f"l{i}: &l{i} [{refs}]")
+    bomb.write_text(
+        head
+        + models
+        + "parameters:\n  weight: 1\n  extra: {\n"
+        + "".join(f"    {line.replace(': ', ': ', 1)},\n" for line in lines)
+        + "  }\n"
+    )
+    cases.append(("alias-bomb", bomb, "through YAML aliases"))
+    deep = d / "deep.yaml"
+    deep.write_text(head + models + "parameters: " + "[" * 5000 + "]" * 5000 + "\n")
+    cases.append(("deep-nesting", deep, "nested more than"))
+    big = d / "big.yaml"
+    with big.open("w") as f:
+        f.write(head + models + "# " + "x" * (50 << 20) + "\n")
+    cases.append(("50MB", big, "larger than"))
+    cases.append(("dev-zero", Path("/dev/zero"), "not a regular file"))
+    fifo = d / "fifo.yaml"
+    os.mkfifo(fifo)
+    cases.append(("fifo", fifo, "not a regular file"))
+    for name, target in (("dev-zero-model", Path("/dev/zero")), ("fifo-model", d / "m.fifo")):
+        if name == "fifo-model":
+            os.mkfifo(target)
+        r = d / f"{name}.yaml"
+        r.write_text(head + f"models:\n  - model: {target}\n    parameters: {{weight: 0.5}}\n")
+        cases.append((name, r, "not a regular file or directory"))
+    return cases

@@ -21,7 +21,14 @@ from streamvec.io.checkpoint import resolve_checkpoint
 from streamvec.jobs import DONE_LOG
 
 from .conftest import run_cli, run_cli_subprocess
-from .faults import COMMANDS, act_during_run, assert_refused, snapshot, writing_commands
+from .faults import (
+    COMMANDS,
+    act_during_run,
+    assert_refused,
+    hostile_recipes,
+    snapshot,
+    writing_commands,
+)
 from .test_reliability import SHAPE as BIG
 from .test_reliability import command, kill_after
 
@@ -249,3 +256,20 @@ def test_sigterm_is_like_ctrl_c(big, tmp_path: Path, which: str) -> None:
         assert out.is_dir()
     else:
         _assert_nothing_left(out)
+
+
+# -- hostile recipes ---------------------------------------------------------------------------
+
+HOSTILE = ["alias-bomb", "deep-nesting", "50MB", "dev-zero", "fifo", "dev-zero-model", "fifo-model"]
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_recipe_is_refused(family: dict[str, Path], tmp_path: Path, case: str) -> None:
+    recipe = {c: (p, f) for c, p, f in hostile_recipes(tmp_path / "r", family)}
+    path, fragment = recipe[case]
+    out = tmp_path / "merged"
+    before = snapshot(*family.values())
+    proc = run_cli_subprocess("merge", path, "-o", out, "-q")  # bounded by its timeout
+    assert_refused(proc, fragment)
+    _assert_nothing_left(out)
+    assert snapshot(*family.values()) == before
