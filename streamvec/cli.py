@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import traceback
@@ -398,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"streamvec: error: {exc}", file=sys.stderr)
+        # Writes that failed inside zarr's event loop (disk full) leave tasks whose errors
+        # asyncio would log again at exit, after the one line that already said it.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 2
     except KeyboardInterrupt as exc:
         resumable = " (rerun with --resume to continue)" if _kept_partial(args) else ""

@@ -422,6 +422,7 @@ def run(
         "tensors": [[t.name, list(t.shape), dtype_name(t.dtype)] for t in tensors],
     }
     out = OutputDir(path, overwrite=overwrite, inputs=input_paths(model.sources()))
+    out.expected_bytes = sum(t.nbytes for t in tensors)  # uncompressed: an upper bound
     kept = out.open(keep_partial=resume)
     if kept and read_job(out.partial) is None:
         # Killed before its job record was written: nothing was logged as done, start over.
@@ -468,6 +469,10 @@ def run(
         sink.close()
         out.release()  # keep the partial output: --resume continues it
         raise
+    except OSError as exc:  # disk full while creating or finishing the output
+        sink.close()
+        out.abort()
+        raise out.write_error(exc) from None
     except BaseException:
         sink.close()
         out.abort()

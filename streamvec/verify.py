@@ -14,7 +14,7 @@ from streamvec.engine import CHECKSUM_ALGO, block_digest, tensor_checksum
 from streamvec.errors import InputNotFoundError, StoreError, StreamvecError
 from streamvec.io.blocks import BlockReader, matrix_shape
 from streamvec.io.zarr_store import is_zarr_store, read_store
-from streamvec.sinks import MANIFEST_NAME
+from streamvec.sinks import MANIFEST_NAME, read_manifest
 from streamvec.tensor import row_ranges
 
 
@@ -37,7 +37,6 @@ def _digest(reader: BlockReader, block_rows: int) -> str:
 
 def _checksummed_arrays(store: Path) -> list[tuple[str, BlockReader, dict[str, Any]]]:
     """Every array of a store that carries a checksum, nested ones (SVD factors) included."""
-    import json
 
     from streamvec.dtypes import OUTPUT_DTYPES
     from streamvec.io.blocks import ZarrReader
@@ -83,7 +82,7 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRes
             )
         from streamvec.sources import open_source
 
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(p)
         source = open_source(p)
         for name, rec in manifest["tensors"].items():
             if name not in source.tensors:

@@ -273,3 +273,51 @@ def test_hostile_recipe_is_refused(family: dict[str, Path], tmp_path: Path, case
     assert_refused(proc, fragment)
     _assert_nothing_left(out)
     assert snapshot(*family.values()) == before
+
+
+# -- disk full, damaged manifests --------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 64 kB tmpfs (needs root; skipped where mounting is not permitted)."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.mark.parametrize("which", COMMANDS)
+def test_disk_full(family: dict[str, Path], tmp_path: Path, small_disk: Path, which: str) -> None:
+    out = small_disk / "result"
+    before = snapshot(*family.values())
+    proc = run_cli_subprocess(*_argv(family, tmp_path, which, out), "-q")
+    # names the output (or the hidden sibling it is being written to) and the way out
+    assert_refused(proc, f"{small_disk}/", "result", "free disk space")
+    assert "free" in proc.stderr and ("needs" in proc.stderr or "No space" in proc.stderr)
+    _assert_nothing_left(out)
+    assert snapshot(*family.values()) == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json {", b"\xff\xfe", b"[1, 2]", b'{"tensors": {"w": {"xxh3_128": "00"}}}'],
+    ids=["not-json", "not-utf8", "not-a-mapping", "no-block-rows"],
+)
+def test_damaged_manifest_is_refused_by_verify(
+    family: dict[str, Path], tmp_path: Path, content: bytes
+) -> None:
+    out = tmp_path / "edited"
+    assert run_cli(*_argv(family, tmp_path, "combine", out), "-q") == 0
+    (out / "streamvec.json").write_bytes(content)
+    proc = run_cli_subprocess("verify", out, "-q")
+    assert_refused(proc, "streamvec.json", "recompute it")

@@ -65,6 +65,33 @@ def output_error(action: str, path: Path, exc: OSError) -> OutputError:
 InputPaths = Iterable[str | os.PathLike[str]]
 
 
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free to this user on the file system of ``directory`` (None: unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(final: Path, need: int) -> None:
+    """Refuse to start an output of about ``need`` bytes where less is free.
+
+    Args:
+        final: the output path (its parent's file system is checked).
+        need: the bytes the output is expected to take.
+
+    Raises:
+        OutputError: naming the output, the space it needs and the space free.
+    """
+    free = free_bytes(final.absolute().parent)
+    if free is not None and need > free:
+        raise OutputError(
+            f"{final}: the output needs about {need} bytes but only {free} are free on its "
+            "disk; free disk space or write to another directory"
+        )
+
+
 def refuse_overlap(final: str | os.PathLike[str], inputs: InputPaths) -> None:
     """Refuse an output that is, contains, or lies inside one of the inputs.
 
@@ -133,6 +160,8 @@ class OutputDir:
         self.final = Path(final).absolute()
         self.overwrite = overwrite
         self.inputs = [Path(p) for p in inputs]
+        # Set by a command that knows its output's size: said when the disk fills up.
+        self.expected_bytes: int | None = None
         parent = self.final.parent
         self.partial = parent / f".{self.final.name}.partial"
         self.lock_path = parent / f".{self.final.name}.lock"
@@ -145,6 +174,21 @@ class OutputDir:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError):
+                raise self.write_error(exc) from None
+
+    def write_error(self, exc: OSError) -> OutputError:
+        """An error writing the output, in words: disk full says the space needed and free."""
+        err = output_error("write", self.final, exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = free_bytes(self.final.parent)
+            need = f"up to {self.expected_bytes} bytes" if self.expected_bytes else "more space"
+            have = f" ({free} free now)" if free is not None else ""
+            err = OutputError(
+                f"cannot write {self.final}: disk full; the output needs {need}{have}; free "
+                "disk space or write to another directory (nothing was kept)"
+            )
+        return err
 
     def open(self, *, keep_partial: bool = False) -> bool:
         """Check the destination, take the lock and make the partial directory.

@@ -43,7 +43,7 @@ from streamvec.engine import RunReport
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
-from streamvec.io.output import check_destination
+from streamvec.io.output import check_destination, output_error
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -290,6 +290,8 @@ def merge_svd(
             },
             **run.engine_kwargs(),
         )
+    except OSError as exc:  # disk full while writing the merged factors beside the output
+        raise output_error("write", out_path, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return MergeReport(report, method, methods, ranks)

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +41,7 @@ from streamvec.engine import RUNTIME_OVERHEAD  # the engine's headroom, so budge
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
-from streamvec.io.output import OutputDir
+from streamvec.io.output import OutputDir, check_free_space
 from streamvec.jobs import (
     DoneLog,
     JobPlan,
@@ -698,6 +698,9 @@ def svd(
         "block_size": run.block_bytes(),
     }
     out = OutputDir(output, overwrite=run.overwrite, inputs=input_paths(tv.sources()))
+    out.expected_bytes = svd_store_bytes(resolved.tensors.values(), options.rank)
+    if not run.resume:
+        check_free_space(out.final, out.expected_bytes)
     kept = out.open(keep_partial=run.resume) and read_job(out.partial) is not None
     if not kept and run.resume:
         out.release()
@@ -776,6 +779,9 @@ def svd(
     except KeyboardInterrupt:
         out.release()  # keep the partial output: --resume continues it
         raise
+    except OSError as exc:  # disk full, quota, I/O error: say what and where
+        out.abort()
+        raise out.write_error(exc) from None
     except BaseException:
         out.abort()
         raise
@@ -788,6 +794,26 @@ def svd(
         seconds=time.perf_counter() - started,
         residuals=residuals,
     )
+
+
+def svd_store_bytes(tensors: Iterable[LazyTensor], rank: int) -> int:
+    """About how many bytes an SVD store of these tensors takes (float32, uncompressed).
+
+    Args:
+        tensors: the tensors to factor (non-matrices are stored dense).
+        rank: the rank kept per matrix.
+
+    Returns:
+        ``(m + n + 1) k`` float32 values per factored matrix, every element of the others.
+    """
+    total = 0
+    for t in tensors:
+        if is_factored_shape(t.shape):
+            m, n = matrix_shape(t.shape)
+            total += (m + n + 1) * min(rank, m, n) * 4
+        else:
+            total += math.prod(t.shape) * 4
+    return total
 
 
 def _input_digests(t: LazyTensor) -> list[str]:
