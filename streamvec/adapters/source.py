@@ -42,7 +42,7 @@ from streamvec.io.adapter_readers import (
     SumReader,
     TaggedReader,
 )
-from streamvec.io.blocks import BlockReader, SafetensorsReader
+from streamvec.io.blocks import BlockReader, SafetensorsReader, file_stamp
 from streamvec.io.checkpoint import resolve_checkpoint
 
 __all__ = [
@@ -277,8 +277,12 @@ def adapter_source(
 
         naming = peft_naming(base_root, {n: t.shape for n, t in base.tensors.items()})
 
+    # The adapter file's version when its header was read: a file replaced during a run is
+    # an error naming it, as for checkpoints.
+    stamp = file_stamp(weights.stat())
+
     def reader(info: Any) -> SafetensorsReader:
-        return SafetensorsReader(str(info.path), info.offset, info.shape, info.dtype)
+        return SafetensorsReader(str(info.path), info.offset, info.shape, info.dtype, stamp)
 
     tensors: dict[str, SourceTensor] = {}
     problems: list[str] = []

@@ -70,7 +70,7 @@ from streamvec.errors import StreamvecError
 from streamvec.io.adapter_readers import LoraProductReader
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.checkpoint import resolve_checkpoint
-from streamvec.io.output import OutputDir
+from streamvec.io.output import OutputDir, check_free_space
 from streamvec.linalg.factors import stacked_lowrank_svd
 from streamvec.linalg.rsvd import SVDResult, sum_of_squares
 from streamvec.ops.combine import TermSpec
@@ -82,6 +82,8 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
+from streamvec.sources import input_paths
+from streamvec.sources import open as open_model
 from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
 
 __all__ = ["DEFAULT_RANK_TOL", "LoraReport", "export_lora", "is_linear_weight", "lora"]
@@ -311,7 +313,14 @@ def lora(
     modules: list[ExportedModule] = []
     unchanged: list[str] = []
     methods: Counter[str] = Counter()
-    out = OutputDir(output, overwrite=run.overwrite)
+    base_src = open_model(base).source
+    out = OutputDir(output, overwrite=run.overwrite, inputs=input_paths([*tv.sources(), base_src]))
+    # A and B of every layer at full rank, twice: spilled while factoring, then the adapter.
+    out.expected_bytes = 2 * sum(
+        (t.shape[0] + t.shape[1]) * min(options.rank, *t.shape) * out_dtype.itemsize
+        for _, t in selected
+    )
+    check_free_space(out.final, out.expected_bytes)
     with out, dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
         factorizer = Factorizer(options, run, kwargs)
         spill = out.partial / ".factors"
