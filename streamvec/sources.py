@@ -12,6 +12,7 @@ from streamvec.errors import InputNotFoundError, StoreError
 from streamvec.io.blocks import SafetensorsReader
 from streamvec.io.checkpoint import CheckpointFiles, resolve_checkpoint
 from streamvec.io.zarr_store import is_zarr_store, read_store
+from streamvec.ties import TieRules
 
 # Store kinds usable as task-vector terms: dense task vectors, and SVD stores, whose factored
 # tensors read back as U S Vh (see streamvec.io.lowrank).
@@ -52,7 +53,7 @@ def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
     key = str(
         files.shards[0].resolve().parent if len(files.shards) > 1 else files.shards[0].resolve()
     )
-    return Source(label, True, key, tensors, info, extra)
+    return Source(label, True, key, tensors, info, extra, TieRules(files.root), files.stem)
 
 
 def store_source(path: Path, label: str) -> Source:

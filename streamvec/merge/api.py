@@ -36,9 +36,10 @@ def request_for(
     seed: int | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    vocab: str | None = None,
 ) -> MergeRequest:
     """Load (if a path), check and bind a recipe; opens every input's headers."""
-    return bind(_recipe(recipe), seed=seed, include=include, exclude=exclude)
+    return bind(_recipe(recipe), seed=seed, include=include, exclude=exclude, vocab=vocab)
 
 
 def build_model(
@@ -48,6 +49,7 @@ def build_model(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     settings: RunSettings | None = None,
+    vocab: str | None = None,
 ) -> Model:
     """The merged model of a recipe, lazily (nothing is computed until it is saved or read).
 
@@ -61,7 +63,7 @@ def build_model(
         >>> model = build_model("ties.yaml")  # doctest: +SKIP
         >>> model["model.layers.0.mlp.up_proj.weight"].compute()  # doctest: +SKIP
     """
-    request = request_for(recipe, seed=seed, include=include, exclude=exclude)
+    request = request_for(recipe, seed=seed, include=include, exclude=exclude, vocab=vocab)
     if request.method.build is None:
         raise StreamvecError(
             f"{request.method.name} factors matrices before streaming and is not a lazy "
@@ -78,6 +80,7 @@ def merge(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     settings: RunSettings | None = None,
+    vocab: str | None = None,
 ) -> MergeReport:
     """Run a mergekit-style recipe and write the merged model (sharded safetensors, HF layout).
 
@@ -96,7 +99,7 @@ def merge(
         >>> merge("dare.yaml", "merged", seed=1)  # doctest: +SKIP
     """
     settings = settings or RunSettings()
-    request = request_for(recipe, seed=seed, include=include, exclude=exclude)
+    request = request_for(recipe, seed=seed, include=include, exclude=exclude, vocab=vocab)
     method = request.method
     if method.run is not None:
         return MergeReport(method.name, request, method.run(request, output, settings))

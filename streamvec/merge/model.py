@@ -180,7 +180,7 @@ class MergeModel(Model):
         # Weights summing to 1 make it a "model" (non-float buffers pass through from the base);
         # they are never used as weights.
         terms = (Term(1.0 - points * c, req.base), *(Term(c, s) for s in req.models))
-        return Combination(terms).resolved()
+        return Combination(terms, vocab=req.vocab).resolved()
 
     def _build(self) -> Resolved:
         req = self.request
