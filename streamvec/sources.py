@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import xxhash
@@ -104,10 +105,22 @@ def store_source(path: Path, label: str) -> Source:
 
 
 def open_source(path: str | os.PathLike[str]) -> Source:
-    """A :class:`Source` for a checkpoint (file or directory) or a streamvec Zarr store."""
+    """A :class:`Source` for a checkpoint (file or directory) or a streamvec Zarr store.
+
+    A path that does not exist but reads as a Hugging Face model id (``org/name`` or
+    ``org/name@revision``) is resolved through ``huggingface_hub`` (see :mod:`streamvec.hub`);
+    an existing local path always wins.
+    """
     p = Path(path)
     if not p.exists():
-        raise InputNotFoundError(f"{p}: no such file or directory")
+        from streamvec.hub import parse_hub_id, resolve_hub_id
+
+        if parse_hub_id(str(path)) is None:
+            raise InputNotFoundError(f"{p}: no such file or directory")
+        snap = resolve_hub_id(str(path))
+        source = checkpoint_source(resolve_checkpoint(snap.path), str(path))
+        info = {**source.info, "hub_id": snap.repo_id, "revision": snap.commit}
+        return replace(source, info=info)
     if is_zarr_store(p):
         return store_source(p, str(path))
     return checkpoint_source(resolve_checkpoint(p), str(path))

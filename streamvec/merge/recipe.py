@@ -394,12 +394,12 @@ def bind(
 
 
 def _open(path: str, where: str, src: str, open_source: Any) -> Source:
-    if not Path(path).exists():
+    from streamvec.hub import parse_hub_id
+
+    if not Path(path).exists() and parse_hub_id(path) is None:
         raise StreamvecError(
-            f"{src}: {where}: {path!r} is not a local path (no such file or directory); "
-            "streamvec reads local safetensors checkpoints and never downloads from the "
-            "Hugging Face Hub: download it first (e.g. `huggingface-cli download ORG/NAME "
-            "--local-dir DIR`) and write DIR in the recipe"
+            f"{src}: {where}: {path!r} is neither a local path (no such file or directory) "
+            "nor a Hugging Face model id (org/name or org/name@revision)"
         )
     source: Source = open_source(path)
     return source
