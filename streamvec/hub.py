@@ -100,6 +100,8 @@ def resolve_hub_id(text: str) -> HubSnapshot:
             revision=revision,
             allow_patterns=list(ALLOW_PATTERNS),
             local_files_only=local_files_only,
+            # Read now, not when huggingface_hub was imported: the variable may change.
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
         )
         return HubSnapshot(repo_id, revision, Path(folder))
 
