@@ -167,15 +167,64 @@ def model_card(attrs: Mapping[str, Any], command: Sequence[str] | None = None) -
     return "\n".join(lines)
 
 
+# Options that say how a run goes, not what it computes: left out of the card's command, so
+# that a resumed run, or the same run elsewhere, writes the same card (outputs are identical).
+_RUN_FLAGS = {"--resume", "--overwrite", "-q", "--quiet", "--check-finite", "--debug"}
+_RUN_OPTIONS = {
+    "--workers",
+    "--scheduler",
+    "--memory-limit",
+    "--device",
+    "--block-size",
+    "--report",
+    "--compression",
+}
+_OUTPUT_OPTIONS = {"-o", "--output"}
+
+
+def card_command(argv: Sequence[str]) -> list[str]:
+    """The command as the card shows it: run options dropped, the output written ``OUT``.
+
+    Example:
+        >>> card_command(["streamvec", "diff", "b", "f", "-o", "/x/t.zarr", "--workers", "2"])
+        ['streamvec', 'diff', 'b', 'f', '-o', 'OUT']
+    """
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag in _RUN_FLAGS:
+            continue
+        if flag in _RUN_OPTIONS:
+            skip = not eq
+            continue
+        if flag in _OUTPUT_OPTIONS:
+            out += [flag, "OUT"] if not eq else [f"{flag}=OUT"]
+            skip = not eq and i + 1 < len(argv)
+            continue
+        out.append(arg)
+    return out
+
+
 def write_model_card(directory: Path, attrs: Mapping[str, Any]) -> None:
-    """Write ``README.md`` into an output directory (checkpoint or store)."""
-    (directory / CARD_NAME).write_text(model_card(attrs, COMMAND_LINE.get()), encoding="utf-8")
+    """Write ``README.md`` into an output directory (checkpoint or store).
+
+    The card depends only on what the output is (its attrs and the command that computes
+    it), so a resumed run writes the same bytes as an uninterrupted one.
+    """
+    argv = COMMAND_LINE.get()
+    command = card_command(argv) if argv is not None else None
+    (directory / CARD_NAME).write_text(model_card(attrs, command), encoding="utf-8")
 
 
 __all__ = [
     "CARD_NAME",
     "COMMAND_LINE",
     "Companions",
+    "card_command",
     "companions_for",
     "copy_companions",
     "model_card",
