@@ -255,15 +255,18 @@ def test_vocab_in_diff_and_merge_recipe(resized, tmp_path: Path) -> None:
     assert run_cli("diff", resized["base"], resized["ft"], "-o", tmp_path / "t.zarr", "-q") == 2
     tau = tmp_path / "t.zarr"
     assert run_cli("diff", resized["base"], resized["ft"], "-o", tau, "--vocab", "base", "-q") == 0
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        f"merge_method: task_arithmetic\nbase_model: {resized['base']}\ntokenizer_source: union\n"
-        f"parameters: {{weight: 0.5}}\nmodels:\n  - model: {resized['ft']}\n"
-    )
-    out = tmp_path / "merged"
-    assert run_cli("merge", recipe, "-o", out, "-q") == 0
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 72
-    _load_lm(out)
+    # mergekit's tokenizer_source sets the policy; a lazy sum and a TIES merge both honour it.
+    for method in ("task_arithmetic", "ties"):
+        recipe = tmp_path / f"{method}.yaml"
+        recipe.write_text(
+            f"merge_method: {method}\nbase_model: {resized['base']}\ntokenizer_source: union\n"
+            f"parameters: {{weight: 0.5, density: 0.5}}\nmodels:\n  - model: {resized['ft']}\n"
+        )
+        out = tmp_path / method
+        assert run_cli("merge", recipe, "-o", out, "-q") == 0
+        assert json.loads((out / "config.json").read_text())["vocab_size"] == 72
+        assert "chat" in (out / "tokenizer.json").read_text()
+        _load_lm(out)
 
 
 # -- Hub ids ----------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ class MergeModel(Model):
         self._rescale(pending, deltas, out)
         # Keep the checked order (file order of the base), whatever was deferred.
         ordered = {name: out[name] for name in check.tensors if name in out}
-        return Resolved("model", ordered, check.skipped_nonfloat, check.kept_base)
+        return Resolved("model", ordered, check.skipped_nonfloat, check.kept_base, check.vocab)
 
     def _input(self, p: _Pending, deltas: tuple[bool, ...]) -> TensorInput:
         return TensorInput(p.name, p.shape, tuple((1.0, r) for r in p.readers), deltas)
