@@ -55,6 +55,7 @@ def combine_terms(
     exclude: list[str] | None = None,
     dtype: str | None = None,
     keep_base_when_missing: bool = False,
+    vocab: str | None = None,
 ) -> Model:
     """Build ``base + scale * sum(w_i tau_i)`` (or ``scale * sum(w_i tau_i)`` without a base).
 
@@ -66,6 +67,8 @@ def combine_terms(
         exclude: leave these tensors unedited.
         dtype: output dtype (default: the base's per tensor; float32 for a task vector).
         keep_base_when_missing: where a term lacks a tensor, keep the base value.
+        vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
+            :mod:`streamvec.vocab`); None refuses a difference.
 
     Returns:
         The lazy result; ``.save(path)`` writes it.
@@ -96,4 +99,6 @@ def combine_terms(
     model = model.filter(include, exclude)
     if keep_base_when_missing:
         model = model.keep_base_when_missing()
+    if vocab is not None:
+        model = model.with_vocab(vocab)
     return model.astype(dtype) if dtype else model
