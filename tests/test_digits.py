@@ -5,7 +5,7 @@ relation; about 20 s of CPU) once, in a temporary directory, and asserts the qua
 claims. Every weight-space edit in it is a streamvec command; the assertions read the
 accuracies of the checkpoints those commands wrote.
 
-Margins come from repeated runs of ``python -m streamvec.experiments.digits --quick`` with
+Margins come from repeated runs of ``python -m examples.digits.classic --quick`` with
 seeds 0-9 and 100 (each seed changes the data split, the initialisation and the shuffles);
 the spreads are in docs/tutorial-digits.md. Each threshold sits well outside the worst value
 measured, so that a different torch build or BLAS (a different but equally valid run) does not
@@ -36,7 +36,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("torch")
 
-from streamvec.experiments.digits import Config, run_experiment
+from examples.digits.classic import Config, run_experiment
 
 pytestmark = pytest.mark.slow  # about 20 s: trains 10 small models
 
