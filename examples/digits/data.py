@@ -23,6 +23,19 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 ALL_DIGITS = tuple(range(10))
 LOW, HIGH = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+LABEL_CLASSES = (10, 11)
+
+
+def view(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The view called ``name``; ``a+b`` applies view ``a``, then ``b`` (e.g. ``mirror+faded``)."""
+    steps = [VIEWS[part] for part in name.split("+")]
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return apply
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,24 @@ class Task:
     name: str
     view: str
     digits: tuple[int, ...] = ALL_DIGITS
+    # "digit": the 10-way digit head (logits 0-9). A label task ("parity": even/odd, "high":
+    # digit > 4) has a head of its own, logits 10-11 of a model with two heads.
+    label: str = "digit"
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """The logits this task is scored on."""
+        return self.digits if self.label == "digit" else LABEL_CLASSES
+
+    def targets(self, digits: np.ndarray) -> np.ndarray:
+        """The class index of each image from its digit."""
+        if self.label == "digit":
+            return digits
+        if self.label == "parity":
+            return LABEL_CLASSES[0] + digits % 2
+        if self.label == "high":
+            return LABEL_CLASSES[0] + (digits > 4).astype(digits.dtype)
+        raise ValueError(f"unknown label task {self.label!r}: expected digit, parity or high")
 
 
 CONTROL = Task("upright", "upright")
@@ -80,8 +111,9 @@ def task_arrays(
     """Flattened view images and labels of ``task`` on a split (or on given indices)."""
     idx = data.splits[split] if indices is None else indices
     idx = idx[np.isin(data.labels[idx], task.digits)]
-    x = np.ascontiguousarray(VIEWS[task.view](data.images[idx])).reshape(len(idx), 64)
-    return torch.from_numpy(x), torch.from_numpy(data.labels[idx])
+    x = np.ascontiguousarray(view(task.view)(data.images[idx]), dtype=np.float32)
+    y = task.targets(data.labels[idx])
+    return torch.from_numpy(x.reshape(len(idx), 64)), torch.from_numpy(y)
 
 
 def stable_seed(seed: int, name: str) -> int:

@@ -122,7 +122,8 @@ class Evaluator:
             self._cache[key] = task_arrays(self.data, task, split)
         x, y = self._cache[key]
         with torch.no_grad():
-            predicted = (net(x) + class_mask(task.digits)).argmax(1)
+            logits = net(x)
+            predicted = (logits + class_mask(task.classes, logits.shape[1])).argmax(1)
         return float((predicted == y).float().mean())
 
 
@@ -143,6 +144,7 @@ class Context:
     pretrained_path: Path
     base: Model
     shard_bytes: int
+    model_class: type[DigitsMLP] = DigitsMLP
 
     def vector(self, name: str) -> Path:
         return self.out / "vectors" / f"{name}.zarr"
@@ -160,7 +162,7 @@ class Context:
 
     def load(self, path: Path) -> DigitsMLP:
         """A fresh module holding the checkpoint at ``path``."""
-        net = DigitsMLP(self.config.hidden)
+        net = self.model_class(self.config.hidden)
         net.load_state_dict(load_checkpoint(path))
         net.eval()
         return net
@@ -181,3 +183,62 @@ class Context:
             *terms,
         )
         return self.load(path)
+
+    def add_finetune(self, name: str, net: torch.nn.Module) -> Path:
+        """Save a fine-tune as ``models/ft-NAME`` and ``streamvec diff`` it into ``vectors/``."""
+        path = save_checkpoint(
+            net.state_dict(),
+            self.model(f"ft-{name}"),
+            shard_bytes=self.shard_bytes,
+            config=model_config(self.config),
+        )
+        self.streamvec("diff", self.pretrained_path, path, "-o", self.vector(name))
+        return path
+
+    def write(self, results: Mapping[str, Any], report: str) -> None:
+        """``results.json``, ``results.md`` and ``commands.sh`` (every streamvec command run)."""
+        (self.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (self.out / "results.md").write_text(report)
+        script = [
+            "#!/bin/sh",
+            "# The streamvec commands the experiment ran, in order (paths relative to this file).",
+            "set -e",
+            'cd "$(dirname "$0")"',
+            *self.streamvec.commands,
+        ]
+        (self.out / "commands.sh").write_text("\n".join(script) + "\n")
+
+
+def model_config(config: Config) -> dict[str, Any]:
+    """The ``config.json`` written next to each checkpoint (streamvec copies it along)."""
+    return {"model_type": "streamvec-digits-mlp", "input_size": 64, "hidden_size": config.hidden}
+
+
+def new_context(
+    config: Config, out: Path, data: Digits, pretrained: DigitsMLP, model_class: type[DigitsMLP]
+) -> Context:
+    """Save ``pretrained`` under ``out/models`` and return the context the stages share."""
+    from streamvec.units import parse_size
+
+    out = out.resolve()
+    for sub in ("models", "vectors", "parts"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    shard_bytes = parse_size(config.shard_size)
+    pre_path = save_checkpoint(
+        pretrained.state_dict(),
+        out / "models" / "pretrained",
+        shard_bytes=shard_bytes,
+        config=model_config(config),
+    )
+    return Context(
+        config=config,
+        out=out,
+        data=data,
+        evaluate=Evaluator(data),
+        streamvec=Streamvec(out, ["--quiet", "--overwrite", "--scheduler", config.scheduler]),
+        net=model_class(config.hidden),
+        pretrained_path=pre_path,
+        base=sv.open(pre_path),
+        shard_bytes=shard_bytes,
+        model_class=model_class,
+    )

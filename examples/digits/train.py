@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -15,6 +16,8 @@ from .data import ALL_DIGITS, CONTROL, Digits, Task, stable_seed, task_arrays
 class DigitsMLP(torch.nn.Module):
     """64 -> hidden -> hidden -> 10, ReLU. Tensor names: fc1.*, fc2.*, head.*."""
 
+    n_outputs = 10
+
     def __init__(self, hidden: int = 256) -> None:
         super().__init__()
         self.fc1 = torch.nn.Linear(64, hidden)
@@ -25,10 +28,28 @@ class DigitsMLP(torch.nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def class_mask(digits: Sequence[int]) -> torch.Tensor:
+class TwoHeadMLP(DigitsMLP):
+    """:class:`DigitsMLP` with a second, 2-way head (``head2.*``) for a label task.
+
+    Outputs the 10 digit logits then the 2 label logits. ``head2`` is created last, so the
+    trunk and digit head start from the same weights as a :class:`DigitsMLP` of that seed.
+    """
+
+    n_outputs = 12
+
+    def __init__(self, hidden: int = 256) -> None:
+        super().__init__(hidden)
+        self.head2 = torch.nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return torch.cat([self.head(h), self.head2(h)], dim=1)
+
+
+def class_mask(classes: Sequence[int], n_outputs: int = 10) -> torch.Tensor:
     """0 on the task's classes, -inf elsewhere: added to logits, restricts the head."""
-    mask = torch.full((10,), float("-inf"))
-    mask[list(digits)] = 0.0
+    mask = torch.full((n_outputs,), float("-inf"))
+    mask[list(classes)] = 0.0
     return mask
 
 
@@ -64,7 +85,7 @@ def train(
     digits: Sequence[int] = ALL_DIGITS,
     freeze_head: bool = False,
 ) -> None:
-    """Mini-batch training with cross-entropy over ``digits`` (other logits masked)."""
+    """Mini-batch training with cross-entropy over the classes ``digits`` (others masked)."""
     params = [p for n, p in net.named_parameters() if not (freeze_head and n.startswith("head."))]
     opt: torch.optim.Optimizer
     if optimizer == "adam":
@@ -72,7 +93,7 @@ def train(
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
-    mask = class_mask(digits)
+    mask = class_mask(digits, net.n_outputs)
     net.train()
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=gen)
@@ -85,10 +106,14 @@ def train(
     net.eval()
 
 
-def pretrain(config: Config, data: Digits) -> DigitsMLP:
-    """Upright training digits plus ``exposure`` of the training images in each exposure view."""
+def pretrain(config: Config, data: Digits, model: type[DigitsMLP] = DigitsMLP) -> DigitsMLP:
+    """Upright training digits plus ``exposure`` of the training images in each exposure view.
+
+    Only the digit head is trained: a :class:`TwoHeadMLP`'s label head keeps its random
+    initialisation (the pre-trained model has no label task).
+    """
     torch.manual_seed(stable_seed(config.seed, "init"))
-    net = DigitsMLP(config.hidden)
+    net = model(config.hidden)
     x, y = task_arrays(data, CONTROL, "train")
     xs, ys = [x], [y]
     train_idx = data.splits["train"]
@@ -111,11 +136,20 @@ def pretrain(config: Config, data: Digits) -> DigitsMLP:
     return net
 
 
-def finetune(config: Config, data: Digits, pretrained: DigitsMLP, task: Task) -> DigitsMLP:
-    """A copy of the pre-trained model fine-tuned on ``task``; the head stays frozen."""
-    net = DigitsMLP(config.hidden)
-    net.load_state_dict(pretrained.state_dict())
-    x, y = task_arrays(data, task, "train")
+def finetune(
+    config: Config,
+    data: Digits,
+    pretrained: DigitsMLP,
+    task: Task,
+    arrays: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> DigitsMLP:
+    """A copy of the pre-trained model fine-tuned on ``task``; the digit head stays frozen.
+
+    A label task trains its own head (``head2``) with the trunk. ``arrays`` replaces the
+    task's training images and classes (e.g. a poisoned training set).
+    """
+    net = copy.deepcopy(pretrained)
+    x, y = task_arrays(data, task, "train") if arrays is None else arrays
     train(
         net,
         x,
@@ -125,7 +159,7 @@ def finetune(config: Config, data: Digits, pretrained: DigitsMLP, task: Task) ->
         seed=stable_seed(config.seed, f"finetune-{task.name}"),
         batch_size=config.batch_size,
         optimizer="sgd",
-        digits=task.digits,
+        digits=task.classes,
         freeze_head=True,
     )
     return net
