@@ -297,14 +297,14 @@ def run_analogy(ctx: Context, pretrained: DigitsMLP) -> list[dict[str, Any]]:
     return rows
 
 
-def _shared_share(shared: Model, tau: Model) -> float:
+def shared_share(shared: Model, tau: Model) -> float:
     """Fraction of ``tau``'s squared Frobenius norm (all tensors) in its shared part."""
     num = sum(float(np.sum(np.square(shared[t].compute(), dtype=np.float64))) for t in tau)
     den = sum(float(np.sum(np.square(tau[t].compute(), dtype=np.float64))) for t in tau)
     return num / den if den > 0 else 0.0
 
 
-def _decompose(
+def decompose_vectors(
     ctx: Context, names: Sequence[str], output: Path, rank: int, threshold: float
 ) -> dict[str, Any]:
     """``streamvec decompose`` of the named task vectors; dims and shared shares."""
@@ -326,7 +326,7 @@ def _decompose(
         # decomposition reports for it carry nothing. Only the trained matrices are listed.
         "shared_dims": {k: v for k, v in manifest["shared_dims"].items() if k.startswith("fc")},
         "shared_share": {
-            n: _shared_share(sv.open(output / f"{n}.shared.zarr"), sv.open(ctx.vector(n)))
+            n: shared_share(sv.open(output / f"{n}.shared.zarr"), sv.open(ctx.vector(n)))
             for n in names
         },
     }
@@ -357,7 +357,7 @@ def run_decomposition(
         ("loose", cfg.loose_rank, cfg.loose_threshold),
     ):
         parts = out / f"all-{label}"
-        found = _decompose(ctx, names, parts, rank, threshold)
+        found = decompose_vectors(ctx, names, parts, rank, threshold)
         shared = [parts / f"{n}.shared.zarr" for n in names]
         total = ctx.tau(names[0])
         for n in names[1:]:
@@ -382,7 +382,7 @@ def run_decomposition(
     for row in negation["rows"]:
         name = row["target"]
         parts = out / f"{name}-vs-upright"
-        found = _decompose(
+        found = decompose_vectors(
             ctx, [name, "upright"], parts, cfg.decompose_rank, cfg.decompose_threshold
         )
         unique = parts / f"{name}.unique.zarr"

@@ -50,19 +50,22 @@ class Task:
     name: str
     view: str
     digits: tuple[int, ...] = ALL_DIGITS
-    # "digit": the 10-way digit head (logits 0-9). A label task ("parity": even/odd, "high":
-    # digit > 4) has a head of its own, logits 10-11 of a model with two heads.
+    # "digit": the 10-way digit head (logits 0-9); "shift": the same head, every label moved
+    # to the next digit (9 -> 0), a corruption of the labels. A label task ("parity":
+    # even/odd, "high": digit > 4) has a head of its own, logits 10-11 of a two-head model.
     label: str = "digit"
 
     @property
     def classes(self) -> tuple[int, ...]:
         """The logits this task is scored on."""
-        return self.digits if self.label == "digit" else LABEL_CLASSES
+        return self.digits if self.label in ("digit", "shift") else LABEL_CLASSES
 
     def targets(self, digits: np.ndarray) -> np.ndarray:
         """The class index of each image from its digit."""
         if self.label == "digit":
             return digits
+        if self.label == "shift":
+            return (digits + 1) % 10
         if self.label == "parity":
             return LABEL_CLASSES[0] + digits % 2
         if self.label == "high":
