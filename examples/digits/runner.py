@@ -140,11 +140,12 @@ class Context:
     data: Digits
     evaluate: Evaluator
     streamvec: Streamvec
-    net: DigitsMLP
+    net: torch.nn.Module
     pretrained_path: Path
     base: Model
     shard_bytes: int
-    model_class: type[DigitsMLP] = DigitsMLP
+    # Builds the network from ``config.hidden`` (DigitsMLP, TwoHeadMLP, DigitsViT).
+    model_class: Any = DigitsMLP
 
     def vector(self, name: str) -> Path:
         return self.out / "vectors" / f"{name}.zarr"
@@ -160,14 +161,14 @@ class Context:
         """
         return sv.open(self.model(f"ft-{name}")) - self.base
 
-    def load(self, path: Path) -> DigitsMLP:
+    def load(self, path: Path) -> Any:
         """A fresh module holding the checkpoint at ``path``."""
         net = self.model_class(self.config.hidden)
         net.load_state_dict(load_checkpoint(path))
         net.eval()
         return net
 
-    def combine(self, output: str, scale: float, *terms: str) -> DigitsMLP:
+    def combine(self, output: str, scale: float, *terms: str) -> Any:
         """``streamvec combine --base PRETRAINED`` into ``models/output``; loads it back."""
         path = self.model(output)
         self.streamvec(
@@ -184,15 +185,19 @@ class Context:
         )
         return self.load(path)
 
-    def add_finetune(self, name: str, net: torch.nn.Module) -> Path:
-        """Save a fine-tune as ``models/ft-NAME`` and ``streamvec diff`` it into ``vectors/``."""
+    def add_finetune(self, name: str, net: torch.nn.Module, include: Sequence[str] = ()) -> Path:
+        """Save a fine-tune as ``models/ft-NAME`` and ``streamvec diff`` it into ``vectors/``.
+
+        ``include``: ``--include`` globs, for a fine-tune that trained only those tensors.
+        """
         path = save_checkpoint(
             net.state_dict(),
             self.model(f"ft-{name}"),
             shard_bytes=self.shard_bytes,
             config=model_config(self.config),
         )
-        self.streamvec("diff", self.pretrained_path, path, "-o", self.vector(name))
+        filters = [arg for glob in include for arg in ("--include", glob)]
+        self.streamvec("diff", self.pretrained_path, path, "-o", self.vector(name), *filters)
         return path
 
     def write(self, results: Mapping[str, Any], report: str) -> None:
@@ -215,7 +220,7 @@ def model_config(config: Config) -> dict[str, Any]:
 
 
 def new_context(
-    config: Config, out: Path, data: Digits, pretrained: DigitsMLP, model_class: type[DigitsMLP]
+    config: Config, out: Path, data: Digits, pretrained: torch.nn.Module, model_class: Any
 ) -> Context:
     """Save ``pretrained`` under ``out/models`` and return the context the stages share."""
     from streamvec.units import parse_size

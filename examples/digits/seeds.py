@@ -59,8 +59,19 @@ def main(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seeds", default="0-4", help="e.g. 0-4 or 0,3,7 (default 0-4)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read DIR/seed-S/results.json where a finished run left one, instead of rerunning",
+    )
     args = parser.parse_args(argv)
-    results = [run(seed, args.out / f"seed-{seed}") for seed in parse_seeds(args.seeds)]
+    results = []
+    for seed in parse_seeds(args.seeds):
+        done = args.out / f"seed-{seed}" / "results.json"
+        if args.reuse and done.exists():
+            results.append(json.loads(done.read_text()))
+        else:
+            results.append(run(seed, args.out / f"seed-{seed}"))
     text = report(results) + f"\nBuild: {json.dumps(build())}\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(text)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def deterministic_torch(threads: int = 1) -> Iterator[None]:
 
 
 def train(
-    net: DigitsMLP,
+    net: Any,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -106,10 +107,13 @@ def train(
     net.eval()
 
 
-def pretrain(config: Config, data: Digits, model: type[DigitsMLP] = DigitsMLP) -> DigitsMLP:
+def pretrain(
+    config: Config, data: Digits, model: Callable[[int], torch.nn.Module] = DigitsMLP
+) -> Any:
     """Upright training digits plus ``exposure`` of the training images in each exposure view.
 
-    Only the digit head is trained: a :class:`TwoHeadMLP`'s label head keeps its random
+    ``model(config.hidden)`` builds the network (a :class:`DigitsMLP` by default). Only the
+    digit head is trained: a :class:`TwoHeadMLP`'s label head keeps its random
     initialisation (the pre-trained model has no label task).
     """
     torch.manual_seed(stable_seed(config.seed, "init"))
