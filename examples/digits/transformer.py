@@ -65,6 +65,16 @@ class TransformerConfig:
     alphas: tuple[float, ...] = _grid(-2.0, 2.0, 0.5)
     arms: tuple[str, ...] = tuple(ARMS)
 
+    @classmethod
+    def reduced(cls, seed: int = 0) -> TransformerConfig:
+        """What the test runs: two tasks, one negation target, a 4x4 grid (-1..2)."""
+        return cls(
+            base=replace(Config(hidden=32), seed=seed),
+            tasks=("mirror", "rot270"),
+            negation_targets=("mirror",),
+            alphas=_grid(-1.0, 2.0, 1.0),
+        )
+
 
 class Scorer:
     """Logits of an arm's model (the linear model for ``linearised``) and accuracies."""
