@@ -518,13 +518,13 @@ def run_experiment(config: Config, out: Path) -> dict[str, Any]:
 
 def _command_line(config: Config) -> str:
     quick = " --quick" if config.quick else ""
-    return f"python -m streamvec.experiments.digits --seed {config.seed}{quick}"
+    return f"python -m examples.digits.classic --seed {config.seed}{quick}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m streamvec.experiments.digits [--out DIR] [--seed S] [--quick]``."""
+    """``python -m examples.digits.classic [--out DIR] [--seed S] [--quick]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m streamvec.experiments.digits",
+        prog="python -m examples.digits.classic",
         description="Reproduce the task-arithmetic papers' behaviours (negation, addition, "
         "analogy, shared/unique decomposition) on scikit-learn's digits, every edit done by "
         "streamvec. Prints the tables; writes results.md, results.json, commands.sh and "
