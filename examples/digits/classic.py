@@ -48,7 +48,7 @@ from streamvec.into_torch import sweep
 from .config import Config
 from .data import CONTROL, HIGH, LOW, Task, load_digits_splits, stable_seed
 from .report import format_report, write_plot
-from .runner import Context, Evaluator, Streamvec, fmt, save_checkpoint
+from .runner import Context, Evaluator, Streamvec, fmt, runner_flags, save_checkpoint
 from .train import DigitsMLP, deterministic_torch, finetune, pretrain
 
 
@@ -427,7 +427,7 @@ def run_experiment(config: Config, out: Path) -> dict[str, Any]:
         (out / sub).mkdir(parents=True, exist_ok=True)
     data = load_digits_splits(config.seed)
     shard_bytes = parse_size(config.shard_size)
-    runner = Streamvec(out, ["--quiet", "--overwrite", "--scheduler", config.scheduler])
+    runner = Streamvec(out, runner_flags(config))
     seconds: dict[str, float] = {}
     with deterministic_torch():
         t0 = time.perf_counter()

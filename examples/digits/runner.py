@@ -214,6 +214,16 @@ class Context:
         (self.out / "commands.sh").write_text("\n".join(script) + "\n")
 
 
+def runner_flags(config: Config) -> list[str]:
+    """Flags appended to every streamvec command.
+
+    An explicit ``--memory-limit``: the default is half of the memory available at the time,
+    which on a shared machine can fall below what this process already holds (torch, the
+    data), and the run would then be refused for reasons that have nothing to do with it.
+    """
+    return ["--quiet", "--overwrite", "--scheduler", config.scheduler, "--memory-limit", "2GB"]
+
+
 def model_config(config: Config) -> dict[str, Any]:
     """The ``config.json`` written next to each checkpoint (streamvec copies it along)."""
     return {"model_type": "streamvec-digits-mlp", "input_size": 64, "hidden_size": config.hidden}
@@ -240,7 +250,7 @@ def new_context(
         out=out,
         data=data,
         evaluate=Evaluator(data),
-        streamvec=Streamvec(out, ["--quiet", "--overwrite", "--scheduler", config.scheduler]),
+        streamvec=Streamvec(out, runner_flags(config)),
         net=model_class(config.hidden),
         pretrained_path=pre_path,
         base=sv.open(pre_path),
