@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,8 @@ def stats(
 
 def _moments(inputs: StatsInputs, run: PassOptions, density: float) -> dict[str, TensorMoments]:
     items = []
-    finish = {}
+    # BlockSums reduce like arrays (see accumulate.BlockSums), hence the Any.
+    finish: dict[str, Any] = {}
     for t in inputs.tensors:
         readers = tuple((1.0, r) for r in t.readers)
         stat = MomentStat(t.coefs, t.base, density > 0)

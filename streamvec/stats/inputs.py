@@ -92,8 +92,10 @@ def open_inputs(
             or with different shapes (all listed).
     """
     if not terms:
-        raise StreamvecError("stats needs at least one TERM (a task-vector store, or a "
-                             "fine-tuned checkpoint with --base BASE)")
+        raise StreamvecError(
+            "stats needs at least one TERM (a task-vector store, or a "
+            "fine-tuned checkpoint with --base BASE)"
+        )
     base_model = open_model(base) if base is not None else None
     vectors: list[Model] = [term_vector(str(t), base_model, base) for t in terms]
     resolved = [v.filter(include, exclude).resolved() for v in vectors]
@@ -129,8 +131,9 @@ def open_inputs(
         )
     if not out:
         raise StreamvecError("no floating-point tensors selected; check --include/--exclude")
-    return StatsInputs(tuple(names), tuple(out), str(base) if base is not None else None,
-                       tuple(skipped))
+    return StatsInputs(
+        tuple(names), tuple(out), str(base) if base is not None else None, tuple(skipped)
+    )
 
 
 def _labels(terms: list[str], labels: list[str] | None) -> list[str]:

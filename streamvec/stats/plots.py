@@ -54,16 +54,22 @@ def _heatmaps(
             for i in range(n):
                 for j in range(n):
                     v = m[i, j]
-                    text = "-" if not np.isfinite(v) else f"{v:.2f}"
+                    text = (
+                        "-" if not np.isfinite(v) else (f"{v:.3f}" if abs(v) < 0.1 else f"{v:.2f}")
+                    )
                     mid = (vmin + vmax) / 2
-                    color = "white" if np.isfinite(v) and abs(v - mid) > 0.3 * (vmax - vmin) else "black"
+                    color = (
+                        "white"
+                        if np.isfinite(v) and abs(v - mid) > 0.3 * (vmax - vmin)
+                        else "black"
+                    )
                     ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     if image is not None:
-        cax = fig.add_axes((0.91, 0.15, 0.02, 0.7))
+        cax = fig.add_axes((0.86, 0.15, 0.02, 0.7))
         fig.colorbar(image, cax=cax, label=cbar)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -74,7 +80,8 @@ def _panels(st: Stats, value: Callable[[Figures], np.ndarray]) -> list[tuple[str
     out = [("all tensors", value(st.overall)[0])]
     mod = st.per_module
     for g, label in enumerate(mod.labels):
-        out.append((f"{label} ({int(mod.tensors[g])} tensors)", value(mod)[g]))
+        count = int(mod.tensors[g])
+        out.append((f"{label} ({count} tensor{'s' if count != 1 else ''})", value(mod)[g]))
     return out
 
 
@@ -112,7 +119,8 @@ def plot_top_overlap(st: Stats, path: Path) -> Path:
     return _heatmaps(
         _panels(st, lambda f: f.top_overlap),
         st.names,
-        f"Overlap of the top-{pct} magnitude entries per tensor (about {st.density:g} if unrelated)",
+        f"Overlap of the top-{pct} magnitude entries per tensor "
+        f"(about {st.density:g} if unrelated)",
         "|T_i & T_j| / sqrt(|T_i| |T_j|)",
         0.0,
         1.0,
@@ -133,6 +141,9 @@ def plot_norms(st: Stats, path: Path) -> Path:
         for i, name in enumerate(st.names):
             ax.plot(x, values[:, i], marker="o", ms=3, label=name)
         ax.set_xlabel("layer")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("||tau|| / ||base|| of the layer" if rel else "||tau|| of the layer (L2)")
         if np.nanmax(values) > 0 and np.nanmin(values[values > 0], initial=np.inf) > 0:
             lo, hi = np.nanmin(values[values > 0]), np.nanmax(values)

@@ -78,7 +78,7 @@ class Figures:
 
     @property
     def sign_agreement(self) -> np.ndarray:
-        """``(G, N, N)`` magnitude-weighted sign agreement: ``sum_{agree} |t_i t_j| / sum |t_i t_j|``."""
+        """``(G, N, N)`` sign agreement: ``sum_{agree} |t_i t_j| / sum |t_i t_j|``."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return (self.absgram + self.gram) / (2 * self.absgram)
 
@@ -273,8 +273,9 @@ class Stats:
                 "singular_values": [None if s is None else s.s.tolist() for s in specs],
                 "energy": [None if s is None else s.energy for s in specs],
                 "source": [None if s is None else s.source for s in specs],
-                "rank_at_residual": [None if s is None else s.rank_for(self.residual)
-                                     for s in specs],
+                "rank_at_residual": [
+                    None if s is None else s.rank_for(self.residual) for s in specs
+                ],
                 "stable_rank": [None if s is None else s.stable_rank() for s in specs],
                 "entropy_rank": [None if s is None else s.entropy_rank() for s in specs],
                 "subspace_overlap": _clean(self.subspace[name]),
