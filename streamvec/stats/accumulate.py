@@ -28,7 +28,10 @@ import numpy as np
 
 from streamvec.merge.select import HI_BINS
 
-# Elements per slab: float64 temporaries of N vectors stay around 8 N MB.
+# Elements (over all N vectors) per slab of the products: float64 buffers stay in L2.
+_CACHE_SLAB = 1 << 17
+# Elements per slab of the overlap pass and per histogram batch (bincount's fixed cost of
+# 32768 bins is amortised over this many).
 _SLAB = 1 << 20
 
 
@@ -100,14 +103,17 @@ def task_vectors(
     return out
 
 
-def _slabs(n: int, vectors: int) -> list[tuple[int, int]]:
-    step = max(1, _SLAB // max(vectors, 1))
+def _slabs(n: int, vectors: int, elements: int = _SLAB) -> list[tuple[int, int]]:
+    step = max(1, elements // max(vectors, 1))
     return [(s, min(n, s + step)) for s in range(0, n, step)] or [(0, 0)]
 
 
 @dataclass(frozen=True)
 class MomentStat:
     """The per-block statistic of the main pass (a :class:`~streamvec.merge.passes.BlockStat`).
+
+    Work goes in cache-sized slabs into buffers allocated once per block: the float64 copy
+    a slab's products need measured several times slower as a fresh allocation per slab.
 
     Attributes:
         coefs: per task vector, its coefficients over the tensor's readers.
@@ -132,27 +138,55 @@ class MomentStat:
             np.zeros((n, HI_BINS), np.int64) if self.histogram else None,
         )
         size = blocks[0].size
-        for s0, s1 in _slabs(size, n):
-            t32 = task_vectors(blocks, self.coefs, s0, s1)  # (N, s)
-            out.zeros += t32.shape[1] - np.count_nonzero(t32, axis=1)
-            t = t32.astype(np.float64)  # (N, s)
-            out.gram += t @ t.T
-            np.abs(t, out=t)
+        step = max(1, _CACHE_SLAB // n)
+        t64 = np.empty((n, min(step, size)))  # (N, s)
+        hist_step = max(step, (_SLAB // n) // step * step)  # bincount in larger batches
+        bits = np.empty((n, min(hist_step, size)), np.uint16) if out.hist is not None else None
+        filled = 0
+        for s0, s1 in _slabs(size, n, _CACHE_SLAB):
+            w = s1 - s0
+            t32 = task_vectors(blocks, self.coefs, s0, s1)  # (N, w)
+            out.zeros += w - np.count_nonzero(t32, axis=1)
+            if w:
+                # |t| is exact in float32: the maximum needs no float64 copy
+                big = np.maximum(t32.max(axis=1), -t32.min(axis=1))
+                np.maximum(out.maxabs, big, out=out.maxabs)
+            t = t64[:, :w]
+            np.copyto(t, t32)  # exact: products of float32 values are exact in float64
+            _add_gram(out.gram, t)
             if n > 1:
-                out.absgram += t @ t.T
-            if t.shape[1]:
-                np.maximum(out.maxabs, t.max(axis=1), out=out.maxabs)
+                np.abs(t, out=t)
+                _add_gram(out.absgram, t)
             if self.base >= 0:
-                b = blocks[self.base].reshape(-1)[s0:s1].astype(np.float64)
-                out.base_sq += float(b @ b)
-            if out.hist is not None:
-                bits = np.abs(t32, out=t32).view(np.uint32)
-                np.right_shift(bits, np.uint32(16), out=bits)
-                for i in range(n):
-                    out.hist[i] += np.bincount(bits[i], minlength=HI_BINS)
+                np.copyto(t[0], blocks[self.base].reshape(-1)[s0:s1])
+                out.base_sq += float(np.einsum("i,i->", t[0], t[0]))
+            if bits is not None and out.hist is not None:
+                if filled + w > bits.shape[1]:
+                    _count(out.hist, bits[:, :filled])
+                    filled = 0
+                mag = np.abs(t32, out=t32).view(np.uint32)
+                np.right_shift(
+                    mag, np.uint32(16), out=bits[:, filled : filled + w], casting="unsafe"
+                )
+                filled += w
+        if bits is not None and out.hist is not None and filled:
+            _count(out.hist, bits[:, :filled])
         if n == 1:
             out.absgram[:] = out.gram  # |t|.|t| is t.t
         return out
+
+
+def _add_gram(gram: np.ndarray, t: np.ndarray) -> None:
+    """``gram += t @ t.T`` (float64; BLAS limited to one thread by the caller, see api)."""
+    if t.shape[0] == 1:
+        gram[0, 0] += float(np.einsum("i,i->", t[0], t[0]))
+    else:
+        gram += t @ t.T
+
+
+def _count(hist: np.ndarray, bits: np.ndarray) -> None:
+    for i in range(bits.shape[0]):
+        hist[i] += np.bincount(bits[i], minlength=HI_BINS)
 
 
 @dataclass(frozen=True)
