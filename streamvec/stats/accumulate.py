@@ -149,7 +149,7 @@ class MomentStat:
             out.zeros += w - np.count_nonzero(t32, axis=1)
             if w:
                 # |t| is exact in float32: the maximum needs no float64 copy
-                big = np.maximum(t32.max(axis=1), -t32.min(axis=1))
+                big = np.abs(np.maximum(t32.max(axis=1), -t32.min(axis=1)))  # no -0.0
                 np.maximum(out.maxabs, big, out=out.maxabs)
             t = t64[:, :w]
             np.copyto(t, t32)  # exact: products of float32 values are exact in float64

@@ -60,9 +60,14 @@ class StatsInputs:
 
 
 def term_label(path: str | os.PathLike[str]) -> str:
-    """A short name for a term in tables and plots: its last path component."""
+    """A short name for a term in tables and plots: its last path component, without
+    ``.zarr``/``.safetensors``."""
     p = Path(str(path).rstrip("/"))
-    return p.name or str(path)
+    name = p.name or str(path)
+    for suffix in (".zarr", ".safetensors"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def open_inputs(

@@ -57,12 +57,9 @@ def _heatmaps(
                     text = (
                         "-" if not np.isfinite(v) else (f"{v:.3f}" if abs(v) < 0.1 else f"{v:.2f}")
                     )
-                    mid = (vmin + vmax) / 2
-                    color = (
-                        "white"
-                        if np.isfinite(v) and abs(v - mid) > 0.3 * (vmax - vmin)
-                        else "black"
-                    )
+                    # dark text on light cells, light text on dark ones, whatever the map
+                    r, g, b, _ = image.cmap(image.norm(v)) if np.isfinite(v) else (1, 1, 1, 1)
+                    color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
                     ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
@@ -193,7 +190,8 @@ def plot_spectra(st: Stats, path: Path) -> Path:
         ax.set_xlabel("rank r")
         ax.set_ylabel("residual energy after rank r (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(kinds) :]:
         ax.axis("off")
     fig.suptitle(
@@ -215,7 +213,8 @@ def plot_subspace(st: Stats, path: Path) -> Path:
     for kind in KINDS:
         ms = [m for t, m in st.subspace.items() if kind_of[t] == kind]
         if ms:
-            panels.append((f"{kind} ({len(ms)} matrices)", np.nanmean(np.stack(ms), axis=0)))
+            what = "matrices" if len(ms) != 1 else "matrix"
+            panels.append((f"{kind} ({len(ms)} {what})", np.nanmean(np.stack(ms), axis=0)))
     return _heatmaps(
         panels,
         st.names,

@@ -166,7 +166,8 @@ def spectra(
                     us.append(None)
                     continue
                 found.append(spec)
-                us.append(u)
+                # a zero matrix has no singular directions: its U is arbitrary
+                us.append(u if spec.s.size and spec.s[0] > 0 else None)
             overlaps = np.full((n, n), np.nan)
             for i in range(n):
                 for j in range(i, n):
