@@ -188,6 +188,9 @@ def plot_spectra(st: Stats, path: Path) -> Path:
         ax.set_yscale("log")
         ax.set_title(f"{kind}", fontsize=10)
         ax.set_xlabel("rank r")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("residual energy after rank r (%)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
