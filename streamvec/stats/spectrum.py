@@ -95,14 +95,15 @@ def store_factors(t: TensorTerms, i: int) -> LowRankReader | None:
 def _stored(reader: LowRankReader, energy: float) -> tuple[Spectrum, np.ndarray]:
     import zarr
 
-    group = zarr.open_group(reader.store, path=reader.group_path, mode="r")
-    u = np.asarray(zarr.open_array(reader.store, path=f"{reader.group_path}/U", mode="r")[...])
-    s = np.asarray(zarr.open_array(reader.store, path=f"{reader.group_path}/S", mode="r")[...])
-    svd = group.attrs.get("svd")
+    from streamvec.io.blocks import matrix_shape
+
+    # through the reader: chunks are checked against their recorded checksums
+    u, s, _ = reader.factors(0, matrix_shape(reader.shape)[0])  # (m, k), (k,), (k, n)
+    svd = zarr.open_group(reader.store, path=reader.group_path, mode="r").attrs.get("svd")
     recorded = svd.get("frob_norm") if isinstance(svd, dict) else None
     if isinstance(recorded, int | float) and recorded > 0:
         energy = float(recorded) ** 2
-    return Spectrum(s.astype(np.float64), energy, "svd-store"), u
+    return Spectrum(np.asarray(s, np.float64).reshape(-1), energy, "svd-store"), u
 
 
 @dataclass(frozen=True)
