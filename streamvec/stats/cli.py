@@ -67,6 +67,11 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--scheduler", default="threads", metavar="S", help="as for combine")
     g.add_argument("--memory-limit", metavar="SIZE", help="ceiling on anonymous memory")
     g.add_argument("--block-size", metavar="SIZE", help="target float32 bytes per row block")
+    g.add_argument(
+        "--no-verify-inputs",
+        action="store_true",
+        help="do not compare each chunk read from a Zarr store with its recorded checksum",
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     _add_filter_options(p)
     p.set_defaults(func=cmd_stats)
