@@ -29,6 +29,7 @@ EPILOG = """examples:
   streamvec combine --base llama-base -o detox --scale 0.6 tox.zarr:-1
   streamvec combine -o analogy.zarr c.zarr b.zarr a.zarr:-1
   streamvec verify edited
+  streamvec stats math.zarr code.zarr tox.zarr -o stats/
   streamvec demo
 
 Patterns in --include/--exclude are shell globs on tensor names, or regexes written re:...
@@ -387,8 +388,10 @@ def _add_operation_parsers(sub: Any) -> None:
     from streamvec.benchmark import add_parser as add_bench
     from streamvec.merge.cli import add_parsers as add_merge
     from streamvec.ops.svd_cli import add_parsers as add_svd
+    from streamvec.stats.cli import add_parser as add_stats
 
     add_svd(sub)
+    add_stats(sub)
     add_merge(sub)
     add_bench(sub)
 
