@@ -397,4 +397,5 @@ def applied_source(model: Source, adapter: Source, label: str) -> Source:
         "checkpoint": dict(model.info),
         "adapter": dict(adapter.info),
     }
-    return Source(label, True, f"{model.key}+{adapter.key}", tensors, info, model.extra_files)
+    key = f"{model.key}+{adapter.key}"
+    return Source(label, True, key, tensors, info, model.extra_files, model.ties, model.stem)

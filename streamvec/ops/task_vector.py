@@ -15,6 +15,7 @@ def task_vector(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     dtype: str | None = None,
+    vocab: str | None = None,
 ) -> Combination:
     """The lazy task vector of ``finetuned`` relative to ``base``.
 
@@ -25,6 +26,8 @@ def task_vector(
         include: only tensors matching these globs / ``re:`` regexes.
         exclude: leave out tensors matching these.
         dtype: stored dtype (default float32: exact for bf16 and f16 inputs).
+        vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
+            :mod:`streamvec.vocab`); None refuses a difference.
 
     Returns:
         A lazy task vector; ``.save("tau.zarr")`` computes it.
@@ -36,5 +39,5 @@ def task_vector(
     if ft.source.info.get("kind") == "lora_adapter":
         tv = ft.filter(include, exclude)  # already a task vector
     else:
-        tv = (ft - open_model(base)).filter(include, exclude)
+        tv = (ft - open_model(base)).filter(include, exclude).with_vocab(vocab)
     return tv.astype(dtype) if dtype else tv
