@@ -65,12 +65,15 @@ def operands(dtype: np.dtype, count: int, seed: int) -> list[np.ndarray]:
     "out_dtype", [BF16, np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
 )
 @pytest.mark.parametrize("coefs", COEFFICIENTS)
-def test_torch_kernel_is_bit_identical_to_numpy(device, in_dtype, out_dtype, coefs) -> None:
+@pytest.mark.parametrize("delta", [False, True])
+def test_torch_kernel_is_bit_identical_to_numpy(device, in_dtype, out_dtype, coefs, delta) -> None:
     xs = operands(in_dtype, len(coefs), seed=len(coefs))
     terms = list(zip(coefs, xs, strict=True))
+    # delta: every operand a checkpoint, evaluated relative to the first (the delta form)
+    points = (True,) * len(coefs) if delta and len(coefs) > 1 else ()
     with np.errstate(over="ignore", invalid="ignore"):  # the inf/nan/huge entries, on purpose
-        want = combine_blocks(terms, out_dtype)
-        got = TorchKernel(device)(terms, out_dtype)
+        want = combine_blocks(terms, out_dtype, points)
+        got = TorchKernel(device)(terms, out_dtype, points)
     assert got.dtype == want.dtype and got.shape == want.shape
     # Bit patterns: equal values, equal signed zeros; NaN payloads may differ, NaN-ness not.
     nan = np.isnan(want.astype(np.float64))
