@@ -41,7 +41,7 @@ def _add_svd_options(p: argparse.ArgumentParser, *, rank_required: bool, rank_he
         default=None,
         metavar="Q",
         help="subspace iterations of the randomized SVD, 2 passes each (default: chosen per "
-        "matrix, until another would improve the residual by less than 0.2%%)",
+        "matrix, until another would improve the residual by less than 0.5%%)",
     )
     g.add_argument(
         "--seed", type=int, default=0, metavar="S", help="seed of the random test matrices"
