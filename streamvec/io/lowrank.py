@@ -375,8 +375,11 @@ class SVDStoreWriter:
             "S": np.ascontiguousarray(s, dtype=np.float64),
             "Vh": np.ascontiguousarray(vh, dtype=np.float32),
         }
+        # overwrite: a resumed job rewrites a tensor whose group an interrupted run created
+        # but did not finish (it is not in the job's log of finished tensors).
         group = self._root.create_group(
             encode_array_path(name),
+            overwrite=True,
             attributes={
                 "name": name,
                 "shape": list(shape),
@@ -417,6 +420,7 @@ class SVDStoreWriter:
         arr = np.asarray(data, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
         a = self._root.create_array(
             encode_array_path(name),
+            overwrite=True,  # as in write_factors: a resumed job redoes unfinished tensors
             shape=arr.shape,
             chunks=_chunks(arr.shape, arr.dtype.itemsize),
             dtype=arr.dtype,
