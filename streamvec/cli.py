@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -16,6 +18,8 @@ from typing import Any
 
 from streamvec import __version__
 from streamvec.errors import StreamvecError
+from streamvec.io.store_check import ReadPolicy, using_read_policy
+from streamvec.units import parse_size
 
 EPILOG = """examples:
   streamvec info llama-base
@@ -82,6 +86,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
         "--check-finite",
         action="store_true",
         help="fail, naming tensors and rows, if any result is NaN or infinite",
+    )
+    g.add_argument(
+        "--no-verify-inputs",
+        action="store_true",
+        help="do not compare each chunk read from a Zarr store with its recorded checksum "
+        "(see docs/reliability.md for what it costs)",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     if filters:
@@ -363,21 +373,60 @@ def _add_operation_parsers(sub: Any) -> None:
     add_bench(sub)
 
 
+def _read_policy(args: argparse.Namespace) -> ReadPolicy:
+    """How this command reads stores: chunk checksums, and chunks bounded by the budget."""
+    limit = getattr(args, "memory_limit", None)
+    return ReadPolicy(
+        verify=not getattr(args, "no_verify_inputs", False),
+        max_chunk_bytes=parse_size(limit) // 4 if limit else None,
+    )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every command keeps (or cleans) its output the same way."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _kept_partial(args: argparse.Namespace) -> bool:
+    """Whether an interrupted run left an unfinished output that --resume can continue."""
+    output = getattr(args, "output", None)
+    if not output or not hasattr(args, "resume"):
+        return False
+    out = Path(output).absolute()
+    return (out.parent / f".{out.name}.partial").is_dir()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    # SIGTERM (kill, a batch scheduler's time limit) behaves like Ctrl-C: the partial output
+    # of a resumable run is kept, the others are removed, and the exit code says which signal.
+    installed = True
     try:
-        return func(args)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        installed = False
+    try:
+        with using_read_policy(_read_policy(args)):
+            return func(args)
     except StreamvecError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"streamvec: error: {exc}", file=sys.stderr)
+        # Writes that failed inside zarr's event loop (disk full) leave tasks whose errors
+        # asyncio would log again at exit, after the one line that already said it.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 2
-    except KeyboardInterrupt:
-        resumable = " (rerun with --resume to continue)" if hasattr(args, "resume") else ""
-        print(f"streamvec: interrupted; no output was finished{resumable}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        resumable = " (rerun with --resume to continue)" if _kept_partial(args) else ""
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"streamvec: {how}; no output was finished{resumable}", file=sys.stderr)
+        # 128 + the signal's number, as a shell reports a process the signal killed
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
@@ -387,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
