@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -380,10 +382,34 @@ def _read_policy(args: argparse.Namespace) -> ReadPolicy:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every command keeps (or cleans) its output the same way."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _kept_partial(args: argparse.Namespace) -> bool:
+    """Whether an interrupted run left an unfinished output that --resume can continue."""
+    output = getattr(args, "output", None)
+    if not output or not hasattr(args, "resume"):
+        return False
+    out = Path(output).absolute()
+    return (out.parent / f".{out.name}.partial").is_dir()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    # SIGTERM (kill, a batch scheduler's time limit) behaves like Ctrl-C: the partial output
+    # of a resumable run is kept, the others are removed, and the exit code says which signal.
+    installed = True
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        installed = False
     try:
         with using_read_policy(_read_policy(args)):
             return func(args)
@@ -391,11 +417,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"streamvec: error: {exc}", file=sys.stderr)
+        # Writes that failed inside zarr's event loop (disk full) leave tasks whose errors
+        # asyncio would log again at exit, after the one line that already said it.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 2
-    except KeyboardInterrupt:
-        resumable = " (rerun with --resume to continue)" if hasattr(args, "resume") else ""
-        print(f"streamvec: interrupted; no output was finished{resumable}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        resumable = " (rerun with --resume to continue)" if _kept_partial(args) else ""
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"streamvec: {how}; no output was finished{resumable}", file=sys.stderr)
+        # 128 + the signal's number, as a shell reports a process the signal killed
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
@@ -405,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from streamvec import __version__
 from streamvec.algebra import Model
 from streamvec.devices import CPU, block_kernel, check_device
 from streamvec.dtypes import dtype_name
-from streamvec.errors import OutputError, StreamvecError
+from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.output import OutputDir, output_error
 from streamvec.jobs import (
@@ -30,8 +30,10 @@ from streamvec.jobs import (
     DoneLog,
     JobPlan,
     ResumeError,
+    check_done_inputs,
+    digest_operands,
     explain_mismatch,
-    read_done,
+    read_done_entries,
     read_job,
     remove_job_files,
     write_job,
@@ -39,6 +41,7 @@ from streamvec.jobs import (
 from streamvec.kernel import accumulation_dtype
 from streamvec.memory import anon_bytes, default_memory_limit
 from streamvec.sinks import BlockWriter, PlannedTensor, SafetensorsSink, Sink, ZarrSink
+from streamvec.sources import input_paths
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.units import format_bytes, parse_size
 
@@ -84,15 +87,17 @@ class RunReport:
 def working_bytes_per_element(t: LazyTensor, device: str = CPU) -> int:
     """Anonymous bytes a block task holds per element: accumulator, output, encode buffer.
 
-    On a GPU the operands are also staged in host buffers (one per operand) on their way.
+    Operands are read (``pread``) into anonymous buffers, one per operand; on a GPU they are
+    also staged in host buffers (one per operand) on their way.
     """
     out = t.dtype.itemsize
+    reads = sum(r.dtype.itemsize for _, r in t.terms)
     if t.op is not None:
         # every term upcast to float32, plus the op's result and a temporary of that size
-        return 4 * (len(t.terms) + 2) + 3 * out
+        return 4 * (len(t.terms) + 2) + 3 * out + reads
     acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
-    staging = sum(r.dtype.itemsize for _, r in t.terms) if device != CPU else 0
-    return (acc if acc != out else 0) + 3 * out + staging
+    staging = reads if device != CPU else 0
+    return (acc if acc != out else 0) + 3 * out + staging + reads
 
 
 def balanced_rows(rows: int, most: int) -> int:
@@ -153,6 +158,8 @@ class BlockResult:
     first_nonfinite_row: int = -1
     # Seconds spent in each of BLOCK_STAGES.
     seconds: tuple[float, ...] = ()
+    # xxh3-128 of each operand's bytes, logged so that --resume can tell a changed input.
+    inputs: tuple[str, ...] = ()
 
 
 def _prefetch(following: tuple[LazyTensor, int, int] | None) -> None:
@@ -179,6 +186,7 @@ def _block_task(
     started = clock()
     _prefetch(following)
     operands = t.read_operands(r0, r1)
+    inputs = tuple(digest_operands(operands))
     read = clock()
     block = t.evaluate(operands, r0, r1, block_kernel(device))
     del operands
@@ -203,7 +211,7 @@ def _block_task(
         written - computed - encoding,
         clock() - written,
     )
-    return BlockResult(t.name, r0, digest, bad, first, seconds)
+    return BlockResult(t.name, r0, digest, bad, first, seconds, inputs)
 
 
 def tensor_checksum(block_digests: list[bytes]) -> str:
@@ -413,8 +421,8 @@ def run(
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
         "tensors": [[t.name, list(t.shape), dtype_name(t.dtype)] for t in tensors],
     }
-    _refuse_overwriting_inputs(Path(path), model)
-    out = OutputDir(path, overwrite=overwrite)
+    out = OutputDir(path, overwrite=overwrite, inputs=input_paths(model.sources()))
+    out.expected_bytes = sum(t.nbytes for t in tensors)  # uncompressed: an upper bound
     kept = out.open(keep_partial=resume)
     if kept and read_job(out.partial) is None:
         # Killed before its job record was written: nothing was logged as done, start over.
@@ -461,6 +469,10 @@ def run(
         sink.close()
         out.release()  # keep the partial output: --resume continues it
         raise
+    except OSError as exc:  # disk full while creating or finishing the output
+        sink.close()
+        out.abort()
+        raise out.write_error(exc) from None
     except BaseException:
         sink.close()
         out.abort()
@@ -511,7 +523,16 @@ def _resume_plan(
         )
     # The recorded block rows, not this run's budget: blocks must be cut as before.
     replanned = [PlannedTensor(p.tensor, recorded.block_rows[p.tensor.name]) for p in plan]
-    return replanned, read_done(partial)
+    entries = read_done_entries(partial)
+    # The finished blocks were computed from the inputs as they were then: read them again
+    # and compare, so a changed input is refused rather than mixed in (docs/reliability.md).
+    for p in replanned:
+        rows = matrix_shape(p.tensor.shape)[0]
+        for r0, r1 in row_ranges(rows, p.block_rows):
+            entry = entries.get((p.tensor.name, r0))
+            if entry is not None:
+                check_done_inputs(p.tensor, r0, r1, entry[1], p.block_rows)
+    return replanned, {key: digest for key, (digest, _) in entries.items()}
 
 
 def _run_blocks(
@@ -549,7 +570,7 @@ def _run_blocks(
         sizes[key] = (r1 - r0) * sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
 
     def finished(key: Any, result: BlockResult) -> None:
-        log.record(result.name, result.r0, result.digest)
+        log.record(result.name, result.r0, result.digest, list(result.inputs))
 
     return execute_graph(
         graph,
@@ -576,19 +597,6 @@ def _raise_if_nonfinite(results: list[BlockResult]) -> None:
         )
         more = f"; and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
         raise StreamvecError(f"NaN or infinite values in the result: {where}{more}")
-
-
-def _refuse_overwriting_inputs(path: Path, model: Model) -> None:
-    """An output at (or above) an input's location would replace the input when renamed."""
-    final = path.absolute().resolve()
-    for source in model.sources():
-        for t in list(source.tensors.values())[:1]:
-            where = Path(getattr(t.reader, "path", getattr(t.reader, "store", source.label)))
-            where = where.resolve()
-            if where == final or final in where.parents:
-                raise OutputError(
-                    f"{path}: is (or contains) the input {source.label}; write to another path"
-                )
 
 
 def _checksums(

@@ -24,6 +24,49 @@ from streamvec.io.writeback import start_writeback
 from streamvec.tensor import LazyTensor
 
 MANIFEST_NAME = "streamvec.json"
+# A manifest lists per-tensor records; even a model of a million tensors stays far below this.
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The ``streamvec.json`` of a safetensors output, checked before anything relies on it.
+
+    Args:
+        directory: the output directory.
+
+    Returns:
+        The manifest: a mapping with a ``tensors`` mapping of name to record (each record a
+        mapping; a recorded checksum comes with a positive ``checksum_block_rows``).
+
+    Raises:
+        StoreError: unreadable, not JSON, too large, or not shaped like a manifest.
+    """
+    from streamvec.errors import StoreError
+
+    path = directory / MANIFEST_NAME
+    fix = "the output is damaged; recompute it (or restore the file)"
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise StoreError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; {fix}")
+        doc = json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read ({exc.strerror}); {fix}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    tensors = doc.get("tensors") if isinstance(doc, dict) else None
+    if not isinstance(tensors, dict):
+        raise StoreError(f"{path}: no 'tensors' mapping of name to record; {fix}")
+    for name, rec in tensors.items():
+        rows = rec.get("checksum_block_rows") if isinstance(rec, dict) else None
+        ok = isinstance(rec, dict) and (
+            "xxh3_128" not in rec
+            or (isinstance(rows, int) and not isinstance(rows, bool) and rows > 0)
+        )
+        if not ok:
+            raise StoreError(f"{path}: the record of tensor {name!r} is malformed; {fix}")
+    return doc
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
 
 from streamvec.algebra import Source, SourceModel, SourceTensor
 from streamvec.errors import InputNotFoundError, StoreError
-from streamvec.io.blocks import SafetensorsReader
+from streamvec.io.blocks import SafetensorsReader, file_stamp
 from streamvec.io.checkpoint import CheckpointFiles, resolve_checkpoint
 from streamvec.io.zarr_store import is_zarr_store, read_store
 
@@ -35,10 +36,39 @@ def fingerprint_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def input_paths(sources: Iterable[Source]) -> list[Path]:
+    """Every file and directory the sources read: what an output must not overlap.
+
+    Args:
+        sources: the inputs of a computation (``model.sources()``).
+
+    Returns:
+        The paths as given, the shard files or stores their tensors are read from, and the
+        files copied from them (config, tokenizer).
+    """
+    paths: dict[Path, None] = {}
+    for source in sources:
+        paths[Path(source.label)] = None
+        paths[Path(source.key)] = None
+        for t in source.tensors.values():
+            where = getattr(t.reader, "path", None) or getattr(t.reader, "store", None)
+            if where is not None:
+                paths[Path(str(where))] = None
+        for extra in source.extra_files:
+            paths[Path(extra)] = None
+    return list(paths)
+
+
 def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
+    # The version of each shard whose header was parsed: a block read from another version
+    # (replaced, truncated, rewritten during the run) is an error, never mixed in.
+    stamps = {p: file_stamp(p.stat()) for p in files.shards}
     tensors = {
         t.name: SourceTensor(
-            t.name, t.shape, t.dtype, SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype)
+            t.name,
+            t.shape,
+            t.dtype,
+            SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype, stamps.get(t.path)),
         )
         for t in files.tensors.values()
     }

@@ -10,7 +10,6 @@ entry (dtype, shape, file and offset) as recorded, and every byte against its ch
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from streamvec.engine import CHECKSUM_ALGO, block_digest, tensor_checksum
 from streamvec.errors import InputNotFoundError, StoreError, StreamvecError
 from streamvec.io.blocks import BlockReader, ZarrReader, matrix_shape
 from streamvec.io.zarr_store import is_zarr_store
-from streamvec.sinks import MANIFEST_NAME
+from streamvec.sinks import MANIFEST_NAME, read_manifest
 from streamvec.tensor import row_ranges
 
 
@@ -67,13 +66,7 @@ def _manifest_items(p: Path) -> tuple[list[Item], list[str]]:
     """The tensors of a safetensors output, and every way its headers differ from the manifest."""
     from streamvec.sources import open_source
 
-    try:
-        manifest = json.loads((p / MANIFEST_NAME).read_text(encoding="utf-8"))
-        recorded = manifest["tensors"]
-        if not isinstance(recorded, dict):
-            raise TypeError("tensors is not an object")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"{p}: {MANIFEST_NAME} is not a streamvec manifest ({exc})") from None
+    recorded = read_manifest(p)["tensors"]
     source = open_source(p)
     problems: list[str] = []
     unrecorded = sorted(set(source.tensors) - set(recorded))

@@ -118,7 +118,17 @@ def _from_index(root: Path, index_path: Path) -> CheckpointFiles:
     return CheckpointFiles(root, tuple(by_shard), tensors, metadata)
 
 
+def _not_regular(path: Path) -> CheckpointError:
+    # A device (/dev/zero), FIFO or socket would be read forever or block: never open one.
+    return CheckpointError(
+        f"{path}: not a regular file or directory (a device, FIFO or socket); give a "
+        "checkpoint directory or a .safetensors file"
+    )
+
+
 def _from_file(path: Path) -> CheckpointFiles:
+    if not path.is_file():
+        raise _not_regular(path)
     header: Header = read_header(path)
     return CheckpointFiles(path.parent, (path,), dict(header.tensors), header.metadata)
 
@@ -153,6 +163,8 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> CheckpointFiles:
         if p.name.endswith(".index.json"):
             return _from_index(p.parent, p)
         return _from_file(p)
+    if not p.is_dir():
+        raise _not_regular(p)
     index = p / INDEX_NAME
     if index.is_file():
         return _from_index(p, index)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from streamvec.algebra import Model
 from streamvec.errors import StreamvecError
+from streamvec.io.output import check_destination
 from streamvec.merge.method import RunSettings
 from streamvec.merge.recipe import MergeRequest, Recipe, bind, load_recipe
+from streamvec.sources import input_paths
 
 
 @dataclass
@@ -98,6 +101,13 @@ def merge(
     settings = settings or RunSettings()
     request = request_for(recipe, seed=seed, include=include, exclude=exclude)
     method = request.method
+    # Every recipe kind, including those that write intermediates beside the output first
+    # (tsv, iso_c, shared_unique): never over the base or a model of the recipe.
+    check_destination(
+        Path(output),
+        overwrite=settings.overwrite,
+        inputs=input_paths([request.base, *request.models]),
+    )
     if method.run is not None:
         return MergeReport(method.name, request, method.run(request, output, settings))
     assert method.build is not None

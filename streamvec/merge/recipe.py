@@ -105,21 +105,91 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         StreamvecError: missing file, invalid YAML, or an unsupported or malformed field.
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise StreamvecError(f"{p}: no such recipe file")
+    if not p.is_file():
+        # A device (/dev/zero) or FIFO would be read forever or block: never open one.
+        raise StreamvecError(
+            f"{p}: not a regular file (a directory, device or FIFO); give a recipe"
+        )
     try:
         import yaml
     except ModuleNotFoundError:
         raise StreamvecError(
             "reading merge recipes needs PyYAML: pip install pyyaml (or pip install streamvec)"
         ) from None
+    with p.open("rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise StreamvecError(
+            f"{p}: larger than {MAX_RECIPE_BYTES >> 10} KiB; a recipe is a short YAML file "
+            "(check that this is the recipe)"
+        )
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+        _check_yaml_bounds(text, str(p))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise StreamvecError(f"{p}: not valid YAML: {exc}".replace("\n", " ")) from None
     except UnicodeDecodeError:
         raise StreamvecError(f"{p}: not a text (UTF-8) file") from None
     return parse_recipe(data, str(p))
+
+
+# Bounds on what a recipe may make the YAML reader do: a recipe is a few hundred lines at
+# most, so these are far above real recipes and far below what costs time or memory.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_NODES = 100_000
+
+
+def _check_yaml_bounds(text: str, source: str) -> None:
+    """Refuse deep nesting and alias expansion (a "billion laughs" bomb) before building data.
+
+    Nesting is counted on the event stream (the YAML composer recurses, so a deep document
+    would exhaust the stack); the expanded size is counted on the composed node graph, where
+    an alias is a shared node, with one visit per distinct node.
+    """
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise StreamvecError(
+                    f"{source}: nested more than {MAX_RECIPE_DEPTH} levels deep; a recipe is "
+                    "a shallow mapping (merge_method, base_model, models, parameters)"
+                )
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def expanded(node: yaml.Node) -> int:
+        if id(node) in open_nodes:
+            raise StreamvecError(
+                f"{source}: a YAML alias refers to a node that contains it (a cycle); write "
+                "the recipe out without it"
+            )
+        if id(node) in sizes:
+            return sizes[id(node)]
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(expanded(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(expanded(k) + expanded(v) for k, v in node.value)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = min(total, MAX_RECIPE_NODES + 1)
+        return sizes[id(node)]
+
+    if root is not None and expanded(root) > MAX_RECIPE_NODES:
+        raise StreamvecError(
+            f"{source}: expands to more than {MAX_RECIPE_NODES} values through YAML aliases "
+            "(&anchor / *alias); write the recipe out without them"
+        )
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:

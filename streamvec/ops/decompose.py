@@ -58,6 +58,7 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
+from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import LazyTensor, rows_per_block
 
@@ -205,7 +206,8 @@ def decompose(
 
     shared_dims: dict[str, int] = {}
     methods: Counter[str] = Counter()
-    out = OutputDir(output, overwrite=run.overwrite)
+    inputs = input_paths(s for tau in taus for s in tau.sources())
+    out = OutputDir(output, overwrite=run.overwrite, inputs=inputs)
     with out:
         writers = []
         for i, (term, tau) in enumerate(zip(terms, taus, strict=True)):
