@@ -174,6 +174,19 @@ class ArrayCheck:
     empty: frozenset[int] = frozenset()
     digests: tuple[bytes, ...] | None = field(default=None, repr=False)
     verify: bool = True
+    # False for stores written before streamvec recorded empty chunks.
+    empty_recorded: bool = True
+
+    def missing(self, index: int) -> StoreError:
+        """The error for a chunk that is neither a file nor recorded as empty."""
+        if self.empty_recorded:
+            why = "the store does not record it as empty; the store is damaged: rewrite it"
+        else:
+            why = (
+                "this store predates the record of all-zero chunks, so a skipped chunk cannot "
+                "be told from a deleted one: write it again with this version of streamvec"
+            )
+        return StoreError(f"{self.where(index)} is missing ({why})")
 
     def chunk_key(self, index: int) -> str:
         """The chunk file of row-chunk ``index``, relative to the array folder."""
@@ -280,10 +293,7 @@ def open_chunk(check: ArrayCheck, index: int) -> int | None:
     except FileNotFoundError:
         if index in check.empty:
             return None
-        raise _fail(
-            f"{check.where(index)} is missing (the store does not record it as empty); the "
-            "store is damaged: rewrite it"
-        ) from None
+        raise check.missing(index) from None
 
 
 def _json(root: Path, rel: str) -> Any:
@@ -420,6 +430,7 @@ def _check_array(
         empty_set,
         digests,
         policy.verify,
+        empty is not None,
     )
     _check_chunk_files(root, check)
     return check
@@ -505,10 +516,7 @@ def _check_chunk_files(root: Path, check: ArrayCheck) -> None:
     i = 0
     while i in found or i in check.empty:
         i += 1
-    raise _fail(
-        f"{check.where(i)} is missing (the store does not record it as empty); the store is "
-        "damaged: rewrite it"
-    )
+    raise check.missing(i)
 
 
 def _label(node: dict[str, Any], path: str) -> str:
