@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ import numpy as np
 
 from streamvec.errors import OutputError
 from streamvec.io import zarr_store
+from streamvec.io.companions import Companions, copy_companions
 from streamvec.io.output import remove_stray_temporaries
 from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
 from streamvec.io.writeback import start_writeback
@@ -198,20 +198,26 @@ class SafetensorsSink:
 
     format = "safetensors"
 
-    def __init__(self, shard_size: int, extra_files: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        shard_size: int,
+        extra_files: tuple[str, ...] = (),
+        companions: Companions | None = None,
+    ) -> None:
         self.shard_size = shard_size
-        self.extra_files = extra_files
+        self.companions = companions or Companions(extra_files)
         self.path: Path | None = None
         self._writer: ShardedSafetensorsWriter | None = None
 
     def prepare(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
         self.path = directory
         specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
-        self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
+        self._writer = ShardedSafetensorsWriter(
+            directory, specs, shard_size=self.shard_size, stem=self.companions.stem
+        )
         self._writer.create()
         self._row_bytes = _row_bytes(plan)
-        for f in self.extra_files:
-            shutil.copyfile(f, directory / Path(f).name)
+        copy_companions(directory, self.companions)
 
     def writer(self, name: str) -> BlockWriter:
         assert self._writer is not None
@@ -241,6 +247,8 @@ class SafetensorsSink:
         remove_stray_temporaries(directory)
         self.path = directory
         specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
-        self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
+        self._writer = ShardedSafetensorsWriter(
+            directory, specs, shard_size=self.shard_size, stem=self.companions.stem
+        )
         self._writer.reopen()
         self._row_bytes = _row_bytes(plan)
