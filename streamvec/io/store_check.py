@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import math
 import os
@@ -58,6 +59,9 @@ BLOSC_HEADER = 16
 EMPTY_CHUNKS_ATTR = "empty_chunks"
 BLOCK_DIGESTS_ATTR = "block_xxh3_128"
 TENSOR_DIGEST_ATTR = "xxh3_128"
+# Missing chunks an array of a store written before empty chunks were recorded may have (each
+# is confirmed through the array's checksum); more is a damaged or hostile store.
+MAX_LEGACY_GAPS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,9 @@ class ArrayCheck:
     verify: bool = True
     # False for stores written before streamvec recorded empty chunks.
     empty_recorded: bool = True
+    # Such a store's array whose missing chunks are taken as skipped all-zero chunks, to be
+    # confirmed against its recorded (xxh3_128, checksum_block_rows) before it is used.
+    legacy_digest: tuple[str, int] | None = None
 
     def missing(self, index: int) -> StoreError:
         """The error for a chunk that is neither a file nor recorded as empty."""
@@ -432,8 +439,17 @@ def _check_array(
         policy.verify,
         empty is not None,
     )
-    _check_chunk_files(root, check)
-    return check
+    gaps = _check_chunk_files(root, check)
+    if not gaps:
+        return check
+    # A store written before empty chunks were recorded skipped all-zero chunks silently. Its
+    # gaps are read as zeros only if the whole array then matches its recorded checksum
+    # (checked once, on first read: streamvec.io.zarr_chunks), so a deleted chunk that held
+    # data is still an error and old stores stay readable.
+    recorded, block_rows = attrs.get(TENSOR_DIGEST_ATTR), attrs.get("checksum_block_rows")
+    if not isinstance(recorded, str) or not isinstance(block_rows, int) or block_rows < 1:
+        raise check.missing(min(gaps))
+    return dataclasses.replace(check, empty=frozenset(gaps), legacy_digest=(recorded, block_rows))
 
 
 def _block_digests(
@@ -476,11 +492,15 @@ def _chunk_index(check: ArrayCheck, rel: str) -> int | None:
     return i if i < check.n_chunks else None
 
 
-def _check_chunk_files(root: Path, check: ArrayCheck) -> None:
+def _check_chunk_files(root: Path, check: ArrayCheck) -> set[int]:
     """Every chunk is a file or recorded empty; nothing else lies among them.
 
     Work is bounded by the files present, not by the declared grid: a huge declared shape
     with few files is refused at its first missing chunk.
+
+    Returns:
+        The missing chunks of an array from a store that predates the record of empty
+        chunks (at most ``MAX_LEGACY_GAPS``), for the caller to confirm; else nothing.
     """
     where = check.where()
     found: set[int] = set()
@@ -510,7 +530,9 @@ def _check_chunk_files(root: Path, check: ArrayCheck) -> None:
                     raise _fail(f"{where}: chunk {rel} is {kind}; a store holds only regular files")
                 found.add(index)
     if len(found | check.empty) == check.n_chunks:
-        return
+        return set()
+    if not check.empty_recorded and check.n_chunks - len(found) <= MAX_LEGACY_GAPS:
+        return set(range(check.n_chunks)) - found
     # Some chunk is neither a file nor recorded empty: name the first (found within
     # len(found) + len(empty) + 1 steps, whatever the declared grid).
     i = 0
