@@ -132,9 +132,9 @@ def tensor_input_digests(t: LazyTensor, r0: int, r1: int, step: int) -> list[str
     return [h.hexdigest() for h in hashes]
 
 
-# Rows read at a time when digesting a whole tensor's inputs outside a planned block: 1 MB,
+# Rows read at a time when digesting a whole tensor's inputs outside a planned block: 256 kB,
 # so the digests add nothing noticeable to the memory of a run under a tight budget.
-DIGEST_READ_BYTES = 1 << 20
+DIGEST_READ_BYTES = 256 << 10
 
 
 def digest_rows(t: LazyTensor) -> int:
