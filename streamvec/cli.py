@@ -18,6 +18,9 @@ from typing import Any
 
 from streamvec import __version__
 from streamvec.errors import StreamvecError
+from streamvec.io.companions import COMMAND_LINE
+from streamvec.io.store_check import ReadPolicy, using_read_policy
+from streamvec.units import parse_size
 
 EPILOG = """examples:
   streamvec info llama-base
@@ -26,6 +29,7 @@ EPILOG = """examples:
   streamvec combine --base llama-base -o detox --scale 0.6 tox.zarr:-1
   streamvec combine -o analogy.zarr c.zarr b.zarr a.zarr:-1
   streamvec verify edited
+  streamvec stats math.zarr code.zarr tox.zarr -o stats/
   streamvec demo
 
 Patterns in --include/--exclude are shell globs on tensor names, or regexes written re:...
@@ -85,6 +89,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
         action="store_true",
         help="fail, naming tensors and rows, if any result is NaN or infinite",
     )
+    g.add_argument(
+        "--no-verify-inputs",
+        action="store_true",
+        help="do not compare each chunk read from a Zarr store with its recorded checksum "
+        "(see docs/reliability.md for what it costs)",
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     if filters:
         _add_filter_options(p)
@@ -111,6 +121,17 @@ def add_output_dtype_option(
     from streamvec.dtypes import OUTPUT_DTYPES
 
     p.add_argument("--dtype", choices=list(OUTPUT_DTYPES), help=help)
+
+
+def add_vocab_option(p: argparse.ArgumentParser) -> None:
+    """``--vocab``: what to do when the inputs' vocabularies differ (streamvec.vocab)."""
+    p.add_argument(
+        "--vocab",
+        choices=["base", "common", "union"],
+        help="when the inputs' vocabularies differ (a fine-tune added tokens): keep the base's "
+        "rows, the rows all inputs share, or every row (added tokens as the fine-tune has "
+        "them); config.json's vocab_size and the tokenizer files follow. Default: refuse",
+    )
 
 
 def add_shard_size_option(p: argparse.ArgumentParser) -> None:
@@ -175,7 +196,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from streamvec.ops.task_vector import task_vector
 
     tv = task_vector(
-        args.base, args.finetuned, include=args.include, exclude=args.exclude, dtype=args.dtype
+        args.base,
+        args.finetuned,
+        include=args.include,
+        exclude=args.exclude,
+        dtype=args.dtype,
+        vocab=args.vocab,
     )
     report = tv.save(args.output, description="diff", **_run_kwargs(args))
     write_report(args, report)
@@ -198,6 +224,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         dtype=args.dtype,
         keep_base_when_missing=args.missing == "keep-base",
+        vocab=args.vocab,
     )
     report = model.save(
         args.output, description="combine", shard_size=args.shard_size, **_run_kwargs(args)
@@ -277,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("finetuned")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
     add_output_dtype_option(p, "stored dtype (default float32)")
+    add_vocab_option(p)
     _add_run_options(p)
     add_report_option(p)
     p.set_defaults(func=cmd_diff)
@@ -305,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="a tensor missing in a term: fail (default) or keep the base value",
     )
+    add_vocab_option(p)
     _add_run_options(p)
     add_report_option(p)
     p.set_defaults(func=cmd_combine)
@@ -359,10 +388,21 @@ def _add_operation_parsers(sub: Any) -> None:
     from streamvec.benchmark import add_parser as add_bench
     from streamvec.merge.cli import add_parsers as add_merge
     from streamvec.ops.svd_cli import add_parsers as add_svd
+    from streamvec.stats.cli import add_parser as add_stats
 
     add_svd(sub)
+    add_stats(sub)
     add_merge(sub)
     add_bench(sub)
+
+
+def _read_policy(args: argparse.Namespace) -> ReadPolicy:
+    """How this command reads stores: chunk checksums, and chunks bounded by the budget."""
+    limit = getattr(args, "memory_limit", None)
+    return ReadPolicy(
+        verify=not getattr(args, "no_verify_inputs", False),
+        max_chunk_bytes=parse_size(limit) // 4 if limit else None,
+    )
 
 
 class Terminated(KeyboardInterrupt):
@@ -386,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    # Outputs' model cards record the command that wrote them.
+    command = COMMAND_LINE.set(("streamvec", *(sys.argv[1:] if argv is None else argv)))
     # SIGTERM (kill, a batch scheduler's time limit) behaves like Ctrl-C: the partial output
     # of a resumable run is kept, the others are removed, and the exit code says which signal.
     installed = True
@@ -394,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread (an embedding application): leave it alone
         installed = False
     try:
-        return func(args)
+        with using_read_policy(_read_policy(args)):
+            return func(args)
     except StreamvecError as exc:
         if args.debug:
             traceback.print_exc()
@@ -421,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if installed:
             signal.signal(signal.SIGTERM, previous)
+        COMMAND_LINE.reset(command)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from streamvec.devices import CPU, block_kernel, check_device
 from streamvec.dtypes import dtype_name
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
+from streamvec.io.companions import companions_for, write_model_card
 from streamvec.io.output import OutputDir, output_error
 from streamvec.jobs import (
     DEFAULT_SYNC_SECONDS,
@@ -401,8 +402,12 @@ def run(
     if fmt == "zarr":
         sink = ZarrSink(compression)
     else:
-        extra = anchor.extra_files if anchor is not None and resolved.kind == "model" else ()
-        sink = SafetensorsSink(parse_size(shard_size), extra)
+        companions = (
+            companions_for(anchor, resolved.vocab)
+            if anchor is not None and resolved.kind == "model"
+            else None
+        )
+        sink = SafetensorsSink(parse_size(shard_size), companions=companions)
     attrs: dict[str, Any] = {
         "format": 1,
         "kind": resolved.kind,
@@ -414,6 +419,8 @@ def run(
         "kept_base": list(resolved.kept_base),
         **(extra_attrs or {}),
     }
+    if resolved.vocab is not None:
+        attrs["vocab"] = resolved.vocab.describe()
     identity = {
         "attrs": attrs,
         "format": fmt,
@@ -462,6 +469,7 @@ def run(
         checksums = _checksums(plan, digests)
         sink.finish(checksums, attrs)
         sink.close()
+        write_model_card(out.partial, attrs)
         remove_job_files(out.partial)
         final = out.commit()
         finished = time.perf_counter()
@@ -609,9 +617,12 @@ def _checksums(
         blocks = [digests.get((t.name, r0)) for r0, _ in row_ranges(rows, p.block_rows)]
         if any(b is None for b in blocks):
             raise RuntimeError(f"internal error: blocks of {t.name!r} missing from the results")
+        ordered = [b for b in blocks if b is not None]
         out[t.name] = {
-            CHECKSUM_ALGO: tensor_checksum([b for b in blocks if b is not None]),
+            CHECKSUM_ALGO: tensor_checksum(ordered),
             "checksum_block_rows": p.block_rows,
+            # Per block (= per chunk of a Zarr output): readers check each chunk they decode.
+            "block_" + CHECKSUM_ALGO: [d.hex() for d in ordered],
             "dtype": dtype_name(t.dtype),
             "shape": list(t.shape),
         }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ import numpy as np
 
 from streamvec.errors import OutputError
 from streamvec.io import zarr_store
+from streamvec.io.companions import Companions, copy_companions
 from streamvec.io.output import remove_stray_temporaries
 from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
 from streamvec.io.writeback import start_writeback
@@ -166,7 +166,11 @@ class ZarrSink:
 
     def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None:
         assert self.path is not None
-        zarr_store.set_array_attrs(self.path, checksums)
+        from streamvec.names import encode_array_path
+
+        # Checksums and the record of empty chunks in one rewrite of each array's metadata.
+        by_path = {encode_array_path(n): a for n, a in checksums.items()}
+        zarr_store.record_empty_chunks(self.path, by_path)
         zarr_store.update_root_attrs(self.path, attrs)
         zarr_store.consolidate(self.path)
 
@@ -194,20 +198,26 @@ class SafetensorsSink:
 
     format = "safetensors"
 
-    def __init__(self, shard_size: int, extra_files: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        shard_size: int,
+        extra_files: tuple[str, ...] = (),
+        companions: Companions | None = None,
+    ) -> None:
         self.shard_size = shard_size
-        self.extra_files = extra_files
+        self.companions = companions or Companions(extra_files)
         self.path: Path | None = None
         self._writer: ShardedSafetensorsWriter | None = None
 
     def prepare(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
         self.path = directory
         specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
-        self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
+        self._writer = ShardedSafetensorsWriter(
+            directory, specs, shard_size=self.shard_size, stem=self.companions.stem
+        )
         self._writer.create()
         self._row_bytes = _row_bytes(plan)
-        for f in self.extra_files:
-            shutil.copyfile(f, directory / Path(f).name)
+        copy_companions(directory, self.companions)
 
     def writer(self, name: str) -> BlockWriter:
         assert self._writer is not None
@@ -219,7 +229,13 @@ class SafetensorsSink:
         # Blocks were written at location() offsets by the block writers, not via write_rows;
         # the engine has already checked that every block task returned.
         self._writer.finish(fsync=False, require_complete=False)
-        manifest = {"streamvec": attrs, "tensors": checksums}
+        # Per tensor: its checksum and where its header puts it (streamvec verify compares).
+        tensors = {}
+        for name, rec in checksums.items():
+            path, offset = self._writer.location(name)
+            kept = {k: v for k, v in rec.items() if not k.startswith("block_")}
+            tensors[name] = {**kept, "file": path.name, "offset": offset}
+        manifest = {"streamvec": attrs, "tensors": tensors}
         (self.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
 
     def close(self) -> None:
@@ -231,6 +247,8 @@ class SafetensorsSink:
         remove_stray_temporaries(directory)
         self.path = directory
         specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
-        self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
+        self._writer = ShardedSafetensorsWriter(
+            directory, specs, shard_size=self.shard_size, stem=self.companions.stem
+        )
         self._writer.reopen()
         self._row_bytes = _row_bytes(plan)

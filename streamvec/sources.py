@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import xxhash
@@ -13,6 +14,7 @@ from streamvec.errors import InputNotFoundError, StoreError
 from streamvec.io.blocks import SafetensorsReader, file_stamp
 from streamvec.io.checkpoint import CheckpointFiles, resolve_checkpoint
 from streamvec.io.zarr_store import is_zarr_store, read_store
+from streamvec.ties import TieRules
 
 # Store kinds usable as task-vector terms: dense task vectors, and SVD stores, whose factored
 # tensors read back as U S Vh (see streamvec.io.lowrank).
@@ -82,7 +84,7 @@ def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
     key = str(
         files.shards[0].resolve().parent if len(files.shards) > 1 else files.shards[0].resolve()
     )
-    return Source(label, True, key, tensors, info, extra)
+    return Source(label, True, key, tensors, info, extra, TieRules(files.root), files.stem)
 
 
 def store_source(path: Path, label: str) -> Source:
@@ -133,10 +135,22 @@ def store_source(path: Path, label: str) -> Source:
 
 
 def open_source(path: str | os.PathLike[str]) -> Source:
-    """A :class:`Source` for a checkpoint (file or directory) or a streamvec Zarr store."""
+    """A :class:`Source` for a checkpoint (file or directory) or a streamvec Zarr store.
+
+    A path that does not exist but reads as a Hugging Face model id (``org/name`` or
+    ``org/name@revision``) is resolved through ``huggingface_hub`` (see :mod:`streamvec.hub`);
+    an existing local path always wins.
+    """
     p = Path(path)
     if not p.exists():
-        raise InputNotFoundError(f"{p}: no such file or directory")
+        from streamvec.hub import parse_hub_id, resolve_hub_id
+
+        if parse_hub_id(str(path)) is None:
+            raise InputNotFoundError(f"{p}: no such file or directory")
+        snap = resolve_hub_id(str(path))
+        source = checkpoint_source(resolve_checkpoint(snap.path), str(path))
+        info = {**source.info, "hub_id": snap.repo_id, "revision": snap.commit}
+        return replace(source, info=info)
     if is_zarr_store(p):
         return store_source(p, str(path))
     return checkpoint_source(resolve_checkpoint(p), str(path))

@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from streamvec.errors import InputChangedError
+
+if TYPE_CHECKING:
+    from streamvec.io.store_check import ArrayCheck
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -168,23 +171,23 @@ def populate(view: np.memmap) -> None:
 
 @dataclass(frozen=True)
 class ZarrReader:
-    """Rows of one array of a Zarr store written by streamvec (bf16 kept as raw uint16 bits)."""
+    """Rows of one array of a Zarr store written by streamvec (bf16 kept as raw uint16 bits).
+
+    ``check`` (from :func:`streamvec.io.store_check.validate_store`) says what each chunk must
+    be; without it the array's own metadata is checked when it is first read.
+    """
 
     store: str
     array_path: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    check: ArrayCheck | None = field(default=None, repr=False, compare=False)
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         from streamvec.io.zarr_chunks import read_rows
 
         _, cols = matrix_shape(self.shape)
-        data = read_rows(self.store, self.array_path, r0, r1)
-        if data is None:  # not a plain chunked array: let zarr read it
-            import zarr
-
-            arr = zarr.open_array(self.store, path=self.array_path, mode="r")
-            data = np.asarray(arr[...] if not self.shape else arr[r0:r1])
+        data = read_rows(self.store, self.array_path, r0, r1, self.check)
         if data.dtype != self.dtype:
             data = data.view(self.dtype)  # raw bf16 bits stored as uint16
         return data.reshape(r1 - r0, cols)

@@ -14,7 +14,7 @@ Supported (the task-vector family, mergekit's ``models:`` form)::
     dtype: float32                # mergekit's compute dtype; here: output dtype if no out_dtype
     out_dtype: bfloat16
     seed: 0                       # streamvec extension (mergekit ignores unknown keys)
-    tokenizer_source: base        # accepted: the base's tokenizer files are what is copied
+    tokenizer_source: base        # or union: the vocabulary policy (docs/checkpoints.md)
 
 Any other field (``slices``, ``modules``, ``tokenizer``, ``chat_template``, a typo) is an
 error naming it: a recipe is never half-applied.
@@ -95,6 +95,8 @@ class Recipe:
     out_dtype: str | None = None
     seed: int | None = None
     source: str = "<recipe>"
+    # mergekit's tokenizer_source (base or union): the vocabulary policy of the merge.
+    tokenizer_source: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -223,10 +225,10 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
             "LoRA or revisions are not supported"
         )
     tok = data.get("tokenizer_source")
-    if tok is not None and tok != "base":
+    if tok is not None and tok not in ("base", "union"):
         raise StreamvecError(
-            f"{source}: tokenizer_source {tok!r} is not supported: the output keeps the base "
-            "model's tokenizer files (tokenizer_source: base)"
+            f"{source}: tokenizer_source {tok!r} is not supported: use base (the base's "
+            "vocabulary and tokenizer) or union (added tokens kept; see docs/checkpoints.md)"
         )
     models = data.get("models")
     if not isinstance(models, list) or not models:
@@ -273,6 +275,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         out_dtype=data.get("out_dtype"),
         seed=seed,
         source=source,
+        tokenizer_source=tok,
         raw=dict(data),
     )
 
@@ -317,6 +320,7 @@ class MergeRequest:
             base's dtype per tensor).
         name_filter: tensors outside it keep the base's values.
         num_layers: decoder layers, for gradient parameters.
+        vocab: the vocabulary policy when inputs' vocabularies differ (None: refuse).
     """
 
     method: MergeMethod
@@ -328,6 +332,7 @@ class MergeRequest:
     out_dtype: np.dtype | None
     name_filter: NameFilter | None
     num_layers: int
+    vocab: str | None = None
 
     def _value(
         self, spec: ParamSpec, settings: list[tuple[Mapping[str, Any], str]], tensor: str
@@ -388,10 +393,13 @@ def bind(
     seed: int | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    vocab: str | None = None,
 ) -> MergeRequest:
     """Check a recipe against its method and open every model (headers only).
 
     Args:
+        vocab: vocabulary policy (``base``, ``common``, ``union``) overriding the recipe's
+            ``tokenizer_source``; None: the recipe's, else refuse differing vocabularies.
         recipe: from :func:`load_recipe` or :func:`parse_recipe`.
         seed: overrides the recipe's seed.
         include: only tensors matching these patterns are merged; others keep the base.
@@ -451,16 +459,17 @@ def bind(
         out_dtype=parse_dtype(out, f"{src}: {where}") if out else None,
         name_filter=NameFilter.from_patterns(include, exclude),
         num_layers=_num_layers(base),
+        vocab=vocab or recipe.tokenizer_source,
     )
 
 
 def _open(path: str, where: str, src: str, open_source: Any) -> Source:
-    if not Path(path).exists():
+    from streamvec.hub import parse_hub_id
+
+    if not Path(path).exists() and parse_hub_id(path) is None:
         raise StreamvecError(
-            f"{src}: {where}: {path!r} is not a local path (no such file or directory); "
-            "streamvec reads local safetensors checkpoints and never downloads from the "
-            "Hugging Face Hub: download it first (e.g. `huggingface-cli download ORG/NAME "
-            "--local-dir DIR`) and write DIR in the recipe"
+            f"{src}: {where}: {path!r} is neither a local path (no such file or directory) "
+            "nor a Hugging Face model id (org/name or org/name@revision)"
         )
     source: Source = open_source(path)
     return source

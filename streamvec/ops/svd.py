@@ -40,6 +40,7 @@ from streamvec.dtypes import dtype_name, is_float
 from streamvec.engine import RUNTIME_OVERHEAD  # the engine's headroom, so budgets agree
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
+from streamvec.io.companions import write_model_card
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import OutputDir, check_free_space
 from streamvec.jobs import (
@@ -571,6 +572,7 @@ def task_vector_of(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     base_for_stores: Literal["error", "ignore"] = "error",
+    vocab: str | None = None,
 ) -> Combination:
     """The lazy task vector a command-line SOURCE/TERM names.
 
@@ -583,6 +585,7 @@ def task_vector_of(
         include: only tensors matching these patterns.
         exclude: leave out tensors matching these.
         base_for_stores: with a store and a ``base``: fail (``error``) or use the store as is.
+        vocab: vocabulary policy when a checkpoint's vocabulary differs from the base's.
 
     Returns:
         A task-vector :class:`~streamvec.algebra.Combination`.
@@ -612,7 +615,7 @@ def task_vector_of(
                 "(drop --base)"
             )
         tau = src
-    comb = tau.filter(include, exclude)
+    comb = tau.filter(include, exclude).with_vocab(vocab)
     if comb.kind() != "task_vector":
         raise StreamvecError(f"{path}: is not a task vector ({comb.describe()})")
     return comb
@@ -649,6 +652,7 @@ def svd(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     run: RunOptions | None = None,
+    vocab: str | None = None,
 ) -> SVDReport:
     """Write the truncated SVD of every matrix of a task vector as an SVD store.
 
@@ -660,6 +664,7 @@ def svd(
         include: only tensors matching these patterns.
         exclude: leave out tensors matching these.
         run: workers, scheduler, memory limit, progress, overwrite.
+        vocab: vocabulary policy when FINETUNED's vocabulary differs from the base's.
 
     Returns:
         An :class:`SVDReport`.
@@ -675,7 +680,7 @@ def svd(
 
     started = time.perf_counter()
     run = run or RunOptions()
-    tv = task_vector_of(source, base, include=include, exclude=exclude)
+    tv = task_vector_of(source, base, include=include, exclude=exclude, vocab=vocab)
     resolved = tv.resolved()
     root_attrs = {
         "operation": "svd",
@@ -778,6 +783,7 @@ def svd(
             log.close()
             remove_job_files(out.partial)
             writer.finish()
+            write_model_card(out.partial, root_attrs)
             final = out.commit()
     except KeyboardInterrupt:
         out.release()  # keep the partial output: --resume continues it

@@ -15,6 +15,7 @@ def task_vector(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     dtype: str | None = None,
+    vocab: str | None = None,
 ) -> Combination:
     """The lazy task vector of ``finetuned`` relative to ``base``.
 
@@ -24,6 +25,8 @@ def task_vector(
         include: only tensors matching these globs / ``re:`` regexes.
         exclude: leave out tensors matching these.
         dtype: stored dtype (default float32: exact for bf16 and f16 inputs).
+        vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
+            :mod:`streamvec.vocab`); None refuses a difference.
 
     Returns:
         A lazy task vector; ``.save("tau.zarr")`` computes it.
@@ -31,5 +34,5 @@ def task_vector(
     Example:
         >>> task_vector("base", "ft", include=["*.self_attn.*"]).save("tau.zarr")  # doctest: +SKIP
     """
-    tv = (open_model(finetuned) - open_model(base)).filter(include, exclude)
+    tv = (open_model(finetuned) - open_model(base)).filter(include, exclude).with_vocab(vocab)
     return tv.astype(dtype) if dtype else tv
