@@ -790,6 +790,8 @@ def svd(
         raise
     except OSError as exc:  # disk full, quota, I/O error: say what and where
         out.abort()
+        if isinstance(exc, StreamvecError):  # an input error that is also an OSError
+            raise
         raise out.write_error(exc) from None
     except BaseException:
         out.abort()
