@@ -392,7 +392,10 @@ def _resolve(comb: Combination) -> Resolved:
         if comb.dtype is not None:
             out_dtype = comb.dtype
         terms = _collapse([(c, p.reader) for c, p in parts])
-        tensors[name] = LazyTensor(name, first.shape, np.dtype(out_dtype), terms)
+        point = {p.reader: t.source.is_point for t, (_, p) in zip(active, parts, strict=True)}
+        tensors[name] = LazyTensor(
+            name, first.shape, np.dtype(out_dtype), terms, points=_points(terms, point)
+        )
     if vocab_problems:
         more = f" (and {len(vocab_problems) - 1} more tensors)" if len(vocab_problems) > 1 else ""
         raise MismatchError(f"inputs do not match: {vocab_problems[0]}{more}")
@@ -465,6 +468,14 @@ def _collapse(terms: list[tuple[float, BlockReader]]) -> tuple[tuple[float, Bloc
     # Everything cancelled (ft - ft): keep one zero-weight term so the result is zeros.
     first = terms[0][1]
     return ((0.0, first),)
+
+
+def _points(
+    terms: tuple[tuple[float, BlockReader], ...], point: Mapping[BlockReader, bool]
+) -> tuple[bool, ...]:
+    """Which terms are checkpoints, when two or more are (the kernel's delta form)."""
+    flags = tuple(point.get(r, False) for _, r in terms)
+    return flags if sum(flags) >= 2 else ()
 
 
 class SourceModel(Model):
