@@ -16,7 +16,12 @@ Then the two ways a resumed run can check that its inputs did not change, on the
 * ``resume check``: read and hash the inputs of every block of the job (what ``--resume``
   does for the blocks already done; here all of them, the worst case).
 
-    PYTHONPATH=. python bench/bench_faults.py BASE FT [--rounds 3] [--workdir DIR]
+With ``--reads``, only the ways to read the shards of BASE in 8 MB blocks, single thread,
+interleaved: ``mmap`` (map and populate, no copy), ``heap`` (``pread`` into ``np.empty``),
+``anon`` (``pread`` into a fresh anonymous map) and ``anon-populate`` (the same map faulted in
+with ``MAP_POPULATE``, what the reader does).
+
+    PYTHONPATH=. python bench/bench_faults.py BASE FT [--rounds 3] [--workdir DIR] [--reads]
 """
 
 from __future__ import annotations
@@ -93,13 +98,51 @@ def resume_check(base: str, ft: str) -> float:
     return time.perf_counter() - started
 
 
+READS = ("heap", "anon", "anon-populate", "mmap")
+
+
+def read_blocks(files: list[Path], kind: str, block: int = 8 << 20) -> float:
+    import mmap
+
+    started = time.perf_counter()
+    for p in files:
+        size = p.stat().st_size
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            for off in range(0, size - block, block):
+                if kind == "mmap":
+                    m = np.memmap(p, np.uint8, mode="r", offset=off, shape=(block,))
+                    m._mmap.madvise(22)  # type: ignore[attr-defined]  # MADV_POPULATE_READ
+                    continue
+                if kind == "heap":
+                    a = np.empty(block, np.uint8)
+                else:
+                    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                    if kind == "anon-populate":
+                        flags |= mmap.MAP_POPULATE
+                    a = np.frombuffer(mmap.mmap(-1, block, flags=flags), np.uint8)
+                os.preadv(fd, [a.data], off)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base")
     ap.add_argument("ft")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--reads", action="store_true", help="only the read variants")
     args = ap.parse_args()
+    if args.reads:
+        from streamvec.io.checkpoint import resolve_checkpoint
+
+        shards = list(resolve_checkpoint(args.base).shards)
+        for r in range(args.rounds):
+            order = READS if r % 2 == 0 else READS[::-1]
+            print(", ".join(f"{k} {read_blocks(shards, k):.3f} s" for k in order))
+        return
 
     import streamvec as sv
     from streamvec.io.checkpoint import resolve_checkpoint

@@ -477,10 +477,15 @@ def run(
         sink.close()
         out.release()  # keep the partial output: --resume continues it
         raise
-    except OSError as exc:  # disk full while creating or finishing the output
-        sink.close()
+    except OSError as exc:
+        try:
+            sink.close()  # waits for writes in flight; may fail again on a full disk
+        except OSError:
+            pass
         out.abort()
-        raise out.write_error(exc) from None
+        if isinstance(exc, StreamvecError):  # an input error that is also an OSError
+            raise
+        raise out.write_error(exc) from None  # disk full while creating or finishing
     except BaseException:
         sink.close()
         out.abort()

@@ -132,6 +132,20 @@ def tensor_input_digests(t: LazyTensor, r0: int, r1: int, step: int) -> list[str
     return [h.hexdigest() for h in hashes]
 
 
+# Rows read at a time when digesting a whole tensor's inputs outside a planned block: 256 kB,
+# so the digests add nothing noticeable to the memory of a run under a tight budget.
+DIGEST_READ_BYTES = 256 << 10
+
+
+def digest_rows(t: LazyTensor) -> int:
+    """Rows per read that keep one read of all of ``t``'s inputs near DIGEST_READ_BYTES."""
+    from streamvec.io.blocks import matrix_shape
+
+    cols = max(matrix_shape(t.shape)[1], 1)
+    row_bytes = cols * sum(r.dtype.itemsize for _, r in t.terms)
+    return max(1, DIGEST_READ_BYTES // max(row_bytes, 1))
+
+
 def input_label(t: LazyTensor, i: int) -> str:
     """The file (or store) operand ``i`` of ``t`` is read from, for messages."""
     reader = t.terms[i][1]

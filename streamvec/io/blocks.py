@@ -9,6 +9,7 @@ of one element, a 1-d tensor is ``n`` rows of one element), and is read in row r
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -39,6 +40,8 @@ class BlockReader(Protocol):
 
     def read(self, r0: int, r1: int) -> np.ndarray: ...
 
+
+_ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
 FileStamp = tuple[int, int, int, int]
 
@@ -90,10 +93,14 @@ class SafetensorsReader:
         rows, cols = matrix_shape(self.shape)
         if not 0 <= r0 <= r1 <= rows:
             raise IndexError(f"rows [{r0}, {r1}) outside 0..{rows}")
-        out = np.empty((r1 - r0, cols), self.dtype)
-        if out.size == 0:
-            return out
+        if r1 == r0 or cols == 0:
+            return np.empty((r1 - r0, cols), self.dtype)
         start = self.offset + r0 * cols * self.dtype.itemsize
+        # An anonymous map of its own, not the heap: freed blocks go back to the system at
+        # once, where malloc's per-thread arenas kept ~10 MB more resident under a tight
+        # budget; MAP_POPULATE faults its pages in one call (docs/reliability.md).
+        area = mmap.mmap(-1, (r1 - r0) * cols * self.dtype.itemsize, flags=_ANON_FLAGS)
+        out = np.frombuffer(area, self.dtype).reshape(r1 - r0, cols)
         buf = out.reshape(-1).view(np.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:

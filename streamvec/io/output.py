@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from streamvec.errors import OutputError
+from streamvec.errors import OutputError, StreamvecError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -168,13 +168,18 @@ class OutputDir:
         self._lock_fd: int | None = None
 
     def __enter__(self) -> OutputDir:
-        self.open()
+        try:
+            self.open()
+        except BaseException:  # a signal after the lock was taken: __exit__ will not run
+            if self._lock_fd is not None:  # only what this run holds, never another run's
+                self.abort()
+            raise
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError) and not isinstance(exc, StreamvecError):
                 raise self.write_error(exc) from None
 
     def write_error(self, exc: OSError) -> OutputError:

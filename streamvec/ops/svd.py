@@ -48,6 +48,7 @@ from streamvec.jobs import (
     JobPlan,
     ResumeError,
     check_done_inputs,
+    digest_rows,
     explain_mismatch,
     read_done_entries,
     read_job,
@@ -262,10 +263,12 @@ def tensor_seed(seed: int, name: str, salt: str = "") -> int:
 
 
 def _read_bytes_per_element(t: LazyTensor) -> int:
-    """Anonymous bytes per element of ``t.read_rows``: the result, plus an accumulator."""
+    """Anonymous bytes per element of ``t.read_rows``: the result, plus an accumulator, plus
+    each input's rows as read (``pread`` buffers)."""
     out = np.dtype(t.dtype).itemsize
     acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
-    return out + (acc if acc != out else 0)
+    reads = sum(np.dtype(r.dtype).itemsize for _, r in t.terms)
+    return out + (acc if acc != out else 0) + reads
 
 
 def _work_bytes(t: LazyTensor) -> int:
@@ -744,7 +747,7 @@ def svd(
                 if name in resolved.tensors:
                     t = resolved.tensors[name]
                     rows = matrix_shape(t.shape)[0]
-                    check_done_inputs(t, 0, rows, inputs, rows_per_block(t.shape))
+                    check_done_inputs(t, 0, rows, inputs, digest_rows(t))
         else:
             write_job(out.partial, JobPlan({"job": identity, "budget": budget}, {}))
         run = replace(
@@ -801,6 +804,8 @@ def svd(
         raise
     except OSError as exc:  # disk full, quota, I/O error: say what and where
         out.abort()
+        if isinstance(exc, StreamvecError):  # an input error that is also an OSError
+            raise
         raise out.write_error(exc) from None
     except BaseException:
         out.abort()
@@ -842,7 +847,7 @@ def _input_digests(t: LazyTensor) -> list[str]:
     One more read of the tensor's inputs (from the page cache, just after the factorization
     read them); its cost is in docs/reliability.md.
     """
-    return tensor_input_digests(t, 0, matrix_shape(t.shape)[0], rows_per_block(t.shape))
+    return tensor_input_digests(t, 0, matrix_shape(t.shape)[0], digest_rows(t))
 
 
 def _dense_values(t: LazyTensor, check_finite: bool = False) -> np.ndarray:
