@@ -26,6 +26,8 @@ from streamvec.dtypes import dtype_name, is_float, parse_output_dtype
 from streamvec.errors import MismatchError, StreamvecError
 from streamvec.io.blocks import BlockReader
 from streamvec.names import NameFilter, combine_filters
+from streamvec.nonfloat import INT_POLICIES, IntPolicy, NonFloatReader
+from streamvec.requantize import fp8_outputs
 from streamvec.tensor import LazyTensor
 
 if TYPE_CHECKING:
@@ -113,7 +115,12 @@ class Model(Mapping[str, LazyTensor]):
         if not isinstance(other, Model):
             return NotImplemented
         a, b = self.combination(), other.combination()
-        return Combination(a.terms + b.terms, dtype=a.dtype or b.dtype, on_missing=a.on_missing)
+        return Combination(
+            a.terms + b.terms,
+            dtype=a.dtype or b.dtype,
+            on_missing=a.on_missing,
+            int_tensors=a.int_tensors,
+        )
 
     def __sub__(self, other: object) -> Combination:
         if not isinstance(other, Model):
@@ -128,7 +135,7 @@ class Model(Mapping[str, LazyTensor]):
             return NotImplemented
         c = self.combination()
         terms = tuple(Term(t.coef * float(scalar), t.source, t.where) for t in c.terms)
-        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing)
+        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors)
 
     __rmul__ = __mul__
 
@@ -171,18 +178,30 @@ class Model(Mapping[str, LazyTensor]):
             )
         else:
             terms = tuple(Term(t.coef, t.source, combine_filters(t.where, f)) for t in c.terms)
-        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing)
+        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors)
 
     def astype(self, dtype: str | np.dtype) -> Combination:
         """The same model with float tensors rounded to ``dtype`` (e.g. ``"bfloat16"``)."""
         c = self.combination()
         dt = parse_output_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-        return Combination(c.terms, dtype=dt, on_missing=c.on_missing)
+        return Combination(c.terms, dtype=dt, on_missing=c.on_missing, int_tensors=c.int_tensors)
 
     def keep_base_when_missing(self) -> Combination:
         """Where a term lacks a tensor, keep the anchor's value instead of failing."""
         c = self.combination()
-        return Combination(c.terms, dtype=c.dtype, on_missing="base")
+        return Combination(c.terms, dtype=c.dtype, on_missing="base", int_tensors=c.int_tensors)
+
+    def on_changed_nonfloat(self, policy: IntPolicy) -> Combination:
+        """Where a fine-tune changed an int/bool tensor: ``error``, ``base`` or ``finetune``.
+
+        See :mod:`streamvec.nonfloat`; the default is ``error``.
+        """
+        if policy not in INT_POLICIES:
+            raise StreamvecError(
+                f"int tensors: unknown policy {policy!r}; use one of {INT_POLICIES}"
+            )
+        c = self.combination()
+        return Combination(c.terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=policy)
 
     # -- running ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], **options: Any) -> RunReport:
@@ -226,10 +245,12 @@ class Combination(Model):
         *,
         dtype: np.dtype | None = None,
         on_missing: OnMissing = "error",
+        int_tensors: IntPolicy = "error",
     ) -> None:
         self.terms = _merge(terms)
         self.dtype = dtype
         self.on_missing: OnMissing = on_missing
+        self.int_tensors: IntPolicy = int_tensors
         self._resolved: Resolved | None = None
 
     def combination(self) -> Combination:
@@ -329,8 +350,9 @@ def _resolve(comb: Combination) -> Resolved:
             continue
         first = parts[0][1]
         if floats == {False}:
-            if kind == "model" and base is not None:
-                tensors[name] = LazyTensor(name, base.shape, base.dtype, ((1.0, base.reader),))
+            if kind == "model" and base is not None and anchor is not None:
+                reader = nonfloat_reader(name, anchor, base, active, comb.int_tensors)
+                tensors[name] = LazyTensor(name, base.shape, base.dtype, ((1.0, reader),))
             else:
                 skipped.append(name)
             continue
@@ -341,6 +363,11 @@ def _resolve(comb: Combination) -> Resolved:
         if comb.dtype is not None:
             out_dtype = comb.dtype
         terms = _collapse([(c, p.reader) for c, p in parts])
+        if kind == "model" and base is not None and comb.dtype is None:
+            stored = fp8_outputs(name, base.reader, first.shape, terms)  # FP8 stays FP8
+            if stored is not None:
+                tensors.update(stored)
+                continue
         tensors[name] = LazyTensor(name, first.shape, np.dtype(out_dtype), terms)
     problems = missing + mismatched
     if problems:
@@ -358,6 +385,23 @@ def _resolve(comb: Combination) -> Resolved:
             "check --include/--exclude"
         )
     return Resolved(kind, tensors, tuple(skipped), tuple(kept_base))
+
+
+def nonfloat_reader(
+    name: str, anchor: Source, base: SourceTensor, active: list[Term], policy: IntPolicy
+) -> BlockReader:
+    """The base's reader for an int/bool tensor, checked against the other checkpoints."""
+    others = tuple(
+        (t.source.label, t.source.tensors[name].reader)
+        for t in active
+        if t.source.is_point and t.source != anchor and name in t.source.tensors
+    )
+    seen: dict[str, BlockReader] = {}
+    for label, reader in others:
+        seen.setdefault(label, reader)
+    if not seen or policy == "base":
+        return base.reader
+    return NonFloatReader(name, base.reader, anchor.label, tuple(seen.items()), policy)
 
 
 def _collapse(terms: list[tuple[float, BlockReader]]) -> tuple[tuple[float, BlockReader], ...]:

@@ -79,10 +79,16 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
         "only unfinished blocks are redone and the result is identical to an uninterrupted run",
     )
     g.add_argument(
-        "--check-finite",
-        action="store_true",
-        help="fail, naming tensors and rows, if any result is NaN or infinite",
+        "--no-check-finite",
+        dest="check_finite",
+        action="store_false",
+        default=True,
+        help="write NaN/inf results instead of failing (by default every output block is "
+        "checked and a NaN/inf fails the run, naming the tensor and rows; see "
+        "docs/reliability.md)",
     )
+    # The check is on by default; the old opt-in flag is still accepted.
+    g.add_argument("--check-finite", action="store_true", default=True, help=argparse.SUPPRESS)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     if filters:
         _add_filter_options(p)
@@ -98,6 +104,19 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="PAT",
         help="leave out tensors matching PAT (repeatable)",
+    )
+
+
+def add_int_tensors_option(p: argparse.ArgumentParser) -> None:
+    """``--int-tensors``: what to do where a fine-tune changed an integer or bool tensor."""
+    from streamvec.nonfloat import INT_POLICIES
+
+    p.add_argument(
+        "--int-tensors",
+        choices=INT_POLICIES,
+        default="error",
+        help="an integer/bool tensor (buffer, int8 weight) that a fine-tune changed: fail "
+        "(default), keep the base's value, or take the fine-tune's",
     )
 
 
@@ -173,7 +192,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from streamvec.ops.task_vector import task_vector
 
     tv = task_vector(
-        args.base, args.finetuned, include=args.include, exclude=args.exclude, dtype=args.dtype
+        args.base,
+        args.finetuned,
+        include=args.include,
+        exclude=args.exclude,
+        dtype=args.dtype,
+        int_tensors=args.int_tensors,
     )
     report = tv.save(args.output, description="diff", **_run_kwargs(args))
     write_report(args, report)
@@ -196,6 +220,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         dtype=args.dtype,
         keep_base_when_missing=args.missing == "keep-base",
+        int_tensors=args.int_tensors,
     )
     report = model.save(
         args.output, description="combine", shard_size=args.shard_size, **_run_kwargs(args)
@@ -275,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("finetuned")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
     add_output_dtype_option(p, "stored dtype (default float32)")
+    add_int_tensors_option(p)
     _add_run_options(p)
     add_report_option(p)
     p.set_defaults(func=cmd_diff)
@@ -303,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="a tensor missing in a term: fail (default) or keep the base value",
     )
+    add_int_tensors_option(p)
     _add_run_options(p)
     add_report_option(p)
     p.set_defaults(func=cmd_combine)

@@ -23,6 +23,7 @@ from streamvec.algebra import Model
 from streamvec.devices import CPU, block_kernel, check_device
 from streamvec.dtypes import dtype_name
 from streamvec.errors import OutputError, StreamvecError
+from streamvec.finite import nonfinite_inputs, nonfinite_rows, raise_if_nonfinite
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.output import OutputDir, output_error
 from streamvec.jobs import (
@@ -38,6 +39,7 @@ from streamvec.jobs import (
 )
 from streamvec.kernel import accumulation_dtype
 from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.requantize import aligned_rows
 from streamvec.sinks import BlockWriter, PlannedTensor, SafetensorsSink, Sink, ZarrSink
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.units import format_bytes, parse_size
@@ -87,12 +89,16 @@ def working_bytes_per_element(t: LazyTensor, device: str = CPU) -> int:
     On a GPU the operands are also staged in host buffers (one per operand) on their way.
     """
     out = t.dtype.itemsize
+    # Readers that compute their rows (FP8 dequantization) hold them in anonymous memory.
+    held = sum(getattr(r, "resident_bytes_per_element", 0) for _, r in t.terms)
+    # Re-quantizing to FP8 pads the block to whole tiles and keeps the 8-bit copy.
+    held += 9 if t.requantize is not None else 0
     if t.op is not None:
         # every term upcast to float32, plus the op's result and a temporary of that size
-        return 4 * (len(t.terms) + 2) + 3 * out
+        return 4 * (len(t.terms) + 2) + 3 * out + held
     acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
     staging = sum(r.dtype.itemsize for _, r in t.terms) if device != CPU else 0
-    return (acc if acc != out else 0) + 3 * out + staging
+    return (acc if acc != out else 0) + 3 * out + staging + held
 
 
 def balanced_rows(rows: int, most: int) -> int:
@@ -134,7 +140,11 @@ def plan_blocks(
                 "use fewer workers"
             )
         most = max(1, min(rows_per_block(t.shape, block_bytes), fit, max(rows, 1)))
-        plan.append(PlannedTensor(t, balanced_rows(rows, most)))
+        if t.requantize is not None and t.requantize.row_align > 1:
+            # FP8 block scales: each block must cover whole tiles of rows.
+            plan.append(PlannedTensor(t, aligned_rows(rows, most, t.requantize.row_align)))
+        else:
+            plan.append(PlannedTensor(t, balanced_rows(rows, most)))
     return plan
 
 
@@ -151,6 +161,8 @@ class BlockResult:
     digest: bytes
     nonfinite: int = 0
     first_nonfinite_row: int = -1
+    # Inputs (files) whose rows of this block already held NaN/inf ("" if none did).
+    nonfinite_inputs: str = ""
     # Seconds spent in each of BLOCK_STAGES.
     seconds: tuple[float, ...] = ()
 
@@ -181,14 +193,15 @@ def _block_task(
     operands = t.read_operands(r0, r1)
     read = clock()
     block = t.evaluate(operands, r0, r1, block_kernel(device))
-    del operands
     computed = clock()
-    bad, first = 0, -1
+    bad, first, culprits = 0, -1, ""
     if check_finite:
-        finite = np.isfinite(block.astype(np.float32, copy=False))
-        if not finite.all():
-            bad_rows = np.flatnonzero(~finite.all(axis=1))
-            bad, first = int((~finite).sum()), r0 + int(bad_rows[0])
+        bad, first = nonfinite_rows(block)
+        if bad:
+            first += r0
+            paths = [str(getattr(r, "path", getattr(r, "store", "?"))) for _, r in t.terms]
+            culprits = nonfinite_inputs(paths, [x for _, x in operands])
+    del operands
     try:
         encoding = writer.write(r0, block) or 0.0
     except OSError as exc:  # disk full, quota, I/O error: say what and where
@@ -203,7 +216,7 @@ def _block_task(
         written - computed - encoding,
         clock() - written,
     )
-    return BlockResult(t.name, r0, digest, bad, first, seconds)
+    return BlockResult(t.name, r0, digest, bad, first, culprits, seconds)
 
 
 def tensor_checksum(block_digests: list[bytes]) -> str:
@@ -331,7 +344,7 @@ def run(
     progress: bool = True,
     overwrite: bool = False,
     resume: bool = False,
-    check_finite: bool = False,
+    check_finite: bool = True,
     block_size: str | int | None = None,
     shard_size: str | int = "5GB",
     compression: str = "lz4",
@@ -354,7 +367,8 @@ def run(
         overwrite: replace an existing output once the new one is complete.
         resume: continue an unfinished job writing ``path`` if its inputs and parameters match
             (its block plan is reused, so the result is identical to an uninterrupted run).
-        check_finite: fail, naming tensors and rows, if any result is NaN or infinite.
+        check_finite: fail, naming tensors and rows, if any result is NaN or infinite, and
+            leave nothing under ``path`` (default; False writes such values through).
         block_size: target bytes of float32 work per block (default 32MB); smaller under a
             tight memory limit.
         shard_size: safetensors shard size.
@@ -411,7 +425,7 @@ def run(
         "format": fmt,
         "compression": compression if fmt == "zarr" else None,
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
-        "tensors": [[t.name, list(t.shape), dtype_name(t.dtype)] for t in tensors],
+        "tensors": [[t.name, list(t.shape), _stored_dtype(t)] for t in tensors],
     }
     _refuse_overwriting_inputs(Path(path), model)
     out = OutputDir(path, overwrite=overwrite)
@@ -565,17 +579,20 @@ def _run_blocks(
 
 
 def _raise_if_nonfinite(results: list[BlockResult]) -> None:
-    bad: dict[str, tuple[int, int]] = {}
-    for r in results:
+    bad: dict[str, tuple[int, int, str]] = {}
+    for r in sorted(results, key=lambda r: (r.name, r.r0)):
         if r.nonfinite:
-            count, first = bad.get(r.name, (0, r.first_nonfinite_row))
-            bad[r.name] = (count + r.nonfinite, min(first, r.first_nonfinite_row))
-    if bad:
-        where = "; ".join(
-            f"{n}: {c} values, first at row {f}" for n, (c, f) in list(bad.items())[:5]
-        )
-        more = f"; and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
-        raise StreamvecError(f"NaN or infinite values in the result: {where}{more}")
+            count, first, inputs = bad.get(r.name, (0, r.first_nonfinite_row, ""))
+            inputs = inputs or r.nonfinite_inputs
+            bad[r.name] = (count + r.nonfinite, min(first, r.first_nonfinite_row), inputs)
+    raise_if_nonfinite(bad)
+
+
+def _stored_dtype(t: LazyTensor) -> str:
+    """The dtype a tensor is stored as (FP8 re-quantized outputs compute in float32)."""
+    if t.requantize is not None:
+        return f"{dtype_name(t.requantize.fp8)}+{t.requantize.granularity}-scales"
+    return dtype_name(t.dtype)
 
 
 def _refuse_overwriting_inputs(path: Path, model: Model) -> None:

@@ -81,14 +81,27 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRes
             raise StoreError(
                 f"{p}: no {MANIFEST_NAME}; only outputs written by streamvec can be verified"
             )
+        from streamvec.dtypes import dtype_name
+        from streamvec.io.blocks import SafetensorsReader
+        from streamvec.io.checkpoint import resolve_checkpoint
         from streamvec.sources import open_source
 
         manifest = json.loads(manifest_path.read_text())
         source = open_source(p)
+        stored = resolve_checkpoint(p).tensors
         for name, rec in manifest["tensors"].items():
-            if name not in source.tensors:
+            tensor_reader: BlockReader
+            if name in source.tensors and dtype_name(source.tensors[name].dtype) == rec.get(
+                "dtype", dtype_name(source.tensors[name].dtype)
+            ):
+                # As computed: re-quantized FP8 weights were checksummed as read back (float32).
+                tensor_reader = source.tensors[name].tensor_reader
+            elif name in stored:
+                t = stored[name]  # as stored: FP8 weights and scales copied bit for bit
+                tensor_reader = SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype)
+            else:
                 raise StreamvecError(f"{p}: tensor {name!r} recorded in {MANIFEST_NAME} is missing")
-            items.append((name, source.tensors[name].reader, rec))
+            items.append((name, tensor_reader, rec))
     bad: list[str] = []
     total = 0
     for name, reader, rec in tqdm(items, desc="verify", disable=not progress, unit="tensor"):

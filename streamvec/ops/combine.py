@@ -15,6 +15,7 @@ from pathlib import Path
 
 from streamvec.algebra import Model
 from streamvec.errors import StreamvecError
+from streamvec.nonfloat import IntPolicy
 from streamvec.sources import open as open_model
 
 
@@ -55,6 +56,7 @@ def combine_terms(
     exclude: list[str] | None = None,
     dtype: str | None = None,
     keep_base_when_missing: bool = False,
+    int_tensors: IntPolicy = "error",
 ) -> Model:
     """Build ``base + scale * sum(w_i tau_i)`` (or ``scale * sum(w_i tau_i)`` without a base).
 
@@ -66,6 +68,8 @@ def combine_terms(
         exclude: leave these tensors unedited.
         dtype: output dtype (default: the base's per tensor; float32 for a task vector).
         keep_base_when_missing: where a term lacks a tensor, keep the base value.
+        int_tensors: where a fine-tune changed an int/bool tensor: ``error`` (default),
+            ``base`` or ``finetune`` (see :mod:`streamvec.nonfloat`).
 
     Returns:
         The lazy result; ``.save(path)`` writes it.
@@ -96,4 +100,6 @@ def combine_terms(
     model = model.filter(include, exclude)
     if keep_base_when_missing:
         model = model.keep_base_when_missing()
+    if int_tensors != "error":
+        model = model.on_changed_nonfloat(int_tensors)
     return model.astype(dtype) if dtype else model
