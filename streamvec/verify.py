@@ -95,7 +95,7 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRes
                 "dtype", dtype_name(source.tensors[name].dtype)
             ):
                 # As computed: re-quantized FP8 weights were checksummed as read back (float32).
-                tensor_reader = source.tensors[name].tensor_reader
+                tensor_reader = source.tensors[name].reader
             elif name in stored:
                 t = stored[name]  # as stored: FP8 weights and scales copied bit for bit
                 tensor_reader = SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype)
