@@ -43,7 +43,8 @@ def _maybe_nonfinite(block: np.ndarray) -> bool:
                 return True
         return False
     if dt.kind == "f":
-        return not bool(np.isfinite(np.add.reduce(flat)))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is rechecked
+            return not bool(np.isfinite(np.add.reduce(flat)))
     return True  # float8 and others: the exact test below is cheap enough for them
 
 
