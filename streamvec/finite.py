@@ -90,8 +90,11 @@ def raise_if_nonfinite(bad: dict[str, tuple[int, int, str]]) -> None:
         )
         parts.append(f"{name}: {count} values, first at row {first} ({origin})")
     more = f"; and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
+    if any(inputs for _, _, inputs in bad.values()):
+        fix = "repair the input or leave the tensor out with --exclude"
+    else:
+        fix = "use smaller weights or --scale, or a wider --dtype such as float32"
     raise NonFiniteError(
         f"NaN or infinite values in the result, nothing written: {'; '.join(parts)}{more}; "
-        "check the weights and --scale (or --dtype float32 for range), or pass "
-        "--no-check-finite to write the values anyway"
+        f"{fix}, or pass --no-check-finite to write the values anyway"
     )

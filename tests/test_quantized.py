@@ -124,7 +124,7 @@ def stored(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
+            for k in h.keys():
                 out[k] = h.get_tensor(k)
     return out
 
