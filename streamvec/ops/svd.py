@@ -151,8 +151,9 @@ class RunOptions:
         overwrite: replace an existing output once the new one is complete.
         block_size: target float32 bytes per row block (default 32 MB; lowered to fit the
             memory limit), for the SVD passes and for the engine runs of these commands.
-        check_finite: fail, naming the tensor, on NaN or infinite values (matrices are always
-            checked by the SVD itself; this adds the dense tensors and the engine outputs).
+        check_finite: fail, naming the tensor, on NaN or infinite values (default; matrices
+            are always checked by the SVD itself; this adds the dense tensors and the engine
+            outputs).
         resume: continue an interrupted ``svd`` (tensor by tensor); the other SVD commands
             refuse it rather than ignore it.
     """
@@ -163,7 +164,7 @@ class RunOptions:
     progress: bool = True
     overwrite: bool = False
     block_size: str | int | None = None
-    check_finite: bool = False
+    check_finite: bool = True
     resume: bool = False
     device: str = "cpu"
 
