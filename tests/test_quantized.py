@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.torch
@@ -27,6 +28,7 @@ from tests.conftest import (
     write_checkpoint,
 )
 
+FP8_E4M3_NP = np.dtype(ml_dtypes.float8_e4m3fn)
 FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 BLOCK = 128
 LAYER = "model.layers.0."
@@ -577,3 +579,53 @@ def test_finite_check_finds_every_kind(dtype) -> None:
         y[211, 650] = value
         y[299, 0] = value
         assert nonfinite_rows(y) == (2, 211)
+
+
+@pytest.mark.parametrize(("layout", "fmt"), LAYOUTS)
+def test_fp8_output_does_not_depend_on_the_block_partition(pairs, tmp_path: Path, layout, fmt):
+    """Small blocks (several per weight, cut on tile boundaries) give the same bytes."""
+    p = pairs[(layout, fmt)]
+    outs = []
+    for i, size in enumerate(["64MB", "40kB"]):
+        out = tmp_path / f"o{i}"
+        args = ["combine", "--base", p["base"], "-o", out, f"{p['ft']}:0.7", "--block-size", size]
+        assert run_cli(*args, "-q") == 0
+        outs.append(stored(out))
+    for k in outs[0]:
+        a, b = outs[0][k].reshape(-1), outs[1][k].reshape(-1)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), k
+
+
+def test_fp8_mixes_with_bf16_checkpoints(pairs, tmp_path: Path) -> None:
+    """A bf16 base with an FP8 fine-tune: the fine-tune is dequantized, the output is bf16."""
+    p = pairs[("block", "e4m3")]
+    name = "layers.0.mlp.up_proj.weight"
+    wb = p["base_real"][name]
+    bf16_base = write_checkpoint(
+        tmp_path / "bf16-base",
+        {name: wb.astype(np.float32).astype(BF16), "norm.weight": np.ones(200, np.float32)},
+    )
+    out = tmp_path / "edited"
+    assert run_cli("combine", "--base", bf16_base, "-o", out, f"{p['ft']}:1", "-q") == 0
+    got = stored(out)[name]
+    assert got.dtype == torch.bfloat16
+    wb32 = wb.astype(np.float32).astype(BF16).astype(np.float64)
+    exact = wb32 + (p["ft_real"][name] - wb32)
+    assert_matches_float64(got.float().numpy().astype(BF16), exact, np.abs(exact), 2, name)
+
+
+def test_open_hides_scales_and_reads_real_values(pairs) -> None:
+    """Scales are not tensors of the source (never operands); the weight reads dequantized.
+    The model itself, saved as is, is the stored form: weight and scale bit for bit."""
+    import streamvec as sv
+
+    p = pairs[("channel", "e4m3")]
+    base, ft = sv.open(p["base"]), sv.open(p["ft"])
+    name = "layers.0.mlp.up_proj.weight"
+    assert sorted(base.source.tensors) == [name, "norm.weight"]
+    reader = base.source.tensors[name].reader
+    np.testing.assert_allclose(reader.read(0, 300), p["base_real"][name], rtol=2.0**-24)
+    assert sorted(ft - base) == [name, "norm.weight"]
+    assert (ft - base)[name].dtype == np.float32
+    assert sorted(base) == [name, name + "_scale", "norm.weight"]
+    assert base[name].dtype == FP8_E4M3_NP
