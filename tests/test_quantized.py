@@ -629,3 +629,23 @@ def test_open_hides_scales_and_reads_real_values(pairs) -> None:
     assert (ft - base)[name].dtype == np.float32
     assert sorted(base) == [name, name + "_scale", "norm.weight"]
     assert base[name].dtype == FP8_E4M3_NP
+
+
+def test_fp8_merge_recipe_keeps_the_base_format(pairs, tmp_path: Path) -> None:
+    p = pairs[("block", "e4m3")]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {p['base']}\nmodels:\n"
+        f"  - model: {p['ft']}\n    parameters: {{weight: 0.5}}\n"
+    )
+    out = tmp_path / "merged"
+    assert run_cli("merge", recipe, "-o", out, "-q") == 0
+    got = stored(out)
+    name = "layers.0.mlp.up_proj.weight"
+    assert got[name].dtype == torch.float8_e4m3fn
+    scale = got[name.removesuffix("weight") + "weight_scale_inv"]
+    deq = dequantize(got[name], scale)
+    wb, wf = p["base_real"][name], p["ft_real"][name]
+    want = wb + 0.5 * (wf - wb)
+    within_one_fp8_rounding(deq, want, expand(scale.double().numpy(), want.shape), "e4m3")
+    assert "quantization_config" in json.loads((out / "config.json").read_text())
