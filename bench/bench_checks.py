@@ -6,6 +6,8 @@ scheduler, warm page cache):
 * ``finite`` / ``no-finite``: ``combine`` (the edited model ``base + 0.5 (ft - base)``,
   bf16 safetensors) with the default NaN/inf check of every output block, and with
   ``check_finite=False`` (``--no-check-finite``);
+* ``check_share``: the CPU time of the check against the CPU time of reading and combining
+  the same blocks (thread CPU time, so other load on the machine does not count);
 * ``int-check`` / ``int-base``: the same ``combine`` on checkpoints that also hold an int8
   tensor of ``--int-mb`` MB (equal in both), with the default check that the fine-tune did
   not change it (a read of both) and with ``--int-tensors base`` (the base's copied unread
@@ -26,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+KINDS = ("wall", "cpu")
+PAIRS = (("finite", "no-finite"), ("int-check", "int-base"))
+
 
 def add_int_tensor(checkpoint: Path, megabytes: int) -> None:
     """Add an int8 tensor (the same in every checkpoint) as one more shard of ``checkpoint``."""
@@ -42,15 +47,56 @@ def add_int_tensor(checkpoint: Path, megabytes: int) -> None:
     index_path.write_text(json.dumps(index))
 
 
-def combine(base: Path, ft: Path, out: Path, **options: object) -> float:
+def combine(base: Path, ft: Path, out: Path, **options: object) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (all threads of this process) of one ``combine``."""
+    import resource
+
     import streamvec as sv
 
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    started = cpu()
     b = sv.open(base)
     model = b + 0.5 * (sv.open(ft) - b)
     policy = options.pop("int_tensors", None)
     if policy is not None:
         model = model.on_changed_nonfloat(policy)  # type: ignore[arg-type]
-    return model.save(out, progress=False, **options).seconds  # type: ignore[arg-type]
+    wall = model.save(out, progress=False, **options).seconds  # type: ignore[arg-type]
+    return wall, cpu() - started
+
+
+def check_share(base: Path, ft: Path) -> tuple[float, float, float]:
+    """CPU seconds (this thread) of the block kernel and of the finite check, over every
+    block of ``base + 0.5 (ft - base)``, each block's check timed right after its kernel.
+
+    Thread CPU time rather than wall time: the machine is shared, and what is asked is the
+    work the check adds. Returns (read + kernel seconds, check seconds, bytes of output).
+    """
+    import time
+
+    import streamvec as sv
+    from streamvec.finite import nonfinite_rows
+    from streamvec.io.blocks import matrix_shape
+    from streamvec.tensor import row_ranges, rows_per_block
+
+    b = sv.open(base)
+    model = b + 0.5 * (sv.open(ft) - b)
+    work = check = 0.0
+    nbytes = 0
+    for t in model.resolved().tensors.values():
+        rows, _ = matrix_shape(t.shape)
+        for r0, r1 in row_ranges(rows, rows_per_block(t.shape)):
+            t0 = time.thread_time()
+            block = t.read_rows(r0, r1)
+            t1 = time.thread_time()
+            nonfinite_rows(block)
+            t2 = time.thread_time()
+            work += t1 - t0
+            check += t2 - t1
+            nbytes += block.nbytes
+    return work, check, nbytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,36 +120,47 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(ft, ift)
         add_int_tensor(ibase, args.int_mb)
         add_int_tensor(ift, args.int_mb)
+    for i in range(3):
+        work, check, nbytes = check_share(base, ft)
+        print(
+            f"pass {i + 1}: read+kernel {work:.2f} s CPU, finite check {check:.3f} s CPU "
+            f"({100 * check / work:.1f}% of read+kernel; {nbytes / check / 1e9:.1f} GB/s)"
+        )
+    if args.rounds == 0:
+        return 0
     variants = {
         "finite": lambda out: combine(base, ft, out),
         "no-finite": lambda out: combine(base, ft, out, check_finite=False),
         "int-check": lambda out: combine(ibase, ift, out),
         "int-base": lambda out: combine(ibase, ift, out, int_tensors="base"),
     }
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    times: dict[tuple[str, str], list[float]] = {(v, k): [] for v in variants for k in KINDS}
     for r in range(args.rounds):
         for name, fn in variants.items():
             out = workdir / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # earlier writeback is not billed to this run
-            seconds = fn(out)
-            times[name].append(seconds)
+            wall, cpu = fn(out)
+            times[(name, "wall")].append(wall)
+            times[(name, "cpu")].append(cpu)
             shutil.rmtree(out, ignore_errors=True)
-            print(f"round {r + 1} {name:10s} {seconds:6.2f} s  load {os.getloadavg()[0]:.1f}")
-    print(f"\n{'variant':10s} {'median s':>9s} {'ratio':>7s}  all")
-    for a, b in (("finite", "no-finite"), ("int-check", "int-base")):
-        ref = statistics.median(times[b])
-        for v in (a, b):
-            med = statistics.median(times[v])
-            runs = " ".join(f"{t:.2f}" for t in times[v])
-            print(f"{v:10s} {med:9.2f} {med / ref:6.3f}x  {runs}")
-    # Paired per round: the two runs of a pair ran back to back, so their ratio is less noisy.
-    for a, b in (("finite", "no-finite"), ("int-check", "int-base")):
-        ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
-        print(
-            f"{a} / {b} per round: median {statistics.median(ratios):.3f}x  "
-            + " ".join(f"{q:.3f}" for q in ratios)
-        )
+            load = os.getloadavg()[0]
+            print(f"round {r + 1} {name:10s} {wall:6.2f} s wall {cpu:6.2f} s CPU  load {load:.1f}")
+    for kind in KINDS:
+        print(f"\n{kind}: {'variant':10s} {'median s':>9s} {'ratio':>7s}  all")
+        for a, b in PAIRS:
+            ref = statistics.median(times[(b, kind)])
+            for v in (a, b):
+                med = statistics.median(times[(v, kind)])
+                runs = " ".join(f"{t:.2f}" for t in times[(v, kind)])
+                print(f"{kind}: {v:10s} {med:9.2f} {med / ref:6.3f}x  {runs}")
+        # Paired per round: the two runs of a pair ran back to back, so less noise.
+        for a, b in PAIRS:
+            ratios = [x / y for x, y in zip(times[(a, kind)], times[(b, kind)], strict=True)]
+            print(
+                f"{kind}: {a} / {b} per round: median {statistics.median(ratios):.3f}x  "
+                + " ".join(f"{q:.3f}" for q in ratios)
+            )
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
