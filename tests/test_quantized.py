@@ -649,3 +649,24 @@ def test_fp8_merge_recipe_keeps_the_base_format(pairs, tmp_path: Path) -> None:
     want = wb + 0.5 * (wf - wb)
     within_one_fp8_rounding(deq, want, expand(scale.double().numpy(), want.shape), "e4m3")
     assert "quantization_config" in json.loads((out / "config.json").read_text())
+
+
+def test_unknown_method_refuses_integer_weights_and_accepts_float_ones(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def pair(kind: str, weight: np.ndarray) -> tuple[Path, Path]:
+        paths = []
+        for side in ("b", "f"):
+            p = write_checkpoint(tmp_path / kind / side, {"x.weight": weight})
+            (p / "config.json").write_text(
+                json.dumps({"quantization_config": {"quant_method": "hqq"}})
+            )
+            paths.append(p)
+        return paths[0], paths[1]
+
+    b, f = pair("int", rng.integers(0, 9, (4, 4), dtype=np.int32))
+    proc = run_cli_subprocess("combine", "--base", b, "-o", tmp_path / "o1", f)
+    assert proc.returncode == 2 and "'x.weight'" in proc.stderr and "hqq" in proc.stderr
+    # A dequantized model whose config kept the entry: nothing to dequantize, accepted.
+    b, f = pair("float", rng.standard_normal((4, 4)).astype(np.float32))
+    assert run_cli("combine", "--base", b, "-o", tmp_path / "o2", f"{f}:0.5", "-q") == 0

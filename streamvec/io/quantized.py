@@ -133,10 +133,19 @@ def quantized_tensors(
             if name.endswith(ending):
                 raise _refuse(label, name, fmt)
     if info.method and info.method not in FP8_METHODS:
+        # Under a method whose conventions streamvec does not know, any integer or 8-bit
+        # float tensor may be a quantized weight. A checkpoint holding none (a dequantized
+        # model whose config kept the entry) has nothing to dequantize.
         first = next(
-            (n for n, t in tensors.items() if not _is_float_dtype(t.dtype)), next(iter(tensors))
+            (
+                n
+                for n, t in tensors.items()
+                if t.dtype in FP8_DTYPES or not _is_float_dtype(t.dtype)
+            ),
+            None,
         )
-        raise _refuse(label, first, f"quantization_config.quant_method {info.method!r}")
+        if first is not None:
+            raise _refuse(label, first, f"quantization_config.quant_method {info.method!r}")
     fp8: dict[str, Fp8Reader] = {}
     scales: set[str] = set()
     for name, t in tensors.items():
