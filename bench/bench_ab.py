@@ -8,8 +8,8 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
   by the final ``os.sync`` after the computation, as before that change;
 * ``block-accumulator``: the kernel accumulating a 16-bit output's float32 sum in a whole
   block-sized buffer instead of one cache-sized slab (the previous kernel, reproduced here);
-* ``zarr-reader``: task-vector stores read through ``zarr.open_array`` + ``__getitem__`` per
-  block instead of the synchronous chunk reader (:mod:`streamvec.io.zarr_chunks`);
+* ``no-verify-inputs``: stores read without comparing each chunk with its recorded digest
+  (``--no-verify-inputs``; see :mod:`streamvec.io.store_check`);
 * ``no-prefetch``: without each block task asking the kernel to read the next planned block
   ahead (``SafetensorsReader.prefetch``); matters from a cold cache (``--cold``).
 
@@ -22,7 +22,7 @@ checkpoints, bf16 safetensors) and ``combine-store`` (the same edit with the tas
 from a store written by ``diff`` first).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
-        [--variants current,no-writeback,block-accumulator,zarr-reader,no-prefetch] [--cold]
+        [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch] [--cold]
         [--workdir DIR]
 """
 
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 OPS = ("diff", "diff-none", "combine", "combine-store")
-VARIANTS = ("current", "no-writeback", "block-accumulator", "zarr-reader", "no-prefetch")
+VARIANTS = ("current", "no-writeback", "block-accumulator", "no-verify-inputs", "no-prefetch")
 
 
 def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype):
@@ -74,31 +74,31 @@ def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_
 @contextmanager
 def variant(name: str) -> Iterator[None]:
     from streamvec import engine, sinks, tensor
-    from streamvec.io import zarr_chunks, zarr_store
+    from streamvec.io import store_check, zarr_store
 
     saved = (
         sinks.start_writeback,
         zarr_store.start_writeback,
         tensor.combine_blocks,
-        zarr_chunks.read_rows,
         engine._prefetch,
+    )
+    policy = store_check.using_read_policy(
+        store_check.ReadPolicy(verify=name != "no-verify-inputs")
     )
     if name == "no-writeback":
         sinks.start_writeback = zarr_store.start_writeback = lambda *a: None
     elif name == "block-accumulator":
         tensor.combine_blocks = block_accumulator_combine
-    elif name == "zarr-reader":
-        zarr_chunks.read_rows = lambda *a: None  # every read falls back to zarr
     elif name == "no-prefetch":
         engine._prefetch = lambda following: None
     try:
-        yield
+        with policy:
+            yield
     finally:
         (
             sinks.start_writeback,
             zarr_store.start_writeback,
             tensor.combine_blocks,
-            zarr_chunks.read_rows,
             engine._prefetch,
         ) = saved
 

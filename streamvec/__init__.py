@@ -22,6 +22,7 @@ from streamvec.errors import (
 )
 from streamvec.names import NameFilter
 from streamvec.sources import open  # noqa: A004 - sv.open(path) is the entry point
+from streamvec.stats import Stats, stats
 from streamvec.tensor import LazyTensor
 
 __all__ = [
@@ -36,9 +37,11 @@ __all__ = [
     "OutputError",
     "RunReport",
     "SourceModel",
+    "Stats",
     "StoreError",
     "StreamvecError",
     "__version__",
     "open",
     "run",
+    "stats",
 ]

@@ -29,6 +29,8 @@ from streamvec.names import NameFilter, combine_filters
 from streamvec.nonfloat import INT_POLICIES, IntPolicy, NonFloatReader
 from streamvec.requantize import fp8_outputs
 from streamvec.tensor import LazyTensor
+from streamvec.ties import TieRules, stored_partner
+from streamvec.vocab import VocabChoice, VocabMismatch, align
 
 if TYPE_CHECKING:
     from streamvec.engine import RunReport
@@ -65,6 +67,9 @@ class Source:
     tensors: Mapping[str, SourceTensor] = field(compare=False, hash=False, repr=False)
     info: Mapping[str, Any] = field(compare=False, hash=False, repr=False, default_factory=dict)
     extra_files: tuple[str, ...] = field(compare=False, hash=False, repr=False, default=())
+    # Which tensors the model shares (tied embeddings), and the weight file stem outputs keep.
+    ties: TieRules | None = field(compare=False, hash=False, repr=False, default=None)
+    stem: str = field(compare=False, hash=False, repr=False, default="model")
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class Model(Mapping[str, LazyTensor]):
             dtype=a.dtype or b.dtype,
             on_missing=a.on_missing,
             int_tensors=a.int_tensors,
+            vocab=a.vocab or b.vocab,
         )
 
     def __sub__(self, other: object) -> Combination:
@@ -135,7 +141,9 @@ class Model(Mapping[str, LazyTensor]):
             return NotImplemented
         c = self.combination()
         terms = tuple(Term(t.coef * float(scalar), t.source, t.where) for t in c.terms)
-        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors)
+        return Combination(
+            terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors, vocab=c.vocab
+        )
 
     __rmul__ = __mul__
 
@@ -178,18 +186,24 @@ class Model(Mapping[str, LazyTensor]):
             )
         else:
             terms = tuple(Term(t.coef, t.source, combine_filters(t.where, f)) for t in c.terms)
-        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors)
+        return Combination(
+            terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors, vocab=c.vocab
+        )
 
     def astype(self, dtype: str | np.dtype) -> Combination:
         """The same model with float tensors rounded to ``dtype`` (e.g. ``"bfloat16"``)."""
         c = self.combination()
         dt = parse_output_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-        return Combination(c.terms, dtype=dt, on_missing=c.on_missing, int_tensors=c.int_tensors)
+        return Combination(
+            c.terms, dtype=dt, on_missing=c.on_missing, int_tensors=c.int_tensors, vocab=c.vocab
+        )
 
     def keep_base_when_missing(self) -> Combination:
         """Where a term lacks a tensor, keep the anchor's value instead of failing."""
         c = self.combination()
-        return Combination(c.terms, dtype=c.dtype, on_missing="base", int_tensors=c.int_tensors)
+        return Combination(
+            c.terms, dtype=c.dtype, on_missing="base", int_tensors=c.int_tensors, vocab=c.vocab
+        )
 
     def on_changed_nonfloat(self, policy: IntPolicy) -> Combination:
         """Where a fine-tune changed an int/bool tensor: ``error``, ``base`` or ``finetune``.
@@ -201,7 +215,19 @@ class Model(Mapping[str, LazyTensor]):
                 f"int tensors: unknown policy {policy!r}; use one of {INT_POLICIES}"
             )
         c = self.combination()
-        return Combination(c.terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=policy)
+        return Combination(
+            c.terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=policy, vocab=c.vocab
+        )
+
+    def with_vocab(self, policy: str | None) -> Combination:
+        """Combine inputs whose vocabularies differ: ``base``, ``common`` or ``union`` rows.
+
+        See :mod:`streamvec.vocab`; None (the default) refuses a vocabulary difference.
+        """
+        c = self.combination()
+        return Combination(
+            c.terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors, vocab=policy
+        )
 
     # -- running ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], **options: Any) -> RunReport:
@@ -234,6 +260,8 @@ class Resolved:
     tensors: dict[str, LazyTensor]
     skipped_nonfloat: tuple[str, ...]
     kept_base: tuple[str, ...]
+    # What a --vocab policy made of differing vocabularies (None: they did not differ).
+    vocab: VocabChoice | None = None
 
 
 class Combination(Model):
@@ -246,11 +274,13 @@ class Combination(Model):
         dtype: np.dtype | None = None,
         on_missing: OnMissing = "error",
         int_tensors: IntPolicy = "error",
+        vocab: str | None = None,
     ) -> None:
         self.terms = _merge(terms)
         self.dtype = dtype
         self.on_missing: OnMissing = on_missing
         self.int_tensors: IntPolicy = int_tensors
+        self.vocab = vocab
         self._resolved: Resolved | None = None
 
     def combination(self) -> Combination:
@@ -311,16 +341,25 @@ def _resolve(comb: Combination) -> Resolved:
     kept_base: list[str] = []
     missing: list[str] = []
     mismatched: list[str] = []
+    vocab_problems: list[str] = []
+    vocab: VocabChoice | None = None
+    rules = [s.ties for s in comb.sources() if s.ties is not None]
     for name in names:
         active = [t for t in comb.terms if t.where is None or t.where(name)]
         if not active:
             continue
+        if kind == "model" and anchor is not None and name not in anchor.tensors:
+            if stored_partner(name, anchor.tensors, rules) is not None:
+                # The base stores this tensor only as its tied partner, and the output keeps
+                # the base's config and layout: transformers ties it on load.
+                check_tied_copies(name, active, rules)
+                continue
         base = anchor.tensors.get(name) if anchor is not None else None
         if kind == "model" and base is not None and not is_float(base.dtype):
             # Task vectors carry no int/bool buffers: those pass through from the base, and
             # only other checkpoints are required to have them.
             active = [t for t in active if t.source.is_point]
-        lacking = [t.source.label for t in active if name not in t.source.tensors]
+        lacking = [t.source.label for t in active if tensor_of(t.source, name, rules) is None]
         if lacking:
             if comb.on_missing == "base" and anchor is not None and name in anchor.tensors:
                 if kind == "model":
@@ -331,8 +370,28 @@ def _resolve(comb: Combination) -> Resolved:
             else:
                 missing.append(f"{name} (missing in {', '.join(lacking)})")
                 continue
-        parts = [(t.coef, t.source.tensors[name]) for t in active]
+        parts: list[tuple[float, SourceTensor]] = []
+        for t in active:
+            found = tensor_of(t.source, name, rules)
+            assert found is not None  # lacking terms were handled above
+            parts.append((t.coef, found))
         shapes = {p.shape for _, p in parts}
+        if len(shapes) > 1:
+            reference = anchor if kind == "model" else _negative_point(comb)
+            try:
+                aligned = align(
+                    name,
+                    [(c, p, t.source) for (c, p), t in zip(parts, active, strict=True)],
+                    comb.vocab,
+                    reference,
+                )
+            except VocabMismatch as exc:
+                vocab_problems.append(str(exc))
+                continue
+            if aligned is not None:
+                parts, choice = aligned
+                vocab = vocab or choice
+                shapes = {p.shape for _, p in parts}
         if len(shapes) > 1:
             detail = ", ".join(
                 f"{t.source.label}: {list(p.shape)}"
@@ -369,13 +428,19 @@ def _resolve(comb: Combination) -> Resolved:
                 tensors.update(stored)
                 continue
         tensors[name] = LazyTensor(name, first.shape, np.dtype(out_dtype), terms)
+    if vocab_problems:
+        more = f" (and {len(vocab_problems) - 1} more tensors)" if len(vocab_problems) > 1 else ""
+        raise MismatchError(f"inputs do not match: {vocab_problems[0]}{more}")
     problems = missing + mismatched
     if problems:
         shown = "; ".join(problems[:6])
         more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        # Never suggest keeping the base for a tensor tied to another: that writes an edited
+        # embedding next to an unedited head (a silently untied model).
+        tied = any(r.partners(m.split(" ")[0]) for m in missing for r in rules)
         hint = (
             " (pass --missing keep-base to keep the base value for missing tensors)"
-            if missing and kind == "model"
+            if missing and kind == "model" and not tied
             else ""
         )
         raise MismatchError(f"inputs do not match: {shown}{more}{hint}")
@@ -384,7 +449,44 @@ def _resolve(comb: Combination) -> Resolved:
             f"the expression selects no floating-point tensors ({comb.describe()}); "
             "check --include/--exclude"
         )
-    return Resolved(kind, tensors, tuple(skipped), tuple(kept_base))
+    return Resolved(kind, tensors, tuple(skipped), tuple(kept_base), vocab)
+
+
+def tensor_of(source: Source, name: str, rules: list[TieRules]) -> SourceTensor | None:
+    """``source``'s tensor ``name``, or the tied tensor it stores instead (None: neither)."""
+    found = source.tensors.get(name)
+    if found is not None:
+        return found
+    partner = stored_partner(name, source.tensors, rules)
+    return source.tensors[partner] if partner is not None else None
+
+
+def check_tied_copies(name: str, active: list[Term], rules: list[TieRules]) -> None:
+    """Refuse a term that stores ``name`` apart from, and unlike, the tensor it is tied to.
+
+    transformers loads such a checkpoint untied (its own head), which the base's tied layout
+    cannot hold; equal copies (what older savers wrote) are the same tensor and are fine.
+    """
+    from streamvec.ties import tied_copies_equal
+
+    for t in active:
+        stored = t.source.tensors.get(name)
+        if stored is None:
+            continue
+        partner = stored_partner(name, t.source.tensors, rules)
+        if partner is None or not tied_copies_equal(stored, t.source.tensors[partner]):
+            raise MismatchError(
+                f"{t.source.label}: stores {name} apart from {partner or 'its tied tensor'} "
+                "with different values (transformers loads it untied), while the base ties "
+                f"them and the output keeps the base's tied layout; edit the tied tensor only "
+                f"(--exclude {name}), or use a base whose config.json has "
+                "tie_word_embeddings false"
+            )
+
+
+def _negative_point(comb: Combination) -> Source | None:
+    """The checkpoint subtracted in a task vector (``ft - base``): its base."""
+    return next((t.source for t in comb.terms if t.source.is_point and t.coef < 0), None)
 
 
 def nonfloat_reader(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -16,6 +18,9 @@ from typing import Any
 
 from streamvec import __version__
 from streamvec.errors import StreamvecError
+from streamvec.io.companions import COMMAND_LINE
+from streamvec.io.store_check import ReadPolicy, using_read_policy
+from streamvec.units import parse_size
 
 EPILOG = """examples:
   streamvec info llama-base
@@ -24,6 +29,7 @@ EPILOG = """examples:
   streamvec combine --base llama-base -o detox --scale 0.6 tox.zarr:-1
   streamvec combine -o analogy.zarr c.zarr b.zarr a.zarr:-1
   streamvec verify edited
+  streamvec stats math.zarr code.zarr tox.zarr -o stats/
   streamvec demo
 
 Patterns in --include/--exclude are shell globs on tensor names, or regexes written re:...
@@ -89,6 +95,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
     )
     # The check is on by default; the old opt-in flag is still accepted.
     g.add_argument("--check-finite", action="store_true", default=True, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--no-verify-inputs",
+        action="store_true",
+        help="do not compare each chunk read from a Zarr store with its recorded checksum "
+        "(see docs/reliability.md for what it costs)",
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     if filters:
         _add_filter_options(p)
@@ -128,6 +140,17 @@ def add_output_dtype_option(
     from streamvec.dtypes import OUTPUT_DTYPES
 
     p.add_argument("--dtype", choices=list(OUTPUT_DTYPES), help=help)
+
+
+def add_vocab_option(p: argparse.ArgumentParser) -> None:
+    """``--vocab``: what to do when the inputs' vocabularies differ (streamvec.vocab)."""
+    p.add_argument(
+        "--vocab",
+        choices=["base", "common", "union"],
+        help="when the inputs' vocabularies differ (a fine-tune added tokens): keep the base's "
+        "rows, the rows all inputs share, or every row (added tokens as the fine-tune has "
+        "them); config.json's vocab_size and the tokenizer files follow. Default: refuse",
+    )
 
 
 def add_shard_size_option(p: argparse.ArgumentParser) -> None:
@@ -198,6 +221,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         dtype=args.dtype,
         int_tensors=args.int_tensors,
+        vocab=args.vocab,
     )
     report = tv.save(args.output, description="diff", **_run_kwargs(args))
     write_report(args, report)
@@ -221,6 +245,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         keep_base_when_missing=args.missing == "keep-base",
         int_tensors=args.int_tensors,
+        vocab=args.vocab,
     )
     report = model.save(
         args.output, description="combine", shard_size=args.shard_size, **_run_kwargs(args)
@@ -301,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
     add_output_dtype_option(p, "stored dtype (default float32)")
     add_int_tensors_option(p)
+    add_vocab_option(p)
     _add_run_options(p)
     add_report_option(p)
     p.set_defaults(func=cmd_diff)
@@ -330,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a tensor missing in a term: fail (default) or keep the base value",
     )
     add_int_tensors_option(p)
+    add_vocab_option(p)
     _add_run_options(p)
     add_report_option(p)
     p.set_defaults(func=cmd_combine)
@@ -384,27 +411,70 @@ def _add_operation_parsers(sub: Any) -> None:
     from streamvec.benchmark import add_parser as add_bench
     from streamvec.merge.cli import add_parsers as add_merge
     from streamvec.ops.svd_cli import add_parsers as add_svd
+    from streamvec.stats.cli import add_parser as add_stats
 
     add_svd(sub)
+    add_stats(sub)
     add_merge(sub)
     add_bench(sub)
+
+
+def _read_policy(args: argparse.Namespace) -> ReadPolicy:
+    """How this command reads stores: chunk checksums, and chunks bounded by the budget."""
+    limit = getattr(args, "memory_limit", None)
+    return ReadPolicy(
+        verify=not getattr(args, "no_verify_inputs", False),
+        max_chunk_bytes=parse_size(limit) // 4 if limit else None,
+    )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every command keeps (or cleans) its output the same way."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _kept_partial(args: argparse.Namespace) -> bool:
+    """Whether an interrupted run left an unfinished output that --resume can continue."""
+    output = getattr(args, "output", None)
+    if not output or not hasattr(args, "resume"):
+        return False
+    out = Path(output).absolute()
+    return (out.parent / f".{out.name}.partial").is_dir()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    # Outputs' model cards record the command that wrote them.
+    command = COMMAND_LINE.set(("streamvec", *(sys.argv[1:] if argv is None else argv)))
+    # SIGTERM (kill, a batch scheduler's time limit) behaves like Ctrl-C: the partial output
+    # of a resumable run is kept, the others are removed, and the exit code says which signal.
+    installed = True
     try:
-        return func(args)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        installed = False
+    try:
+        with using_read_policy(_read_policy(args)):
+            return func(args)
     except StreamvecError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"streamvec: error: {exc}", file=sys.stderr)
+        # Writes that failed inside zarr's event loop (disk full) leave tasks whose errors
+        # asyncio would log again at exit, after the one line that already said it.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 2
-    except KeyboardInterrupt:
-        resumable = " (rerun with --resume to continue)" if hasattr(args, "resume") else ""
-        print(f"streamvec: interrupted; no output was finished{resumable}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        resumable = " (rerun with --resume to continue)" if _kept_partial(args) else ""
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"streamvec: {how}; no output was finished{resumable}", file=sys.stderr)
+        # 128 + the signal's number, as a shell reports a process the signal killed
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
@@ -414,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
+        COMMAND_LINE.reset(command)
 
 
 if __name__ == "__main__":

@@ -22,17 +22,20 @@ from streamvec import __version__
 from streamvec.algebra import Model
 from streamvec.devices import CPU, block_kernel, check_device
 from streamvec.dtypes import dtype_name
-from streamvec.errors import OutputError, StreamvecError
+from streamvec.errors import StreamvecError
 from streamvec.finite import nonfinite_inputs, nonfinite_rows, raise_if_nonfinite
 from streamvec.io.blocks import matrix_shape
+from streamvec.io.companions import companions_for, write_model_card
 from streamvec.io.output import OutputDir, output_error
 from streamvec.jobs import (
     DEFAULT_SYNC_SECONDS,
     DoneLog,
     JobPlan,
     ResumeError,
+    check_done_inputs,
+    digest_operands,
     explain_mismatch,
-    read_done,
+    read_done_entries,
     read_job,
     remove_job_files,
     write_job,
@@ -41,6 +44,7 @@ from streamvec.kernel import accumulation_dtype
 from streamvec.memory import anon_bytes, default_memory_limit
 from streamvec.requantize import aligned_rows
 from streamvec.sinks import BlockWriter, PlannedTensor, SafetensorsSink, Sink, ZarrSink
+from streamvec.sources import input_paths
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.units import format_bytes, parse_size
 
@@ -86,19 +90,21 @@ class RunReport:
 def working_bytes_per_element(t: LazyTensor, device: str = CPU) -> int:
     """Anonymous bytes a block task holds per element: accumulator, output, encode buffer.
 
-    On a GPU the operands are also staged in host buffers (one per operand) on their way.
+    Operands are read (``pread``) into anonymous buffers, one per operand; on a GPU they are
+    also staged in host buffers (one per operand) on their way.
     """
     out = t.dtype.itemsize
-    # Readers that compute their rows (FP8 dequantization) hold them in anonymous memory.
-    held = sum(getattr(r, "resident_bytes_per_element", 0) for _, r in t.terms)
+    reads = sum(r.dtype.itemsize for _, r in t.terms)
+    # Readers that compute their rows (FP8 dequantization) also hold what they read.
+    reads += sum(getattr(r, "resident_bytes_per_element", 0) for _, r in t.terms)
     # Re-quantizing to FP8 pads the block to whole tiles and keeps the 8-bit copy.
-    held += 9 if t.requantize is not None else 0
+    held = 9 if t.requantize is not None else 0
     if t.op is not None:
         # every term upcast to float32, plus the op's result and a temporary of that size
-        return 4 * (len(t.terms) + 2) + 3 * out + held
+        return 4 * (len(t.terms) + 2) + 3 * out + reads + held
     acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
-    staging = sum(r.dtype.itemsize for _, r in t.terms) if device != CPU else 0
-    return (acc if acc != out else 0) + 3 * out + staging + held
+    staging = reads if device != CPU else 0
+    return (acc if acc != out else 0) + 3 * out + staging + reads + held
 
 
 def balanced_rows(rows: int, most: int) -> int:
@@ -165,6 +171,8 @@ class BlockResult:
     nonfinite_inputs: str = ""
     # Seconds spent in each of BLOCK_STAGES.
     seconds: tuple[float, ...] = ()
+    # xxh3-128 of each operand's bytes, logged so that --resume can tell a changed input.
+    inputs: tuple[str, ...] = ()
 
 
 def _prefetch(following: tuple[LazyTensor, int, int] | None) -> None:
@@ -191,6 +199,7 @@ def _block_task(
     started = clock()
     _prefetch(following)
     operands = t.read_operands(r0, r1)
+    inputs = tuple(digest_operands(operands))
     read = clock()
     with np.errstate(over="ignore", invalid="ignore"):  # the finite check reports these
         block = t.evaluate(operands, r0, r1, block_kernel(device))
@@ -217,7 +226,16 @@ def _block_task(
         written - computed - encoding,
         clock() - written,
     )
-    return BlockResult(t.name, r0, digest, bad, first, culprits, seconds)
+    return BlockResult(
+        t.name,
+        r0,
+        digest,
+        nonfinite=bad,
+        first_nonfinite_row=first,
+        nonfinite_inputs=culprits,
+        seconds=seconds,
+        inputs=inputs,
+    )
 
 
 def tensor_checksum(block_digests: list[bytes]) -> str:
@@ -408,8 +426,12 @@ def run(
     if fmt == "zarr":
         sink = ZarrSink(compression)
     else:
-        extra = anchor.extra_files if anchor is not None and resolved.kind == "model" else ()
-        sink = SafetensorsSink(parse_size(shard_size), extra)
+        companions = (
+            companions_for(anchor, resolved.vocab)
+            if anchor is not None and resolved.kind == "model"
+            else None
+        )
+        sink = SafetensorsSink(parse_size(shard_size), companions=companions)
     attrs: dict[str, Any] = {
         "format": 1,
         "kind": resolved.kind,
@@ -421,6 +443,8 @@ def run(
         "kept_base": list(resolved.kept_base),
         **(extra_attrs or {}),
     }
+    if resolved.vocab is not None:
+        attrs["vocab"] = resolved.vocab.describe()
     identity = {
         "attrs": attrs,
         "format": fmt,
@@ -428,8 +452,8 @@ def run(
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
         "tensors": [[t.name, list(t.shape), _stored_dtype(t)] for t in tensors],
     }
-    _refuse_overwriting_inputs(Path(path), model)
-    out = OutputDir(path, overwrite=overwrite)
+    out = OutputDir(path, overwrite=overwrite, inputs=input_paths(model.sources()))
+    out.expected_bytes = sum(t.nbytes for t in tensors)  # uncompressed: an upper bound
     kept = out.open(keep_partial=resume)
     if kept and read_job(out.partial) is None:
         # Killed before its job record was written: nothing was logged as done, start over.
@@ -469,6 +493,7 @@ def run(
         checksums = _checksums(plan, digests)
         sink.finish(checksums, attrs)
         sink.close()
+        write_model_card(out.partial, attrs)
         remove_job_files(out.partial)
         final = out.commit()
         finished = time.perf_counter()
@@ -476,6 +501,10 @@ def run(
         sink.close()
         out.release()  # keep the partial output: --resume continues it
         raise
+    except OSError as exc:  # disk full while creating or finishing the output
+        sink.close()
+        out.abort()
+        raise out.write_error(exc) from None
     except BaseException:
         sink.close()
         out.abort()
@@ -526,7 +555,16 @@ def _resume_plan(
         )
     # The recorded block rows, not this run's budget: blocks must be cut as before.
     replanned = [PlannedTensor(p.tensor, recorded.block_rows[p.tensor.name]) for p in plan]
-    return replanned, read_done(partial)
+    entries = read_done_entries(partial)
+    # The finished blocks were computed from the inputs as they were then: read them again
+    # and compare, so a changed input is refused rather than mixed in (docs/reliability.md).
+    for p in replanned:
+        rows = matrix_shape(p.tensor.shape)[0]
+        for r0, r1 in row_ranges(rows, p.block_rows):
+            entry = entries.get((p.tensor.name, r0))
+            if entry is not None:
+                check_done_inputs(p.tensor, r0, r1, entry[1], p.block_rows)
+    return replanned, {key: digest for key, (digest, _) in entries.items()}
 
 
 def _run_blocks(
@@ -564,7 +602,7 @@ def _run_blocks(
         sizes[key] = (r1 - r0) * sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
 
     def finished(key: Any, result: BlockResult) -> None:
-        log.record(result.name, result.r0, result.digest)
+        log.record(result.name, result.r0, result.digest, list(result.inputs))
 
     return execute_graph(
         graph,
@@ -596,19 +634,6 @@ def _stored_dtype(t: LazyTensor) -> str:
     return dtype_name(t.dtype)
 
 
-def _refuse_overwriting_inputs(path: Path, model: Model) -> None:
-    """An output at (or above) an input's location would replace the input when renamed."""
-    final = path.absolute().resolve()
-    for source in model.sources():
-        for t in list(source.tensors.values())[:1]:
-            where = Path(getattr(t.reader, "path", getattr(t.reader, "store", source.label)))
-            where = where.resolve()
-            if where == final or final in where.parents:
-                raise OutputError(
-                    f"{path}: is (or contains) the input {source.label}; write to another path"
-                )
-
-
 def _checksums(
     plan: list[PlannedTensor], digests: dict[tuple[str, int], bytes]
 ) -> dict[str, dict[str, Any]]:
@@ -619,9 +644,12 @@ def _checksums(
         blocks = [digests.get((t.name, r0)) for r0, _ in row_ranges(rows, p.block_rows)]
         if any(b is None for b in blocks):
             raise RuntimeError(f"internal error: blocks of {t.name!r} missing from the results")
+        ordered = [b for b in blocks if b is not None]
         out[t.name] = {
-            CHECKSUM_ALGO: tensor_checksum([b for b in blocks if b is not None]),
+            CHECKSUM_ALGO: tensor_checksum(ordered),
             "checksum_block_rows": p.block_rows,
+            # Per block (= per chunk of a Zarr output): readers check each chunk they decode.
+            "block_" + CHECKSUM_ALGO: [d.hex() for d in ordered],
             "dtype": dtype_name(t.dtype),
             "shape": list(t.shape),
         }

@@ -32,5 +32,9 @@ class OutputError(StreamvecError):
     """The output path cannot be written (exists, is a file, not writable, disk full)."""
 
 
+class InputChangedError(StreamvecError):
+    """An input file changed (truncated, replaced, rewritten) while a run was reading it."""
+
+
 class StoreError(StreamvecError):
     """A Zarr store is not one streamvec wrote, or is damaged."""

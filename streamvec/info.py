@@ -19,7 +19,11 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON-ready description: kind, tensors (name, dtype, shape, bytes, file), totals."""
     p = Path(path)
     if not p.exists():
-        raise InputNotFoundError(f"{p}: no such file or directory")
+        from streamvec.hub import parse_hub_id, resolve_hub_id
+
+        if parse_hub_id(str(path)) is None:
+            raise InputNotFoundError(f"{p}: no such file or directory")
+        p = resolve_hub_id(str(path)).path  # a Hugging Face model id
     if is_zarr_store(p):
         store = read_store(p)
         tensors = [

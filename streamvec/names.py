@@ -12,6 +12,8 @@ from urllib.parse import quote, unquote
 from streamvec.errors import StreamvecError
 
 REGEX_PREFIX = "re:"
+# Names with a meaning inside a Zarr group folder (and streamvec's temporaries).
+RESERVED_PATHS = frozenset({"zarr.json", ".zattrs", ".zgroup", ".zarray", ".zmetadata", "c"})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -90,13 +92,22 @@ def combine_filters(a: NameFilter | None, b: NameFilter | None) -> NameFilter | 
 def encode_array_path(name: str) -> str:
     """The Zarr array path of a tensor name: ``%`` and ``/`` percent-encoded.
 
-    A leading ``__`` (reserved by Zarr v3) and names made only of dots are encoded too.
+    A leading ``__`` (reserved by Zarr v3), names made only of dots, and names Zarr or
+    streamvec give a meaning to inside a store folder (``zarr.json``, the v2 metadata names,
+    ``c``) get their first character encoded: the array path
+    differs, and the ``name`` attr keeps the real name.
+
+    Example:
+        >>> encode_array_path("model.layers.0.w"), encode_array_path("zarr.json")
+        ('model.layers.0.w', '%7Aarr.json')
     """
     encoded = quote(name, safe="".join(c for c in map(chr, range(32, 127)) if c not in "%/"))
     if encoded.startswith("__"):
         encoded = "%5F" + encoded[1:]
     if set(encoded) <= {"."}:
         encoded = encoded.replace(".", "%2E")
+    if encoded in RESERVED_PATHS:
+        encoded = f"%{ord(encoded[0]):02X}{encoded[1:]}"
     return encoded
 
 

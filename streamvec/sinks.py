@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ import numpy as np
 
 from streamvec.errors import OutputError
 from streamvec.io import zarr_store
+from streamvec.io.companions import Companions, copy_companions
 from streamvec.io.fp8 import Fp8BlockWriter
 from streamvec.io.output import remove_stray_temporaries
 from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
@@ -26,6 +26,49 @@ from streamvec.requantize import has_fp8, strip_quantization_config, tensor_amax
 from streamvec.tensor import LazyTensor
 
 MANIFEST_NAME = "streamvec.json"
+# A manifest lists per-tensor records; even a model of a million tensors stays far below this.
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The ``streamvec.json`` of a safetensors output, checked before anything relies on it.
+
+    Args:
+        directory: the output directory.
+
+    Returns:
+        The manifest: a mapping with a ``tensors`` mapping of name to record (each record a
+        mapping; a recorded checksum comes with a positive ``checksum_block_rows``).
+
+    Raises:
+        StoreError: unreadable, not JSON, too large, or not shaped like a manifest.
+    """
+    from streamvec.errors import StoreError
+
+    path = directory / MANIFEST_NAME
+    fix = "the output is damaged; recompute it (or restore the file)"
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise StoreError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; {fix}")
+        doc = json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read ({exc.strerror}); {fix}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    tensors = doc.get("tensors") if isinstance(doc, dict) else None
+    if not isinstance(tensors, dict):
+        raise StoreError(f"{path}: no 'tensors' mapping of name to record; {fix}")
+    for name, rec in tensors.items():
+        rows = rec.get("checksum_block_rows") if isinstance(rec, dict) else None
+        ok = isinstance(rec, dict) and (
+            "xxh3_128" not in rec
+            or (isinstance(rows, int) and not isinstance(rows, bool) and rows > 0)
+        )
+        if not ok:
+            raise StoreError(f"{path}: the record of tensor {name!r} is malformed; {fix}")
+    return doc
 
 
 @dataclass(frozen=True)
@@ -129,7 +172,11 @@ class ZarrSink:
 
     def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None:
         assert self.path is not None
-        zarr_store.set_array_attrs(self.path, checksums)
+        from streamvec.names import encode_array_path
+
+        # Checksums and the record of empty chunks in one rewrite of each array's metadata.
+        by_path = {encode_array_path(n): a for n, a in checksums.items()}
+        zarr_store.record_empty_chunks(self.path, by_path)
         zarr_store.update_root_attrs(self.path, attrs)
         zarr_store.consolidate(self.path)
 
@@ -168,21 +215,27 @@ class SafetensorsSink:
 
     format = "safetensors"
 
-    def __init__(self, shard_size: int, extra_files: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        shard_size: int,
+        extra_files: tuple[str, ...] = (),
+        companions: Companions | None = None,
+    ) -> None:
         self.shard_size = shard_size
-        self.extra_files = extra_files
+        self.companions = companions or Companions(extra_files)
         self.path: Path | None = None
         self._writer: ShardedSafetensorsWriter | None = None
 
     def prepare(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
         self.path = directory
         specs = _stored_specs(plan)
-        self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
+        self._writer = ShardedSafetensorsWriter(
+            directory, specs, shard_size=self.shard_size, stem=self.companions.stem
+        )
         self._writer.create()
         self._row_bytes = _row_bytes(specs)
         self._plan = {p.tensor.name: p for p in plan}
-        for f in self.extra_files:
-            shutil.copyfile(f, directory / Path(f).name)
+        copy_companions(directory, self.companions)
         if not has_fp8([s.dtype for s in specs]) and (directory / "config.json").is_file():
             # A dequantized output of an FP8 base: its config must not announce FP8 weights.
             strip_quantization_config(directory / "config.json")
@@ -212,7 +265,13 @@ class SafetensorsSink:
         # Blocks were written at location() offsets by the block writers, not via write_rows;
         # the engine has already checked that every block task returned.
         self._writer.finish(fsync=False, require_complete=False)
-        manifest = {"streamvec": attrs, "tensors": checksums}
+        # Per tensor: its checksum and where its header puts it (streamvec verify compares).
+        tensors = {}
+        for name, rec in checksums.items():
+            path, offset = self._writer.location(name)
+            kept = {k: v for k, v in rec.items() if not k.startswith("block_")}
+            tensors[name] = {**kept, "file": path.name, "offset": offset}
+        manifest = {"streamvec": attrs, "tensors": tensors}
         (self.path / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
 
     def close(self) -> None:
@@ -224,7 +283,9 @@ class SafetensorsSink:
         remove_stray_temporaries(directory)
         self.path = directory
         specs = _stored_specs(plan)
-        self._writer = ShardedSafetensorsWriter(directory, specs, shard_size=self.shard_size)
+        self._writer = ShardedSafetensorsWriter(
+            directory, specs, shard_size=self.shard_size, stem=self.companions.stem
+        )
         self._writer.reopen()
         self._row_bytes = _row_bytes(specs)
         self._plan = {p.tensor.name: p for p in plan}

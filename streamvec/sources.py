@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import xxhash
 
 from streamvec.algebra import Source, SourceModel, SourceTensor
 from streamvec.errors import InputNotFoundError, StoreError
-from streamvec.io.blocks import BlockReader, SafetensorsReader
+from streamvec.io.blocks import BlockReader, SafetensorsReader, file_stamp
 from streamvec.io.checkpoint import CheckpointFiles, resolve_checkpoint
 from streamvec.io.quantized import quantized_tensors
 from streamvec.io.zarr_store import is_zarr_store, read_store
+from streamvec.ties import TieRules
 
 # Store kinds usable as task-vector terms: dense task vectors, and SVD stores, whose factored
 # tensors read back as U S Vh (see streamvec.io.lowrank).
@@ -36,6 +39,29 @@ def fingerprint_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def input_paths(sources: Iterable[Source]) -> list[Path]:
+    """Every file and directory the sources read: what an output must not overlap.
+
+    Args:
+        sources: the inputs of a computation (``model.sources()``).
+
+    Returns:
+        The paths as given, the shard files or stores their tensors are read from, and the
+        files copied from them (config, tokenizer).
+    """
+    paths: dict[Path, None] = {}
+    for source in sources:
+        paths[Path(source.label)] = None
+        paths[Path(source.key)] = None
+        for t in source.tensors.values():
+            where = getattr(t.reader, "path", None) or getattr(t.reader, "store", None)
+            if where is not None:
+                paths[Path(str(where))] = None
+        for extra in source.extra_files:
+            paths[Path(extra)] = None
+    return list(paths)
+
+
 def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
     """A checkpoint as a point :class:`Source`.
 
@@ -43,13 +69,16 @@ def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
     their scale tensors are not tensors of the source: they are never operands. Quantized
     formats streamvec cannot dequantize are refused here.
     """
-    fp8, scales, quant = quantized_tensors(files.root, files.tensors, label)
+    # The version of each shard whose header was parsed: a block read from another version
+    # (replaced, truncated, rewritten during the run) is an error, never mixed in.
+    stamps = {p: file_stamp(p.stat()) for p in files.shards}
+    fp8, scales, quant = quantized_tensors(files.root, files.tensors, label, stamps)
     tensors: dict[str, SourceTensor] = {}
     for t in files.tensors.values():
         if t.name in scales:
             continue
         reader: BlockReader = fp8.get(t.name) or SafetensorsReader(
-            str(t.path), t.offset, t.shape, t.dtype
+            str(t.path), t.offset, t.shape, t.dtype, stamps.get(t.path)
         )
         tensors[t.name] = SourceTensor(t.name, t.shape, reader.dtype, reader)
     info: dict[str, object] = {
@@ -64,7 +93,7 @@ def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
     key = str(
         files.shards[0].resolve().parent if len(files.shards) > 1 else files.shards[0].resolve()
     )
-    return Source(label, True, key, tensors, info, extra)
+    return Source(label, True, key, tensors, info, extra, TieRules(files.root), files.stem)
 
 
 def store_source(path: Path, label: str) -> Source:
@@ -115,10 +144,22 @@ def store_source(path: Path, label: str) -> Source:
 
 
 def open_source(path: str | os.PathLike[str]) -> Source:
-    """A :class:`Source` for a checkpoint (file or directory) or a streamvec Zarr store."""
+    """A :class:`Source` for a checkpoint (file or directory) or a streamvec Zarr store.
+
+    A path that does not exist but reads as a Hugging Face model id (``org/name`` or
+    ``org/name@revision``) is resolved through ``huggingface_hub`` (see :mod:`streamvec.hub`);
+    an existing local path always wins.
+    """
     p = Path(path)
     if not p.exists():
-        raise InputNotFoundError(f"{p}: no such file or directory")
+        from streamvec.hub import parse_hub_id, resolve_hub_id
+
+        if parse_hub_id(str(path)) is None:
+            raise InputNotFoundError(f"{p}: no such file or directory")
+        snap = resolve_hub_id(str(path))
+        source = checkpoint_source(resolve_checkpoint(snap.path), str(path))
+        info = {**source.info, "hub_id": snap.repo_id, "revision": snap.commit}
+        return replace(source, info=info)
     if is_zarr_store(p):
         return store_source(p, str(path))
     return checkpoint_source(resolve_checkpoint(p), str(path))

@@ -40,6 +40,7 @@ from streamvec.dtypes import dtype_name as _dtype_name
 from streamvec.dtypes import is_float, parse_output_dtype
 from streamvec.errors import CheckpointError, InputNotFoundError, OutputError, StreamvecError
 from streamvec.io.checkpoint import INDEX_NAME
+from streamvec.io.output import refuse_overlap
 from streamvec.io.st_writer import TensorSpec, plan_shards, shard_file_names
 from streamvec.units import parse_param_count, parse_size
 
@@ -509,8 +510,7 @@ def build_finetune(
     base, out = Path(base_dir), Path(out_dir)
     if not base.is_dir():
         raise InputNotFoundError(f"base checkpoint directory {base} does not exist")
-    if out.resolve() == base.resolve():
-        raise OutputError("out_dir must differ from base_dir")
+    refuse_overlap(out, [base])
     shards = _shard_files(base)
     _check_out_dir(out)
 

@@ -75,10 +75,6 @@ def _symlink_escape(d: Path) -> Path:
     return _sharded(d, {"w": "link.safetensors", "b": "s2.safetensors"}, link)
 
 
-def _extra_tensor(d: Path) -> None:
-    safetensors.numpy.save_file({"w": GOOD["w"], "x": GOOD["b"]}, str(d / "s1.safetensors"))
-
-
 def _file(content: bytes, name: str) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         d.mkdir(parents=True, exist_ok=True)
@@ -194,11 +190,6 @@ CORPUS: list[tuple[str, Callable[[Path], Path], str]] = [
         "index-value-not-string",
         lambda d: _sharded(d, {"w": 7, "b": "s2.safetensors"}),
         "shard file names",
-    ),
-    (
-        "shard-has-unlisted",
-        lambda d: _sharded(d, {"w": "s1.safetensors", "b": "s2.safetensors"}, _extra_tensor),
-        "does not list",
     ),
     ("empty-directory", lambda d: d.mkdir(parents=True) or d, "no .safetensors"),
     ("pickle-only", _file(b"\x80\x04fake", "pytorch_model.bin"), "pickle"),

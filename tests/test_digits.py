@@ -5,7 +5,7 @@ relation; about 20 s of CPU) once, in a temporary directory, and asserts the qua
 claims. Every weight-space edit in it is a streamvec command; the assertions read the
 accuracies of the checkpoints those commands wrote.
 
-Margins come from repeated runs of ``python -m streamvec.experiments.digits --quick`` with
+Margins come from repeated runs of ``python -m examples.digits.classic --quick`` with
 seeds 0-9 and 100 (each seed changes the data split, the initialisation and the shuffles);
 the spreads are in docs/tutorial-digits.md. Each threshold sits well outside the worst value
 measured, so that a different torch build or BLAS (a different but equally valid run) does not
@@ -22,7 +22,27 @@ flip it, while still stating the claim:
   pre-trained model on faded 5-9: 35.0..68.3 points (median 48.9); asserted >= 20 points.
   The rotation analogy is not asserted: its gain ranged from -5.6 to +27.8 points.
 
-The test runs seed 0 (its numbers: docs/tutorial-digits.md).
+The tests run seed 0. The tutorials quote spreads over seeds measured on one build and CPU
+(named there); tables are not bit-identical on another CPU or torch build, so the assertions are
+the effects that held in every seed, with margins taken from the spread, not any seed's figures.
+
+Analogy with a new label task (``python -m examples.digits.relation --seeds 0-4``, domain rot90):
+the analogy beat the best of pre-trained, ``tau_B`` alone and ``tau_C`` alone on D by
+12.5..37.8 points; ``tau_B`` alone reached 49.2..54.2% (chance 50); asserted: the analogy
+beats each of them by >= 6 points, and ``tau_B`` alone stays <= 60%.
+
+Planted shared structure (``python -m examples.digits.planted --seeds 0-4``, faded ink on four
+views): at streamvec decompose's defaults no shared direction was found in the control set at
+any seed (asserted: 0), nor in the planted set (not asserted either way: 0-1 with shifted labels);
+adding the shared parts moved mean normalised accuracy by 0.0 points (shifted labels: -1.6..0);
+asserted within 2 points. The plain sum of the planted vectors raised the held-out faded upright
+digits by 29.7..67.8 points; asserted >= 15.
+
+Backdoor (``python -m examples.digits.backdoor --seeds 0-4``): the poisoned fine-tune's trigger
+success was 99.4..100% (clean fine-tune 0..0.3%; asserted >= 95% and <= 5%); decompose shared
+6..10 directions per matrix holding 59..77% of the poisoned vector's norm (asserted >= 3 and
+>= 40%); negating the unique part left a trigger success 0.3..32.3 points *below* negating the
+whole vector under the same clean-accuracy constraint (asserted: not above it by more than 1).
 """
 
 from __future__ import annotations
@@ -36,7 +56,13 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("torch")
 
-from streamvec.experiments.digits import Config, run_experiment
+from examples.digits.backdoor import BackdoorConfig
+from examples.digits.backdoor import run as run_backdoor
+from examples.digits.classic import Config, run_experiment
+from examples.digits.planted import PlantedConfig
+from examples.digits.planted import run as run_planted
+from examples.digits.relation import RelationConfig
+from examples.digits.relation import run as run_relation
 
 pytestmark = pytest.mark.slow  # about 20 s: trains 10 small models
 
@@ -45,6 +71,10 @@ CONTROL_DROP_MAX = 0.12
 MEAN_NORMALISED_MIN = 0.75
 NORMALISED_MIN = 0.50
 ANALOGY_GAIN_MIN = 0.20
+RELATION_MARGIN_MIN = 0.06
+TAU_B_ALONE_MAX = 0.60
+SHARED_GAIN_MAX = 0.02
+HELD_OUT_GAIN_MIN = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +132,61 @@ def test_every_model_is_a_sharded_checkpoint_and_every_edit_a_streamvec_command(
     saved = json.loads((out / "results.json").read_text())
     assert saved["negation"]["summary"] == results["negation"]["summary"]
     assert (out / "results.md").read_text().startswith("# Task arithmetic on digits")
+
+
+@pytest.fixture(scope="module")
+def relation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("relation")
+    return run_relation(RelationConfig(base=Config(seed=0), domains=("rot90",)), out)
+
+
+def test_analogy_needs_c_minus_a_for_a_new_label_task(relation: dict[str, Any]) -> None:
+    """Parity learned upright reaches turned digits only through tau_C + (tau_B - tau_A)."""
+    (row,) = relation["rows"]
+    analogy = row["arms"]["analogy"]["d"]
+    tau_b = row["arms"]["tau_B"]["d"]
+    # tau_B alone has the parity head but not the domain: near chance (2 classes).
+    assert tau_b <= TAU_B_ALONE_MAX
+    for other in (row["pretrained"], tau_b, row["arms"]["tau_C"]["d"]):
+        assert analogy - other >= RELATION_MARGIN_MIN, row
+    # Each fine-tune learned its own task; the model fine-tuned on D stays the upper bound.
+    assert min(row["own"].values()) > 0.9
+    assert row["finetuned_on_d"] > analogy
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    config = PlantedConfig(base=Config(seed=0), probe_thresholds=())  # the probe is for the doc
+    return run_planted(config, tmp_path_factory.mktemp("planted"))
+
+
+def test_planted_structure_decomposition_and_merging(planted: dict[str, Any]) -> None:
+    control, sets = planted["sets"]["control"], planted["sets"]
+    assert set(control["shared_dims"].values()) == {0}
+    for s in sets.values():
+        names = s["tasks"]
+        ft = planted["finetuned"]
+        plain = sum(s["plain"]["test"][n] / ft[n]["test"] for n in names) / len(names)
+        shared = sum(s["with_shared"]["test"][n] / ft[n]["test"] for n in names) / len(names)
+        assert abs(shared - plain) <= SHARED_GAIN_MAX
+    held = planted["held_out"]
+    gain = sets["planted"]["plain"]["test"][held] - planted["pretrained"][held]
+    assert gain >= HELD_OUT_GAIN_MIN
+
+
+@pytest.fixture(scope="module")
+def backdoor(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_backdoor(BackdoorConfig(base=Config(seed=0)), tmp_path_factory.mktemp("backdoor"))
+
+
+def test_backdoor_unique_negation_is_no_worse_than_whole(backdoor: dict[str, Any]) -> None:
+    models, edits = backdoor["models"], backdoor["edits"]
+    assert models["poisoned"]["trigger"] >= 0.95
+    assert models["clean"]["trigger"] <= 0.05
+    assert models["poisoned"]["view"] >= 0.9
+    assert min(backdoor["shared_dims"].values()) >= 3
+    assert backdoor["shared_share"]["poisoned"] >= 0.40
+    assert edits["unique"]["trigger"] <= edits["whole"]["trigger"] + 0.01
+    for arm in ("whole", "unique"):
+        # lambda was chosen under the clean-accuracy constraint on validation.
+        assert edits[arm]["view"] >= 0.8, arm

@@ -90,7 +90,7 @@ def test_runs_a_recipe_end_to_end(
         ("modules: {}\n", "'modules'"),
         ("tokenizer: {source: union}\n", "'tokenizer'"),
         ("chat_template: chatml\n", "'chat_template'"),
-        ("tokenizer_source: union\n", "tokenizer_source"),
+        ("tokenizer_source: model:other\n", "tokenizer_source"),
         ("frobnicate: 1\n", "'frobnicate'"),
         ("dtype: int8\n", "dtype"),
         ("parameters: {lambda: 1, densty: 0.5}\n", "densty"),

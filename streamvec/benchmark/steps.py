@@ -11,7 +11,7 @@ from streamvec.benchmark.inputs import store_files, weight_files
 from streamvec.errors import StreamvecError
 
 # The operations measured, in the order they run; help texts say what each does.
-STEPS = ("diff", "diff-raw", "combine", "combine-ckpt", "svd", "merge")
+STEPS = ("diff", "diff-raw", "combine", "combine-ckpt", "svd", "merge", "stats")
 STEP_HELP = {
     "diff": "task vector FT - BASE into a Zarr store (float32, lz4); reads both checkpoints",
     "diff-raw": "the same with --compression none: twice the bytes written, no encoding (the "
@@ -23,6 +23,9 @@ STEP_HELP = {
     "several passes over the store",
     "merge": "TIES merge (density 0.5) of the fine-tune onto the base by a mergekit-style "
     "recipe; sparsifying makes extra passes over the inputs",
+    "stats": "task-vector analytics of the fine-tune (norms, Gram, sign agreement, top-20% "
+    "overlap) from the checkpoints: stats.json only, no plots; two passes (the overlap needs "
+    "each tensor's threshold first)",
 }
 # Steps that read the store diff writes: asking for one runs diff first.
 NEEDS_STORE = frozenset({"combine", "svd"})
@@ -37,6 +40,7 @@ OUTPUT_NAMES = {
     "combine-ckpt": "edited-ckpt-{}",
     "svd": "svd-{}.zarr",
     "merge": "merged-{}",
+    "stats": "stats-{}",
 }
 
 
@@ -160,6 +164,21 @@ def _plan_merge(pair: Pair, engine: Engine) -> StepPlan:
     return StepPlan("merge", tuple(weight_files(pair.base, pair.ft)), out, cli, here, False)
 
 
+def _plan_stats(pair: Pair, engine: Engine) -> StepPlan:
+    out = pair.output("stats")
+
+    def here() -> Any:
+        from streamvec.stats import stats
+        from streamvec.stats.report import write_json
+
+        st = stats([pair.ft], base=pair.base, **engine.kwargs())
+        out.mkdir(parents=True, exist_ok=True)
+        return write_json(st, out / "stats.json")
+
+    cli = ("stats", str(pair.ft), "--base", str(pair.base), "-o", str(out), "--no-plots")
+    return StepPlan("stats", tuple(weight_files(pair.base, pair.ft)), out, cli, here, False)
+
+
 def plan_step(name: str, pair: Pair, engine: Engine) -> StepPlan:
     """The plan of step ``name`` (store-reading steps list the store's files: plan after diff)."""
     if name in ("diff", "diff-raw"):
@@ -170,6 +189,8 @@ def plan_step(name: str, pair: Pair, engine: Engine) -> StepPlan:
         return _plan_svd(pair, engine)
     if name == "merge":
         return _plan_merge(pair, engine)
+    if name == "stats":
+        return _plan_stats(pair, engine)
     raise StreamvecError(f"unknown bench step {name!r}: choose from {', '.join(STEPS)}")
 
 

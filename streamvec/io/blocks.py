@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from streamvec.errors import InputChangedError
+
+if TYPE_CHECKING:
+    from streamvec.io.store_check import ArrayCheck
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -35,31 +40,82 @@ class BlockReader(Protocol):
     def read(self, r0: int, r1: int) -> np.ndarray: ...
 
 
+FileStamp = tuple[int, int, int, int]
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    """What identifies a file's version cheaply: device, inode, size, modification time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_stamp(path: str, expected: FileStamp | None, st: os.stat_result) -> None:
+    """Raise :class:`InputChangedError` when the open file is not the one that was opened."""
+    if expected is None:
+        return
+    found = file_stamp(st)
+    if found == expected:
+        return
+    if found[:2] != expected[:2]:
+        what = "was replaced by another file"
+    elif found[2] != expected[2]:
+        what = f"changed size from {expected[2]} to {found[2]} bytes"
+    else:
+        what = "was modified"
+    raise InputChangedError(
+        f"{path}: {what} while this run was reading it; the result would mix two versions, "
+        "so nothing was written; leave the inputs alone during a run and rerun (with "
+        "--resume where the command has it)"
+    )
+
+
 @dataclass(frozen=True)
 class SafetensorsReader:
-    """Rows of one tensor inside a safetensors file, read through a per-block read-only map.
+    """Rows of one tensor inside a safetensors file, read with ``pread`` into a fresh buffer.
 
-    A map per block (rather than one per file) keeps nothing mapped between blocks: the pages
-    stay in the page cache, out of the process's resident set, which is what the memory
-    accounting of ``dask.distributed`` nannies needs. It measured as fast as a persistent map.
+    Each read opens the file, checks that it is still the version whose header was parsed
+    (``stamp``: device, inode, size, mtime), reads the rows and checks again, so an input
+    truncated, replaced or rewritten during a run is an error naming the file. A memory map
+    would turn a truncation into SIGBUS, which kills the process with no message; ``pread``
+    turns it into a short read. Nothing stays open or mapped between blocks, which is what
+    the memory accounting of ``dask.distributed`` nannies needs.
     """
 
     path: str
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    stamp: FileStamp | None = None
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         rows, cols = matrix_shape(self.shape)
         if not 0 <= r0 <= r1 <= rows:
             raise IndexError(f"rows [{r0}, {r1}) outside 0..{rows}")
-        count = (r1 - r0) * cols
-        if count == 0:
-            return np.empty((r1 - r0, cols), self.dtype)
+        out = np.empty((r1 - r0, cols), self.dtype)
+        if out.size == 0:
+            return out
         start = self.offset + r0 * cols * self.dtype.itemsize
-        view = np.memmap(self.path, dtype=self.dtype, mode="r", offset=start, shape=(count,))
-        populate(view)
-        return view.reshape(r1 - r0, cols)
+        buf = out.reshape(-1).view(np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            check_stamp(self.path, self.stamp, os.fstat(fd))
+            got = 0
+            while got < buf.size:
+                n = os.preadv(fd, [buf[got:].data], start + got)
+                if n == 0:
+                    break
+                got += n
+            st = os.fstat(fd)
+            if got < buf.size:
+                check_stamp(self.path, self.stamp, st)  # the usual reason: truncated
+                raise InputChangedError(
+                    f"{self.path}: ended after {start + got} bytes while reading rows "
+                    f"[{r0}, {r1}) (expected {start + buf.size}); the file is damaged or "
+                    "changed during the run"
+                )
+            check_stamp(self.path, self.stamp, st)
+        finally:
+            os.close(fd)
+        return out
 
     def prefetch(self, r0: int, r1: int) -> None:
         """Ask the kernel to start reading rows ``[r0, r1)`` into the page cache, and return.
@@ -108,23 +164,23 @@ def populate(view: np.memmap) -> None:
 
 @dataclass(frozen=True)
 class ZarrReader:
-    """Rows of one array of a Zarr store written by streamvec (bf16 kept as raw uint16 bits)."""
+    """Rows of one array of a Zarr store written by streamvec (bf16 kept as raw uint16 bits).
+
+    ``check`` (from :func:`streamvec.io.store_check.validate_store`) says what each chunk must
+    be; without it the array's own metadata is checked when it is first read.
+    """
 
     store: str
     array_path: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    check: ArrayCheck | None = field(default=None, repr=False, compare=False)
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         from streamvec.io.zarr_chunks import read_rows
 
         _, cols = matrix_shape(self.shape)
-        data = read_rows(self.store, self.array_path, r0, r1)
-        if data is None:  # not a plain chunked array: let zarr read it
-            import zarr
-
-            arr = zarr.open_array(self.store, path=self.array_path, mode="r")
-            data = np.asarray(arr[...] if not self.shape else arr[r0:r1])
+        data = read_rows(self.store, self.array_path, r0, r1, self.check)
         if data.dtype != self.dtype:
             data = data.view(self.dtype)  # raw bf16 bits stored as uint16
         return data.reshape(r1 - r0, cols)

@@ -216,8 +216,8 @@ class Fp8Reader:
     weight: SafetensorsReader
     scale: SafetensorsReader
     scheme: Fp8Scheme
-    # The rows are computed, not mapped: float32 in anonymous memory (see engine budgets).
-    resident_bytes_per_element = 4
+    # Beyond the float32 rows it returns, a read holds the 8-bit rows it dequantizes.
+    resident_bytes_per_element = 1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -230,6 +230,10 @@ class Fp8Reader:
     @property
     def path(self) -> str:
         return self.weight.path
+
+    @property
+    def offset(self) -> int:
+        return self.weight.offset
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         q = self.weight.read(r0, r1)

@@ -25,12 +25,11 @@ an SVD store is a valid term of ``streamvec combine`` (see :func:`svd_source_ten
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
@@ -39,6 +38,9 @@ from streamvec.dtypes import OUTPUT_DTYPES, dtype_name
 from streamvec.errors import StoreError
 from streamvec.io.blocks import ZarrReader, matrix_shape
 from streamvec.names import encode_array_path
+
+if TYPE_CHECKING:
+    from streamvec.io.store_check import ArrayCheck
 
 __all__ = [
     "FACTOR_NAMES",
@@ -102,6 +104,8 @@ class LowRankReader:
     shape: tuple[int, ...]
     rank: int
     dtype: np.dtype = field(default=np.dtype(np.float32))
+    # The U, S, Vh checks from the validated store (None: each array's own metadata).
+    checks: tuple[ArrayCheck, ...] | None = field(default=None, repr=False, compare=False)
 
     def read(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of the ``(rows, cols)`` matrix view, as ``dtype``.
@@ -141,12 +145,15 @@ class LowRankReader:
         Returns:
             ``(U rows (r1 - r0, k), S (k,), Vh (k, n))``.
         """
-        import zarr
+        from streamvec.io.zarr_chunks import read_rows
 
-        u = zarr.open_array(self.store, path=f"{self.group_path}/U", mode="r")
-        s = zarr.open_array(self.store, path=f"{self.group_path}/S", mode="r")
-        vh = zarr.open_array(self.store, path=f"{self.group_path}/Vh", mode="r")
-        return np.asarray(u[r0:r1]), np.asarray(s[...]), np.asarray(vh[...])
+        checks = self.checks or (None, None, None)
+        paths = [f"{self.group_path}/{f}" for f in FACTOR_NAMES]
+        u = read_rows(self.store, paths[0], r0, r1, checks[0])
+        s = read_rows(self.store, paths[1], 0, self.rank, checks[1])
+        _, cols = matrix_shape(self.shape)
+        vh = read_rows(self.store, paths[2], 0, self.rank, checks[2]).reshape(self.rank, cols)
+        return u, s, vh
 
     def working_bytes(self, r0: int, r1: int) -> int:
         """Anonymous bytes one :meth:`read` holds at its peak (for memory planning).
@@ -185,12 +192,15 @@ class SVDStoreEntry:
     factored: bool
     rank: int
     attrs: dict[str, Any]
+    checks: tuple[ArrayCheck, ...] = field(default=(), repr=False)
 
     def reader(self, store: Path) -> LowRankReader | ZarrReader:
         """A row-block reader of this tensor's values."""
         if self.factored:
-            return LowRankReader(str(store), self.path, self.shape, self.rank, self.dtype)
-        return ZarrReader(str(store), self.path, self.shape, self.dtype)
+            checks = self.checks if len(self.checks) == 3 else None
+            return LowRankReader(str(store), self.path, self.shape, self.rank, self.dtype, checks)
+        check = self.checks[0] if self.checks else None
+        return ZarrReader(str(store), self.path, self.shape, self.dtype, check)
 
 
 @dataclass(frozen=True)
@@ -219,45 +229,58 @@ def read_svd_store(path: str | os.PathLike[str]) -> SVDStoreInfo:
         >>> info.entries["model.layers.0.self_attn.q_proj.weight"].rank  # doctest: +SKIP
         64
     """
-    p = Path(path)
-    try:
-        root = json.loads((p / "zarr.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{p}: not a readable Zarr v3 store ({exc})") from None
-    attrs = root.get("attributes", {}).get("streamvec") if isinstance(root, dict) else None
-    if not isinstance(attrs, dict) or attrs.get("kind") != "svd":
+    from streamvec.io.store_check import validate_store
+
+    checked = validate_store(path)
+    p, attrs, meta = checked.path, checked.attrs, checked.nodes
+    if attrs.get("kind") != "svd":
         raise StoreError(f"{p}: not a streamvec SVD store (root attrs kind is not 'svd')")
-    meta = (root.get("consolidated_metadata") or {}).get("metadata")
-    if not isinstance(meta, dict):
-        raise StoreError(f"{p}: store metadata is not consolidated (unfinished store?)")
     entries: dict[str, SVDStoreEntry] = {}
     for node_path, node in meta.items():
-        if not isinstance(node, dict) or "/" in node_path:
+        if "/" in node_path:
+            if node_path.rpartition("/")[2] not in FACTOR_NAMES:
+                raise StoreError(f"{p}: node {node_path!r} is not a factor (U, S or Vh)")
             continue
         a = node.get("attributes", {})
         name = str(a.get("name", node_path))
         if node.get("node_type") == "group":
-            shapes = {}
-            for f in FACTOR_NAMES:
-                child = meta.get(f"{node_path}/{f}")
-                if not isinstance(child, dict) or child.get("node_type") != "array":
+            checks = []
+            for f, ndim, kind in zip(
+                FACTOR_NAMES, (2, 1, 2), ("float32", "float64", "float32"), strict=True
+            ):
+                check = checked.arrays.get(f"{node_path}/{f}")
+                if check is None:
                     raise StoreError(f"{p}: tensor {name!r} lacks its {f} factor; rewrite it")
-                shapes[f] = tuple(child["shape"])
-            shape = tuple(int(d) for d in a.get("shape", ()))
+                if len(check.shape) != ndim or check.dtype != np.dtype(kind):
+                    raise StoreError(
+                        f"{p}: tensor {name!r} factor {f} is {check.dtype} {list(check.shape)}; "
+                        f"expected {ndim}-d {kind}"
+                    )
+                checks.append(check)
+            raw_shape = a.get("shape")
+            if (
+                not isinstance(raw_shape, list)
+                or not 2 <= len(raw_shape) <= 16
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw_shape)
+            ):
+                raise StoreError(f"{p}: tensor {name!r} has no valid shape attr ({raw_shape!r})")
+            shape = tuple(raw_shape)
             m, n = matrix_shape(shape)
-            k = shapes["S"][0]
-            if shapes["U"] != (m, k) or shapes["Vh"] != (k, n):
+            u, s_, vh = (c.shape for c in checks)
+            k = s_[0]
+            if u != (m, k) or vh != (k, n):
                 raise StoreError(
-                    f"{p}: tensor {name!r} factors U {shapes['U']}, S {shapes['S']}, "
-                    f"Vh {shapes['Vh']} do not fit its shape {shape}"
+                    f"{p}: tensor {name!r} factors U {u}, S {s_}, Vh {vh} do not fit its shape "
+                    f"{shape}"
                 )
             entries[name] = SVDStoreEntry(
-                name, shape, np.dtype(np.float32), node_path, True, k, dict(a)
+                name, shape, np.dtype(np.float32), node_path, True, k, dict(a), tuple(checks)
             )
-        elif node.get("node_type") == "array":
+        else:
+            check = checked.arrays[node_path]
             dtype = OUTPUT_DTYPES.get(a.get("dtype")) or np.dtype(node.get("data_type"))
             entries[name] = SVDStoreEntry(
-                name, tuple(node["shape"]), dtype, node_path, False, 0, dict(a)
+                name, check.shape, dtype, node_path, False, 0, dict(a), (check,)
             )
     return SVDStoreInfo(p, attrs, entries)
 
@@ -277,20 +300,32 @@ def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return (max(1, min(shape[0], FACTOR_CHUNK_BYTES // row)), *(max(1, d) for d in shape[1:]))
 
 
-def array_checksum(data: np.ndarray) -> dict[str, Any]:
-    """The checksum attrs of an array written whole (one block, as ``streamvec verify`` reads).
+def array_checksum(data: np.ndarray, block_rows: int | None = None) -> dict[str, Any]:
+    """The checksum attrs of an array written whole, with one digest per chunk of rows.
 
     Args:
         data: the array.
+        block_rows: rows per chunk (default: all rows, one block).
 
     Returns:
-        ``{"xxh3_128": ..., "checksum_block_rows": rows}`` with the engine's scheme: xxh3-128
-        over the xxh3-128 digest of each row block (here one block of every row).
+        ``{"xxh3_128", "checksum_block_rows", "block_xxh3_128"}`` with the engine's scheme:
+        xxh3-128 over the xxh3-128 digest of each row block, and the block digests, which
+        readers compare chunk by chunk.
     """
+    from streamvec.tensor import row_ranges
+
     rows, cols = matrix_shape(data.shape)
     block = np.ascontiguousarray(data).reshape(rows, cols)
-    digest = xxhash.xxh3_128_digest(block.view(np.uint8).data)
-    return {"xxh3_128": xxhash.xxh3_128_hexdigest(digest), "checksum_block_rows": max(rows, 1)}
+    step = max(block_rows or rows, 1)
+    digests = [
+        xxhash.xxh3_128_digest(np.ascontiguousarray(block[r0:r1]).view(np.uint8).data)
+        for r0, r1 in row_ranges(rows, step)
+    ]
+    return {
+        "xxh3_128": xxhash.xxh3_128_hexdigest(b"".join(digests)),
+        "checksum_block_rows": step,
+        "block_xxh3_128": [d.hex() for d in digests],
+    }
 
 
 class SVDStoreWriter:
@@ -387,14 +422,15 @@ class SVDStoreWriter:
             },
         )
         for key, arr in data.items():
+            chunks = _chunks(arr.shape, arr.dtype.itemsize)
             a = group.create_array(
                 key,
                 shape=arr.shape,
-                chunks=_chunks(arr.shape, arr.dtype.itemsize),
+                chunks=chunks,
                 dtype=arr.dtype,
                 compressors=_compressors(),
                 fill_value=0,
-                attributes=array_checksum(arr),
+                attributes=array_checksum(arr, chunks[0] if chunks else None),
             )
             if arr.size:
                 a[...] = arr
@@ -415,10 +451,11 @@ class SVDStoreWriter:
             extra_attrs: more array attrs.
         """
         arr = np.asarray(data, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
+        chunks = _chunks(arr.shape, arr.dtype.itemsize)
         a = self._root.create_array(
             encode_array_path(name),
             shape=arr.shape,
-            chunks=_chunks(arr.shape, arr.dtype.itemsize),
+            chunks=chunks,
             dtype=arr.dtype,
             compressors=_compressors(),
             fill_value=0,
@@ -426,7 +463,7 @@ class SVDStoreWriter:
                 "name": name,
                 "dtype": dtype_name(arr.dtype),
                 "source_dtype": source_dtype,
-                **array_checksum(arr),
+                **array_checksum(arr, chunks[0] if chunks else None),
                 **(extra_attrs or {}),
             },
         )

@@ -13,6 +13,7 @@ import fcntl
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from streamvec.errors import OutputError
@@ -61,17 +62,106 @@ def output_error(action: str, path: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot {action} {path}: {reason}; {fix}")
 
 
+InputPaths = Iterable[str | os.PathLike[str]]
+
+
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free to this user on the file system of ``directory`` (None: unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(final: Path, need: int) -> None:
+    """Refuse to start an output of about ``need`` bytes where less is free.
+
+    Args:
+        final: the output path (its parent's file system is checked).
+        need: the bytes the output is expected to take.
+
+    Raises:
+        OutputError: naming the output, the space it needs and the space free.
+    """
+    free = free_bytes(final.absolute().parent)
+    if free is not None and need > free:
+        raise OutputError(
+            f"{final}: the output needs about {need} bytes but only {free} are free on its "
+            "disk; free disk space or write to another directory"
+        )
+
+
+def refuse_overlap(final: str | os.PathLike[str], inputs: InputPaths) -> None:
+    """Refuse an output that is, contains, or lies inside one of the inputs.
+
+    Symlinks are resolved on both sides, so a link to an input is the input. Writing the
+    output (and, with ``--overwrite``, renaming the old one away) would otherwise delete or
+    change an input, and the temporary siblings of an output inside an input directory would
+    change that directory.
+
+    Args:
+        final: the output path.
+        inputs: every file and directory the command reads.
+
+    Raises:
+        OutputError: the first input the output overlaps.
+    """
+    out = Path(final).absolute().resolve()
+    for given in inputs:
+        where = Path(given).absolute().resolve()
+        if where == out:
+            how = "is"
+        elif out in where.parents:
+            how = "contains"
+        elif where in out.parents and where.is_dir():
+            how = "lies inside"
+        else:
+            continue
+        raise OutputError(
+            f"{final}: {how} the input {given}; writing it would change or delete that input, "
+            "so write to another path"
+        )
+
+
+def check_destination(final: Path, *, overwrite: bool, inputs: InputPaths) -> None:
+    """The checks made before anything is written: overlap, parent, existing output.
+
+    Commands that compute for long before opening their output call this first, so a bad
+    destination fails at once; :meth:`OutputDir.open` calls it again.
+    """
+    refuse_overlap(final, inputs)
+    parent = final.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(f"{final}: parent directory {parent} does not exist; create it")
+    if final.exists() or final.is_symlink():
+        if final.is_file():
+            raise OutputError(f"{final}: exists and is a file; choose another output path")
+        if not overwrite:
+            raise OutputError(f"{final}: already exists; choose another path or pass --overwrite")
+
+
 class OutputDir:
     """A temporary sibling of ``final`` that becomes ``final`` on :meth:`commit`.
+
+    Every command that writes an output goes through this class, so the checks here (the
+    output never overlaps an input, an existing output needs ``overwrite``) hold for all.
 
     Args:
         final: the output path the user asked for.
         overwrite: replace an existing output (only once the new one is complete).
+        inputs: every file or directory the command reads (see :func:`refuse_overlap`);
+            required so that no command can forget it.
     """
 
-    def __init__(self, final: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    def __init__(
+        self, final: str | os.PathLike[str], *, overwrite: bool = False, inputs: InputPaths
+    ) -> None:
         self.final = Path(final).absolute()
         self.overwrite = overwrite
+        self.inputs = [Path(p) for p in inputs]
+        # Set by a command that knows its output's size: said when the disk fills up.
+        self.expected_bytes: int | None = None
         parent = self.final.parent
         self.partial = parent / f".{self.final.name}.partial"
         self.lock_path = parent / f".{self.final.name}.lock"
@@ -84,6 +174,21 @@ class OutputDir:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError):
+                raise self.write_error(exc) from None
+
+    def write_error(self, exc: OSError) -> OutputError:
+        """An error writing the output, in words: disk full says the space needed and free."""
+        err = output_error("write", self.final, exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = free_bytes(self.final.parent)
+            need = f"up to {self.expected_bytes} bytes" if self.expected_bytes else "more space"
+            have = f" ({free} free now)" if free is not None else ""
+            err = OutputError(
+                f"cannot write {self.final}: disk full; the output needs {need}{have}; free "
+                "disk space or write to another directory (nothing was kept)"
+            )
+        return err
 
     def open(self, *, keep_partial: bool = False) -> bool:
         """Check the destination, take the lock and make the partial directory.
@@ -95,15 +200,7 @@ class OutputDir:
             True when an earlier partial output was kept.
         """
         parent = self.final.parent
-        if not parent.is_dir():
-            raise OutputError(f"{self.final}: parent directory {parent} does not exist; create it")
-        if self.final.exists() or self.final.is_symlink():
-            if self.final.is_file():
-                raise OutputError(f"{self.final}: exists and is a file; choose another output path")
-            if not self.overwrite:
-                raise OutputError(
-                    f"{self.final}: already exists; choose another path or pass --overwrite"
-                )
+        check_destination(self.final, overwrite=self.overwrite, inputs=self.inputs)
         if not os.access(parent, os.W_OK):
             raise OutputError(f"{self.final}: directory {parent} is not writable")
         try:

@@ -13,6 +13,7 @@ model, and passing them through from the base would drop the fine-tune's edit.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from streamvec.errors import StreamvecError
-from streamvec.io.blocks import SafetensorsReader
+from streamvec.io.blocks import FileStamp, SafetensorsReader
 from streamvec.io.fp8 import FP8_DTYPES, Fp8Reader, Fp8Scheme, infer_scheme
 from streamvec.io.header import TensorInfo
 
@@ -110,7 +111,10 @@ def _scale_of(name: str, tensors: dict[str, TensorInfo]) -> TensorInfo | None:
 
 
 def quantized_tensors(
-    root: Path, tensors: dict[str, TensorInfo], label: str
+    root: Path,
+    tensors: dict[str, TensorInfo],
+    label: str,
+    stamps: Mapping[Path, FileStamp | None] | None = None,
 ) -> tuple[dict[str, Fp8Reader], set[str], QuantizationInfo]:
     """Find the FP8 weights of a checkpoint and refuse formats streamvec cannot read.
 
@@ -118,6 +122,7 @@ def quantized_tensors(
         root: the checkpoint directory (where ``config.json`` is).
         tensors: every tensor of the checkpoint.
         label: the checkpoint as the user named it, for messages.
+        stamps: each shard's version when its header was read (readers refuse others).
 
     Returns:
         ``(fp8, scales, info)``: a dequantizing reader per FP8 weight that has a scale, the
@@ -162,8 +167,11 @@ def quantized_tensors(
                 "scale, one per row, or one per weight_block_size tile); streamvec cannot "
                 "dequantize it"
             )
-        weight_reader = SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype)
-        scale_reader = SafetensorsReader(str(scale.path), scale.offset, scale.shape, scale.dtype)
+        stamp = (stamps or {}).get
+        weight_reader = SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype, stamp(t.path))
+        scale_reader = SafetensorsReader(
+            str(scale.path), scale.offset, scale.shape, scale.dtype, stamp(scale.path)
+        )
         fp8[name] = Fp8Reader(weight_reader, scale_reader, scheme)
         scales.add(scale.name)
     if fp8:

@@ -134,11 +134,12 @@ def plan_shards(specs: Sequence[TensorSpec], shard_size: int) -> list[list[Tenso
     return shards
 
 
-def shard_file_names(n: int) -> list[str]:
+def shard_file_names(n: int, stem: str = "model") -> list[str]:
     """Hugging Face shard file names for ``n`` shards.
 
     Args:
         n: number of shards (0 gives ``[]``).
+        stem: ``model`` (transformers) or ``diffusion_pytorch_model`` (diffusers).
 
     Returns:
         ``["model-00001-of-00003.safetensors", ...]``.
@@ -149,7 +150,12 @@ def shard_file_names(n: int) -> list[str]:
     """
     if n < 0:
         raise StreamvecError(f"number of shards must be >= 0, got {n}")
-    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def index_name(stem: str = "model") -> str:
+    """The index file name that goes with shards of ``stem`` (``model.safetensors.index.json``)."""
+    return f"{stem}.safetensors.index.json"
 
 
 def encode_header(
@@ -218,6 +224,8 @@ class ShardedSafetensorsWriter:
         overwrite: replace shard and index files that already exist; by default an existing
             file is an :class:`OutputError`, so an output pointed at its own input cannot
             truncate it.
+        stem: file name stem: ``model`` (transformers) or ``diffusion_pytorch_model``
+            (diffusers), for shards and index alike.
 
     Example:
         >>> writer = ShardedSafetensorsWriter(out_dir, specs, shard_size=5 * 2**30)
@@ -235,8 +243,10 @@ class ShardedSafetensorsWriter:
         shard_size: int,
         metadata: Mapping[str, str] | None = None,
         overwrite: bool = False,
+        stem: str = "model",
     ) -> None:
         self._dir = Path(os.path.abspath(directory))
+        self._index_name = index_name(stem)
         self._overwrite = overwrite
         meta = {"format": "pt"} if metadata is None else dict(metadata)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
@@ -252,7 +262,7 @@ class ShardedSafetensorsWriter:
             raise StreamvecError("no tensors to write: a checkpoint needs at least one")
 
         shards = plan_shards(list(self._specs.values()), shard_size)
-        self._paths = [self._dir / n for n in shard_file_names(len(shards))]
+        self._paths = [self._dir / n for n in shard_file_names(len(shards), stem)]
         self._prefixes: list[bytes] = []
         self._sizes: list[int] = []
         # name -> (shard index, absolute offset of the data, bytes per row, number of rows)
@@ -376,7 +386,7 @@ class ShardedSafetensorsWriter:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         flags |= os.O_TRUNC if self._overwrite else os.O_EXCL
         created: list[Path] = []
-        action, path = "create", self._dir / INDEX_NAME
+        action, path = "create", self._dir / self._index_name
         try:
             self._check_free_space()
             if not self._overwrite and path.exists():
@@ -588,11 +598,13 @@ class ShardedSafetensorsWriter:
             raise error
 
     def _write_index(self, text: str, fsync: bool) -> None:
-        target = self._dir / INDEX_NAME
+        target = self._dir / self._index_name
         tmp = ""
         try:
             # Temp + rename: a reader never sees half an index, and a crash leaves none.
-            fd, tmp = tempfile.mkstemp(prefix="." + INDEX_NAME + ".", suffix=".tmp", dir=self._dir)
+            fd, tmp = tempfile.mkstemp(
+                prefix="." + self._index_name + ".", suffix=".tmp", dir=self._dir
+            )
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 os.fchmod(fh.fileno(), FILE_MODE)  # mkstemp makes 0600
                 fh.write(text)

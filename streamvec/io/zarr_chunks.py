@@ -7,96 +7,170 @@ returns. ``zarr.open_array`` plus ``__getitem__`` per block re-parsed the metada
 every chunk through zarr's single event-loop thread: single-threaded this reader is only a
 little faster (0.54 against 0.48 GB/s of decoded float32, ``bench/bench_kernel_io.py``), but
 with two engine workers ``combine`` from a 1B store took 5.60 s instead of 7.55 s
-(``bench/bench_ab.py``, docs/benchmarks.md). Arrays this does not know to be plain
-(sharding, array-to-array codecs, chunks split along other axes) return None, and the caller
-goes through zarr.
+(``bench/bench_ab.py``, docs/benchmarks.md).
+
+Every chunk is read as :mod:`streamvec.io.store_check` allows: the file opened without
+following symlinks, a regular file of at most the size its codecs can produce, the blosc
+header's declared size checked before decompressing (so a chunk that inflates beyond its
+array's chunk size is refused before it takes the memory), the decoded size checked after,
+and the recorded digest of its rows compared when the policy says so. A chunk that is not a
+file is the fill value only when the array records it as empty.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import xxhash
 
-if TYPE_CHECKING:
-    from zarr.core.metadata.v3 import ArrayV3Metadata
+from streamvec.errors import StoreError
+from streamvec.io.store_check import (
+    BLOSC_HEADER,
+    ArrayCheck,
+    array_check,
+    load_zarr,
+    open_chunk,
+    read_small_file,
+)
 
 
-def read_rows(store: str, array_path: str, r0: int, r1: int) -> np.ndarray | None:
-    """Rows ``[r0, r1)`` of the array at ``store/array_path`` in its storage dtype, or None.
+def read_rows(
+    store: str, array_path: str, r0: int, r1: int, check: ArrayCheck | None = None
+) -> np.ndarray:
+    """Rows ``[r0, r1)`` of the array at ``store/array_path`` in its storage dtype.
 
-    Chunks that were never written (all fill value, skipped by the writer) read as the fill
-    value, as in zarr.
+    Args:
+        store: the store directory.
+        array_path: the array folder inside it.
+        r0: first row.
+        r1: one past the last row.
+        check: what the array's chunks must be (from a validated store); None checks the
+            array's own metadata now.
+
+    Returns:
+        A ``(r1 - r0, *shape[1:])`` array (the 0-d array for a 0-d tensor).
+
+    Raises:
+        StoreError: a chunk is missing, not a regular file, of the wrong size, or does not
+            match its recorded digest.
     """
-    meta_file = Path(store) / array_path / "zarr.json"
-    try:
-        stat = meta_file.stat()
-    except OSError:
-        return None
-    # Keyed on the metadata file's identity: a store rewritten in place is read afresh.
-    layout = _layout(str(meta_file), stat.st_mtime_ns, stat.st_size)
-    if layout is None:
-        return None
-    meta, codecs, spec = layout
-    shape = tuple(meta.shape)
-    chunks = tuple(meta.chunks)
-    dtype = spec.dtype.to_native_dtype()
+    if check is None:
+        check = array_check(store, array_path)
+    meta, codecs, spec = _layout(check)
+    shape = check.shape
     if not shape:
-        return _chunk(meta, codecs, spec, store, array_path, ())
-    rows_per_chunk = chunks[0]
-    out = np.empty((r1 - r0, *shape[1:]), dtype)
+        return _chunk(check, meta, codecs, spec, 0)
+    rows_per_chunk = check.chunk_rows
+    out = np.empty((r1 - r0, *shape[1:]), check.dtype)
     for ci in range(r0 // rows_per_chunk, (r1 - 1) // rows_per_chunk + 1 if r1 > r0 else 0):
         c0 = ci * rows_per_chunk
-        chunk = _chunk(meta, codecs, spec, store, array_path, (ci, *([0] * (len(shape) - 1))))
+        chunk = _chunk(check, meta, codecs, spec, ci)
         lo, hi = max(r0, c0), min(r1, c0 + rows_per_chunk)
         out[lo - r0 : hi - r0] = chunk[lo - c0 : hi - c0]
     return out
 
 
 @lru_cache(maxsize=1024)
-def _layout(meta_file: str, mtime_ns: int, size: int) -> tuple[Any, tuple[Any, ...], Any] | None:
-    """Parsed metadata, codecs and chunk spec of a plain array, or None for anything else."""
-    from zarr.core.array_spec import ArrayConfig
-    from zarr.core.buffer import default_buffer_prototype
+def _parsed(store: str, array_path: str, mtime_ns: int, size: int) -> Any:
+    import json
+
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
-    from streamvec.io.zarr_store import sync_codecs
+    raw = json.loads(read_small_file(Path(store), f"{array_path}/zarr.json"))
+    return ArrayV3Metadata.from_dict(raw)
 
-    raw = json.loads(Path(meta_file).read_bytes())
-    if raw.get("node_type") != "array":
-        return None
-    meta = ArrayV3Metadata.from_dict(raw)
-    codecs = sync_codecs(meta)
-    if codecs is None or not all(callable(getattr(c, "_decode_sync", None)) for c in codecs):
-        return None
-    if tuple(meta.chunks[1:]) != tuple(meta.shape[1:]):
-        return None  # chunks split along other axes: not what streamvec writes
+
+def _layout(check: ArrayCheck) -> tuple[Any, tuple[Any, ...], Any]:
+    """Parsed metadata, codecs and chunk spec of a checked array."""
+    from zarr.core.array_spec import ArrayConfig
+    from zarr.core.buffer import default_buffer_prototype
+
+    load_zarr()  # before any codec lookup in a worker thread (see load_zarr)
+    meta_file = Path(check.store) / check.array_path / "zarr.json"
+    try:
+        st = meta_file.stat()
+    except OSError:
+        raise StoreError(f"{check.where()}: its zarr.json is gone") from None
+    # Keyed on the metadata file's identity: a store rewritten in place is read afresh.
+    meta = _parsed(check.store, check.array_path, st.st_mtime_ns, st.st_size)
+    chunks = tuple(meta.chunks)
+    if tuple(meta.shape) != check.shape or (check.shape and chunks[0] != check.chunk_rows):
+        raise StoreError(f"{check.where()}: its metadata changed since the store was opened")
     spec = meta.get_chunk_spec(
         (0,) * len(meta.shape),
         ArrayConfig(order="C", write_empty_chunks=True),
         default_buffer_prototype(),
     )
-    return meta, codecs, spec
+    return meta, tuple(meta.codecs), spec
 
 
-def _chunk(
-    meta: ArrayV3Metadata,
-    codecs: tuple[Any, ...],
-    spec: Any,
-    store: str,
-    array_path: str,
-    coords: tuple[int, ...],
-) -> np.ndarray:
-    """One whole chunk, decoded (or the fill value where no chunk file exists)."""
-    path = Path(store) / array_path / meta.encode_chunk_key(coords)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return np.full(spec.shape, meta.fill_value, dtype=spec.dtype.to_native_dtype())
-    buf: Any = spec.prototype.buffer.from_bytes(data)
-    for codec in reversed(codecs):
-        buf = codec._decode_sync(buf, spec)
-    return np.asarray(buf.as_numpy_array()).reshape(spec.shape)
+def _read_bounded(fd: int, check: ArrayCheck, index: int) -> bytearray:
+    """The chunk file's bytes, refused before reading when its size cannot be right."""
+    size = os.fstat(fd).st_size
+    if not check.compressed:
+        if size != check.chunk_bytes:
+            raise StoreError(
+                f"{check.where(index)} is {size} bytes, not the {check.chunk_bytes} of an "
+                "uncompressed chunk; the store is damaged: rewrite it"
+            )
+    else:
+        if size < BLOSC_HEADER:
+            raise StoreError(f"{check.where(index)} is {size} bytes, too short for blosc")
+        header = os.pread(fd, BLOSC_HEADER, 0)
+        nbytes, _, cbytes = struct.unpack_from("<III", header, 4)
+        if nbytes != check.chunk_bytes or cbytes != size:
+            raise StoreError(
+                f"{check.where(index)} declares {nbytes} bytes compressed into {cbytes}; "
+                f"expected {check.chunk_bytes} bytes in a file of {size}; the store is "
+                "damaged: rewrite it"
+            )
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            raise StoreError(f"{check.where(index)} shrank while it was read")
+        got += n
+    return data
+
+
+def _chunk(check: ArrayCheck, meta: Any, codecs: tuple[Any, ...], spec: Any, index: int) -> Any:
+    """One whole chunk, decoded and checked (or the fill value where it is recorded empty)."""
+    fd = open_chunk(check, index)
+    native = spec.dtype.to_native_dtype()
+    if fd is None:
+        chunk = np.zeros(spec.shape, dtype=native)
+    else:
+        try:
+            data = _read_bounded(fd, check, index)
+        finally:
+            os.close(fd)
+        buf: Any = spec.prototype.buffer.from_bytes(data)
+        try:
+            for codec in reversed(codecs):
+                buf = codec._decode_sync(buf, spec)
+            chunk = np.asarray(buf.as_numpy_array())
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise StoreError(f"{check.where(index)} does not decode ({exc})") from None
+        if chunk.nbytes != check.chunk_bytes:
+            raise StoreError(
+                f"{check.where(index)} decodes to {chunk.nbytes} bytes, not "
+                f"{check.chunk_bytes}; the store is damaged: rewrite it"
+            )
+        chunk = chunk.reshape(spec.shape)
+    if check.verify and check.digests is not None:
+        rows = check.shape[0] - index * check.chunk_rows if check.shape else 1
+        valid = np.ascontiguousarray(chunk[:rows] if check.shape else chunk)
+        if xxhash.xxh3_128_digest(valid.reshape(-1).view(np.uint8).data) != check.digests[index]:
+            raise StoreError(
+                f"{check.where(index)} does not match its recorded checksum (changed or "
+                "corrupted since it was written); rewrite the store, or pass "
+                "--no-verify-inputs to read it anyway"
+            )
+    return chunk

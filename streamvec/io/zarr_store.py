@@ -37,6 +37,8 @@ from streamvec.names import decode_array_path, encode_array_path
 if TYPE_CHECKING:
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
+    from streamvec.io.store_check import ArrayCheck
+
 FORMAT = 1
 
 
@@ -161,13 +163,23 @@ def _fill_is_zero_bits(meta: ArrayV3Metadata) -> bool:
     return fill.dtype.kind in "biuf" and not fill.tobytes().strip(b"\0")
 
 
-def _write_file(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, as zarr's LocalStore does."""
+def _write_file(path: Path, data: Any, inside: Path | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, as zarr's LocalStore does.
+
+    Missing folders are made below ``inside`` only: a block still in flight after its run
+    failed (and the output was removed) must not make the output's folders again.
+    """
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if inside is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            below = path.parent.relative_to(inside).parts
+            for i in range(len(below)):
+                # parents=False: fails if `inside` itself is gone
+                inside.joinpath(*below[: i + 1]).mkdir(exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data).cast("B")
@@ -292,7 +304,7 @@ class ZarrBlockWriter:
         if encoded is None:
             path.unlink(missing_ok=True)  # zarr deletes a chunk that became all fill value
         else:
-            _write_file(path, encoded)
+            _write_file(path, encoded, inside=Path(self.store) / self.array_path)
         return encoding
 
     def _chunk_of(self, meta: ArrayV3Metadata, r0: int, n: int) -> tuple[int, ...] | None:
@@ -326,12 +338,17 @@ def set_array_attrs(path: Path, updates: dict[str, dict[str, Any]]) -> None:
     ``Array.attrs.update`` each array cost an open and a write through zarr's event loop
     (~4 ms per array here, 0.9 s for 200 arrays).
     """
+    _set_attrs_by_path(path, {encode_array_path(n): a for n, a in updates.items()})
+
+
+def _set_attrs_by_path(path: Path, updates: dict[str, dict[str, Any]]) -> None:
+    """:func:`set_array_attrs` by array path (nested factor arrays included)."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
     prototype = default_buffer_prototype()
-    for name, attrs in updates.items():
-        file = path / encode_array_path(name) / "zarr.json"
+    for array_path, attrs in updates.items():
+        file = path / array_path / "zarr.json"
         meta = ArrayV3Metadata.from_dict(json.loads(file.read_bytes()))
         meta = meta.update_attributes({**meta.attributes, **attrs})
         _write_file(file, meta.to_buffer_dict(prototype)["zarr.json"].as_buffer_like())
@@ -346,10 +363,47 @@ def update_root_attrs(path: Path, updates: dict[str, Any]) -> None:
     group.attrs["streamvec"] = attrs
 
 
+def record_empty_chunks(path: Path, more: dict[str, dict[str, Any]] | None = None) -> None:
+    """Record in each array's attrs which chunks have no file (all zero, skipped when written).
+
+    Readers then know a missing chunk file from a deleted one
+    (:mod:`streamvec.io.store_check`). Arrays are found by their ``zarr.json``; each array's
+    metadata is rewritten at most once, with ``more`` attrs (by array path) merged in.
+
+    Args:
+        path: the store.
+        more: further attrs to add, by array path (the engine's checksums).
+    """
+    from streamvec.io.store_check import EMPTY_CHUNKS_ATTR
+
+    updates: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (more or {}).items()}
+    for meta_file in sorted(path.glob("**/zarr.json")):
+        folder = meta_file.parent
+        if folder == path or "c" in folder.relative_to(path).parts:
+            continue
+        raw = json.loads(meta_file.read_bytes())
+        if raw.get("node_type") != "array":
+            continue
+        shape = tuple(raw["shape"])
+        if not shape:
+            empty = [] if (folder / "c").is_file() else [0]
+        else:
+            rows = raw["chunk_grid"]["configuration"]["chunk_shape"][0]
+            n = -(-shape[0] // rows) if all(shape) else 0
+            tail = "/".join(["0"] * (len(shape) - 1))
+            empty = [i for i in range(n) if not (folder / "c" / str(i) / tail).is_file()]
+        key = folder.relative_to(path).as_posix()
+        if raw.get("attributes", {}).get(EMPTY_CHUNKS_ATTR) != empty or key in updates:
+            updates.setdefault(key, {})[EMPTY_CHUNKS_ATTR] = empty
+    _set_attrs_by_path(path, updates)
+
+
 def consolidate(path: Path) -> None:
     import warnings
 
     import zarr
+
+    record_empty_chunks(path)
 
     with warnings.catch_warnings():
         # zarr warns that consolidated metadata is not in the v3 spec yet; zarr-python reads
@@ -365,9 +419,10 @@ class StoreArray:
     shape: tuple[int, ...]
     dtype: np.dtype
     attrs: dict[str, Any]
+    check: ArrayCheck | None = None
 
     def reader(self, store: Path) -> ZarrReader:
-        return ZarrReader(str(store), self.array_path, self.shape, self.dtype)
+        return ZarrReader(str(store), self.array_path, self.shape, self.dtype, self.check)
 
 
 @dataclass(frozen=True)
@@ -382,30 +437,27 @@ class StoreInfo:
 
 
 def read_store(path: str | os.PathLike[str]) -> StoreInfo:
-    """List a streamvec Zarr store from its (consolidated) metadata; reads no chunk."""
-    p = Path(path)
-    try:
-        root = json.loads((p / "zarr.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{p}: not a readable Zarr v3 store ({exc})") from None
-    attrs = root.get("attributes", {}).get("streamvec") if isinstance(root, dict) else None
-    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
-        raise StoreError(
-            f"{p}: a Zarr store, but not one written by streamvec (format {FORMAT} attrs missing)"
-        )
-    meta = (root.get("consolidated_metadata") or {}).get("metadata")
-    if not isinstance(meta, dict):
-        raise StoreError(f"{p}: store metadata is not consolidated (unfinished store?)")
+    """List a streamvec Zarr store, validated (:func:`~streamvec.io.store_check.validate_store`).
+
+    Reads the metadata and lists the chunk files; reads no chunk's contents.
+
+    Raises:
+        StoreError: the store is not a finished streamvec store, or is damaged.
+    """
+    from streamvec.io.store_check import validate_store
+
+    checked = validate_store(path)
     arrays: dict[str, StoreArray] = {}
-    for array_path, node in meta.items():
-        if not isinstance(node, dict) or node.get("node_type") != "array" or "/" in array_path:
-            continue
+    for array_path, check in checked.arrays.items():
+        if "/" in array_path:
+            continue  # factors of an SVD store's tensors (see streamvec.io.lowrank)
+        node = checked.nodes[array_path]
         a = node.get("attributes", {})
         name = a.get("name", decode_array_path(array_path))
         dname = a.get("dtype")
-        dtype = OUTPUT_DTYPES.get(dname) or _numpy_dtype(node.get("data_type"), p, name)
-        arrays[name] = StoreArray(name, array_path, tuple(node["shape"]), dtype, a)
-    return StoreInfo(p, attrs, arrays)
+        dtype = OUTPUT_DTYPES.get(dname) or _numpy_dtype(node.get("data_type"), checked.path, name)
+        arrays[name] = StoreArray(name, array_path, check.shape, dtype, a, check)
+    return StoreInfo(checked.path, checked.attrs, arrays)
 
 
 def _numpy_dtype(data_type: Any, store: Path, name: str) -> np.dtype:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from streamvec.algebra import Model
 from streamvec.errors import StreamvecError
+from streamvec.io.output import check_destination
 from streamvec.merge.method import RunSettings
 from streamvec.merge.recipe import MergeRequest, Recipe, bind, load_recipe
+from streamvec.sources import input_paths
 
 
 @dataclass
@@ -36,9 +39,10 @@ def request_for(
     seed: int | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    vocab: str | None = None,
 ) -> MergeRequest:
     """Load (if a path), check and bind a recipe; opens every input's headers."""
-    return bind(_recipe(recipe), seed=seed, include=include, exclude=exclude)
+    return bind(_recipe(recipe), seed=seed, include=include, exclude=exclude, vocab=vocab)
 
 
 def build_model(
@@ -48,6 +52,7 @@ def build_model(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     settings: RunSettings | None = None,
+    vocab: str | None = None,
 ) -> Model:
     """The merged model of a recipe, lazily (nothing is computed until it is saved or read).
 
@@ -61,7 +66,7 @@ def build_model(
         >>> model = build_model("ties.yaml")  # doctest: +SKIP
         >>> model["model.layers.0.mlp.up_proj.weight"].compute()  # doctest: +SKIP
     """
-    request = request_for(recipe, seed=seed, include=include, exclude=exclude)
+    request = request_for(recipe, seed=seed, include=include, exclude=exclude, vocab=vocab)
     if request.method.build is None:
         raise StreamvecError(
             f"{request.method.name} factors matrices before streaming and is not a lazy "
@@ -78,6 +83,7 @@ def merge(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     settings: RunSettings | None = None,
+    vocab: str | None = None,
 ) -> MergeReport:
     """Run a mergekit-style recipe and write the merged model (sharded safetensors, HF layout).
 
@@ -96,8 +102,15 @@ def merge(
         >>> merge("dare.yaml", "merged", seed=1)  # doctest: +SKIP
     """
     settings = settings or RunSettings()
-    request = request_for(recipe, seed=seed, include=include, exclude=exclude)
+    request = request_for(recipe, seed=seed, include=include, exclude=exclude, vocab=vocab)
     method = request.method
+    # Every recipe kind, including those that write intermediates beside the output first
+    # (tsv, iso_c, shared_unique): never over the base or a model of the recipe.
+    check_destination(
+        Path(output),
+        overwrite=settings.overwrite,
+        inputs=input_paths([request.base, *request.models]),
+    )
     if method.run is not None:
         return MergeReport(method.name, request, method.run(request, output, settings))
     assert method.build is not None

@@ -35,7 +35,7 @@ dtype, out_dtype); model paths are local checkpoints. See docs/from-mergekit.md.
 
 def add_parsers(subparsers: Any) -> None:
     """Register ``merge`` on the ``streamvec`` subparsers."""
-    from streamvec.cli import _add_run_options, add_shard_size_option
+    from streamvec.cli import _add_run_options, add_shard_size_option, add_vocab_option
 
     p = subparsers.add_parser(
         "merge",
@@ -65,6 +65,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument(
         "--list", action="store_true", help="list the merge methods with their parameters"
     )
+    add_vocab_option(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_merge)
 
@@ -82,7 +83,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise StreamvecError("merge needs a RECIPE (or --list)")
     if args.dry_run:
         request = request_for(
-            args.recipe, seed=args.seed, include=args.include, exclude=args.exclude
+            args.recipe,
+            seed=args.seed,
+            include=args.include,
+            exclude=args.exclude,
+            vocab=args.vocab,
         )
         print(_describe_request(request))
         return 0
@@ -96,6 +101,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         settings=settings,
+        vocab=args.vocab,
     )
     if not args.quiet:
         print(report.summary())

@@ -180,7 +180,7 @@ class MergeModel(Model):
         # Weights summing to 1 make it a "model" (non-float buffers pass through from the base);
         # they are never used as weights.
         terms = (Term(1.0 - points * c, req.base), *(Term(c, s) for s in req.models))
-        return Combination(terms).resolved()
+        return Combination(terms, vocab=req.vocab).resolved()
 
     def _build(self) -> Resolved:
         req = self.request
@@ -215,7 +215,7 @@ class MergeModel(Model):
             for name, lt in check.tensors.items():
                 if lt.requantize is not None and ordered[name].requantize is None:
                     ordered[name] = replace(ordered[name], requantize=lt.requantize)
-        return Resolved("model", ordered, check.skipped_nonfloat, check.kept_base)
+        return Resolved("model", ordered, check.skipped_nonfloat, check.kept_base, check.vocab)
 
     def _input(self, p: _Pending, deltas: tuple[bool, ...]) -> TensorInput:
         return TensorInput(p.name, p.shape, tuple((1.0, r) for r in p.readers), deltas)

@@ -14,7 +14,7 @@ Supported (the task-vector family, mergekit's ``models:`` form)::
     dtype: float32                # mergekit's compute dtype; here: output dtype if no out_dtype
     out_dtype: bfloat16
     seed: 0                       # streamvec extension (mergekit ignores unknown keys)
-    tokenizer_source: base        # accepted: the base's tokenizer files are what is copied
+    tokenizer_source: base        # or union: the vocabulary policy (docs/checkpoints.md)
 
 Any other field (``slices``, ``modules``, ``tokenizer``, ``chat_template``, a typo) is an
 error naming it: a recipe is never half-applied.
@@ -95,6 +95,8 @@ class Recipe:
     out_dtype: str | None = None
     seed: int | None = None
     source: str = "<recipe>"
+    # mergekit's tokenizer_source (base or union): the vocabulary policy of the merge.
+    tokenizer_source: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -105,21 +107,91 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         StreamvecError: missing file, invalid YAML, or an unsupported or malformed field.
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise StreamvecError(f"{p}: no such recipe file")
+    if not p.is_file():
+        # A device (/dev/zero) or FIFO would be read forever or block: never open one.
+        raise StreamvecError(
+            f"{p}: not a regular file (a directory, device or FIFO); give a recipe"
+        )
     try:
         import yaml
     except ModuleNotFoundError:
         raise StreamvecError(
             "reading merge recipes needs PyYAML: pip install pyyaml (or pip install streamvec)"
         ) from None
+    with p.open("rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise StreamvecError(
+            f"{p}: larger than {MAX_RECIPE_BYTES >> 10} KiB; a recipe is a short YAML file "
+            "(check that this is the recipe)"
+        )
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+        _check_yaml_bounds(text, str(p))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise StreamvecError(f"{p}: not valid YAML: {exc}".replace("\n", " ")) from None
     except UnicodeDecodeError:
         raise StreamvecError(f"{p}: not a text (UTF-8) file") from None
     return parse_recipe(data, str(p))
+
+
+# Bounds on what a recipe may make the YAML reader do: a recipe is a few hundred lines at
+# most, so these are far above real recipes and far below what costs time or memory.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_NODES = 100_000
+
+
+def _check_yaml_bounds(text: str, source: str) -> None:
+    """Refuse deep nesting and alias expansion (a "billion laughs" bomb) before building data.
+
+    Nesting is counted on the event stream (the YAML composer recurses, so a deep document
+    would exhaust the stack); the expanded size is counted on the composed node graph, where
+    an alias is a shared node, with one visit per distinct node.
+    """
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise StreamvecError(
+                    f"{source}: nested more than {MAX_RECIPE_DEPTH} levels deep; a recipe is "
+                    "a shallow mapping (merge_method, base_model, models, parameters)"
+                )
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def expanded(node: yaml.Node) -> int:
+        if id(node) in open_nodes:
+            raise StreamvecError(
+                f"{source}: a YAML alias refers to a node that contains it (a cycle); write "
+                "the recipe out without it"
+            )
+        if id(node) in sizes:
+            return sizes[id(node)]
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(expanded(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(expanded(k) + expanded(v) for k, v in node.value)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = min(total, MAX_RECIPE_NODES + 1)
+        return sizes[id(node)]
+
+    if root is not None and expanded(root) > MAX_RECIPE_NODES:
+        raise StreamvecError(
+            f"{source}: expands to more than {MAX_RECIPE_NODES} values through YAML aliases "
+            "(&anchor / *alias); write the recipe out without them"
+        )
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
@@ -153,10 +225,10 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
             "LoRA or revisions are not supported"
         )
     tok = data.get("tokenizer_source")
-    if tok is not None and tok != "base":
+    if tok is not None and tok not in ("base", "union"):
         raise StreamvecError(
-            f"{source}: tokenizer_source {tok!r} is not supported: the output keeps the base "
-            "model's tokenizer files (tokenizer_source: base)"
+            f"{source}: tokenizer_source {tok!r} is not supported: use base (the base's "
+            "vocabulary and tokenizer) or union (added tokens kept; see docs/checkpoints.md)"
         )
     models = data.get("models")
     if not isinstance(models, list) or not models:
@@ -203,6 +275,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         out_dtype=data.get("out_dtype"),
         seed=seed,
         source=source,
+        tokenizer_source=tok,
         raw=dict(data),
     )
 
@@ -247,6 +320,7 @@ class MergeRequest:
             base's dtype per tensor).
         name_filter: tensors outside it keep the base's values.
         num_layers: decoder layers, for gradient parameters.
+        vocab: the vocabulary policy when inputs' vocabularies differ (None: refuse).
     """
 
     method: MergeMethod
@@ -258,6 +332,7 @@ class MergeRequest:
     out_dtype: np.dtype | None
     name_filter: NameFilter | None
     num_layers: int
+    vocab: str | None = None
 
     def _value(
         self, spec: ParamSpec, settings: list[tuple[Mapping[str, Any], str]], tensor: str
@@ -318,10 +393,13 @@ def bind(
     seed: int | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    vocab: str | None = None,
 ) -> MergeRequest:
     """Check a recipe against its method and open every model (headers only).
 
     Args:
+        vocab: vocabulary policy (``base``, ``common``, ``union``) overriding the recipe's
+            ``tokenizer_source``; None: the recipe's, else refuse differing vocabularies.
         recipe: from :func:`load_recipe` or :func:`parse_recipe`.
         seed: overrides the recipe's seed.
         include: only tensors matching these patterns are merged; others keep the base.
@@ -381,16 +459,17 @@ def bind(
         out_dtype=parse_dtype(out, f"{src}: {where}") if out else None,
         name_filter=NameFilter.from_patterns(include, exclude),
         num_layers=_num_layers(base),
+        vocab=vocab or recipe.tokenizer_source,
     )
 
 
 def _open(path: str, where: str, src: str, open_source: Any) -> Source:
-    if not Path(path).exists():
+    from streamvec.hub import parse_hub_id
+
+    if not Path(path).exists() and parse_hub_id(path) is None:
         raise StreamvecError(
-            f"{src}: {where}: {path!r} is not a local path (no such file or directory); "
-            "streamvec reads local safetensors checkpoints and never downloads from the "
-            "Hugging Face Hub: download it first (e.g. `huggingface-cli download ORG/NAME "
-            "--local-dir DIR`) and write DIR in the recipe"
+            f"{src}: {where}: {path!r} is neither a local path (no such file or directory) "
+            "nor a Hugging Face model id (org/name or org/name@revision)"
         )
     source: Source = open_source(path)
     return source

@@ -47,6 +47,40 @@ def parse_term(text: str) -> TermSpec:
     return TermSpec(text)
 
 
+def term_vector(
+    path: str,
+    base_model: Model | None,
+    base: str | os.PathLike[str] | None = None,
+) -> Model:
+    """The task vector a TERM stands for: a store as it is, a checkpoint minus the base.
+
+    Every command taking TERMs (``combine``, ``stats``) opens them here, so a new kind of
+    term is accepted everywhere at once.
+
+    Args:
+        path: the term's path.
+        base_model: the opened base (required for checkpoint terms).
+        base: the base's path as given (to refuse the base itself as a term).
+
+    Returns:
+        The lazy task vector.
+
+    Raises:
+        StreamvecError: a checkpoint term without a base, or the base itself.
+    """
+    src = open_model(path)
+    if not src.source.is_point:
+        return src
+    if base_model is None:
+        raise StreamvecError(
+            f"term {path}: is a checkpoint; pass --base BASE so its task vector "
+            "can be formed, or give a task-vector store made by `streamvec diff`"
+        )
+    if base is not None and Path(path).resolve() == Path(str(base)).resolve():
+        raise StreamvecError(f"term {path}: is the base itself (its task vector is 0)")
+    return src - base_model
+
+
 def combine_terms(
     terms: list[TermSpec],
     *,
@@ -57,6 +91,7 @@ def combine_terms(
     dtype: str | None = None,
     keep_base_when_missing: bool = False,
     int_tensors: IntPolicy = "error",
+    vocab: str | None = None,
 ) -> Model:
     """Build ``base + scale * sum(w_i tau_i)`` (or ``scale * sum(w_i tau_i)`` without a base).
 
@@ -70,6 +105,8 @@ def combine_terms(
         keep_base_when_missing: where a term lacks a tensor, keep the base value.
         int_tensors: where a fine-tune changed an int/bool tensor: ``error`` (default),
             ``base`` or ``finetune`` (see :mod:`streamvec.nonfloat`).
+        vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
+            :mod:`streamvec.vocab`); None refuses a difference.
 
     Returns:
         The lazy result; ``.save(path)`` writes it.
@@ -81,18 +118,7 @@ def combine_terms(
     base_model = open_model(base) if base is not None else None
     total: Model | None = None
     for spec in terms:
-        src = open_model(spec.path)
-        if src.source.is_point:
-            if base_model is None:
-                raise StreamvecError(
-                    f"term {spec.path}: is a checkpoint; pass --base BASE so its task vector "
-                    "can be formed, or give a task-vector store made by `streamvec diff`"
-                )
-            if Path(spec.path).resolve() == Path(str(base)).resolve():
-                raise StreamvecError(f"term {spec.path}: is the base itself (its task vector is 0)")
-            tau: Model = src - base_model
-        else:
-            tau = src
+        tau = term_vector(spec.path, base_model, base)
         total = spec.weight * tau if total is None else total + spec.weight * tau
     assert total is not None
     edit = scale * total
@@ -102,4 +128,6 @@ def combine_terms(
         model = model.keep_base_when_missing()
     if int_tensors != "error":
         model = model.on_changed_nonfloat(int_tensors)
+    if vocab is not None:
+        model = model.with_vocab(vocab)
     return model.astype(dtype) if dtype else model

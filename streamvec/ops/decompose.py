@@ -45,6 +45,7 @@ from streamvec import __version__
 from streamvec.algebra import Combination, Model
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
+from streamvec.io.companions import write_model_card
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import OutputDir
 from streamvec.linalg.factors import common_subspace
@@ -58,6 +59,7 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
+from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import LazyTensor, rows_per_block
 
@@ -143,6 +145,7 @@ def decompose(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     run: RunOptions | None = None,
+    vocab: str | None = None,
 ) -> DecomposeReport:
     """Write the shared and unique components of each task vector (see module doc).
 
@@ -179,7 +182,9 @@ def decompose(
     if not 0.0 < threshold <= 1.0:
         raise StreamvecError(f"--threshold must be in (0, 1], got {threshold}")
     taus = [
-        task_vector_of(t, base, include=include, exclude=exclude, base_for_stores="ignore")
+        task_vector_of(
+            t, base, include=include, exclude=exclude, base_for_stores="ignore", vocab=vocab
+        )
         for t in terms
     ]
     total: Model = taus[0]
@@ -205,7 +210,8 @@ def decompose(
 
     shared_dims: dict[str, int] = {}
     methods: Counter[str] = Counter()
-    out = OutputDir(output, overwrite=run.overwrite)
+    inputs = input_paths(s for tau in taus for s in tau.sources())
+    out = OutputDir(output, overwrite=run.overwrite, inputs=inputs)
     with out:
         writers = []
         for i, (term, tau) in enumerate(zip(terms, taus, strict=True)):
@@ -270,6 +276,8 @@ def decompose(
             },
         }
         (out.partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        sources = {json.dumps(s.info, sort_keys=True): s.info for t in taus for s in t.sources()}
+        write_model_card(out.partial, {**common, "sources": list(sources.values())})
         final = out.commit()
     return DecomposeReport(
         path=final,

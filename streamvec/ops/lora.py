@@ -46,7 +46,7 @@ from streamvec import __version__
 from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.output import OutputDir
+from streamvec.io.output import OutputDir, check_free_space
 from streamvec.io.st_writer import TensorSpec, encode_header
 from streamvec.linalg.rsvd import sum_of_squares
 from streamvec.ops.svd import (
@@ -57,6 +57,7 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
+from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
 
@@ -228,7 +229,13 @@ def export_lora(
     modules: dict[str, dict[str, Any]] = {}
     unchanged: list[str] = []
     methods: Counter[str] = Counter()
-    out = OutputDir(output, overwrite=run.overwrite)
+    out = OutputDir(output, overwrite=run.overwrite, inputs=input_paths([*tv.sources(), base_src]))
+    # A and B of every layer at full rank, twice: spilled while factoring, then the adapter.
+    out.expected_bytes = 2 * sum(
+        (t.shape[0] + t.shape[1]) * min(options.rank, *t.shape) * out_dtype.itemsize
+        for _, t in selected
+    )
+    check_free_space(out.final, out.expected_bytes)
     with out, dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
         factorizer = Factorizer(options, run, kwargs)
         spill = out.partial / ".factors"

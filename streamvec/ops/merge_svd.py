@@ -40,9 +40,10 @@ import numpy as np
 
 from streamvec import __version__
 from streamvec.engine import RunReport
-from streamvec.errors import OutputError, StreamvecError
+from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
+from streamvec.io.output import check_destination, output_error
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -52,6 +53,7 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
+from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 
 __all__ = ["MERGES", "MergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
@@ -134,16 +136,6 @@ class MergeReport:
         )
 
 
-def _precheck_output(output: Path, overwrite: bool) -> None:
-    # The factor phase can take long: fail on an unusable output before it, not after.
-    if not output.absolute().parent.is_dir():
-        raise OutputError(
-            f"{output}: parent directory {output.absolute().parent} does not exist; create it"
-        )
-    if (output.exists() or output.is_symlink()) and not overwrite:
-        raise OutputError(f"{output}: already exists; choose another path or pass --overwrite")
-
-
 def merge_svd(
     method: str,
     terms: list[str],
@@ -207,11 +199,16 @@ def merge_svd(
             f"(TSV-M keeps rank // tasks each; need --rank >= {len(terms)})"
         )
     out_path = Path(output)
-    _precheck_output(out_path, run.overwrite)
     taus = [
         task_vector_of(t, base, include=include, exclude=exclude, base_for_stores="ignore")
         for t in terms
     ]
+    # The factor phase can take long and writes beside the output: check the destination
+    # (never over an input) before it, not only when the engine opens the output.
+    inputs = [s for tau in taus for s in tau.sources()]
+    if base is not None:
+        inputs.append(open_model(base).source)
+    check_destination(out_path, overwrite=run.overwrite, inputs=input_paths(inputs))
     total = taus[0].combination()
     for tau in taus[1:]:
         total = total + tau
@@ -293,6 +290,8 @@ def merge_svd(
             },
             **run.engine_kwargs(),
         )
+    except OSError as exc:  # disk full while writing the merged factors beside the output
+        raise output_error("write", out_path, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return MergeReport(report, method, methods, ranks)

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,16 +40,19 @@ from streamvec.dtypes import dtype_name, is_float
 from streamvec.engine import RUNTIME_OVERHEAD  # the engine's headroom, so budgets agree
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
+from streamvec.io.companions import write_model_card
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
-from streamvec.io.output import OutputDir
+from streamvec.io.output import OutputDir, check_free_space
 from streamvec.jobs import (
     DoneLog,
     JobPlan,
     ResumeError,
+    check_done_inputs,
     explain_mismatch,
-    read_done,
+    read_done_entries,
     read_job,
     remove_job_files,
+    tensor_input_digests,
     write_job,
 )
 from streamvec.kernel import accumulation_dtype
@@ -62,6 +65,7 @@ from streamvec.linalg.rsvd import (
     sketch_width,
 )
 from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.units import format_bytes, parse_size
@@ -566,6 +570,7 @@ def task_vector_of(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     base_for_stores: Literal["error", "ignore"] = "error",
+    vocab: str | None = None,
 ) -> Combination:
     """The lazy task vector a command-line SOURCE/TERM names.
 
@@ -578,6 +583,7 @@ def task_vector_of(
         include: only tensors matching these patterns.
         exclude: leave out tensors matching these.
         base_for_stores: with a store and a ``base``: fail (``error``) or use the store as is.
+        vocab: vocabulary policy when a checkpoint's vocabulary differs from the base's.
 
     Returns:
         A task-vector :class:`~streamvec.algebra.Combination`.
@@ -607,7 +613,7 @@ def task_vector_of(
                 "(drop --base)"
             )
         tau = src
-    comb = tau.filter(include, exclude)
+    comb = tau.filter(include, exclude).with_vocab(vocab)
     if comb.kind() != "task_vector":
         raise StreamvecError(f"{path}: is not a task vector ({comb.describe()})")
     return comb
@@ -644,6 +650,7 @@ def svd(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     run: RunOptions | None = None,
+    vocab: str | None = None,
 ) -> SVDReport:
     """Write the truncated SVD of every matrix of a task vector as an SVD store.
 
@@ -655,6 +662,7 @@ def svd(
         include: only tensors matching these patterns.
         exclude: leave out tensors matching these.
         run: workers, scheduler, memory limit, progress, overwrite.
+        vocab: vocabulary policy when FINETUNED's vocabulary differs from the base's.
 
     Returns:
         An :class:`SVDReport`.
@@ -670,7 +678,7 @@ def svd(
 
     started = time.perf_counter()
     run = run or RunOptions()
-    tv = task_vector_of(source, base, include=include, exclude=exclude)
+    tv = task_vector_of(source, base, include=include, exclude=exclude, vocab=vocab)
     resolved = tv.resolved()
     root_attrs = {
         "operation": "svd",
@@ -695,7 +703,10 @@ def svd(
         "workers": run.resolved_workers(),
         "block_size": run.block_bytes(),
     }
-    out = OutputDir(output, overwrite=run.overwrite)
+    out = OutputDir(output, overwrite=run.overwrite, inputs=input_paths(tv.sources()))
+    out.expected_bytes = svd_store_bytes(resolved.tensors.values(), options.rank)
+    if not run.resume:
+        check_free_space(out.final, out.expected_bytes)
     kept = out.open(keep_partial=run.resume) and read_job(out.partial) is not None
     if not kept and run.resume:
         out.release()
@@ -712,7 +723,15 @@ def svd(
                     "--resume to start over"
                 )
             budget = recorded.identity["budget"]
-            done = {name for name, _ in read_done(out.partial)}
+            entries = read_done_entries(out.partial)
+            done = {name for name, _ in entries}
+            # Tensors already factored came from the inputs as they were then: a changed
+            # input is refused by name rather than mixed with this run's (docs/reliability.md).
+            for (name, _), (_, inputs) in entries.items():
+                if name in resolved.tensors:
+                    t = resolved.tensors[name]
+                    rows = matrix_shape(t.shape)[0]
+                    check_done_inputs(t, 0, rows, inputs, rows_per_block(t.shape))
         else:
             write_job(out.partial, JobPlan({"job": identity, "budget": budget}, {}))
         run = replace(
@@ -743,7 +762,7 @@ def svd(
                 if not is_factored_shape(t.shape):
                     writer.write_dense(name, _dense_values(t, run.check_finite), source_dtype(t))
                     dense += 1
-                    log.record(name, 0, b"")
+                    log.record(name, 0, b"", _input_digests(t))
                     continue
                 seed = tensor_seed(options.seed, name)
                 result, plan = factorizer.factor(t, options.rank, seed)
@@ -758,14 +777,18 @@ def svd(
                 )
                 methods[plan.method] += 1
                 residuals[name] = result.residual
-                log.record(name, 0, b"")
+                log.record(name, 0, b"", _input_digests(t))
             log.close()
             remove_job_files(out.partial)
             writer.finish()
+            write_model_card(out.partial, root_attrs)
             final = out.commit()
     except KeyboardInterrupt:
         out.release()  # keep the partial output: --resume continues it
         raise
+    except OSError as exc:  # disk full, quota, I/O error: say what and where
+        out.abort()
+        raise out.write_error(exc) from None
     except BaseException:
         out.abort()
         raise
@@ -778,6 +801,35 @@ def svd(
         seconds=time.perf_counter() - started,
         residuals=residuals,
     )
+
+
+def svd_store_bytes(tensors: Iterable[LazyTensor], rank: int) -> int:
+    """About how many bytes an SVD store of these tensors takes (float32, uncompressed).
+
+    Args:
+        tensors: the tensors to factor (non-matrices are stored dense).
+        rank: the rank kept per matrix.
+
+    Returns:
+        ``(m + n + 1) k`` float32 values per factored matrix, every element of the others.
+    """
+    total = 0
+    for t in tensors:
+        if is_factored_shape(t.shape):
+            m, n = matrix_shape(t.shape)
+            total += (m + n + 1) * min(rank, m, n) * 4
+        else:
+            total += math.prod(t.shape) * 4
+    return total
+
+
+def _input_digests(t: LazyTensor) -> list[str]:
+    """Digests of the tensor's inputs, logged with it so that --resume can tell a change.
+
+    One more read of the tensor's inputs (from the page cache, just after the factorization
+    read them); its cost is in docs/reliability.md.
+    """
+    return tensor_input_digests(t, 0, matrix_shape(t.shape)[0], rows_per_block(t.shape))
 
 
 def _dense_values(t: LazyTensor, check_finite: bool = False) -> np.ndarray:

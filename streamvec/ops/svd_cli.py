@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from streamvec.cli import say
+from streamvec.cli import add_vocab_option, say
 
 __all__ = ["add_parsers", "cmd_decompose", "cmd_lora", "cmd_merge_svd", "cmd_svd"]
 
@@ -105,6 +105,7 @@ def cmd_svd(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         run=_run_options(args),
+        vocab=args.vocab,
     )
     say(args, report.summary())
     return 0
@@ -143,6 +144,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         run=_run_options(args),
+        vocab=args.vocab,
     )
     say(args, report.summary())
     return 0
@@ -198,6 +200,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--base", metavar="BASE", help="base checkpoint when SOURCE is a checkpoint")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the SVD store to write")
     _add_svd_options(p, rank_required=True, rank_help="triplets per matrix (min(K, m, n))")
+    add_vocab_option(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_svd)
 
@@ -256,6 +259,7 @@ def add_parsers(subparsers: Any) -> None:
     )
     _add_svd_options(p, rank_required=False, rank_help="per-task subspace size K (default 16)")
     p.set_defaults(rank=16)
+    add_vocab_option(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_decompose)
 

@@ -17,6 +17,7 @@ def task_vector(
     exclude: list[str] | None = None,
     dtype: str | None = None,
     int_tensors: IntPolicy = "error",
+    vocab: str | None = None,
 ) -> Combination:
     """The lazy task vector of ``finetuned`` relative to ``base``.
 
@@ -34,6 +35,8 @@ def task_vector(
         dtype: stored dtype (default float32: exact for bf16 and f16 inputs).
         int_tensors: ``error`` (default), ``base`` or ``finetune`` (see
             :mod:`streamvec.nonfloat`).
+        vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
+            :mod:`streamvec.vocab`); None refuses a difference.
 
     Returns:
         A lazy task vector; ``.save("tau.zarr")`` computes it.
@@ -46,7 +49,7 @@ def task_vector(
         >>> task_vector("base", "ft", include=["*.self_attn.*"]).save("tau.zarr")  # doctest: +SKIP
     """
     base_model, ft_model = open_model(base), open_model(finetuned)
-    tv = (ft_model - base_model).filter(include, exclude)
+    tv = (ft_model - base_model).filter(include, exclude).with_vocab(vocab)
     if int_tensors == "error":
         b, f = base_model.source, ft_model.source
         check_unchanged(

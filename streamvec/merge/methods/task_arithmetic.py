@@ -49,6 +49,7 @@ def build(request: MergeRequest, settings: RunSettings) -> Model:
         include=list(inc) or None,
         exclude=list(exc) or None,
         dtype=dtype_name(request.out_dtype) if request.out_dtype is not None else None,
+        vocab=request.vocab,
     )
 
 

@@ -1,0 +1,136 @@
+"""The cost of the run-time checks on inputs, measured side by side (docs/reliability.md).
+
+Variants of ``streamvec diff BASE FT`` (float32 task vector into Zarr, lz4; threads
+scheduler; in-process), interleaved round by round on the same warm inputs:
+
+* ``current``: blocks read with ``pread`` between two ``fstat`` checks of the file's version,
+  and each block's inputs hashed (xxh3-128) for ``--resume``;
+* ``no-input-digests``: the same without hashing the inputs;
+* ``mmap``: the previous reader (a read-only map per block, populated with
+  ``MADV_POPULATE_READ``; a truncated input is SIGBUS) and no input digests: the code before.
+
+Then the two ways a resumed run can check that its inputs did not change, on the same files:
+
+* ``full-file xxh3``: hash every input file whole (the check a run would pay at every start
+  to record, and again at every resume);
+* ``resume check``: read and hash the inputs of every block of the job (what ``--resume``
+  does for the blocks already done; here all of them, the worst case).
+
+    PYTHONPATH=. python bench/bench_faults.py BASE FT [--rounds 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+VARIANTS = ("current", "no-input-digests", "mmap")
+
+
+def _mmap_read(self, r0: int, r1: int) -> np.ndarray:
+    """The previous ``SafetensorsReader.read``: a populated read-only map per block."""
+    from streamvec.io.blocks import matrix_shape, populate
+
+    _, cols = matrix_shape(self.shape)
+    count = (r1 - r0) * cols
+    if count == 0:
+        return np.empty((r1 - r0, cols), self.dtype)
+    start = self.offset + r0 * cols * self.dtype.itemsize
+    view = np.memmap(self.path, dtype=self.dtype, mode="r", offset=start, shape=(count,))
+    populate(view)
+    return view.reshape(r1 - r0, cols)
+
+
+@contextmanager
+def variant(name: str) -> Iterator[None]:
+    from streamvec import engine
+    from streamvec.io import blocks
+
+    saved = (engine.digest_operands, blocks.SafetensorsReader.read)
+    try:
+        if name in ("no-input-digests", "mmap"):
+            engine.digest_operands = lambda operands: []  # type: ignore[assignment]
+        if name == "mmap":
+            blocks.SafetensorsReader.read = _mmap_read  # type: ignore[method-assign]
+        yield
+    finally:
+        engine.digest_operands, blocks.SafetensorsReader.read = saved  # type: ignore[method-assign]
+
+
+def full_file_hash(paths: list[Path]) -> float:
+    started = time.perf_counter()
+    for p in paths:
+        h = xxhash.xxh3_128()
+        with p.open("rb", buffering=0) as f:
+            buf = bytearray(16 << 20)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        h.hexdigest()
+    return time.perf_counter() - started
+
+
+def resume_check(base: str, ft: str) -> float:
+    from streamvec.io.blocks import matrix_shape
+    from streamvec.jobs import tensor_input_digests
+    from streamvec.ops.task_vector import task_vector
+    from streamvec.tensor import rows_per_block
+
+    tv = task_vector(base, ft)
+    started = time.perf_counter()
+    for t in tv.resolved().tensors.values():
+        tensor_input_digests(t, 0, matrix_shape(t.shape)[0], rows_per_block(t.shape))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base")
+    ap.add_argument("ft")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", type=Path)
+    args = ap.parse_args()
+
+    import streamvec as sv
+    from streamvec.io.checkpoint import resolve_checkpoint
+
+    work = Path(tempfile.mkdtemp(dir=args.workdir))
+    files = [*resolve_checkpoint(args.base).shards, *resolve_checkpoint(args.ft).shards]
+    size = sum(p.stat().st_size for p in files)
+    full_file_hash(files)  # warm the page cache
+    times: dict[str, list[float]] = {v: [] for v in (*VARIANTS, "full-file xxh3", "resume check")}
+    try:
+        for r in range(args.rounds):
+            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+            for name in order:
+                out = work / f"{name}.zarr"
+                with variant(name):
+                    tv = sv.open(args.ft) - sv.open(args.base)
+                    report = tv.save(out, progress=False)
+                times[name].append(report.seconds)
+                shutil.rmtree(out)
+            times["full-file xxh3"].append(full_file_hash(files))
+            times["resume check"].append(resume_check(args.base, args.ft))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ref = statistics.median(times["mmap"])
+    print(f"\ninputs {size / 1e9:.2f} GB, {os.cpu_count()} CPUs, median of {args.rounds} rounds")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rate = size / med / 1e9
+        print(f"{name:>18}: {med:6.2f} s  {rate:5.2f} GB/s  {med / ref:5.2f}x the mmap diff")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""``sv.stats``: task-vector analytics in one streaming pass (two with top-k overlaps)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streamvec.errors import StreamvecError
+from streamvec.linalg.blas import limit_blas_threads
+from streamvec.merge.passes import PassItem, PassOptions, run_pass
+from streamvec.stats.accumulate import FinishMoments, MomentStat, OverlapStat, TensorMoments
+from streamvec.stats.grouping import layer_of, module_kind
+from streamvec.stats.inputs import StatsInputs, open_inputs
+from streamvec.stats.result import Figures, Stats
+from streamvec.stats.spectrum import Spectrum, SpectrumOptions, spectra
+
+DEFAULT_DENSITY = 0.2  # TIES' default top-k share
+DEFAULT_RESIDUAL = 0.01
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """What ``stats`` computes beyond the always-on figures.
+
+    Attributes:
+        density: share of largest-magnitude entries per tensor whose overlap between task
+            vectors is measured (0: skip it, and its second pass).
+        spectrum: ``K`` top singular values per matrix by randomized SVD (0: only those an
+            SVD store term already holds).
+        residual: residual energy share the LoRA ranks are given for.
+        oversample: extra probes of the randomized SVD.
+        power_iters: its power iterations.
+        seed: its seed.
+    """
+
+    density: float = DEFAULT_DENSITY
+    spectrum: int = 0
+    residual: float = DEFAULT_RESIDUAL
+    oversample: int = 10
+    power_iters: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.density <= 1.0:
+            raise StreamvecError(f"--density must be between 0 and 1, got {self.density}")
+        if self.spectrum < 0:
+            raise StreamvecError(f"--spectrum must be >= 0, got {self.spectrum}")
+        if not 0.0 < self.residual < 1.0:
+            raise StreamvecError(f"--residual must be between 0 and 1, got {self.residual}")
+
+
+def stats(
+    terms: list[str | os.PathLike[str]],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    labels: list[str] | None = None,
+    options: StatsOptions | None = None,
+    workers: int | None = None,
+    scheduler: str = "threads",
+    memory_limit: str | int | None = None,
+    block_size: str | int | None = None,
+    progress: bool = False,
+) -> Stats:
+    """Norms, cosines, sign conflicts, top-k overlaps and spectra of task vectors.
+
+    One streaming pass over the inputs computes every figure but the top-k overlaps, which
+    need each tensor's magnitude threshold first and take a second pass; ``--spectrum K``
+    adds the passes of a randomized SVD per matrix and task vector.
+
+    Args:
+        terms: task-vector stores, SVD stores, or fine-tuned checkpoints (with ``base``).
+        base: the base checkpoint (checkpoint terms; relative sizes).
+        include: only tensors matching these patterns.
+        exclude: leave out tensors matching these.
+        labels: names of the terms in outputs (default: last path components).
+        options: density, spectrum rank, residual.
+        workers: blocks in flight at once.
+        scheduler: ``threads``, ``processes``, ``sync``, ``local:N`` or an address.
+        memory_limit: ceiling on anonymous memory (default: half of available).
+        block_size: target float32 bytes per row block.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`~streamvec.stats.result.Stats`.
+
+    Example:
+        >>> import streamvec as sv
+        >>> st = sv.stats(["ft-a", "ft-b"], base="base")  # doctest: +SKIP
+        >>> st.names, st.overall.cosine[0, 0, 1]  # doctest: +SKIP
+        (('ft-a', 'ft-b'), 0.021)
+    """
+    opts = options or StatsOptions()
+    inputs = open_inputs(
+        [str(t) for t in terms], base=base, include=include, exclude=exclude, labels=labels
+    )
+    run = PassOptions(workers, scheduler, memory_limit, progress, block_size)
+    # Each block's products are small BLAS calls; a multi-threaded BLAS wakes its pool for
+    # each (measured 50x slower than the arithmetic on a loaded machine), while the
+    # scheduler already keeps `workers` blocks in flight.
+    with limit_blas_threads(1):
+        moments = _moments(inputs, run, opts.density)
+        overlap = _overlaps(inputs, run, moments) if opts.density > 0 else {}
+    figures = _figures(inputs, moments, overlap)
+    found: dict[str, list[Spectrum | None]] = {}
+    subspace: dict[str, np.ndarray] = {}
+    energies = {t.name: np.diag(moments[t.name].gram).copy() for t in inputs.tensors}
+    from streamvec.ops.svd import RunOptions
+
+    svd_run = RunOptions(workers, scheduler, memory_limit, False, block_size=block_size)
+    spec_options = SpectrumOptions(opts.spectrum, opts.oversample, opts.power_iters, opts.seed)
+    for name, specs, overlaps in spectra(inputs.tensors, energies, spec_options, svd_run):
+        found[name] = specs
+        subspace[name] = overlaps
+    return Stats(
+        inputs.names,
+        figures,
+        tuple(module_kind(t.name) for t in inputs.tensors),
+        tuple(layer_of(t.name) for t in inputs.tensors),
+        inputs.base,
+        opts.density,
+        found,
+        subspace,
+        opts.residual,
+        inputs.skipped_nonfloat,
+    )
+
+
+def _moments(inputs: StatsInputs, run: PassOptions, density: float) -> dict[str, TensorMoments]:
+    items = []
+    # BlockSums reduce like arrays (see accumulate.BlockSums), hence the Any.
+    finish: dict[str, Any] = {}
+    for t in inputs.tensors:
+        readers = tuple((1.0, r) for r in t.readers)
+        stat = MomentStat(t.coefs, t.base, density > 0)
+        items.append(PassItem(t.name, t.shape, readers, stat, t.name))  # type: ignore[arg-type]
+        finish[t.name] = FinishMoments(t.numel, density)
+    return run_pass(items, run, finish, desc="stats")
+
+
+def _overlaps(
+    inputs: StatsInputs, run: PassOptions, moments: dict[str, TensorMoments]
+) -> dict[str, np.ndarray]:
+    items = []
+    for t in inputs.tensors:
+        readers = tuple((1.0, r) for r in t.readers)
+        bins = tuple(int(b) for b in moments[t.name].top_bins)
+        items.append(PassItem(t.name, t.shape, readers, OverlapStat(t.coefs, bins), t.name))
+    return run_pass(items, run, desc="stats (top-k overlaps)")
+
+
+def _figures(
+    inputs: StatsInputs, moments: dict[str, TensorMoments], overlap: dict[str, np.ndarray]
+) -> Figures:
+    ts = inputs.tensors
+    n = len(inputs.names)
+    m = [moments[t.name] for t in ts]
+    nan = np.full((n, n), np.nan)
+    return Figures(
+        tuple(t.name for t in ts),
+        inputs.names,
+        np.array([t.numel for t in ts], np.int64),
+        np.ones(len(ts), np.int64),
+        np.stack([x.gram for x in m]),
+        np.stack([x.absgram for x in m]),
+        np.stack([x.maxabs for x in m]),
+        np.stack([x.zeros for x in m]),
+        np.array([x.base_sq if t.base >= 0 else np.nan for x, t in zip(m, ts, strict=True)]),
+        np.stack([overlap[t.name].astype(np.float64) if t.name in overlap else nan for t in ts]),
+    )
