@@ -836,7 +836,10 @@ def _dense_values(t: LazyTensor, check_finite: bool = False) -> np.ndarray:
     """A non-matrix tensor's values in a dtype Zarr stores (bfloat16 kept as float32)."""
     values = t.compute()
     if check_finite and not np.isfinite(values.astype(np.float64)).all():
-        raise StreamvecError(f"tensor {t.name!r} has NaN or infinite values (--check-finite)")
+        raise StreamvecError(
+            f"tensor {t.name!r} has NaN or infinite values; pass --no-check-finite to store "
+            "them anyway"
+        )
     if is_float(values.dtype) and values.dtype.kind != "f":
         values = values.astype(np.float32)
     return values
