@@ -11,7 +11,9 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
 * ``no-verify-inputs``: stores read without comparing each chunk with its recorded digest
   (``--no-verify-inputs``; see :mod:`streamvec.io.store_check`);
 * ``no-prefetch``: without each block task asking the kernel to read the next planned block
-  ahead (``SafetensorsReader.prefetch``); matters from a cold cache (``--cold``).
+  ahead (``SafetensorsReader.prefetch``); matters from a cold cache (``--cold``);
+* ``expanded``: the kernel before the delta form, ``sum c_i x_i`` with float32 accumulation
+  for 16-bit outputs (reproduced in :func:`expanded_combine`).
 
 ``--cold`` evicts the inputs from the page cache before every run (``streamvec bench``'s
 method: drop_caches where permitted, else fadvise).
@@ -22,7 +24,8 @@ checkpoints, bf16 safetensors) and ``combine-store`` (the same edit with the tas
 from a store written by ``diff`` first).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
-        [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch] [--cold]
+        [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch,expanded]
+        [--cold]
         [--workdir DIR]
 """
 
@@ -40,7 +43,14 @@ from pathlib import Path
 import numpy as np
 
 OPS = ("diff", "diff-none", "combine", "combine-store")
-VARIANTS = ("current", "no-writeback", "block-accumulator", "no-verify-inputs", "no-prefetch")
+VARIANTS = (
+    "current",
+    "no-writeback",
+    "block-accumulator",
+    "no-verify-inputs",
+    "no-prefetch",
+    "expanded",
+)
 
 
 def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype):
@@ -71,6 +81,48 @@ def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_
     return out
 
 
+def expanded_combine(
+    operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype, points: object = ()
+) -> np.ndarray:
+    """The kernel before the delta form: ``sum c_i x_i`` in slabs, float32 accumulation for
+    16-bit outputs (and one exact float32 operation), float64 otherwise; ``points`` ignored."""
+    out_dtype = np.dtype(out_dtype)
+    blocks = [(float(c), x) for c, x in operands]
+    if len(blocks) == 1 and blocks[0][0] == 1.0 and blocks[0][1].dtype == out_dtype:
+        return np.array(blocks[0][1])
+    rows, cols = blocks[0][1].shape
+    simple = len(blocks) <= 2 and all(abs(c) == 1.0 for c, _ in blocks)
+    acc_dtype = np.dtype(
+        np.float32 if out_dtype.itemsize < 4 or (out_dtype == np.float32 and simple) else np.float64
+    )
+    out = np.empty((rows, cols), out_dtype)
+    flat_out = out.reshape(-1)
+    slab = max((1 << 17) // max(cols, 1), 1) * max(cols, 1)
+    rounding = out_dtype != acc_dtype
+    acc_slab = np.empty(min(slab, rows * cols), acc_dtype) if rounding else flat_out
+    scratch = np.empty(slab, acc_dtype)
+    for s0 in range(0, rows * cols, slab):
+        s1 = min(s0 + slab, rows * cols)
+        a = acc_slab[: s1 - s0] if rounding else flat_out[s0:s1]
+        for i, (c, block) in enumerate(blocks):
+            x = block.reshape(-1)[s0:s1]
+            if i == 0 and c == 1.0:
+                np.copyto(a, x, casting="unsafe")
+            elif i == 0:
+                np.multiply(x, c, out=a, dtype=acc_dtype, casting="unsafe")
+            elif c == 1.0:
+                np.add(a, x, out=a, dtype=acc_dtype, casting="unsafe")
+            elif c == -1.0:
+                np.subtract(a, x, out=a, dtype=acc_dtype, casting="unsafe")
+            else:
+                t = scratch[: s1 - s0]
+                np.multiply(x, c, out=t, dtype=acc_dtype, casting="unsafe")
+                np.add(a, t, out=a)
+        if rounding:
+            np.copyto(flat_out[s0:s1], a, casting="unsafe")
+    return out
+
+
 @contextmanager
 def variant(name: str) -> Iterator[None]:
     from streamvec import engine, sinks, tensor
@@ -91,6 +143,8 @@ def variant(name: str) -> Iterator[None]:
         tensor.combine_blocks = block_accumulator_combine
     elif name == "no-prefetch":
         engine._prefetch = lambda following: None
+    elif name == "expanded":
+        tensor.combine_blocks = expanded_combine
     try:
         with policy:
             yield

@@ -1,9 +1,12 @@
 """Two single-threaded micro-measurements behind docs/benchmarks.md, variants interleaved.
 
-1. The block kernel, two bf16 operands into bf16 (``0.5 a + 0.5 b``, the edited-model case),
-   on 4096 x 4096 blocks already in memory: the current kernel (a cache-sized float32
-   accumulator) against the previous one (a block-sized accumulator, reproduced in
-   ``bench_ab.block_accumulator_combine``). GB/s of input.
+1. The block kernel on 4096 x 4096 bf16 blocks already in memory, into bf16: the edited
+   model ``base + 0.5 (ft - base)`` and a three-fine-tune merge ``base + sum w_i (ft_i -
+   base)`` (w = 1.0, -0.5, 0.3): the current kernel (delta form, float64 accumulation in
+   cache-sized slabs, one correct rounding) against the expanded form it replaced
+   (``bench_ab.expanded_combine``: ``sum c_i x_i``, float32 accumulation) and, for the first,
+   the block-sized accumulator before that (``bench_ab.block_accumulator_combine``). GB/s of
+   input.
 2. Reading row blocks of a task-vector store (``--store``): the synchronous chunk reader
    (``streamvec.io.zarr_chunks``) against ``zarr.open_array`` + ``__getitem__`` per block.
    GB/s of decoded float32.
@@ -39,26 +42,39 @@ def best_rate(fn: Callable[[], int], rounds: int) -> list[float]:
     return rates
 
 
-def kernel_variants(rounds: int) -> dict[str, list[float]]:
+def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((4096, 4096), dtype=np.float32).astype(BFLOAT16)
-    b = (a.astype(np.float32) + 0.01).astype(BFLOAT16)
-    operands = [(0.5, a), (0.5, b)]
-    variants: dict[str, Callable[[], object]] = {
-        "slab accumulator (current)": lambda: combine_blocks(operands, BFLOAT16),
-        "block accumulator (before)": lambda: bench_ab.block_accumulator_combine(
-            operands, BFLOAT16
+    base32 = rng.standard_normal((4096, 4096), dtype=np.float32)
+    base = base32.astype(BFLOAT16)
+    fts = [
+        (base32 + 0.01 * rng.standard_normal((4096, 4096), dtype=np.float32)).astype(BFLOAT16)
+        for _ in range(3)
+    ]
+    weights = (1.0, -0.5, 0.3)
+    cases = {
+        "base + 0.5 (ft - base)": ([(0.5, base), (0.5, fts[0])], (True, True)),
+        "base + sum w_i (ft_i - base), 3 fine-tunes": (
+            [(1.0 - sum(weights), base), *zip(weights, fts, strict=True)],
+            (True,) * 4,
         ),
     }
-    assert np.array_equal(
-        variants["slab accumulator (current)"]().view(np.uint16),  # type: ignore[attr-defined]
-        variants["block accumulator (before)"]().view(np.uint16),  # type: ignore[attr-defined]
-    )
-    rates: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):  # interleaved
-        for name, fn in variants.items():
-            rates[name] += best_rate(lambda fn=fn: (fn(), a.nbytes + b.nbytes)[1], 1)
-    return rates
+    out: dict[str, dict[str, list[float]]] = {}
+    for title, (operands, points) in cases.items():
+        nbytes = sum(x.nbytes for _, x in operands)
+        variants: dict[str, Callable[[], object]] = {
+            "delta form (current)": lambda o=operands, p=points: combine_blocks(o, BFLOAT16, p),
+            "expanded form (before)": lambda o=operands: bench_ab.expanded_combine(o, BFLOAT16),
+        }
+        if len(operands) == 2:
+            variants["block accumulator (earlier)"] = lambda o=operands: (
+                bench_ab.block_accumulator_combine(o, BFLOAT16)
+            )
+        rates: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(rounds):  # interleaved
+            for name, fn in variants.items():
+                rates[name] += best_rate(lambda fn=fn, n=nbytes: (fn(), n)[1], 1)
+        out[title] = rates
+    return out
 
 
 def reader_variants(store: Path, rounds: int) -> dict[str, list[float]]:
@@ -113,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", type=Path, help="a task-vector store written by streamvec diff")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    report("kernel, 0.5 a + 0.5 b, bf16 -> bf16, 4096 x 4096:", kernel_variants(args.rounds))
+    for title, rates in kernel_variants(args.rounds).items():
+        report(f"kernel, {title}, bf16 -> bf16, 4096 x 4096 blocks:", rates)
     if args.store is not None:
         report(f"row blocks of {args.store}, one thread:", reader_variants(args.store, args.rounds))
     return 0

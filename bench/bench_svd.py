@@ -23,6 +23,15 @@ baseline of the process before the run. The optimal residual there comes from th
 
     PYTHONPATH=. python bench/bench_svd.py [--rank 64] [--workdir DIR] [--skip-full]
         [--ooc-limit 480MB] [--json results.json] [--quick]
+
+``--peers``: the in-memory comparison of the issue, methods interleaved round by round on
+4096 x 4096, 11008 x 4096 and 32000 x 4096 at ranks 16 and 64 (``--shapes``, ``--ranks``):
+streamvec's held path (auto and one power iteration), the previous float64 held path (two
+iterations, reproduced here), ``torch.svd_lowrank``, scikit-learn's ``randomized_svd`` and
+dask's ``svd_compressed(iterator="QR")``, each at one and two power iterations. Residuals
+are shown against the previous float64 result; times are medians of ``--rounds``.
+
+    PYTHONPATH=. python bench/bench_svd.py --peers [--rounds 3] [--shapes 4096x4096,...]
 """
 
 from __future__ import annotations
@@ -170,6 +179,121 @@ def bench_in_memory(
     return rows
 
 
+def float64_held(a: np.ndarray, rank: int, oversample: int, q: int) -> tuple[Any, ...]:
+    """The previous held path: the whole matrix upcast to float64, float64 products."""
+    a64 = a.astype(np.float64)
+    omega = np.random.default_rng(0).standard_normal((a.shape[1], rank + oversample))
+    qm, _ = np.linalg.qr(a64 @ omega)
+    for _ in range(q):
+        z, _ = np.linalg.qr(a64.T @ qm)
+        qm, _ = np.linalg.qr(a64 @ z)
+    ub, s, vh = np.linalg.svd(qm.T @ a64, full_matrices=False)
+    return qm @ ub[:, :rank], s[:rank], vh[:rank]
+
+
+def peer_methods(rank: int, oversample: int) -> dict[str, Any]:
+    """name -> fn(a) returning (U, S, Vh) and the power iterations used."""
+    import dask.array as da
+    import torch
+    from sklearn.utils.extmath import randomized_svd as sk_rsvd
+
+    from streamvec.linalg.rsvd import randomized_svd_in_memory
+
+    width = rank + oversample
+
+    def sv(q: int | None) -> Any:
+        def run(a: np.ndarray) -> tuple[Any, ...]:
+            r = randomized_svd_in_memory(a, rank, oversample=oversample, power_iters=q)
+            return r.U, r.S, r.Vh, r.power_iters
+
+        return run
+
+    def torch_lowrank(q: int) -> Any:
+        def run(a: np.ndarray) -> tuple[Any, ...]:
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(torch.from_numpy(a), q=width, niter=q)
+            return u[:, :rank].numpy(), s[:rank].numpy(), v[:, :rank].T.numpy(), q
+
+        return run
+
+    def sklearn(q: int) -> Any:
+        def run(a: np.ndarray) -> tuple[Any, ...]:
+            u, s, vh = sk_rsvd(
+                a,
+                rank,
+                n_oversamples=oversample,
+                n_iter=q,
+                power_iteration_normalizer="QR",
+                random_state=0,
+            )
+            return u, s, vh, q
+
+        return run
+
+    def dask_qr(q: int) -> Any:
+        def run(a: np.ndarray) -> tuple[Any, ...]:
+            x = da.from_array(a, chunks=(min(a.shape[0], 8192), a.shape[1]))
+            u, s, vh = da.linalg.svd_compressed(
+                x,
+                rank,
+                n_power_iter=q,
+                n_oversamples=oversample,
+                iterator="QR",
+                seed=0,
+                compute=False,
+            )
+            u, s, vh = da.compute(u, s, vh)
+            return u, s, vh, q
+
+        return run
+
+    def before(a: np.ndarray) -> tuple[Any, ...]:
+        return (*float64_held(a, rank, oversample, 2), 2)
+
+    return {
+        "streamvec held, auto q (now)": sv(None),
+        "streamvec held, q=1 (now)": sv(1),
+        "streamvec held, float64, q=2 (before)": before,
+        "torch.svd_lowrank niter=1": torch_lowrank(1),
+        "torch.svd_lowrank niter=2": torch_lowrank(2),
+        "sklearn randomized_svd n_iter=1 (QR)": sklearn(1),
+        "sklearn randomized_svd n_iter=2 (QR)": sklearn(2),
+        "dask svd_compressed QR q=1": dask_qr(1),
+        "dask svd_compressed QR q=2": dask_qr(2),
+    }
+
+
+def bench_peers(args: argparse.Namespace) -> None:
+    import statistics
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    print(f"# load {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs, rounds {args.rounds}")
+    for m, n in shapes:
+        a = make_matrix(m, n, seed=m)
+        for rank in ranks:
+            methods = peer_methods(rank, args.oversample)
+            times: dict[str, list[float]] = {k: [] for k in methods}
+            res: dict[str, tuple[float, int]] = {}
+            for _ in range(args.rounds):  # interleaved
+                for name, fn in methods.items():
+                    (u, s, vh, q), sec = timed(lambda fn=fn, a=a: fn(a))
+                    times[name].append(sec)
+                    res[name] = (residual(a, np.asarray(u), np.asarray(s), np.asarray(vh)), q)
+            ref = res["streamvec held, float64, q=2 (before)"][0]
+            torch_s = statistics.median(times["torch.svd_lowrank niter=2"])
+            for name in methods:
+                med = statistics.median(times[name])
+                r, q = res[name]
+                print(
+                    f"{m:>6} x {n:<5} k={rank:<3} | {name:<40} | q={q} | {med:6.2f} s "
+                    f"({med / torch_s:4.2f}x torch niter=2) | residual {r:.6f} "
+                    f"({r / ref:.4f}x float64)",
+                    flush=True,
+                )
+            print(f"# load {os.getloadavg()[0]:.1f}")
+
+
 def write_pair(root: Path, m: int, n: int, seed: int) -> tuple[Path, Path]:
     """BASE and FINETUNED safetensors (float32) whose difference is the planted matrix."""
     from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
@@ -245,9 +369,16 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke test of the script")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--peers", action="store_true", help="the in-memory comparison with peers")
+    p.add_argument("--shapes", default="4096x4096,11008x4096,32000x4096")
+    p.add_argument("--ranks", default="16,64")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     if args.child:
         child(args)
+        return
+    if args.peers:
+        bench_peers(args)
         return
 
     import torch

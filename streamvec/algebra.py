@@ -422,12 +422,14 @@ def _resolve(comb: Combination) -> Resolved:
         if comb.dtype is not None:
             out_dtype = comb.dtype
         terms = _collapse([(c, p.reader) for c, p in parts])
+        point = {p.reader: t.source.is_point for t, (_, p) in zip(active, parts, strict=True)}
+        points = _points(terms, point)
         if kind == "model" and base is not None and comb.dtype is None:
-            stored = fp8_outputs(name, base.reader, first.shape, terms)  # FP8 stays FP8
+            stored = fp8_outputs(name, base.reader, first.shape, terms, points)  # FP8 stays FP8
             if stored is not None:
                 tensors.update(stored)
                 continue
-        tensors[name] = LazyTensor(name, first.shape, np.dtype(out_dtype), terms)
+        tensors[name] = LazyTensor(name, first.shape, np.dtype(out_dtype), terms, points=points)
     if vocab_problems:
         more = f" (and {len(vocab_problems) - 1} more tensors)" if len(vocab_problems) > 1 else ""
         raise MismatchError(f"inputs do not match: {vocab_problems[0]}{more}")
@@ -517,6 +519,14 @@ def _collapse(terms: list[tuple[float, BlockReader]]) -> tuple[tuple[float, Bloc
     # Everything cancelled (ft - ft): keep one zero-weight term so the result is zeros.
     first = terms[0][1]
     return ((0.0, first),)
+
+
+def _points(
+    terms: tuple[tuple[float, BlockReader], ...], point: Mapping[BlockReader, bool]
+) -> tuple[bool, ...]:
+    """Which terms are checkpoints, when two or more are (the kernel's delta form)."""
+    flags = tuple(point.get(r, False) for _, r in terms)
+    return flags if sum(flags) >= 2 else ()
 
 
 class SourceModel(Model):

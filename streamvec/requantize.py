@@ -24,6 +24,7 @@ def fp8_outputs(
     base_reader: BlockReader,
     shape: tuple[int, ...],
     terms: tuple[tuple[float, BlockReader], ...],
+    points: tuple[bool, ...] = (),
 ) -> dict[str, LazyTensor] | None:
     """The output tensors of an FP8 base weight in a model kept in the base's format.
 
@@ -32,6 +33,7 @@ def fp8_outputs(
         base_reader: the base's reader for it.
         shape: its shape.
         terms: the collapsed weighted sum that computes it.
+        points: per term, whether it is a checkpoint (the kernel's delta form).
 
     Returns:
         ``{name: weight, scale_name: scale}`` for an unchanged weight (copied as stored),
@@ -51,7 +53,9 @@ def fp8_outputs(
                 ((1.0, base_reader.scale),),
             ),
         }
-    return {name: LazyTensor(name, shape, np.dtype(np.float32), terms, requantize=scheme)}
+    return {
+        name: LazyTensor(name, shape, np.dtype(np.float32), terms, points=points, requantize=scheme)
+    }
 
 
 def tensor_amax(t: LazyTensor, block_rows: int) -> float:

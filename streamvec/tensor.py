@@ -51,6 +51,9 @@ class LazyTensor:
     terms: tuple[tuple[float, BlockReader], ...]
     # A non-linear block operation replacing the weighted sum (merge methods); None: the sum.
     op: BlockOp | None = None
+    # Per term, whether it is a checkpoint: the sum is then evaluated in the delta form
+    # relative to the first of them (see streamvec.kernel); empty: no term is.
+    points: tuple[bool, ...] = ()
     # Stored as FP8 with fresh scales of this layout (the float32 result is re-quantized
     # when written); None: stored as ``dtype``.
     requantize: Fp8Scheme | None = None
@@ -68,7 +71,7 @@ class LazyTensor:
 
     def astype(self, dtype: np.dtype) -> LazyTensor:
         """The same tensor rounded to another dtype (stored as that dtype, not re-quantized)."""
-        return LazyTensor(self.name, self.shape, np.dtype(dtype), self.terms, self.op)
+        return LazyTensor(self.name, self.shape, np.dtype(dtype), self.terms, self.op, self.points)
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` as a ``(r1 - r0, cols)`` array."""
@@ -93,8 +96,8 @@ class LazyTensor:
         if self.op is not None:
             return apply_op(self.op, self.name, operands, r0, r1, self.dtype)
         if kernel is not None:
-            return kernel(operands, self.dtype)
-        return combine_blocks(operands, self.dtype)
+            return kernel(operands, self.dtype, self.points)
+        return combine_blocks(operands, self.dtype, self.points)
 
     def compute(self) -> np.ndarray:
         """The whole tensor in memory (for small tensors and tests)."""
@@ -117,7 +120,7 @@ class LazyTensor:
         rows, _ = matrix_shape(self.shape)
         block_rows = block_rows or rows_per_block(self.shape)
         name = "streamvec-" + tokenize(
-            self.name, self.shape, str(self.dtype), self.terms, self.op, block_rows
+            self.name, self.shape, str(self.dtype), self.terms, self.op, self.points, block_rows
         )  # requantize is left out: to_dask gives the float32 values, not the stored bytes
         graph: dict[tuple[Any, ...], tuple[Any, ...]]
         if not self.shape:

@@ -210,6 +210,18 @@ def _huge_chunk(store: Path) -> None:
     edit_node(store, target_path(store), change)
 
 
+def _many_chunks(store: Path) -> None:
+    """A billion declared chunks and one file: refused at the first missing, not by a scan."""
+
+    def change(node: dict[str, Any]) -> None:
+        node["shape"] = [10**9, 6]
+        node["chunk_grid"]["configuration"]["chunk_shape"] = [1, 6]
+        node["attributes"].pop("block_xxh3_128", None)
+        node["attributes"]["empty_chunks"] = []
+
+    edit_node(store, target_path(store), change)
+
+
 def _digest_mismatch(store: Path) -> None:
     def change(node: dict[str, Any]) -> None:
         node["attributes"]["xxh3_128"] = "0" * 32
@@ -254,6 +266,7 @@ CORPUS: list[tuple[str, Callable[[Path], None], str, str, str]] = [
     ("shape-huge", _edit(_set("shape", [2**40, 2**40])), "exceeds", "tv", "open"),
     ("shape-negative", _edit(_set("shape", [-8, 6])), "non-negative", "tv", "open"),
     ("shape-not-list", _edit(_set("shape", "8x6")), "shape must be", "tv", "open"),
+    ("shape-billion-chunks", _many_chunks, "chunk c/1/0 is missing", "tv", "open"),
     ("chunk-declares-1GiB", _huge_chunk, "--memory-limit", "tv", "budget"),
     (
         "metadata-disagree",

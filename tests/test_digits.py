@@ -1,4 +1,4 @@
-"""Issue 9: the task-arithmetic papers' behaviours, reproduced on scikit-learn's digits.
+"""Issues 9 and 19: the task-arithmetic papers' behaviours, reproduced on scikit-learn's digits.
 
 Runs the experiment's quick mode (3 task vectors, 2 negation targets, one analogy per
 relation; about 20 s of CPU) once, in a temporary directory, and asserts the qualitative

@@ -312,12 +312,13 @@ def test_bad_matrices() -> None:
 
 @pytest.mark.parametrize("name", sorted(SPECTRA))
 def test_in_memory_variant_matches_the_streamed_one(name: str) -> None:
-    """Whole-matrix products: the streamed algorithm's result to float64 rounding."""
+    """Whole-matrix products: the streamed algorithm's result to float32 rounding (both run
+    their large products in float32, summed in another order)."""
     a = SPECTRA[name]
     streamed = randomized_svd(chunked(a), 20, power_iters=2, seed=3)
     held = randomized_svd_in_memory(a, 20, power_iters=2, seed=3)
     assert held.passes == streamed.passes == 6
-    np.testing.assert_allclose(held.S, streamed.S, rtol=1e-9)
+    np.testing.assert_allclose(held.S, streamed.S, rtol=1e-6)
     # Same sign convention: the vectors agree entry by entry (float32 storage).
     np.testing.assert_allclose(held.U, streamed.U, atol=1e-5)
     np.testing.assert_allclose(held.Vh, streamed.Vh, atol=1e-5)

@@ -100,7 +100,7 @@ def test_verify_reports_a_missing_checksum(store: Path) -> None:
     own = store / "a" / "zarr.json"
     node = json.loads(own.read_text())
     for k in keys:
-        node["attributes"].pop(k)
+        node["attributes"].pop(k, None)
     own.write_text(json.dumps(node))
     root = json.loads((store / "zarr.json").read_text())
     root["consolidated_metadata"]["metadata"]["a"] = node
@@ -168,3 +168,24 @@ def test_first_metadata_decode_in_many_threads(store: Path) -> None:
             [sys.executable, "-c", RACE, str(store)], capture_output=True, text=True, check=False
         )
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_opening_a_store_loads_zarr_before_any_worker(store: Path) -> None:
+    """The root of that race: a worker thread importing zarr for the first time could find
+    ``zarr.core.metadata.v3`` imported while another thread had not yet run ``zarr.codecs``
+    (which registers 'bytes'). Opening a store now loads zarr and resolves its codecs in the
+    opening thread, so no worker is the first to import or look up anything."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import streamvec as sv
+        assert "zarr" not in sys.modules
+        sv.open({str(store)!r})
+        assert "zarr.codecs" in sys.modules, "zarr not loaded when the store was opened"
+        from zarr.registry import get_codec_class
+        get_codec_class("bytes"); get_codec_class("blosc")
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

@@ -108,7 +108,13 @@ def test_svd_store_layout_and_near_optimal_residual(pair, tmp_path: Path) -> Non
     assert rc == 0
     root = store_json(out)["attributes"]["streamvec"]
     assert root["kind"] == "svd" and root["format"] == 1
-    assert (root["rank"], root["oversample"], root["power_iters"], root["seed"]) == (8, 10, 2, 3)
+    # power iterations chosen per matrix by default (each tensor's attrs say how many ran)
+    assert (root["rank"], root["oversample"], root["power_iters"], root["seed"]) == (
+        8,
+        10,
+        "auto",
+        3,
+    )
     assert root["skipped_nonfloat"] == ["position_ids"]
     info = read_svd_store(out)
     tau = pair["tau"]
@@ -128,7 +134,8 @@ def test_svd_store_layout_and_near_optimal_residual(pair, tmp_path: Path) -> Non
         assert (u.shape, s.shape, vh.shape) == ((m, k), (k,), (k, n))
         assert (u.dtype, s.dtype, vh.dtype) == (np.float32, np.float64, np.float32)
         attrs = e.attrs["svd"]
-        assert attrs["method"] == "randomized" and attrs["rank"] == k and attrs["passes"] == 6
+        assert attrs["method"] == "randomized" and attrs["rank"] == k
+        assert 1 <= attrs["power_iters"] and attrs["passes"] == 2 + 2 * attrs["power_iters"]
         assert attrs["read_once"] is True  # small enough to hold: read once, passes in memory
         assert attrs["block_rows"] == min(m, 8000 // (4 * n))  # --block-size: several blocks
         a = want.reshape(m, n).astype(np.float64)
@@ -351,7 +358,7 @@ def test_cli_parsers_registered() -> None:
     assert (args.rank, args.oversample, args.power_iters, args.seed, args.method) == (
         8,
         10,
-        2,
+        None,  # chosen per matrix from the residual
         0,
         "auto",
     )

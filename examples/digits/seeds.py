@@ -50,11 +50,12 @@ def main(
     description: str,
     run: Callable[[int, Path], dict[str, Any]],
     report: Callable[[Sequence[Mapping[str, Any]]], str],
+    figures: Callable[[Sequence[Mapping[str, Any]], Path], None] | None = None,
 ) -> int:
     """The command line every experiment shares: ``--out DIR --seeds 0-4``.
 
     Each seed runs into ``DIR/seed-S``; the tables over all seeds are printed and written to
-    ``DIR/summary.md`` (with ``DIR/summary.json``).
+    ``DIR/summary.md`` (with ``DIR/summary.json``); ``figures`` draws into ``DIR``.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -76,6 +77,8 @@ def main(
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(text)
     (args.out / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    if figures is not None:
+        figures(results, args.out)
     print(text)
     print(f"wrote {args.out / 'summary.md'}", file=sys.stderr)
     return 0

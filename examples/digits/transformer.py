@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -351,7 +351,7 @@ def write_heatmaps(all_results: Sequence[Mapping[str, Any]], path: Path) -> None
     first = all_results[0]
     alphas = first["config"]["alphas"]
     arms = list(first["arms"])
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.0 * len(arms), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(arms), figsize=(2.6 * len(arms) + 1.0, 2.8), squeeze=False)
     pair = first["config"]["tasks"][:2]
     for ax, arm in zip(axes[0], arms, strict=True):
         grid = np.mean([r["arms"][arm]["disentanglement"] for r in all_results], axis=0)
@@ -359,40 +359,30 @@ def write_heatmaps(all_results: Sequence[Mapping[str, Any]], path: Path) -> None
             grid,
             origin="lower",
             vmin=0,
-            vmax=1,
+            vmax=2,
             cmap="viridis",
             extent=(alphas[0], alphas[-1], alphas[0], alphas[-1]),
         )
         ax.set(title=f"{arm} (mean {grid.mean():.2f})", xlabel=f"alpha ({pair[1]})")
-        ax.set_ylabel(f"alpha ({pair[0]})")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="disentanglement error")
+    axes[0][0].set_ylabel(f"alpha ({pair[0]})")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="disentanglement error (0..2)")
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m examples.digits.transformer --out DIR [--seeds 0-4]``."""
-    holder: list[Path] = []
-
-    def report(all_results: Sequence[Mapping[str, Any]]) -> str:
-        if holder:
-            write_heatmaps(all_results, holder[0] / "disentanglement.png")
-        return format_summary(all_results)
-
-    def one(seed: int, out: Path) -> dict[str, Any]:
-        if not holder:
-            holder.append(out.parent)
-        return run(TransformerConfig(base=replace(Config(hidden=32), seed=seed)), out)
-
-    run_one: Callable[[int, Path], dict[str, Any]] = one
     return seeds.main(
         argv,
         prog="python -m examples.digits.transformer",
         description="A small ViT on the digits, fine-tuned full, attention-only, MLP-only "
         "(size-matched) and linearised: accuracy, addition, negation, weight disentanglement "
         "error heat maps, distance from the linear regime.",
-        run=run_one,
-        report=report,
+        run=lambda seed, out: run(
+            TransformerConfig(base=replace(Config(hidden=32), seed=seed)), out
+        ),
+        report=format_summary,
+        figures=lambda results, out: write_heatmaps(results, out / "disentanglement.png"),
     )
 
 

@@ -410,8 +410,11 @@ class SVDStoreWriter:
             "S": np.ascontiguousarray(s, dtype=np.float64),
             "Vh": np.ascontiguousarray(vh, dtype=np.float32),
         }
+        # overwrite: a resumed job rewrites a tensor whose group an interrupted run created
+        # but did not finish (it is not in the job's log of finished tensors).
         group = self._root.create_group(
             encode_array_path(name),
+            overwrite=True,
             attributes={
                 "name": name,
                 "shape": list(shape),
@@ -454,6 +457,7 @@ class SVDStoreWriter:
         chunks = _chunks(arr.shape, arr.dtype.itemsize)
         a = self._root.create_array(
             encode_array_path(name),
+            overwrite=True,  # as in write_factors: a resumed job redoes unfinished tensors
             shape=arr.shape,
             chunks=chunks,
             dtype=arr.dtype,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import math
 import os
@@ -58,6 +59,9 @@ BLOSC_HEADER = 16
 EMPTY_CHUNKS_ATTR = "empty_chunks"
 BLOCK_DIGESTS_ATTR = "block_xxh3_128"
 TENSOR_DIGEST_ATTR = "xxh3_128"
+# Missing chunks an array of a store written before empty chunks were recorded may have (each
+# is confirmed through the array's checksum); more is a damaged or hostile store.
+MAX_LEGACY_GAPS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,22 @@ class ArrayCheck:
     empty: frozenset[int] = frozenset()
     digests: tuple[bytes, ...] | None = field(default=None, repr=False)
     verify: bool = True
+    # False for stores written before streamvec recorded empty chunks.
+    empty_recorded: bool = True
+    # Such a store's array whose missing chunks are taken as skipped all-zero chunks, to be
+    # confirmed against its recorded (xxh3_128, checksum_block_rows) before it is used.
+    legacy_digest: tuple[str, int] | None = None
+
+    def missing(self, index: int) -> StoreError:
+        """The error for a chunk that is neither a file nor recorded as empty."""
+        if self.empty_recorded:
+            why = "the store does not record it as empty; the store is damaged: rewrite it"
+        else:
+            why = (
+                "this store predates the record of all-zero chunks, so a skipped chunk cannot "
+                "be told from a deleted one: write it again with this version of streamvec"
+            )
+        return StoreError(f"{self.where(index)} is missing ({why})")
 
     def chunk_key(self, index: int) -> str:
         """The chunk file of row-chunk ``index``, relative to the array folder."""
@@ -280,10 +300,7 @@ def open_chunk(check: ArrayCheck, index: int) -> int | None:
     except FileNotFoundError:
         if index in check.empty:
             return None
-        raise _fail(
-            f"{check.where(index)} is missing (the store does not record it as empty); the "
-            "store is damaged: rewrite it"
-        ) from None
+        raise check.missing(index) from None
 
 
 def _json(root: Path, rel: str) -> Any:
@@ -420,9 +437,19 @@ def _check_array(
         empty_set,
         digests,
         policy.verify,
+        empty is not None,
     )
-    _check_chunk_files(root, check)
-    return check
+    gaps = _check_chunk_files(root, check)
+    if not gaps:
+        return check
+    # A store written before empty chunks were recorded skipped all-zero chunks silently. Its
+    # gaps are read as zeros only if the whole array then matches its recorded checksum
+    # (checked once, on first read: streamvec.io.zarr_chunks), so a deleted chunk that held
+    # data is still an error and old stores stay readable.
+    recorded, block_rows = attrs.get(TENSOR_DIGEST_ATTR), attrs.get("checksum_block_rows")
+    if not isinstance(recorded, str) or not isinstance(block_rows, int) or block_rows < 1:
+        raise check.missing(min(gaps))
+    return dataclasses.replace(check, empty=frozenset(gaps), legacy_digest=(recorded, block_rows))
 
 
 def _block_digests(
@@ -452,16 +479,36 @@ def _block_digests(
     return digests
 
 
-def _check_chunk_files(root: Path, check: ArrayCheck) -> None:
-    """Every chunk is a file or recorded empty; nothing else lies among them."""
+def _chunk_index(check: ArrayCheck, rel: str) -> int | None:
+    """The row-chunk index of a chunk file path (``c/3/0/0``), or None if it is not one."""
+    parts = rel.split("/")
+    tail = ["0"] * (len(check.shape) - 1)
+    if len(parts) != len(check.shape) + 1 or parts[0] != "c" or parts[2:] != tail:
+        return None
+    index = parts[1]
+    if not index.isdigit() or (index != "0" and index.startswith("0")):
+        return None
+    i = int(index)
+    return i if i < check.n_chunks else None
+
+
+def _check_chunk_files(root: Path, check: ArrayCheck) -> set[int]:
+    """Every chunk is a file or recorded empty; nothing else lies among them.
+
+    Work is bounded by the files present, not by the declared grid: a huge declared shape
+    with few files is refused at its first missing chunk.
+
+    Returns:
+        The missing chunks of an array from a store that predates the record of empty
+        chunks (at most ``MAX_LEGACY_GAPS``), for the caller to confirm; else nothing.
+    """
     where = check.where()
-    expected = {check.chunk_key(i): i for i in range(check.n_chunks)}
-    found: set[str] = set()
+    found: set[int] = set()
     base = root / check.array_path
     if not check.shape:
         if os.path.lexists(base / "c"):
             os.close(_open_inside(root, f"{check.array_path}/c"))
-            found.add("c")
+            found.add(0)
     elif os.path.lexists(base / "c"):
         os.close(_open_inside(root, f"{check.array_path}/c", directory=True))
         for dirpath, dirnames, filenames in os.walk(base / "c", followlinks=False):
@@ -471,7 +518,8 @@ def _check_chunk_files(root: Path, check: ArrayCheck) -> None:
                     raise _fail(f"{where}: {rel_dir}/{d} is a symlink; copy the data in its place")
             for name in filenames:
                 rel = f"{rel_dir}/{name}"
-                if rel not in expected:
+                index = _chunk_index(check, rel)
+                if index is None:
                     raise _fail(
                         f"{where}: unexpected file {rel} among its chunks (the chunk grid has "
                         f"{check.n_chunks}); remove it or rewrite the store"
@@ -480,13 +528,17 @@ def _check_chunk_files(root: Path, check: ArrayCheck) -> None:
                 if not stat.S_ISREG(st.st_mode):
                     kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
                     raise _fail(f"{where}: chunk {rel} is {kind}; a store holds only regular files")
-                found.add(rel)
-    for key, i in expected.items():
-        if key not in found and i not in check.empty:
-            raise _fail(
-                f"{check.where(i)} is missing (the store does not record it as empty); the "
-                "store is damaged: rewrite it"
-            )
+                found.add(index)
+    if len(found | check.empty) == check.n_chunks:
+        return set()
+    if not check.empty_recorded and check.n_chunks - len(found) <= MAX_LEGACY_GAPS:
+        return set(range(check.n_chunks)) - found
+    # Some chunk is neither a file nor recorded empty: name the first (found within
+    # len(found) + len(empty) + 1 steps, whatever the declared grid).
+    i = 0
+    while i in found or i in check.empty:
+        i += 1
+    raise check.missing(i)
 
 
 def _label(node: dict[str, Any], path: str) -> str:

@@ -47,6 +47,7 @@ class SVDResult:
         frob_norm: ``||A||_F`` in float64, accumulated during a pass over ``A``.
         residual: relative Frobenius residual ``||A - U S Vh||_F / ||A||_F`` (0 when A == 0).
         passes: number of passes over ``A`` (``dask.compute`` calls) the result cost.
+        power_iters: subspace iterations used (chosen by :func:`converged` when not forced).
     """
 
     U: np.ndarray
@@ -55,6 +56,47 @@ class SVDResult:
     frob_norm: float
     residual: float
     passes: int
+    power_iters: int = 0
+
+
+# Automatic power iterations: stop when the next iteration is predicted to improve the
+# residual by less than this fraction, and never run more than MAX_POWER_ITERS.
+POWER_TOL = 0.005
+MAX_POWER_ITERS = 6
+
+
+def converged(previous: float, current: float, ritz: np.ndarray, rank: int) -> bool:
+    """Whether another subspace iteration is not worth its two passes.
+
+    Subspace iteration shrinks the excess residual geometrically, by about
+    ``rho = (sigma_{l+1} / sigma_k)^2`` per iteration (HMT Sec. 4.5, Thm. 9.2), estimated from
+    the Ritz values of the sketch (``ritz[l-1] / ritz[k-1]``). With ``d`` the improvement
+    the last iteration brought, what is left is about ``rho / (1 - rho) * d``: stop when that
+    is under :data:`POWER_TOL` of the residual (or the last step gained less than that).
+
+    Args:
+        previous: the relative residual before the last iteration.
+        current: the relative residual after it.
+        ritz: the singular values of ``B = Q^T A`` (``l`` of them, descending).
+        rank: the kept rank ``k``.
+
+    Returns:
+        True to stop iterating.
+    """
+    if current <= 0.0:
+        return True
+    gain = max(previous - current, 0.0) / current
+    if gain < POWER_TOL:
+        return True
+    top, tail = float(ritz[rank - 1]), float(ritz[-1])
+    rho = (tail / top) ** 2 if top > 0 else 1.0
+    return rho < 1.0 and rho / (1.0 - rho) * gain < POWER_TOL
+
+
+def _relative_residual(sq_norm: float, s: np.ndarray) -> float:
+    if sq_norm <= 0:
+        return 0.0
+    return float(np.sqrt(max(0.0, sq_norm - float(np.sum(s**2))) / sq_norm))
 
 
 def sketch_width(rank: int, oversample: int, m: int, n: int) -> int:
@@ -79,7 +121,7 @@ def randomized_svd(
     rank: int,
     *,
     oversample: int = 10,
-    power_iters: int = 2,
+    power_iters: int | None = None,
     seed: int = 0,
     compute_kwargs: Mapping[str, Any] | None = None,
 ) -> SVDResult:
@@ -89,12 +131,18 @@ def randomized_svd(
     iteration, i.e. power iteration with re-orthonormalisation after *every* product with
     ``A`` or ``A^T``) and Algorithm 5.1 (SVD of ``B = Q^T A``):
 
-    1. ``Omega ~ N(0, 1)^(n x l)``; ``Y = A @ Omega``; ``Q = qr(Y)``.        (1 pass)
-    2. ``power_iters`` times: ``Z = qr(A^T Q)``; ``Q = qr(A @ Z)``.          (2 passes each)
-    3. ``B = Q^T A`` together with ``||A||_F^2``; ``B = Ub S Vh``; ``U = Q Ub``. (1 pass)
+    1. ``Omega ~ N(0, 1)^(n x l)``; ``Y = A @ Omega`` and ``||A||_F^2``; ``Q = qr(Y)``. (1 pass)
+    2. ``B^T = A^T Q`` (1 pass), which gives the residual of the current ``Q``; then, while
+       iterating: ``Z = qr(B^T)``; ``Q = qr(A @ Z)`` (1 pass) and back to 2.
+    3. ``B = Ub S Vh``; ``U = Q Ub``.
 
-    so ``A`` is read exactly ``2 + 2 * power_iters`` times. Each pass is one
+    so ``A`` is read exactly ``2 + 2 * q`` times for ``q`` iterations. Each pass is one
     ``dask.compute`` over per-row-block tasks, so only a few blocks are in memory at once.
+
+    The large products run in float32 (float64 for a float64 ``A``), the precision the
+    matrix is stored in; the test matrix, QR factors, ``B``'s SVD and norms are float64.
+    That keeps the residual at the float64 algorithm's to ~6 digits at a fraction of the
+    time (block products are bound by BLAS throughput, twice as high in float32).
 
     ``Omega`` is drawn from ``np.random.default_rng(seed)`` as one ``(n, l)`` float64 array,
     so the result does not depend on the chunking of ``A`` or on the scheduler. All small
@@ -108,12 +156,13 @@ def randomized_svd(
         oversample: extra probe vectors ``p >= 0``; the sketch has ``min(k + p, m, n)``.
         power_iters: number of subspace iterations ``q >= 0``. Each sharpens the spectral
             decay seen by the sketch from ``sigma_j`` to ``sigma_j^(2q+1)`` at 2 passes.
+            None: at least one, then until :func:`converged` says the next would not pay.
         seed: seed of the Gaussian test matrix.
         compute_kwargs: keyword arguments for every ``dask.compute`` call, e.g.
             ``{"scheduler": "threads", "num_workers": 4}``.
 
     Returns:
-        An :class:`SVDResult` with ``k`` triplets; ``passes == 2 + 2 * power_iters``.
+        An :class:`SVDResult` with ``k`` triplets; ``passes == 2 + 2 * q``.
 
     Raises:
         StreamvecError: ``A`` is not a 2-D real dask array, ``rank`` is out of range,
@@ -127,7 +176,8 @@ def randomized_svd(
     m, n = _check_matrix_shape(A.shape, A.dtype)
     _check_rank(rank, m, n)
     _check_count(oversample, "oversample")
-    _check_count(power_iters, "power_iters")
+    if power_iters is not None:
+        _check_count(power_iters, "power_iters")
     kwargs = dict(compute_kwargs or {})
     width = sketch_width(rank, oversample, m, n)
 
@@ -148,48 +198,62 @@ def randomized_svd(
     # The whole (n, l) test matrix from one generator: independent of chunks and scheduler.
     omega = np.random.default_rng(seed).standard_normal((n, width))  # (n, l)
 
-    y_blocks = run_pass(_blockwise(_times, blocks, dask.delayed(omega)))  # [(m_i, l)]
-    if not all(np.isfinite(y).all() for y in y_blocks):
+    first = run_pass(_blockwise(_times_norm, blocks, dask.delayed(omega)))  # [(m_i, l), .]
+    y_blocks = [y for y, _ in first]
+    sq_norm = 0.0
+    for _, sq in first:
+        sq_norm += sq  # in block order: the same bits whatever the scheduler
+    if not np.isfinite(sq_norm) or not all(np.isfinite(y).all() for y in y_blocks):
         raise StreamvecError("randomized_svd: A contains NaN or infinite values")
     q_blocks = _tsqr(y_blocks)  # [(m_i, l)]
-
-    for _ in range(power_iters):
+    iters, previous = 0, np.inf
+    while True:
+        # B^T = A^T Q: the projection of A on the sketch (its SVD gives the factors) and the
+        # next power iteration's first half, from one pass.
+        (bt,) = run_pass([_tree_sum(_blockwise(_t_times, blocks, q_blocks), _add)])  # (n, l)
+        ub, s, vh = np.linalg.svd(bt.T, full_matrices=False)  # (l, l), (l,), (l, n)
+        current = _relative_residual(sq_norm, s[:rank])
+        if power_iters is not None:
+            if iters == power_iters:
+                break
+        elif iters >= MAX_POWER_ITERS or (iters > 0 and converged(previous, current, s, rank)):
+            break
         # Re-orthonormalise after each product: the unprotected (A A^T)^q A Omega pushes
         # every direction below sigma_1 * eps^(1/(2q+1)) into rounding noise (HMT Sec. 4.5).
-        (z,) = run_pass([_tree_sum(_blockwise(_t_times, blocks, q_blocks), _add)])  # (n, l)
-        z, _ = np.linalg.qr(z)  # (n, l): output-sized like Vh, so a plain in-memory QR
-        y_blocks = run_pass(_blockwise(_times, blocks, dask.delayed(z)))  # [(m_i, l)]
+        z, _ = np.linalg.qr(bt)  # (n, l): output-sized like Vh, so a plain in-memory QR
+        y_blocks = list(run_pass(_blockwise(_times, blocks, dask.delayed(z))))  # [(m_i, l)]
         q_blocks = _tsqr(y_blocks)
-
-    # Last pass: B = Q^T A and ||A||_F^2 from the same block read (saves a pass).
-    ((b, sq_norm),) = run_pass([_tree_sum(_blockwise(_project, blocks, q_blocks), _add_pair)])
-    if not np.isfinite(sq_norm):
-        raise StreamvecError("randomized_svd: A contains NaN or infinite values")
-    ub, s, vh = np.linalg.svd(b, full_matrices=False)  # (l, l), (l,), (l, n)
+        iters, previous = iters + 1, current
     u = np.concatenate([q @ ub[:, :rank] for q in q_blocks], axis=0)  # (m, k)
-    return _finish(u, s[:rank], vh[:rank], sq_norm, passes)
+    return _finish(u, s[:rank], vh[:rank], sq_norm, passes, iters)
 
 
 def randomized_svd_in_memory(
-    a: np.ndarray, rank: int, *, oversample: int = 10, power_iters: int = 2, seed: int = 0
+    a: np.ndarray,
+    rank: int,
+    *,
+    oversample: int = 10,
+    power_iters: int | None = None,
+    seed: int = 0,
 ) -> SVDResult:
     """:func:`randomized_svd` of a matrix already in memory: whole-matrix BLAS products.
 
-    The same algorithm, test matrix and conventions as :func:`randomized_svd`, but each
-    product is one BLAS call over the whole matrix (all cores) and each QR one LAPACK call,
-    instead of a Dask pass of per-block tasks. The factors agree with the streamed ones to
-    float64 rounding (the sums are ordered differently), not bit for bit; the same input,
-    seed and machine give the same output.
+    The same algorithm, test matrix, precisions and conventions as :func:`randomized_svd`,
+    but each product is one BLAS call over the whole matrix (all cores) and each QR one
+    LAPACK call, instead of a Dask pass of per-block tasks. The factors agree with the
+    streamed ones to float32 rounding (the sums are ordered differently), not bit for bit;
+    the same input, seed and machine give the same output.
 
     Args:
-        a: (m, n) real array (upcast to float64 once).
+        a: (m, n) real array (float32 unless it is float64; no float64 copy is made).
         rank: target rank ``k``, ``1 <= k <= min(m, n)``.
         oversample: extra probe vectors ``p >= 0``.
-        power_iters: subspace iterations ``q >= 0``.
+        power_iters: subspace iterations ``q >= 0``; None: chosen as in
+            :func:`randomized_svd`.
         seed: seed of the Gaussian test matrix.
 
     Returns:
-        An :class:`SVDResult`; ``passes == 2 + 2 * power_iters`` (over the matrix in memory).
+        An :class:`SVDResult`; ``passes == 2 + 2 * q`` (over the matrix in memory).
 
     Raises:
         StreamvecError: as :func:`randomized_svd`.
@@ -198,20 +262,30 @@ def randomized_svd_in_memory(
     m, n = _check_matrix_shape(a.shape, a.dtype)
     _check_rank(rank, m, n)
     _check_count(oversample, "oversample")
-    _check_count(power_iters, "power_iters")
-    a64 = a.astype(np.float64, copy=False)  # (m, n)
-    sq_norm = sum_of_squares(a64)
+    if power_iters is not None:
+        _check_count(power_iters, "power_iters")
+    aw = _work(a)  # (m, n)
+    sq_norm = sum_of_squares(aw)
     if not np.isfinite(sq_norm):
         raise StreamvecError("randomized_svd: A contains NaN or infinite values")
     width = sketch_width(rank, oversample, m, n)
     omega = np.random.default_rng(seed).standard_normal((n, width))  # as randomized_svd
-    q, _ = np.linalg.qr(a64 @ omega)  # (m, l)
-    for _ in range(power_iters):
-        z, _ = np.linalg.qr(a64.T @ q)  # (n, l)
-        q, _ = np.linalg.qr(a64 @ z)  # (m, l)
-    ub, s, vh = np.linalg.svd(q.T @ a64, full_matrices=False)  # B = Q^T A: (l, n)
+    q, _ = np.linalg.qr(_product(aw, omega))  # (m, l)
+    iters, previous = 0, np.inf
+    while True:
+        bt = _product(aw.T, q)  # (n, l) = B^T
+        ub, s, vh = np.linalg.svd(bt.T, full_matrices=False)
+        current = _relative_residual(sq_norm, s[:rank])
+        if power_iters is not None:
+            if iters == power_iters:
+                break
+        elif iters >= MAX_POWER_ITERS or (iters > 0 and converged(previous, current, s, rank)):
+            break
+        z, _ = np.linalg.qr(bt)  # (n, l)
+        q, _ = np.linalg.qr(_product(aw, z))  # (m, l)
+        iters, previous = iters + 1, current
     u = q @ ub[:, :rank]  # (m, k)
-    return _finish(u, s[:rank], vh[:rank], sq_norm, 2 + 2 * power_iters)
+    return _finish(u, s[:rank], vh[:rank], sq_norm, 2 + 2 * iters, iters)
 
 
 def exact_svd(a: np.ndarray, rank: int) -> SVDResult:
@@ -244,18 +318,19 @@ def exact_svd(a: np.ndarray, rank: int) -> SVDResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def sum_of_squares(a: np.ndarray, chunk_elements: int = 1 << 20) -> float:
+def sum_of_squares(a: np.ndarray, chunk_elements: int = 1 << 16) -> float:
     """``||a||_F^2`` in float64, the same bits whatever BLAS threading is in effect.
 
     ``np.vdot`` of a large array is a threaded BLAS ``ddot`` whose partial sums depend on
     the thread count, so the reported norm and residual changed between a process with
     BLAS limited to one thread and one without. numpy's own (pairwise) sums over fixed row
-    chunks, added in order, do not.
+    chunks, added in order, do not. Chunks are small (512 KiB in float64) because each is
+    upcast on its own: a float32 block never gets a whole float64 copy.
     """
-    flat = np.asarray(a, dtype=np.float64).reshape(-1)
+    flat = np.asarray(a).reshape(-1)  # float64 chunk by chunk: no whole float64 copy
     total = 0.0
     for start in range(0, flat.size, chunk_elements):
-        part = flat[start : start + chunk_elements]
+        part = flat[start : start + chunk_elements].astype(np.float64)
         total += float(np.sum(part * part))
     return total
 
@@ -302,30 +377,32 @@ def _tree_sum(parts: list[Delayed], combine: Callable[[Any, Any], Any]) -> Delay
     return level[0]
 
 
-def _as_f64(block: Any) -> np.ndarray:
-    # Upcast inside the block product: bf16/f16/f32 storage, float64 arithmetic.
-    return np.asarray(block).astype(np.float64, copy=False)
+def _work(block: Any) -> np.ndarray:
+    """A block in its working precision: float32, or float64 when stored as float64."""
+    a = np.asarray(block)
+    return a.astype(np.float64 if a.dtype == np.float64 else np.float32, copy=False)
+
+
+def _product(a: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``a @ right`` in ``a``'s working precision, returned as float64 for the QR."""
+    return (a @ right.astype(a.dtype, copy=False)).astype(np.float64)
 
 
 def _times(block: Any, right: np.ndarray) -> np.ndarray:
-    return _as_f64(block) @ right  # (m_i, n) @ (n, l) -> (m_i, l)
+    return _product(_work(block), right)  # (m_i, n) @ (n, l) -> (m_i, l)
+
+
+def _times_norm(block: Any, right: np.ndarray) -> tuple[np.ndarray, float]:
+    a_i = _work(block)  # (m_i, n)
+    return _product(a_i, right), sum_of_squares(a_i)  # (m_i, l), ||A_i||_F^2
 
 
 def _t_times(block: Any, q_i: np.ndarray) -> np.ndarray:
-    return _as_f64(block).T @ q_i  # (n, m_i) @ (m_i, l) -> (n, l)
-
-
-def _project(block: Any, q_i: np.ndarray) -> tuple[np.ndarray, float]:
-    a_i = _as_f64(block)  # (m_i, n)
-    return q_i.T @ a_i, sum_of_squares(a_i)  # (l, n), ||A_i||_F^2
+    return _product(_work(block).T, q_i)  # (n, m_i) @ (m_i, l) -> (n, l)
 
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + b
-
-
-def _add_pair(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
-    return a[0] + b[0], a[1] + b[1]
 
 
 def _tsqr(blocks: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -372,7 +449,14 @@ def _fix_signs(u: np.ndarray, vh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u * signs, vh * signs[:, None]
 
 
-def _finish(u: np.ndarray, s: np.ndarray, vh: np.ndarray, sq_norm: float, passes: int) -> SVDResult:
+def _finish(
+    u: np.ndarray,
+    s: np.ndarray,
+    vh: np.ndarray,
+    sq_norm: float,
+    passes: int,
+    power_iters: int = 0,
+) -> SVDResult:
     u, vh = _fix_signs(u, vh)
     # Why sqrt(||A||^2 - sum S^2) is the exact residual: U S Vh = Q B_k with B = Q^T A and
     # B_k its best rank-k part, so A - U S Vh = (I - Q Q^T) A + Q (B - B_k). The two terms
@@ -380,9 +464,7 @@ def _finish(u: np.ndarray, s: np.ndarray, vh: np.ndarray, sq_norm: float, passes
     # ||Q Q^T A|| = ||B||: ||A - U S Vh||^2 = ||A||^2 - ||B||^2 + ||B||^2 - sum S_k^2. (For
     # exact_svd, Q = I.) It holds for the float64 factors; casting U, Vh to float32 adds
     # ~1e-7 relative, and the subtraction cancels to ~1e-8 when the residual is tiny.
-    residual = 0.0
-    if sq_norm > 0:
-        residual = float(np.sqrt(max(0.0, sq_norm - float(np.sum(s**2))) / sq_norm))
+    residual = _relative_residual(sq_norm, s)
     return SVDResult(
         U=u.astype(np.float32),
         S=np.asarray(s, dtype=np.float64),
@@ -390,4 +472,5 @@ def _finish(u: np.ndarray, s: np.ndarray, vh: np.ndarray, sq_norm: float, passes
         frob_norm=float(np.sqrt(sq_norm)),
         residual=residual,
         passes=passes,
+        power_iters=power_iters,
     )

@@ -9,11 +9,12 @@ always read *once*, block by block, straight into device memory, and every pass 
   while the previous ones are sent to the GPU and combined there (the same arithmetic and
   rounding as the CPU kernel, :class:`streamvec.torch_kernel.TorchKernel`), so reading,
   transfers and compute overlap;
-* the algorithm is the CPU path's, in float64: the same Gaussian test matrix (drawn by
-  numpy from the same seed), Halko-Martinsson-Tropp randomized subspace iteration with a
-  QR after every product, then the SVD of ``B = Q^T A``; or LAPACK-style exact SVD
-  (``torch.linalg.svd``) when the plan says ``exact``. Results match the CPU path to
-  float64 rounding (tested), not bit for bit.
+* the algorithm is the CPU path's: the same Gaussian test matrix (drawn by numpy from the
+  same seed), Halko-Martinsson-Tropp randomized subspace iteration with a QR after every
+  product, large products in float32 and small factors in float64, the same rule for the
+  number of iterations, then the SVD of ``B = Q^T A``; or LAPACK-style exact SVD
+  (``torch.linalg.svd``, float64) when the plan says ``exact``. Results match the CPU path
+  to float32 rounding (tested), not bit for bit.
 
 Host memory stays what the plan allows for ``workers`` blocks; device memory is checked
 before anything is read, with a clear error when the matrix does not fit.
@@ -31,7 +32,14 @@ import torch
 from streamvec.devices import torch_kernel
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.linalg.rsvd import SVDResult, _finish, sketch_width
+from streamvec.linalg.rsvd import (
+    MAX_POWER_ITERS,
+    SVDResult,
+    _finish,
+    _relative_residual,
+    converged,
+    sketch_width,
+)
 from streamvec.tensor import LazyTensor, row_ranges
 from streamvec.torch_kernel import TorchKernel
 from streamvec.units import format_bytes
@@ -56,7 +64,7 @@ def factor_on_device(
     *,
     method: str,
     oversample: int,
-    power_iters: int,
+    power_iters: int | None,
     seed: int,
     block_rows: int,
     workers: int,
@@ -86,40 +94,68 @@ def factor_on_device(
     kernel = torch_kernel(device)  # the engine's, with its staging buffers and streams
     dev = kernel.device
     _check_device_memory(t, m, n, width, method, dev)
-    a = _load(t, m, n, block_rows, workers, kernel)  # (m, n) float64 on the device
-    sq_norm = float(torch.sum(a * a))
+    # The randomized method's products run in float32 (float64 for a float64 tensor).
+    wide = method == "exact" or np.dtype(t.dtype) == np.float64
+    dtype = torch.float64 if wide else torch.float32
+    a = _load(t, m, n, block_rows, workers, kernel, dtype)  # (m, n) on the device
+    sq_norm = 0.0
+    for r0, r1 in row_ranges(m, block_rows):
+        rows = a[r0:r1].to(torch.float64)
+        sq_norm += float(torch.sum(rows * rows))
     if not np.isfinite(sq_norm):
         raise StreamvecError(f"tensor {t.name!r}: NaN or infinite values; cannot factor it")
+    iters = 0
     if method == "exact":
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     else:
-        u, s, vh = _randomized(a, rank, width, power_iters, seed)
-    return _finish(u.cpu().numpy(), s.cpu().numpy(), vh.cpu().numpy(), sq_norm, passes=1)
+        u, s, vh, iters = _randomized(a, rank, width, power_iters, seed, sq_norm)
+    return _finish(
+        u.cpu().numpy(), s.cpu().numpy(), vh.cpu().numpy(), sq_norm, passes=1, power_iters=iters
+    )
 
 
 def _randomized(
-    a: torch.Tensor, rank: int, width: int, power_iters: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HMT Algorithms 4.4 + 5.1 on a device-resident float64 matrix (see rsvd.py)."""
+    a: torch.Tensor, rank: int, width: int, power_iters: int | None, seed: int, sq_norm: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """HMT Algorithms 4.4 + 5.1 on a device-resident matrix (see rsvd.py)."""
     n = a.shape[1]
     omega = np.random.default_rng(seed).standard_normal((n, width))  # the CPU path's draw
-    q, _ = torch.linalg.qr(a @ torch.from_numpy(omega).to(a.device))  # (m, l)
-    for _ in range(power_iters):
-        z, _ = torch.linalg.qr(a.T @ q)  # (n, l)
-        q, _ = torch.linalg.qr(a @ z)  # (m, l)
-    b = q.T @ a  # (l, n)
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    return q @ ub[:, :rank], s[:rank], vh[:rank]
+
+    def product(x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return (x @ right.to(x.dtype)).to(torch.float64)
+
+    q, _ = torch.linalg.qr(product(a, torch.from_numpy(omega).to(a.device)))  # (m, l)
+    iters, previous = 0, np.inf
+    while True:
+        bt = product(a.T, q)  # (n, l) = B^T
+        ub, s, vh = torch.linalg.svd(bt.T, full_matrices=False)
+        ritz = s.cpu().numpy()
+        current = _relative_residual(sq_norm, ritz[:rank])
+        if power_iters is not None:
+            if iters == power_iters:
+                break
+        elif iters >= MAX_POWER_ITERS or (iters > 0 and converged(previous, current, ritz, rank)):
+            break
+        z, _ = torch.linalg.qr(bt)  # (n, l)
+        q, _ = torch.linalg.qr(product(a, z))  # (m, l)
+        iters, previous = iters + 1, current
+    return q @ ub[:, :rank], s[:rank], vh[:rank], iters
 
 
 def _load(
-    t: LazyTensor, m: int, n: int, block_rows: int, workers: int, kernel: TorchKernel
+    t: LazyTensor,
+    m: int,
+    n: int,
+    block_rows: int,
+    workers: int,
+    kernel: TorchKernel,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """The whole matrix in float64 on the kernel's device: read by a thread pool, combined
+    """The whole matrix in ``dtype`` on the kernel's device: read by a thread pool, combined
     on the device."""
     dev = kernel.device
-    a = torch.empty((m, n), dtype=torch.float64, device=dev)
+    a = torch.empty((m, n), dtype=dtype, device=dev)
     pending: deque[tuple[int, int, Future[Any]]] = deque()
     ranges = iter(row_ranges(m, block_rows))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -136,8 +172,8 @@ def _load(
             r0, r1, future = pending.popleft()
             operands = [(c, x.reshape(r1 - r0, n)) for c, x in future.result()]
             with kernel.stream():
-                rows = kernel.on_device(operands, t.dtype).reshape(r1 - r0, n)
-                a[r0:r1].copy_(rows.to(torch.float64))
+                rows = kernel.on_device(operands, t.dtype, t.points).reshape(r1 - r0, n)
+                a[r0:r1].copy_(rows.to(dtype))
                 if dev.type == "cuda":
                     torch.cuda.current_stream(dev).synchronize()  # staging buffers are reused
     return a

@@ -393,4 +393,12 @@ def _linear(
             base_share += -1.0 * w
         terms.append(((1.0 * w) * plan.lam, r))
     base_coef = 1.0 + base_share * plan.lam
-    return LazyTensor(name, shape, dtype, ((base_coef, readers[0]), *terms))
+    # Checkpoint terms are evaluated as differences from the base (the kernel's delta form).
+    points = (True, *(not d for d in deltas))
+    return LazyTensor(
+        name,
+        shape,
+        dtype,
+        ((base_coef, readers[0]), *terms),
+        points=points if sum(points) > 1 else (),
+    )

@@ -107,14 +107,15 @@ class SVDOptions:
     Attributes:
         rank: target rank ``K``; a matrix keeps ``min(K, m, n)`` triplets.
         oversample: extra random probes ``p`` of the randomized method.
-        power_iters: subspace iterations ``q`` of the randomized method (2 passes each).
+        power_iters: subspace iterations ``q`` of the randomized method (2 passes each);
+            None: chosen per matrix from the residual (:func:`streamvec.linalg.converged`).
         seed: base seed; each tensor's test matrix is seeded from ``(seed, name)``.
         method: ``auto`` (per matrix, see :func:`plan_svd`), ``exact`` or ``randomized``.
     """
 
     rank: int
     oversample: int = 10
-    power_iters: int = 2
+    power_iters: int | None = None
     seed: int = 0
     method: str = "auto"
 
@@ -122,7 +123,7 @@ class SVDOptions:
         for label, value, low in (
             ("--rank", self.rank, 1),
             ("--oversample", self.oversample, 0),
-            ("--power-iters", self.power_iters, 0),
+            ("--power-iters", 0 if self.power_iters is None else self.power_iters, 0),
             ("--seed", self.seed, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
@@ -137,7 +138,7 @@ class SVDOptions:
         return {
             "rank": int(self.rank),
             "oversample": int(self.oversample),
-            "power_iters": int(self.power_iters),
+            "power_iters": "auto" if self.power_iters is None else int(self.power_iters),
             "seed": int(self.seed),
             "method": self.method,
         }
@@ -268,6 +269,11 @@ def _read_bytes_per_element(t: LazyTensor) -> int:
     return out + (acc if acc != out else 0)
 
 
+def _work_bytes(t: LazyTensor) -> int:
+    """Bytes per element of a block in the products' precision (float32, or float64)."""
+    return 8 if np.dtype(t.dtype) == np.float64 else 4
+
+
 def plan_svd(
     t: LazyTensor,
     rank: int,
@@ -286,7 +292,7 @@ def plan_svd(
     * randomized: the ``l = k + oversample`` wide factors (``Y``, ``Q`` and TSQR's blocks of
       m rows; the test matrix, ``Z``, its QR, ``B`` and ``B``'s SVD of n columns:
       ``8 l (3 m + 5 n)``, plus ``U``) and, per row of a block, the row as read and its
-      float64 upcast; dask may hold up to two blocks per worker (one being read while the
+      float32 upcast; dask may hold up to two blocks per worker (one being read while the
       previous one's product finishes).
 
     Time: see the constants of this module. ``auto`` picks the faster method that fits;
@@ -319,10 +325,11 @@ def plan_svd(
 
     width = sketch_width(k, options.oversample, m, n)
     fixed = 8 * width * (3 * m + 5 * n) + 8 * m * k
-    per_row = 2 * workers * n * (el + 8)
+    per_row = 2 * workers * n * (el + _work_bytes(t))
     fit = (budget - fixed) // per_row if budget > fixed else 0
     block_rows = max(1, min(rows_per_block(t.shape, block_bytes), fit, m))
-    passes = 2 + 2 * options.power_iters
+    # auto: usually one or two iterations; the estimate assumes two
+    passes = 2 + 2 * (2 if options.power_iters is None else options.power_iters)
     blocks = math.ceil(m / block_rows)
     randomized_bytes = fixed + per_row * block_rows
     randomized_s = passes * (
@@ -508,7 +515,7 @@ class Factorizer:
         return result, plan
 
     def _can_hold(self, t: LazyTensor, plan: SVDPlan) -> bool:
-        """Whether the matrix as read and in float64, next to the method's own memory, fits.
+        """Whether the matrix as read (and in float32), next to the method's own memory, fits.
 
         Held and streamed factors differ in the last float64 bits (sums in another order), so
         the choice must not depend on what this process happens to hold: it is made against
@@ -516,7 +523,9 @@ class Factorizer:
         back to streaming when the process's own memory leaves less than that.
         """
         m, n = matrix_shape(t.shape)
-        need = m * n * (_read_bytes_per_element(t) + 8) + plan.randomized_bytes
+        need = m * n * _read_bytes_per_element(t) + plan.randomized_bytes
+        if np.dtype(t.dtype) not in (np.float32, np.float64):
+            need += m * n * 4  # the float32 copy the products run on
         return need <= min((self.limit - RUNTIME_OVERHEAD) // 2, self.budget)
 
     def _factor_on_device(self, t: LazyTensor, plan: SVDPlan, seed: int) -> SVDResult:
@@ -863,7 +872,7 @@ def svd_attrs(result: SVDResult, plan: SVDPlan, options: SVDOptions, seed: int) 
         "rank": int(result.S.shape[0]),
         "requested_rank": int(options.rank),
         "oversample": int(options.oversample),
-        "power_iters": int(options.power_iters) if plan.method == "randomized" else 0,
+        "power_iters": int(result.power_iters) if plan.method == "randomized" else 0,
         "seed": int(seed),
         "method": plan.method,
         "residual": float(result.residual),

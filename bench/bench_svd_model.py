@@ -1,0 +1,122 @@
+"""A whole-model ``streamvec svd`` against a plain ``torch.svd_lowrank`` loop, same store.
+
+Builds (or reuses, in ``--workdir``) a synthetic bf16 base and a fine-tune of ``--params``
+parameters and their task-vector store (``streamvec diff``), then, in interleaved rounds:
+
+* ``streamvec svd``: :func:`streamvec.ops.svd.svd` on the store, rank K (default options:
+  power iterations chosen per matrix), written to a fresh SVD store;
+* ``torch loop``: the 15-line script a user would write: for each 2-D array of the store,
+  ``torch.svd_lowrank(torch.from_numpy(zarr_array[...]), q=K + 10, niter=Q)`` (Q = 1 and 2),
+  factors kept in memory, nothing written.
+
+Each run reports its wall time and peak anonymous memory (``PeakSampler``, sampled every
+10 ms, minus the process before the run), and the mean relative residual over the matrices.
+
+    PYTHONPATH=. python bench/bench_svd_model.py [--params 0.1B] [--rank 16] [--rounds 3]
+        [--workdir /tmp/bsvdm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def ensure_store(workdir: Path, params: str) -> Path:
+    from streamvec import synth
+    from streamvec.ops.task_vector import task_vector
+
+    store = workdir / f"tau-{params}.zarr"
+    if store.exists():
+        return store
+    base, ft = workdir / f"base-{params}", workdir / f"ft-{params}"
+    synth.build_checkpoint(base, params=params, dtype="bfloat16")
+    synth.build_finetune(base, ft, seed=1)
+    task_vector(base, ft).save(store, progress=False)
+    return store
+
+
+def torch_loop(store: Path, rank: int, niter: int) -> list[float]:
+    import torch
+    import zarr
+
+    from streamvec.io.zarr_store import read_store
+
+    residuals = []
+    for info in read_store(store).arrays.values():
+        if len(info.shape) != 2:
+            continue
+        a = np.asarray(zarr.open_array(str(store), path=info.array_path, mode="r")[...])
+        t = torch.from_numpy(a)
+        u, s, v = torch.svd_lowrank(t, q=min(rank + 10, *a.shape), niter=niter)
+        k = min(rank, *a.shape)
+        norm2 = float(np.sum(a.astype(np.float64) ** 2))
+        kept = float(np.sum(s[:k].double().numpy() ** 2))
+        residuals.append(np.sqrt(max(0.0, norm2 - kept) / norm2) if norm2 else 0.0)
+        del u, v
+    return residuals
+
+
+def streamvec_svd(store: Path, out: Path, rank: int) -> list[float]:
+    from streamvec.io.lowrank import read_svd_store
+    from streamvec.ops.svd import RunOptions, SVDOptions, svd
+
+    shutil.rmtree(out, ignore_errors=True)
+    svd(store, out, options=SVDOptions(rank=rank), run=RunOptions(progress=False))
+    entries = read_svd_store(out).entries.values()
+    return [e.attrs["svd"]["residual"] for e in entries if e.factored]
+
+
+def main() -> None:
+    from streamvec.memory import PeakSampler, anon_bytes
+    from streamvec.units import format_bytes
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="0.1B")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bsvdm"))
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    store = ensure_store(args.workdir, args.params)
+    out = args.workdir / "svd.zarr"
+    runs: dict[str, Any] = {
+        "streamvec svd": lambda: streamvec_svd(store, out, args.rank),
+        "torch loop niter=1": lambda: torch_loop(store, args.rank, 1),
+        "torch loop niter=2": lambda: torch_loop(store, args.rank, 2),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    peaks: dict[str, int] = {k: 0 for k in runs}
+    res: dict[str, float] = {}
+    for r in range(args.rounds):
+        for name, fn in runs.items():  # interleaved
+            before = anon_bytes()
+            with PeakSampler() as sampler:
+                start = time.perf_counter()
+                residuals = fn()
+                sec = time.perf_counter() - start
+            times[name].append(sec)
+            peaks[name] = max(peaks[name], sampler.peak - before)
+            res[name] = float(np.mean(residuals))
+            load = os.getloadavg()[0]
+            print(f"round {r + 1} {name:20s} {sec:7.2f} s  load {load:.1f}", flush=True)
+    ref = statistics.median(times["torch loop niter=2"])
+    print(f"\n{args.params} task vector, rank {args.rank}:")
+    for name in runs:
+        med = statistics.median(times[name])
+        print(
+            f"  {name:20s} median {med:7.2f} s ({med / ref:4.2f}x torch niter=2) | mean "
+            f"residual {res[name]:.5f} | peak anon growth {format_bytes(peaks[name])}"
+        )
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

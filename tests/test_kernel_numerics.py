@@ -1,0 +1,224 @@
+"""The block kernel's numerics: the delta form, exact cancellation, one correct rounding.
+
+References are independent: the float64 formula ``b + lambda * sum_i w_i (f_i - b)`` on whole
+tensors, rounded once by ml_dtypes/numpy; and the previous kernel (the expanded form
+``sum c_i x_i`` with ``c_base = 1 - lambda * sum w``, float32 accumulation for 16-bit outputs),
+kept here as a copy so the comparison does not depend on the code under test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import streamvec as sv
+from streamvec.kernel import SLAB_ELEMENTS, combine_blocks
+from streamvec.ops.combine import TermSpec, combine_terms
+from tests.conftest import BF16, write_checkpoint
+
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def old_expanded_kernel(operands: Sequence[tuple[float, np.ndarray]], out: np.dtype) -> np.ndarray:
+    """The kernel before the delta form: ``sum c_i * upcast(x_i)``, rounded once.
+
+    float32 accumulation for 16-bit outputs (and for one exact operation), float64 otherwise.
+    """
+    coefs = [float(c) for c, _ in operands]
+    simple = len(coefs) <= 2 and all(abs(c) == 1.0 for c in coefs)
+    acc_dtype = np.float32 if out.itemsize < 4 or (out == F32 and simple) else np.float64
+    acc = np.zeros(operands[0][1].shape, acc_dtype)
+    for i, (c, x) in enumerate(operands):
+        t = x.astype(acc_dtype) * acc_dtype(c) if c != 1.0 else x.astype(acc_dtype)
+        acc = t if i == 0 else acc + t
+    return acc.astype(out)
+
+
+def ulp_of(want: np.ndarray) -> np.ndarray:
+    """The spacing of ``want``'s dtype at each (finite) element, as float64."""
+    bits = BITS[want.dtype.itemsize]
+    up = (want.view(bits) + 1).view(want.dtype)  # one step away from zero
+    return np.abs(up.astype(np.float64) - want.astype(np.float64))
+
+
+def near_tie(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Where the float64 formula's own rounding decides the result: within float64 noise
+    of a tie of ``dtype``, or of 0 (terms of ~0.02 that cancel leave ~1e-18 either way)."""
+    want = exact.astype(dtype)
+    dist = np.abs(exact - want.astype(np.float64)) / ulp_of(want)
+    return (np.abs(dist - 0.5) < 1e-6) | (np.abs(exact) < 1e-15)
+
+
+def assert_formula_rounded_once(got: np.ndarray, exact: np.ndarray) -> None:
+    """``got`` is the float64 formula rounded once, bit for bit.
+
+    Where the formula sits within float64 noise of a tie, its own float64 rounding picks the
+    side, and a sum evaluated in another order is as right on the other side: there, within
+    half an ulp (+ float64 noise) is asked.
+    """
+    want = exact.astype(got.dtype)
+    bits = BITS[got.dtype.itemsize]
+    tie = near_tie(exact, got.dtype)
+    assert np.array_equal(got.view(bits)[~tie], want.view(bits)[~tie])
+    diff = np.abs(got.astype(np.float64) - exact)
+    assert np.all((diff <= (0.5 + 1e-6) * ulp_of(want)) | (diff < 1e-15))
+
+
+def family(dtype: np.dtype, n: int, seed: int, spread: float) -> tuple[np.ndarray, list]:
+    """A base and three fine-tunes near it; fine-tune 0 zeroes the first 64 elements and the
+    three agree exactly on elements [64, 128) (all set to one value)."""
+    rng = np.random.default_rng(seed)
+    base = (0.02 * rng.standard_normal(n)).astype(np.float32).astype(dtype)
+    fts = []
+    for _ in range(3):
+        noise = spread * 0.02 * rng.standard_normal(n).astype(np.float32)
+        fts.append((base.astype(np.float32) + noise).astype(dtype))
+    fts[0][:64] = 0
+    for f in fts[1:]:
+        f[:64] = base[:64]  # only fine-tune 0 touched these
+    common = (0.01 * rng.standard_normal(64)).astype(np.float32).astype(dtype)
+    for f in fts:
+        f[64:128] = common
+    return base, fts
+
+
+def float64_formula(base: np.ndarray, fts: list, weights: Sequence[float], lam: float):
+    b = base.astype(np.float64)
+    acc = np.zeros_like(b)
+    for w, f in zip(weights, fts, strict=True):
+        acc += w * (f.astype(np.float64) - b)
+    return b + lam * acc
+
+
+def kernel_operands(base, fts, weights, lam):
+    """What the algebra hands the kernel for ``base + lam * sum w_i (f_i - base)``."""
+    coef_base = 1.0 + sum(-1.0 * w for w in weights) * lam
+    ops = [(coef_base, base)] + [(lam * w, f) for w, f in zip(weights, fts, strict=True)]
+    return [(c, x.reshape(64, -1)) for c, x in ops], (True,) * 4
+
+
+CASES = [((1.0, -0.5, 0.3), 1.0), ((0.2, 0.3, -0.5), 1.0), ((0.2, 0.3, -0.5), 0.7)]
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize(("weights", "lam"), CASES)
+def test_exact_cancellation_matches_the_float64_formula(dtype, weights, lam) -> None:
+    base, fts = family(dtype, 64 * 1024, seed=1, spread=0.05)
+    ops, points = kernel_operands(base, fts, weights, lam)
+    got = combine_blocks(ops, dtype, points).reshape(-1)
+    exact = float64_formula(base, fts, weights, lam)
+    bits = BITS[dtype.itemsize]
+    # the cancellations equal the float64 formula rounded once, bit for bit
+    assert np.array_equal(got[:128].view(bits), exact[:128].astype(dtype).view(bits))
+    assert_formula_rounded_once(got, exact)  # and so does every other element
+    if weights[0] == 1.0 and lam == 1.0:
+        # fine-tune 0 set the weight to zero and nothing else moved it: exactly 0
+        assert np.all(got[:64].astype(np.float64) == 0.0)
+        old = old_expanded_kernel(ops, dtype).reshape(-1)
+        if dtype != F16:  # (float16 flushes the expanded form's +-1e-11 to 0)
+            assert np.any(old[:64].astype(np.float64) != 0.0)  # what the expanded form left
+    if sum(weights) == 0.0 and lam == 1.0:
+        # all three moved the same way and the weights sum to 0: the base itself
+        assert np.array_equal(got[64:128].view(bits), base[64:128].view(bits))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize("spread", [0.05, 1.0])
+def test_equals_the_old_kernel_wherever_it_was_within_half_an_ulp(dtype, spread) -> None:
+    base, fts = family(dtype, 2 * SLAB_ELEMENTS + 4096, seed=2, spread=spread)
+    weights, lam = (1.0, -0.5, 0.3), 0.8
+    ops, points = kernel_operands(base, fts, weights, lam)
+    got = combine_blocks(ops, dtype, points).reshape(-1)
+    old = old_expanded_kernel(ops, dtype).reshape(-1)
+    exact = float64_formula(base, fts, weights, lam)
+    bits = BITS[dtype.itemsize]
+    # the old kernel within half an ulp (off the float64 formula's own near-ties)
+    correct = (old.view(bits) == exact.astype(dtype).view(bits)) & ~near_tie(exact, dtype)
+    assert correct.mean() > 0.9  # the comparison covers most elements
+    assert np.array_equal(got.view(bits)[correct], old.view(bits)[correct])
+    # and everywhere else the float64 formula rounded once
+    assert_formula_rounded_once(got, exact)
+
+
+def test_store_only_sums_and_single_terms_are_correctly_rounded() -> None:
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((8, 4096)).astype(np.float32) for _ in range(3)]
+    coefs = (0.3, -0.7, 0.11)
+    exact = sum(c * x.astype(np.float64) for c, x in zip(coefs, xs, strict=True))
+    for out in (BF16, F16, F32):
+        got = combine_blocks(list(zip(coefs, xs, strict=True)), out)
+        assert np.array_equal(got.astype(np.float64), exact.astype(out).astype(np.float64))
+    # one term scaled: float64 product, one rounding (no float32 product rounded again)
+    b = xs[0].astype(BF16)
+    got = combine_blocks([(0.3, b)], BF16)
+    assert np.array_equal(
+        got.view(np.uint16), (0.3 * b.astype(np.float64)).astype(BF16).view(np.uint16)
+    )
+
+
+def test_rounding_of_inexact_16_bit_ties_and_specials() -> None:
+    """float64 values just off a 16-bit tie, where float64 -> float32 -> 16 bits rounds twice."""
+    one = 1.0
+    vals = [
+        one + 2.0**-8 + 2.0**-30,  # bf16 tie + a little: rounds up
+        one + 2.0**-8 - 2.0**-30,  # bf16 tie - a little: rounds down
+        one + 2.0**-8,  # an exact tie: to even
+        one + 2.0**-11 + 2.0**-40,  # float16 tie + a little
+        2.0**-20 + 2.0**-45,  # float16 subnormal range
+        np.inf,
+        -np.inf,
+        np.nan,
+        -0.0,
+    ]
+    x = np.array(vals, np.float64).reshape(1, -1)
+    for out in (BF16, F16, F32):
+        # 0.5 * (2x): an exact float64 product, so the sum is x itself
+        with np.errstate(invalid="ignore"):
+            got = combine_blocks([(0.5, 2.0 * x)], out)
+        want = x.astype(out)
+        nan = np.isnan(want.astype(np.float64))
+        assert np.array_equal(np.isnan(got.astype(np.float64)), nan)
+        bits = BITS[out.itemsize]
+        assert np.array_equal(got.view(bits)[~nan], want.view(bits)[~nan])
+
+
+@pytest.fixture(scope="module")
+def three_finetunes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cancel")
+    base, fts = family(BF16, 96 * 256, seed=4, spread=0.05)
+    paths = {"base": write_checkpoint(root / "base", {"w": base.reshape(96, 256)})}
+    for i, f in enumerate(fts):
+        paths[f"ft{i}"] = write_checkpoint(root / f"ft{i}", {"w": f.reshape(96, 256)})
+    return paths
+
+
+@pytest.mark.parametrize(("weights", "lam"), CASES)
+def test_combine_from_checkpoints_writes_the_float64_formula(
+    three_finetunes: dict[str, Path], tmp_path: Path, weights, lam
+) -> None:
+    p = three_finetunes
+    terms = [TermSpec(str(p[f"ft{i}"]), w) for i, w in enumerate(weights)]
+    out = tmp_path / "edited"
+    combine_terms(terms, base=p["base"], scale=lam).save(out, progress=False)
+    got = safetensors.numpy.load_file(str(next(out.glob("*.safetensors"))))["w"].reshape(-1)
+    load = [
+        safetensors.numpy.load_file(str(next(p[k].glob("*.safetensors"))))["w"].reshape(-1)
+        for k in ("base", "ft0", "ft1", "ft2")
+    ]
+    assert_formula_rounded_once(got, float64_formula(load[0], load[1:], weights, lam))
+    if weights[0] == 1.0:
+        assert np.all(got[:64].astype(np.float64) == 0.0)
+
+
+def test_the_python_expression_uses_the_delta_form(three_finetunes: dict[str, Path]) -> None:
+    b, f0 = sv.open(three_finetunes["base"]), sv.open(three_finetunes["ft0"])
+    edited = b + 1.0 * (f0 - b) + 0.5 * (sv.open(three_finetunes["ft1"]) - b)
+    t = edited["w"]
+    assert t.points == (True, True, True)
+    got = t.compute().reshape(-1)
+    assert np.all(got[:64].astype(np.float64) == 0.0)
