@@ -26,6 +26,8 @@ from streamvec.dtypes import dtype_name, is_float, parse_output_dtype
 from streamvec.errors import MismatchError, StreamvecError
 from streamvec.io.blocks import BlockReader
 from streamvec.names import NameFilter, combine_filters
+from streamvec.nonfloat import INT_POLICIES, IntPolicy, NonFloatReader
+from streamvec.requantize import fp8_outputs
 from streamvec.tensor import LazyTensor
 from streamvec.ties import TieRules, stored_partner
 from streamvec.vocab import VocabChoice, VocabMismatch, align
@@ -124,6 +126,7 @@ class Model(Mapping[str, LazyTensor]):
             a.terms + b.terms,
             dtype=a.dtype or b.dtype,
             on_missing=a.on_missing,
+            int_tensors=a.int_tensors,
             vocab=a.vocab or b.vocab,
         )
 
@@ -140,7 +143,9 @@ class Model(Mapping[str, LazyTensor]):
             return NotImplemented
         c = self.combination()
         terms = tuple(Term(t.coef * float(scalar), t.source, t.where) for t in c.terms)
-        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing, vocab=c.vocab)
+        return Combination(
+            terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors, vocab=c.vocab
+        )
 
     __rmul__ = __mul__
 
@@ -183,18 +188,38 @@ class Model(Mapping[str, LazyTensor]):
             )
         else:
             terms = tuple(Term(t.coef, t.source, combine_filters(t.where, f)) for t in c.terms)
-        return Combination(terms, dtype=c.dtype, on_missing=c.on_missing, vocab=c.vocab)
+        return Combination(
+            terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors, vocab=c.vocab
+        )
 
     def astype(self, dtype: str | np.dtype) -> Combination:
         """The same model with float tensors rounded to ``dtype`` (e.g. ``"bfloat16"``)."""
         c = self.combination()
         dt = parse_output_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-        return Combination(c.terms, dtype=dt, on_missing=c.on_missing, vocab=c.vocab)
+        return Combination(
+            c.terms, dtype=dt, on_missing=c.on_missing, int_tensors=c.int_tensors, vocab=c.vocab
+        )
 
     def keep_base_when_missing(self) -> Combination:
         """Where a term lacks a tensor, keep the anchor's value instead of failing."""
         c = self.combination()
-        return Combination(c.terms, dtype=c.dtype, on_missing="base", vocab=c.vocab)
+        return Combination(
+            c.terms, dtype=c.dtype, on_missing="base", int_tensors=c.int_tensors, vocab=c.vocab
+        )
+
+    def on_changed_nonfloat(self, policy: IntPolicy) -> Combination:
+        """Where a fine-tune changed an int/bool tensor: ``error``, ``base`` or ``finetune``.
+
+        See :mod:`streamvec.nonfloat`; the default is ``error``.
+        """
+        if policy not in INT_POLICIES:
+            raise StreamvecError(
+                f"int tensors: unknown policy {policy!r}; use one of {INT_POLICIES}"
+            )
+        c = self.combination()
+        return Combination(
+            c.terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=policy, vocab=c.vocab
+        )
 
     def with_vocab(self, policy: str | None) -> Combination:
         """Combine inputs whose vocabularies differ: ``base``, ``common`` or ``union`` rows.
@@ -202,7 +227,9 @@ class Model(Mapping[str, LazyTensor]):
         See :mod:`streamvec.vocab`; None (the default) refuses a vocabulary difference.
         """
         c = self.combination()
-        return Combination(c.terms, dtype=c.dtype, on_missing=c.on_missing, vocab=policy)
+        return Combination(
+            c.terms, dtype=c.dtype, on_missing=c.on_missing, int_tensors=c.int_tensors, vocab=policy
+        )
 
     # -- running ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], **options: Any) -> RunReport:
@@ -248,11 +275,13 @@ class Combination(Model):
         *,
         dtype: np.dtype | None = None,
         on_missing: OnMissing = "error",
+        int_tensors: IntPolicy = "error",
         vocab: str | None = None,
     ) -> None:
         self.terms = _merge(terms)
         self.dtype = dtype
         self.on_missing: OnMissing = on_missing
+        self.int_tensors: IntPolicy = int_tensors
         self.vocab = vocab
         self._resolved: Resolved | None = None
 
@@ -388,8 +417,9 @@ def _resolve(comb: Combination) -> Resolved:
             continue
         first = parts[0][1]
         if floats == {False}:
-            if kind == "model" and base is not None:
-                tensors[name] = LazyTensor(name, base.shape, base.dtype, ((1.0, base.reader),))
+            if kind == "model" and base is not None and anchor is not None:
+                reader = nonfloat_reader(name, anchor, base, active, comb.int_tensors)
+                tensors[name] = LazyTensor(name, base.shape, base.dtype, ((1.0, reader),))
             else:
                 skipped.append(name)
             continue
@@ -401,9 +431,13 @@ def _resolve(comb: Combination) -> Resolved:
             out_dtype = comb.dtype
         terms = _collapse([(c, p.reader) for c, p in parts])
         point = {p.reader: t.source.is_point for t, (_, p) in zip(active, parts, strict=True)}
-        tensors[name] = LazyTensor(
-            name, first.shape, np.dtype(out_dtype), terms, points=_points(terms, point)
-        )
+        points = _points(terms, point)
+        if kind == "model" and base is not None and comb.dtype is None:
+            stored = fp8_outputs(name, base.reader, first.shape, terms, points)  # FP8 stays FP8
+            if stored is not None:
+                tensors.update(stored)
+                continue
+        tensors[name] = LazyTensor(name, first.shape, np.dtype(out_dtype), terms, points=points)
     if vocab_problems:
         more = f" (and {len(vocab_problems) - 1} more tensors)" if len(vocab_problems) > 1 else ""
         raise MismatchError(f"inputs do not match: {vocab_problems[0]}{more}")
@@ -463,6 +497,23 @@ def check_tied_copies(name: str, active: list[Term], rules: list[TieRules]) -> N
 def _negative_point(comb: Combination) -> Source | None:
     """The checkpoint subtracted in a task vector (``ft - base``): its base."""
     return next((t.source for t in comb.terms if t.source.is_point and t.coef < 0), None)
+
+
+def nonfloat_reader(
+    name: str, anchor: Source, base: SourceTensor, active: list[Term], policy: IntPolicy
+) -> BlockReader:
+    """The base's reader for an int/bool tensor, checked against the other checkpoints."""
+    others = tuple(
+        (t.source.label, t.source.tensors[name].reader)
+        for t in active
+        if t.source.is_point and t.source != anchor and name in t.source.tensors
+    )
+    seen: dict[str, BlockReader] = {}
+    for label, reader in others:
+        seen.setdefault(label, reader)
+    if not seen or policy == "base":
+        return base.reader
+    return NonFloatReader(name, base.reader, anchor.label, tuple(seen.items()), policy)
 
 
 def _collapse(terms: list[tuple[float, BlockReader]]) -> tuple[tuple[float, BlockReader], ...]:

@@ -85,10 +85,16 @@ def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> Non
         "only unfinished blocks are redone and the result is identical to an uninterrupted run",
     )
     g.add_argument(
-        "--check-finite",
-        action="store_true",
-        help="fail, naming tensors and rows, if any result is NaN or infinite",
+        "--no-check-finite",
+        dest="check_finite",
+        action="store_false",
+        default=True,
+        help="write NaN/inf results instead of failing (by default every output block is "
+        "checked and a NaN/inf fails the run, naming the tensor and rows; see "
+        "docs/reliability.md)",
     )
+    # The check is on by default; the old opt-in flag is still accepted.
+    g.add_argument("--check-finite", action="store_true", default=True, help=argparse.SUPPRESS)
     g.add_argument(
         "--no-verify-inputs",
         action="store_true",
@@ -110,6 +116,19 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="PAT",
         help="leave out tensors matching PAT (repeatable)",
+    )
+
+
+def add_int_tensors_option(p: argparse.ArgumentParser) -> None:
+    """``--int-tensors``: what to do where a fine-tune changed an integer or bool tensor."""
+    from streamvec.nonfloat import INT_POLICIES
+
+    p.add_argument(
+        "--int-tensors",
+        choices=INT_POLICIES,
+        default="error",
+        help="an integer/bool tensor (buffer, int8 weight) that a fine-tune changed: fail "
+        "(default), keep the base's value, or take the fine-tune's",
     )
 
 
@@ -201,6 +220,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         dtype=args.dtype,
+        int_tensors=args.int_tensors,
         vocab=args.vocab,
     )
     report = tv.save(args.output, description="diff", **_run_kwargs(args))
@@ -225,6 +245,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         keep_base_when_missing=args.missing == "keep-base",
         strict=args.strict,
+        int_tensors=args.int_tensors,
         vocab=args.vocab,
     )
     report = model.save(
@@ -305,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("finetuned")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
     add_output_dtype_option(p, "stored dtype (default float32)")
+    add_int_tensors_option(p)
     add_vocab_option(p)
     _add_run_options(p)
     add_report_option(p)
@@ -340,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a LoRA adapter TERM recorded with another local base is an error, not a warning",
     )
+    add_int_tensors_option(p)
     add_vocab_option(p)
     _add_run_options(p)
     add_report_option(p)

@@ -23,6 +23,7 @@ from streamvec.algebra import Model
 from streamvec.devices import CPU, block_kernel, check_device
 from streamvec.dtypes import dtype_name
 from streamvec.errors import StreamvecError
+from streamvec.finite import nonfinite_inputs, nonfinite_rows, raise_if_nonfinite
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import companions_for, write_model_card
 from streamvec.io.output import OutputDir, output_error
@@ -41,6 +42,7 @@ from streamvec.jobs import (
 )
 from streamvec.kernel import accumulation_dtype
 from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.requantize import aligned_rows
 from streamvec.sinks import BlockWriter, PlannedTensor, SafetensorsSink, Sink, ZarrSink
 from streamvec.sources import input_paths
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
@@ -93,12 +95,16 @@ def working_bytes_per_element(t: LazyTensor, device: str = CPU) -> int:
     """
     out = t.dtype.itemsize
     reads = sum(r.dtype.itemsize for _, r in t.terms)
+    # Readers that compute their rows (FP8 dequantization) also hold what they read.
+    reads += sum(getattr(r, "resident_bytes_per_element", 0) for _, r in t.terms)
+    # Re-quantizing to FP8 pads the block to whole tiles and keeps the 8-bit copy.
+    held = 9 if t.requantize is not None else 0
     if t.op is not None:
         # every term upcast to float32, plus the op's result and a temporary of that size
-        return 4 * (len(t.terms) + 2) + 3 * out + reads
+        return 4 * (len(t.terms) + 2) + 3 * out + reads + held
     acc = accumulation_dtype(t.dtype, [c for c, _ in t.terms]).itemsize
     staging = reads if device != CPU else 0
-    return (acc if acc != out else 0) + 3 * out + staging + reads
+    return (acc if acc != out else 0) + 3 * out + staging + reads + held
 
 
 def balanced_rows(rows: int, most: int) -> int:
@@ -140,7 +146,11 @@ def plan_blocks(
                 "use fewer workers"
             )
         most = max(1, min(rows_per_block(t.shape, block_bytes), fit, max(rows, 1)))
-        plan.append(PlannedTensor(t, balanced_rows(rows, most)))
+        if t.requantize is not None and t.requantize.row_align > 1:
+            # FP8 block scales: each block must cover whole tiles of rows.
+            plan.append(PlannedTensor(t, aligned_rows(rows, most, t.requantize.row_align)))
+        else:
+            plan.append(PlannedTensor(t, balanced_rows(rows, most)))
     return plan
 
 
@@ -157,6 +167,8 @@ class BlockResult:
     digest: bytes
     nonfinite: int = 0
     first_nonfinite_row: int = -1
+    # Inputs (files) whose rows of this block already held NaN/inf ("" if none did).
+    nonfinite_inputs: str = ""
     # Seconds spent in each of BLOCK_STAGES.
     seconds: tuple[float, ...] = ()
     # xxh3-128 of each operand's bytes, logged so that --resume can tell a changed input.
@@ -189,15 +201,17 @@ def _block_task(
     operands = t.read_operands(r0, r1)
     inputs = tuple(digest_operands(operands))
     read = clock()
-    block = t.evaluate(operands, r0, r1, block_kernel(device))
-    del operands
+    with np.errstate(over="ignore", invalid="ignore"):  # the finite check reports these
+        block = t.evaluate(operands, r0, r1, block_kernel(device))
     computed = clock()
-    bad, first = 0, -1
+    bad, first, culprits = 0, -1, ""
     if check_finite:
-        finite = np.isfinite(block.astype(np.float32, copy=False))
-        if not finite.all():
-            bad_rows = np.flatnonzero(~finite.all(axis=1))
-            bad, first = int((~finite).sum()), r0 + int(bad_rows[0])
+        bad, first = nonfinite_rows(block)
+        if bad:
+            first += r0
+            paths = [str(getattr(r, "path", getattr(r, "store", "?"))) for _, r in t.terms]
+            culprits = nonfinite_inputs(paths, [x for _, x in operands])
+    del operands
     try:
         encoding = writer.write(r0, block) or 0.0
     except OSError as exc:  # disk full, quota, I/O error: say what and where
@@ -212,7 +226,16 @@ def _block_task(
         written - computed - encoding,
         clock() - written,
     )
-    return BlockResult(t.name, r0, digest, bad, first, seconds, inputs)
+    return BlockResult(
+        t.name,
+        r0,
+        digest,
+        nonfinite=bad,
+        first_nonfinite_row=first,
+        nonfinite_inputs=culprits,
+        seconds=seconds,
+        inputs=inputs,
+    )
 
 
 def tensor_checksum(block_digests: list[bytes]) -> str:
@@ -340,7 +363,7 @@ def run(
     progress: bool = True,
     overwrite: bool = False,
     resume: bool = False,
-    check_finite: bool = False,
+    check_finite: bool = True,
     block_size: str | int | None = None,
     shard_size: str | int = "5GB",
     compression: str = "lz4",
@@ -363,7 +386,8 @@ def run(
         overwrite: replace an existing output once the new one is complete.
         resume: continue an unfinished job writing ``path`` if its inputs and parameters match
             (its block plan is reused, so the result is identical to an uninterrupted run).
-        check_finite: fail, naming tensors and rows, if any result is NaN or infinite.
+        check_finite: fail, naming tensors and rows, if any result is NaN or infinite, and
+            leave nothing under ``path`` (default; False writes such values through).
         block_size: target bytes of float32 work per block (default 32MB); smaller under a
             tight memory limit.
         shard_size: safetensors shard size.
@@ -426,7 +450,7 @@ def run(
         "format": fmt,
         "compression": compression if fmt == "zarr" else None,
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
-        "tensors": [[t.name, list(t.shape), dtype_name(t.dtype)] for t in tensors],
+        "tensors": [[t.name, list(t.shape), _stored_dtype(t)] for t in tensors],
     }
     out = OutputDir(path, overwrite=overwrite, inputs=input_paths(model.sources()))
     out.expected_bytes = sum(t.nbytes for t in tensors)  # uncompressed: an upper bound
@@ -599,17 +623,20 @@ def _run_blocks(
 
 
 def _raise_if_nonfinite(results: list[BlockResult]) -> None:
-    bad: dict[str, tuple[int, int]] = {}
-    for r in results:
+    bad: dict[str, tuple[int, int, str]] = {}
+    for r in sorted(results, key=lambda r: (r.name, r.r0)):
         if r.nonfinite:
-            count, first = bad.get(r.name, (0, r.first_nonfinite_row))
-            bad[r.name] = (count + r.nonfinite, min(first, r.first_nonfinite_row))
-    if bad:
-        where = "; ".join(
-            f"{n}: {c} values, first at row {f}" for n, (c, f) in list(bad.items())[:5]
-        )
-        more = f"; and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
-        raise StreamvecError(f"NaN or infinite values in the result: {where}{more}")
+            count, first, inputs = bad.get(r.name, (0, r.first_nonfinite_row, ""))
+            inputs = inputs or r.nonfinite_inputs
+            bad[r.name] = (count + r.nonfinite, min(first, r.first_nonfinite_row), inputs)
+    raise_if_nonfinite(bad)
+
+
+def _stored_dtype(t: LazyTensor) -> str:
+    """The dtype a tensor is stored as (FP8 re-quantized outputs compute in float32)."""
+    if t.requantize is not None:
+        return f"{dtype_name(t.requantize.fp8)}+{t.requantize.granularity}-scales"
+    return dtype_name(t.dtype)
 
 
 def _checksums(

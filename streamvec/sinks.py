@@ -18,9 +18,11 @@ import numpy as np
 from streamvec.errors import OutputError
 from streamvec.io import zarr_store
 from streamvec.io.companions import Companions, copy_companions
+from streamvec.io.fp8 import Fp8BlockWriter
 from streamvec.io.output import remove_stray_temporaries
 from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
 from streamvec.io.writeback import start_writeback
+from streamvec.requantize import has_fp8, strip_quantization_config, tensor_amax
 from streamvec.tensor import LazyTensor
 
 MANIFEST_NAME = "streamvec.json"
@@ -79,7 +81,11 @@ class PlannedTensor:
 
 class BlockWriter(Protocol):
     def write(self, r0: int, block: np.ndarray) -> float:
-        """Store rows from ``r0``; returns the seconds of it spent encoding (0.0: none)."""
+        """Store rows from ``r0``; returns the seconds of it spent encoding (0.0: none).
+
+        A lossy writer (FP8 re-quantization) replaces ``block``'s values with the values as
+        stored, so the checksum recorded after it is of what a reader gets back.
+        """
         ...
 
 
@@ -185,12 +191,23 @@ class ZarrSink:
         self._metadata = {}
 
 
-def _row_bytes(plan: list[PlannedTensor]) -> dict[str, int]:
-    """Bytes per row (first axis) of each tensor, for offsets of row blocks."""
-    return {
-        p.tensor.name: p.tensor.dtype.itemsize * int(np.prod(p.tensor.shape[1:], dtype=np.int64))
-        for p in plan
-    }
+def _row_bytes(specs: list[TensorSpec]) -> dict[str, int]:
+    """Bytes per row (first axis) of each stored tensor, for offsets of row blocks."""
+    return {s.name: s.dtype.itemsize * int(np.prod(s.shape[1:], dtype=np.int64)) for s in specs}
+
+
+def _stored_specs(plan: list[PlannedTensor]) -> list[TensorSpec]:
+    """What is stored: each tensor as its dtype, or an FP8 weight followed by its scales."""
+    specs = []
+    for p in plan:
+        t = p.tensor
+        if t.requantize is None:
+            specs.append(TensorSpec(t.name, t.dtype, t.shape))
+        else:
+            q = t.requantize
+            specs.append(TensorSpec(t.name, q.fp8, t.shape))
+            specs.append(TensorSpec(q.scale_name, q.scale_dtype, q.scale_shape))
+    return specs
 
 
 class SafetensorsSink:
@@ -211,18 +228,37 @@ class SafetensorsSink:
 
     def prepare(self, directory: Path, plan: list[PlannedTensor], attrs: dict[str, Any]) -> None:
         self.path = directory
-        specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
+        specs = _stored_specs(plan)
         self._writer = ShardedSafetensorsWriter(
             directory, specs, shard_size=self.shard_size, stem=self.companions.stem
         )
         self._writer.create()
-        self._row_bytes = _row_bytes(plan)
+        self._row_bytes = _row_bytes(specs)
+        self._plan = {p.tensor.name: p for p in plan}
         copy_companions(directory, self.companions)
+        if not has_fp8([s.dtype for s in specs]) and (directory / "config.json").is_file():
+            # A dequantized output of an FP8 base: its config must not announce FP8 weights.
+            strip_quantization_config(directory / "config.json")
 
     def writer(self, name: str) -> BlockWriter:
         assert self._writer is not None
         path, offset = self._writer.location(name)
-        return PwriteBlockWriter(str(path), offset, self._row_bytes[name])
+        p = self._plan[name]
+        scheme = p.tensor.requantize
+        if scheme is None:
+            return PwriteBlockWriter(str(path), offset, self._row_bytes[name])
+        scale_path, scale_offset = self._writer.location(scheme.scale_name)
+        amax = tensor_amax(p.tensor, p.block_rows) if scheme.granularity == "tensor" else None
+        return Fp8BlockWriter(
+            str(path),
+            offset,
+            self._row_bytes[name],
+            str(scale_path),
+            scale_offset,
+            self._row_bytes[scheme.scale_name],
+            scheme,
+            amax,
+        )
 
     def finish(self, checksums: dict[str, dict[str, Any]], attrs: dict[str, Any]) -> None:
         assert self._writer is not None and self.path is not None
@@ -246,9 +282,10 @@ class SafetensorsSink:
         """Continue unfinished shards: same layout, checked header by header."""
         remove_stray_temporaries(directory)
         self.path = directory
-        specs = [TensorSpec(p.tensor.name, p.tensor.dtype, p.tensor.shape) for p in plan]
+        specs = _stored_specs(plan)
         self._writer = ShardedSafetensorsWriter(
             directory, specs, shard_size=self.shard_size, stem=self.companions.stem
         )
         self._writer.reopen()
-        self._row_bytes = _row_bytes(plan)
+        self._row_bytes = _row_bytes(specs)
+        self._plan = {p.tensor.name: p for p in plan}

@@ -11,8 +11,9 @@ import xxhash
 
 from streamvec.algebra import Source, SourceModel, SourceTensor
 from streamvec.errors import InputNotFoundError, StoreError
-from streamvec.io.blocks import SafetensorsReader, file_stamp
+from streamvec.io.blocks import BlockReader, SafetensorsReader, file_stamp
 from streamvec.io.checkpoint import CheckpointFiles, resolve_checkpoint
+from streamvec.io.quantized import quantized_tensors
 from streamvec.io.zarr_store import is_zarr_store, read_store
 from streamvec.ties import TieRules
 
@@ -62,24 +63,32 @@ def input_paths(sources: Iterable[Source]) -> list[Path]:
 
 
 def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
+    """A checkpoint as a point :class:`Source`.
+
+    FP8 weights with scales read as float32 (dequantized, see :mod:`streamvec.io.fp8`) and
+    their scale tensors are not tensors of the source: they are never operands. Quantized
+    formats streamvec cannot dequantize are refused here.
+    """
     # The version of each shard whose header was parsed: a block read from another version
     # (replaced, truncated, rewritten during the run) is an error, never mixed in.
     stamps = {p: file_stamp(p.stat()) for p in files.shards}
-    tensors = {
-        t.name: SourceTensor(
-            t.name,
-            t.shape,
-            t.dtype,
-            SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype, stamps.get(t.path)),
+    fp8, scales, quant = quantized_tensors(files.root, files.tensors, label, stamps)
+    tensors: dict[str, SourceTensor] = {}
+    for t in files.tensors.values():
+        if t.name in scales:
+            continue
+        reader: BlockReader = fp8.get(t.name) or SafetensorsReader(
+            str(t.path), t.offset, t.shape, t.dtype, stamps.get(t.path)
         )
-        for t in files.tensors.values()
-    }
-    info = {
+        tensors[t.name] = SourceTensor(t.name, t.shape, reader.dtype, reader)
+    info: dict[str, object] = {
         "path": label,
         "kind": "checkpoint",
         "fingerprint": fingerprint_files(list(files.shards)),
         "bytes": files.total_bytes,
     }
+    if quant.method or fp8:
+        info["quantization"] = quant.method or "fp8"
     extra = tuple(str(p) for p in files.extra_files())
     key = str(
         files.shards[0].resolve().parent if len(files.shards) > 1 else files.shards[0].resolve()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streamvec.io.blocks import BlockReader, matrix_shape
 from streamvec.kernel import BlockOp, Kernel, apply_op, combine_blocks
+
+if TYPE_CHECKING:
+    from streamvec.io.fp8 import Fp8Scheme
 
 # Row blocks target this many bytes of float32 work when nothing else decides: large enough
 # that per-task overhead is noise, small enough that many fit in memory at once.
@@ -51,6 +54,9 @@ class LazyTensor:
     # Per term, whether it is a checkpoint: the sum is then evaluated in the delta form
     # relative to the first of them (see streamvec.kernel); empty: no term is.
     points: tuple[bool, ...] = ()
+    # Stored as FP8 with fresh scales of this layout (the float32 result is re-quantized
+    # when written); None: stored as ``dtype``.
+    requantize: Fp8Scheme | None = None
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +70,7 @@ class LazyTensor:
         return sum(n * np.dtype(r.dtype).itemsize for _, r in self.terms)
 
     def astype(self, dtype: np.dtype) -> LazyTensor:
-        """The same tensor rounded to another dtype."""
+        """The same tensor rounded to another dtype (stored as that dtype, not re-quantized)."""
         return LazyTensor(self.name, self.shape, np.dtype(dtype), self.terms, self.op, self.points)
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
@@ -115,7 +121,7 @@ class LazyTensor:
         block_rows = block_rows or rows_per_block(self.shape)
         name = "streamvec-" + tokenize(
             self.name, self.shape, str(self.dtype), self.terms, self.op, self.points, block_rows
-        )
+        )  # requantize is left out: to_dask gives the float32 values, not the stored bytes
         graph: dict[tuple[Any, ...], tuple[Any, ...]]
         if not self.shape:
             graph = {(name,): (_scalar_block, self)}

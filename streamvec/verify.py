@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamvec.dtypes import dtype_name
 from streamvec.engine import CHECKSUM_ALGO, block_digest, tensor_checksum
@@ -22,6 +22,9 @@ from streamvec.io.blocks import BlockReader, ZarrReader, matrix_shape
 from streamvec.io.zarr_store import is_zarr_store
 from streamvec.sinks import MANIFEST_NAME, read_manifest
 from streamvec.tensor import row_ranges
+
+if TYPE_CHECKING:
+    from streamvec.algebra import Source
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,51 @@ def _store_items(store: Path) -> list[Item]:
     return out
 
 
+def _as_recorded(p: Path, source: Source, recorded: dict[str, Any]) -> Source:
+    """The output's tensors as the manifest recorded them.
+
+    A checkpoint source hides FP8 scale tensors and reads FP8 weights dequantized. An output
+    records weights it copied (FP8 numbers and scales) as stored, and weights it re-quantized
+    as read back (float32, the scale covered by the weight's checksum); this view holds each
+    tensor in its recorded form.
+    """
+    from dataclasses import replace
+
+    from streamvec.algebra import SourceTensor
+    from streamvec.io.blocks import SafetensorsReader, file_stamp
+    from streamvec.io.checkpoint import resolve_checkpoint
+    from streamvec.io.fp8 import Fp8Reader
+
+    if not any(isinstance(t.reader, Fp8Reader) for t in source.tensors.values()):
+        return source
+    files = resolve_checkpoint(p)
+    stamps = {f: file_stamp(f.stat()) for f in files.shards}
+    view = {
+        t.name: SourceTensor(
+            t.name,
+            t.shape,
+            t.dtype,
+            SafetensorsReader(str(t.path), t.offset, t.shape, t.dtype, stamps.get(t.path)),
+        )
+        for t in files.tensors.values()
+    }
+    for name, t in source.tensors.items():
+        rec = recorded.get(name)
+        if not isinstance(t.reader, Fp8Reader) or not isinstance(rec, dict):
+            continue
+        if rec.get("dtype") == dtype_name(t.dtype):
+            view[name] = t
+            if t.reader.scheme.scale_name not in recorded:
+                del view[t.reader.scheme.scale_name]
+    return replace(source, tensors=view)
+
+
 def _manifest_items(p: Path) -> tuple[list[Item], list[str]]:
     """The tensors of a safetensors output, and every way its headers differ from the manifest."""
     from streamvec.sources import open_source
 
     recorded = read_manifest(p)["tensors"]
-    source = open_source(p)
+    source = _as_recorded(p, open_source(p), recorded)
     problems: list[str] = []
     unrecorded = sorted(set(source.tensors) - set(recorded))
     if unrecorded:

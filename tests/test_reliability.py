@@ -172,18 +172,20 @@ def test_disk_full_is_reported_and_cleaned_up(
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_nonfinite_values_are_found_on_request(tmp_path: Path) -> None:
+def test_nonfinite_values_fail_by_default(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     base = {"w": rng.standard_normal((40, 8)).astype(BF16), "v": np.ones(5, np.float32)}
     ft = {k: v.copy() for k, v in base.items()}
     ft["w"][17, 3] = np.nan
     ft["w"][30, 0] = np.inf
     b, f = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "f", ft)
-    proc = run_cli_subprocess("diff", b, f, "-o", tmp_path / "t.zarr", "--check-finite")
+    proc = run_cli_subprocess("diff", b, f, "-o", tmp_path / "t.zarr")
     assert proc.returncode == 2
     assert "w: 2 values, first at row 17" in proc.stderr
+    assert "already holds NaN/inf" in proc.stderr
     assert not (tmp_path / "t.zarr").exists()
-    assert run_cli("diff", b, f, "-o", tmp_path / "t.zarr", "-q") == 0  # without the check
+    # Asked for explicitly, they are written through.
+    assert run_cli("diff", b, f, "-o", tmp_path / "t.zarr", "-q", "--no-check-finite") == 0
 
 
 def digest_tree(path: Path) -> dict[str, str]:

@@ -169,7 +169,15 @@ def model_card(attrs: Mapping[str, Any], command: Sequence[str] | None = None) -
 
 # Options that say how a run goes, not what it computes: left out of the card's command, so
 # that a resumed run, or the same run elsewhere, writes the same card (outputs are identical).
-_RUN_FLAGS = {"--resume", "--overwrite", "-q", "--quiet", "--check-finite", "--debug"}
+_RUN_FLAGS = {
+    "--resume",
+    "--overwrite",
+    "-q",
+    "--quiet",
+    "--check-finite",
+    "--no-check-finite",
+    "--debug",
+}
 _RUN_OPTIONS = {
     "--workers",
     "--scheduler",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -210,6 +210,11 @@ class MergeModel(Model):
         self._rescale(pending, deltas, out)
         # Keep the checked order (file order of the base), whatever was deferred.
         ordered = {name: out[name] for name in check.tensors if name in out}
+        if req.out_dtype is None:
+            # FP8 base weights computed in float32 are stored re-quantized, like the base.
+            for name, lt in check.tensors.items():
+                if lt.requantize is not None and ordered[name].requantize is None:
+                    ordered[name] = replace(ordered[name], requantize=lt.requantize)
         return Resolved("model", ordered, check.skipped_nonfloat, check.kept_base, check.vocab)
 
     def _input(self, p: _Pending, deltas: tuple[bool, ...]) -> TensorInput:

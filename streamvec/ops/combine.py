@@ -16,6 +16,7 @@ from pathlib import Path
 
 from streamvec.algebra import Model
 from streamvec.errors import StreamvecError
+from streamvec.nonfloat import IntPolicy
 from streamvec.sources import open as open_model
 
 
@@ -95,6 +96,7 @@ def combine_terms(
     dtype: str | None = None,
     keep_base_when_missing: bool = False,
     strict: bool = False,
+    int_tensors: IntPolicy = "error",
     vocab: str | None = None,
 ) -> Model:
     """Build ``base + scale * sum(w_i tau_i)`` (or ``scale * sum(w_i tau_i)`` without a base).
@@ -108,6 +110,8 @@ def combine_terms(
         dtype: output dtype (default: the base's per tensor; float32 for a task vector).
         keep_base_when_missing: where a term lacks a tensor, keep the base value.
         strict: a LoRA adapter term recorded with another local base is an error.
+        int_tensors: where a fine-tune changed an int/bool tensor: ``error`` (default),
+            ``base`` or ``finetune`` (see :mod:`streamvec.nonfloat`).
         vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
             :mod:`streamvec.vocab`); None refuses a difference.
 
@@ -129,6 +133,8 @@ def combine_terms(
     model = model.filter(include, exclude)
     if keep_base_when_missing:
         model = model.keep_base_when_missing()
+    if int_tensors != "error":
+        model = model.on_changed_nonfloat(int_tensors)
     if vocab is not None:
         model = model.with_vocab(vocab)
     return model.astype(dtype) if dtype else model

@@ -157,8 +157,9 @@ class RunOptions:
         overwrite: replace an existing output once the new one is complete.
         block_size: target float32 bytes per row block (default 32 MB; lowered to fit the
             memory limit), for the SVD passes and for the engine runs of these commands.
-        check_finite: fail, naming the tensor, on NaN or infinite values (matrices are always
-            checked by the SVD itself; this adds the dense tensors and the engine outputs).
+        check_finite: fail, naming the tensor, on NaN or infinite values (default; matrices
+            are always checked by the SVD itself; this adds the dense tensors and the engine
+            outputs).
         resume: continue an interrupted ``svd`` (tensor by tensor); the other SVD commands
             refuse it rather than ignore it.
     """
@@ -169,7 +170,7 @@ class RunOptions:
     progress: bool = True
     overwrite: bool = False
     block_size: str | int | None = None
-    check_finite: bool = False
+    check_finite: bool = True
     resume: bool = False
     device: str = "cpu"
 
@@ -854,7 +855,10 @@ def _dense_values(t: LazyTensor, check_finite: bool = False) -> np.ndarray:
     """A non-matrix tensor's values in a dtype Zarr stores (bfloat16 kept as float32)."""
     values = t.compute()
     if check_finite and not np.isfinite(values.astype(np.float64)).all():
-        raise StreamvecError(f"tensor {t.name!r} has NaN or infinite values (--check-finite)")
+        raise StreamvecError(
+            f"tensor {t.name!r} has NaN or infinite values; pass --no-check-finite to store "
+            "them anyway"
+        )
     if is_float(values.dtype) and values.dtype.kind != "f":
         values = values.astype(np.float32)
     return values

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from streamvec.algebra import Combination
+from streamvec.nonfloat import IntPolicy, NonFloatReader, check_unchanged
 from streamvec.sources import open as open_model
 
 
@@ -15,9 +16,16 @@ def task_vector(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     dtype: str | None = None,
+    int_tensors: IntPolicy = "error",
     vocab: str | None = None,
 ) -> Combination:
     """The lazy task vector of ``finetuned`` relative to ``base``.
+
+    A task vector holds floating-point tensors only. Integer and bool tensors are left out,
+    so one the fine-tune changed would be lost without a word when the task vector is added
+    back to a base: with ``int_tensors="error"`` (the default) they are read and compared
+    here, and a change is an error naming the tensor; ``"base"`` or ``"finetune"`` accept
+    leaving it out.
 
     Args:
         base: base checkpoint.
@@ -26,18 +34,35 @@ def task_vector(
         include: only tensors matching these globs / ``re:`` regexes.
         exclude: leave out tensors matching these.
         dtype: stored dtype (default float32: exact for bf16 and f16 inputs).
+        int_tensors: ``error`` (default), ``base`` or ``finetune`` (see
+            :mod:`streamvec.nonfloat`).
         vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
             :mod:`streamvec.vocab`); None refuses a difference.
 
     Returns:
         A lazy task vector; ``.save("tau.zarr")`` computes it.
 
+    Raises:
+        NonFloatChangedError: an integer or bool tensor differs and ``int_tensors`` is
+            ``error``.
+
     Example:
         >>> task_vector("base", "ft", include=["*.self_attn.*"]).save("tau.zarr")  # doctest: +SKIP
     """
-    ft = open_model(finetuned, base=base)
-    if ft.source.info.get("kind") == "lora_adapter":
-        tv = ft.filter(include, exclude)  # already a task vector
+    base_model, ft_model = open_model(base), open_model(finetuned, base=base)
+    if ft_model.source.info.get("kind") == "lora_adapter":
+        tv = ft_model.filter(include, exclude)  # already a task vector, of float tensors only
     else:
-        tv = (ft - open_model(base)).filter(include, exclude).with_vocab(vocab)
+        tv = (ft_model - base_model).filter(include, exclude).with_vocab(vocab)
+        if int_tensors == "error":
+            b, f = base_model.source, ft_model.source
+            check_unchanged(
+                [
+                    NonFloatReader(
+                        name, b.tensors[name].reader, b.label, ((f.label, f.tensors[name].reader),)
+                    )
+                    for name in tv.resolved().skipped_nonfloat
+                    if name in b.tensors and name in f.tensors
+                ]
+            )
     return tv.astype(dtype) if dtype else tv
