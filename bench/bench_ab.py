@@ -125,11 +125,11 @@ def expanded_combine(
 
 @contextmanager
 def variant(name: str) -> Iterator[None]:
-    from streamvec import engine, sinks, tensor
-    from streamvec.io import store_check, zarr_store
+    from streamvec import engine, tensor
+    from streamvec.io import store_check, writeback, zarr_store
 
     saved = (
-        sinks.start_writeback,
+        writeback.start_writeback,
         zarr_store.start_writeback,
         tensor.combine_blocks,
         engine._prefetch,
@@ -138,7 +138,7 @@ def variant(name: str) -> Iterator[None]:
         store_check.ReadPolicy(verify=name != "no-verify-inputs")
     )
     if name == "no-writeback":
-        sinks.start_writeback = zarr_store.start_writeback = lambda *a: None
+        writeback.start_writeback = zarr_store.start_writeback = lambda *a: None
     elif name == "block-accumulator":
         tensor.combine_blocks = block_accumulator_combine
     elif name == "no-prefetch":
@@ -150,7 +150,7 @@ def variant(name: str) -> Iterator[None]:
             yield
     finally:
         (
-            sinks.start_writeback,
+            writeback.start_writeback,
             zarr_store.start_writeback,
             tensor.combine_blocks,
             engine._prefetch,

@@ -8,20 +8,18 @@ never open handles, so any scheduler can run them), and is finished with the che
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from streamvec.errors import OutputError
 from streamvec.io import zarr_store
 from streamvec.io.companions import Companions, copy_companions
 from streamvec.io.fp8 import Fp8BlockWriter
 from streamvec.io.output import remove_stray_temporaries
 from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
-from streamvec.io.writeback import start_writeback
+from streamvec.io.writeback import write_at
 from streamvec.requantize import has_fp8, strip_quantization_config, tensor_amax
 from streamvec.tensor import LazyTensor
 
@@ -114,22 +112,7 @@ class PwriteBlockWriter:
     row_bytes: int
 
     def write(self, r0: int, block: np.ndarray) -> float:
-        data = np.ascontiguousarray(block).view(np.uint8).reshape(-1).data
-        pos = self.offset + r0 * self.row_bytes
-        try:
-            fd = os.open(self.path, os.O_WRONLY)
-            try:
-                start, length = pos, len(data)
-                while data:
-                    n = os.pwrite(fd, data, pos)
-                    data, pos = data[n:], pos + n
-                start_writeback(fd, start, length)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise OutputError(
-                f"{self.path}: write failed ({exc.strerror}); free space and rerun"
-            ) from None
+        write_at(self.path, self.offset + r0 * self.row_bytes, block)
         return 0.0  # raw bytes: nothing to encode
 
 

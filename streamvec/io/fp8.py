@@ -18,16 +18,14 @@ per tile (or row, or tensor), as the quantizers in transformers compute them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 import ml_dtypes
 import numpy as np
 
-from streamvec.errors import OutputError
 from streamvec.io.blocks import SafetensorsReader, matrix_shape
-from streamvec.io.writeback import start_writeback
+from streamvec.io.writeback import write_at
 
 Granularity = Literal["block", "channel", "tensor"]
 
@@ -272,24 +270,8 @@ class Fp8BlockWriter:
         s0, _ = scale_row_range(self.scheme, r0, r0 + block.shape[0])
         decoded = dequantize_rows(self.scheme, q, scale_rows, r0, r0 + block.shape[0])
         encoding = time.perf_counter() - started
-        _pwrite(self.path, self.offset + r0 * self.row_bytes, q)
+        write_at(self.path, self.offset + r0 * self.row_bytes, q)
         if self.scheme.granularity != "tensor" or r0 == 0:
-            _pwrite(self.scale_path, self.scale_offset + s0 * self.scale_row_bytes, scale_rows)
+            write_at(self.scale_path, self.scale_offset + s0 * self.scale_row_bytes, scale_rows)
         np.copyto(block, decoded, casting="unsafe")
         return encoding
-
-
-def _pwrite(path: str, pos: int, array: np.ndarray) -> None:
-    data = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
-    try:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            start, length = pos, len(data)
-            while data:
-                n = os.pwrite(fd, data, pos)
-                data, pos = data[n:], pos + n
-            start_writeback(fd, start, length)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"{path}: write failed ({exc.strerror}); free space and rerun") from None

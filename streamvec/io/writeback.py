@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
+from streamvec.errors import OutputError
+
 _FADVISE = getattr(os, "posix_fadvise", None)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
@@ -29,3 +33,25 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _FADVISE(fd, offset, length, _DONTNEED)
     except OSError:
         pass  # advice only: a filesystem that refuses it loses the overlap, nothing else
+
+
+def write_at(path: str, pos: int, array: np.ndarray) -> None:
+    """Write ``array``'s C-order bytes at byte ``pos`` of the pre-sized file ``path``, then
+    start their writeback.
+
+    Raises:
+        OutputError: the write failed (disk full, I/O error), naming the file.
+    """
+    data = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            start, length = pos, len(data)
+            while data:
+                n = os.pwrite(fd, data, pos)
+                data, pos = data[n:], pos + n
+            start_writeback(fd, start, length)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"{path}: write failed ({exc.strerror}); free space and rerun") from None
