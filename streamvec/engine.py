@@ -455,8 +455,12 @@ def run(
     out = OutputDir(path, overwrite=overwrite, inputs=input_paths(model.sources()))
     out.expected_bytes = sum(t.nbytes for t in tensors)  # uncompressed: an upper bound
     kept = out.open(keep_partial=resume)
-    if kept and read_job(out.partial) is None:
-        # Killed before its job record was written: nothing was logged as done, start over.
+    recorded = read_job(out.partial) if kept else None
+    if kept and (
+        recorded is None or (recorded.identity == identity and not read_done_entries(out.partial))
+    ):
+        # Killed before any block was logged as done (before its job record, or before its
+        # output files were all created): there is nothing to continue, so start over.
         out.release()
         kept = out.open(keep_partial=False)
     try:

@@ -118,6 +118,30 @@ def test_killed_runs_resume_to_identical_output(family, tmp_path: Path, kind: st
         assert not (out.parent / f".{out.name}.partial").exists()
 
 
+@pytest.mark.parametrize("kind", ["diff", "combine"])
+def test_a_run_stopped_before_its_first_block_resumes(
+    family, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped after its job record but before its output files existed (a SIGTERM at that
+    moment made --resume fail with "cannot reopen"): --resume starts over."""
+    from streamvec import sinks
+
+    reference = tmp_path / "ref"
+    assert run_cli(*command(kind, family, reference)) == 0
+    out = tmp_path / "out"
+    sink = sinks.ZarrSink if kind == "diff" else sinks.SafetensorsSink
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as the SIGTERM handler raises it
+
+    with monkeypatch.context() as m:
+        m.setattr(sink, "prepare", stopped)
+        assert run_cli(*command(kind, family, out)) == 130
+    assert (tmp_path / ".out.partial").is_dir() and not out.exists()
+    assert run_cli(*command(kind, family, out), "--resume") == 0
+    assert output_bytes(out) == output_bytes(reference)
+
+
 def test_resume_refuses_a_different_job(family, tmp_path: Path) -> None:
     out = tmp_path / "tau.zarr"
     kill_after(command("diff", family, out), out, 2)
