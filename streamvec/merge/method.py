@@ -72,6 +72,58 @@ class RunSettings:
             out["block_size"] = self.block_size
         return out
 
+    def svd_run_options(self, method: str, *, intermediate: bool = False) -> Any:
+        """The :class:`streamvec.ops.svd.RunOptions` of a merge that runs the SVD commands.
+
+        Every setting is carried over (resume, finite check, block size and device included);
+        one these commands cannot honour is refused, naming the flag and the method, rather
+        than dropped.
+
+        Args:
+            method: the recipe's ``merge_method``, for the messages.
+            intermediate: the SVD command writes an intermediate that is always recomputed
+                (``shared_unique``'s components); ``resume`` then applies to the merge's own
+                output pass only (:meth:`engine_kwargs`), not to this command.
+
+        Returns:
+            The run options.
+
+        Raises:
+            StreamvecError: a setting the SVD commands do not support was given.
+        """
+        from streamvec.errors import StreamvecError
+        from streamvec.ops.svd import RunOptions
+
+        run_fields = {f.name for f in fields(RunOptions)}
+        # Values that mean "not asked for": the engine's defaults.
+        unset: dict[str, Any] = {"compression": "lz4"}
+        extra = {}
+        for key, value in self.engine.items():
+            if key in run_fields:
+                extra[key] = value
+            elif value not in (None, False, unset.get(key)):
+                flag = "--" + key.replace("_", "-")
+                raise StreamvecError(
+                    f"{flag} is not supported by `streamvec merge` with merge_method {method}; "
+                    "rerun without it"
+                )
+        if intermediate:
+            extra["resume"] = False
+        elif extra.get("resume"):
+            raise StreamvecError(
+                f"--resume is not supported by `streamvec merge` with merge_method {method} "
+                "yet; rerun without it (the output appears only when complete)"
+            )
+        return RunOptions(
+            workers=self.workers,
+            scheduler=self.scheduler,
+            memory_limit=self.memory_limit,
+            progress=self.progress,
+            overwrite=self.overwrite,
+            block_size=self.block_size,
+            **extra,
+        )
+
 
 Builder = Callable[["MergeRequest", RunSettings], "Model"]
 Runner = Callable[["MergeRequest", "str | os.PathLike[str]", RunSettings], Any]
