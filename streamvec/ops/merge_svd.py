@@ -44,6 +44,7 @@ from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import check_destination, output_error
+from streamvec.operations import check_settings
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -148,7 +149,7 @@ def merge_svd(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     dtype: str | None = None,
-    shard_size: str | int = "5GB",
+    shard_size: str | int | None = None,
     run: RunOptions | None = None,
 ) -> MergeReport:
     """Merge task vectors by TSV-M or Iso-C; write ``alpha * merged`` or ``base + alpha * merged``.
@@ -165,7 +166,7 @@ def merge_svd(
         include: only tensors matching these patterns (with ``base``, others keep the base).
         exclude: leave out tensors matching these.
         dtype: output dtype (default: the base's, or float32 for a task vector).
-        shard_size: safetensors shard size of an edited model.
+        shard_size: safetensors shard size of an edited model (default: ``run.shard_size``).
         run: workers, scheduler, memory limit, progress, overwrite.
 
     Returns:
@@ -184,7 +185,8 @@ def merge_svd(
     from streamvec.engine import run as run_engine
 
     run = run or RunOptions()
-    run.refuse_resume("merge-svd")
+    # the same check as the CLI's: a setting this command cannot honour is refused
+    check_settings("merge-svd", run)
     if method not in MERGES:
         raise StreamvecError(f"merge method must be one of {', '.join(MERGES)}, got {method!r}")
     if not terms:
@@ -280,7 +282,6 @@ def merge_svd(
             model.combination(),
             out_path,
             description=f"merge-svd {method}",
-            shard_size=shard_size,
             extra_attrs={
                 "merge": merge_attrs,
                 "expression": f"{'base + ' if base is not None else ''}{alpha:g} * "
@@ -288,7 +289,7 @@ def merge_svd(
                 "sources": _unique(sources),
                 **{k: v for k, v in options.attrs().items() if k != "rank"},
             },
-            **run.engine_kwargs(),
+            **{**run.engine_kwargs(), "shard_size": shard_size or run.shard_size},
         )
     except OSError as exc:  # disk full while writing the merged factors beside the output
         raise output_error("write", out_path, exc) from None
