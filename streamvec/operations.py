@@ -55,12 +55,14 @@ class Operation:
 
     Attributes:
         name: the command name (``streamvec NAME``).
+        module: the module that implements it.
         summary: one line: what it computes.
-        paper: the method it implements, or "" for plain arithmetic.
+        paper: the papers it implements.
         settings: the :class:`~streamvec.settings.Settings` fields it honours.
     """
 
     name: str
+    module: str
     summary: str
     paper: str
     settings: frozenset[str]
@@ -71,45 +73,65 @@ OPERATIONS: dict[str, Operation] = {
     for op in (
         Operation(
             "diff",
-            "task vector FINETUNED - BASE into a Zarr store",
+            "streamvec.ops.task_vector",
+            "task vector tau = theta_ft - theta_base",
             "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
             _RUN | _ZARR | _RESUME | {"vocab", "int_tensors"},
         ),
         Operation(
             "combine",
-            "task arithmetic: base + lambda * sum_i w_i tau_i, or the combined task vector",
+            "streamvec.ops.combine",
+            "theta_base + lambda * sum_i w_i tau_i (negation, addition, analogies)",
             "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
             _RUN | _ZARR | _SAFETENSORS | _RESUME | {"vocab", "int_tensors", "strict"},
         ),
         Operation(
             "svd",
-            "truncated SVD of every matrix of a task vector, into an SVD store",
-            "Halko, Martinsson & Tropp, SIAM Review 2011 (randomized SVD)",
+            "streamvec.ops.svd",
+            "truncated SVD U diag(S) Vh of every matrix (randomized subspace iteration over "
+            "row blocks, or exact LAPACK where it fits), stored as a low-rank task vector",
+            "Halko, Martinsson & Tropp, Finding Structure with Randomness: Probabilistic "
+            "Algorithms for Constructing Approximate Matrix Decompositions, SIAM Review 53(2), "
+            "2011 (Algorithms 4.4 and 5.1)",
             _RUN | _RESUME | {"vocab"},
         ),
         Operation(
             "lora",
-            "a task vector (or several adapters and fine-tunes) as a PEFT LoRA adapter",
-            "Hu et al., LoRA, ICLR 2022",
+            "streamvec.ops.lora",
+            "PEFT LoRA adapter from a fine-tune: B = U sqrt(S), A = sqrt(S) Vh per linear layer",
+            "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 "
+            "(arXiv:2106.09685, 2021)",
             _RUN | {"strict"},
         ),
         Operation(
             "decompose",
-            "shared and unique components of several task vectors",
-            "Damirchi et al., arXiv:2512.22511, 2025",
+            "streamvec.ops.decompose",
+            "shared_i = C C^T tau_i over the common left singular subspace C of the tasks, "
+            "unique_i = tau_i - shared_i",
+            "Damirchi, Abbasnejad, Zhang & Shi, Decomposing Task Vectors for Refined Model "
+            "Editing, arXiv:2512.22511, 2025",
             # not compression: the shared parts are SVD stores with their own codec
             _RUN | {"vocab"},
         ),
         Operation(
             "merge-svd",
-            "TSV-M or Iso-C merge of task vectors",
-            "Gargiulo et al., CVPR 2025 (TSV-M); Marczak et al., ICML 2025 (Iso-C)",
+            "streamvec.ops.merge_svd",
+            "tsv (TSV-M): per-task top singular triplets, orthogonalised bases, "
+            "U_perp diag(S) V_perp^T; iso-c (Iso-C): SVD of sum tau_i with a flat spectrum, "
+            "mean(S) U V^T (also merge_method tsv / iso_c of `streamvec merge`)",
+            "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model "
+            "Merging, CVPR 2025; Marczak et al., No Task Left Behind: Isotropic Model Merging "
+            "with Common and Task-Specific Subspaces, ICML 2025",
             _RUN | _ZARR | _SAFETENSORS,
         ),
         Operation(
             "merge",
-            "a mergekit-style recipe (streamvec merge --list names the methods)",
-            "per method: see streamvec.merge.registry",
+            "streamvec.merge",
+            "mergekit-style recipes: TIES, DARE, breadcrumbs, DELLA, the papers' variants and "
+            "the SVD merges; the methods and their papers are listed in "
+            "streamvec.merge.registry (`streamvec merge --list`)",
+            "Yadav et al. NeurIPS 2023; Yu et al. ICML 2024; Davari & Belilovsky 2024; "
+            "Deep et al. 2024; per method: streamvec.merge.registry",
             _RUN | _SAFETENSORS | _RESUME | {"vocab"},
         ),
     )

@@ -57,10 +57,10 @@ from streamvec.ops.svd import (
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 
-__all__ = ["MERGES", "MergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
+__all__ = ["MERGES", "SVDMergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
 
-MergeMethod = Literal["tsv", "iso-c"]
-MERGES: tuple[MergeMethod, ...] = ("tsv", "iso-c")
+SVDMergeKind = Literal["tsv", "iso-c"]
+MERGES: tuple[SVDMergeKind, ...] = ("tsv", "iso-c")
 
 
 def _polar(x: np.ndarray) -> np.ndarray:
@@ -121,7 +121,7 @@ def iso_c_factors(
 
 
 @dataclass
-class MergeReport:
+class SVDMergeReport:
     """What ``streamvec merge-svd`` did: the engine's report plus the factorization summary."""
 
     run: RunReport
@@ -151,7 +151,7 @@ def merge_svd(
     dtype: str | None = None,
     shard_size: str | int | None = None,
     run: RunOptions | None = None,
-) -> MergeReport:
+) -> SVDMergeReport:
     """Merge task vectors by TSV-M or Iso-C; write ``alpha * merged`` or ``base + alpha * merged``.
 
     Args:
@@ -170,7 +170,7 @@ def merge_svd(
         run: workers, scheduler, memory limit, progress, overwrite.
 
     Returns:
-        A :class:`MergeReport`.
+        A :class:`SVDMergeReport`.
 
     Raises:
         StreamvecError: unknown method, bad rank or alpha, mismatched inputs, or a matrix
@@ -295,7 +295,7 @@ def merge_svd(
         raise output_error("write", out_path, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return MergeReport(report, method, methods, ranks)
+    return SVDMergeReport(report, method, methods, ranks)
 
 
 def _unique(infos: list[Any]) -> list[Any]:

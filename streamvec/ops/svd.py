@@ -74,7 +74,7 @@ from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_p
 from streamvec.units import format_bytes
 
 __all__ = [
-    "METHODS",
+    "SVD_METHODS",
     "Factorizer",
     "RunOptions",
     "SVDOptions",
@@ -89,7 +89,7 @@ __all__ = [
 ]
 
 Method = Literal["exact", "randomized"]
-METHODS = ("auto", "exact", "randomized")
+SVD_METHODS = ("auto", "exact", "randomized")
 
 
 # Time model used to pick a method (seconds). Measured on the development machine (2 shared
@@ -131,9 +131,9 @@ class SVDOptions:
         ):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
                 raise StreamvecError(f"{label} must be an integer >= {low}, got {value!r}")
-        if self.method not in METHODS:
+        if self.method not in SVD_METHODS:
             raise StreamvecError(
-                f"--method must be one of {', '.join(METHODS)}, got {self.method!r}"
+                f"--method must be one of {', '.join(SVD_METHODS)}, got {self.method!r}"
             )
 
     def attrs(self) -> dict[str, Any]:
