@@ -347,6 +347,21 @@ def test_cli_writes_json_and_readable_pngs(synth_family, tmp_path, capsys) -> No
     assert json.loads(capsys.readouterr().out)["names"] == ["a"]
 
 
+def test_cli_exact_topk_flag(synth_family, capsys) -> None:
+    f = synth_family
+    args = ("stats", f["a"], f["c"], "--base", f["base"], "--json", "--density", "0.1")
+    assert run_cli(*args, "--exact-topk") == 0
+    exact = json.loads(capsys.readouterr().out)
+    want = sv.stats(
+        [f["a"], f["c"]], base=f["base"], options=StatsOptions(density=0.1, exact_topk=True)
+    )
+    got = np.array(exact["overall"]["top_overlap"], dtype=float)
+    np.testing.assert_allclose(got, want.overall.top_overlap[0])
+    assert run_cli(*args) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert sampled["overall"]["gram"] == exact["overall"]["gram"]
+
+
 def test_cli_bad_input_exits_2(synth_family, tmp_path, capsys) -> None:
     f = synth_family
     assert run_cli("stats") == 2
