@@ -58,6 +58,7 @@ def main() -> None:
     inputs = open_inputs([str(f) for f in args.fts], base=args.base)
     workers = args.workers or os.cpu_count() or 1
     fts = [str(f) for f in args.fts]
+    abs_fts = [str(f.resolve()) for f in args.fts]
 
     def read() -> None:
         jobs = []
@@ -81,7 +82,8 @@ def main() -> None:
         code = _BEFORE.format(workers=workers)
         env = {**os.environ, "PYTHONPATH": str(args.before)}
         out = subprocess.run(
-            [sys.executable, "-c", code, str(args.base), *fts],
+            [sys.executable, "-c", code, str(args.base.resolve()), *abs_fts],
+            cwd=args.before,  # "-c" puts the working directory first on sys.path
             env=env,
             capture_output=True,
             text=True,

@@ -86,12 +86,13 @@ class FusedStat:
         masks = np.empty((n, width), np.bool_) if thresholds is not None else None
         pair = np.empty(width, np.bool_) if thresholds is not None and n > 1 else None
         floor = None if thresholds is None else np.maximum(thresholds, 1).astype(np.uint32)
+        plan = plan_vectors(self.coefs)
         with SlabReader(self.readers, r0, r1, width) as rd:
             for s0 in range(0, size, width):
                 s1 = min(size, s0 + width)
                 w = s1 - s0
                 ops = rd.load(s0, s1)
-                t = _task_vectors(ops, self.coefs, t32[:, :w])
+                t = task_vectors(ops, plan, t32[:, :w])
                 b = bits[:, :w]
                 np.bitwise_and(t.view(np.uint32), _ABS, out=b)
                 if t64 is not None:
@@ -143,34 +144,53 @@ class FusedStat:
         )
 
 
-def _task_vectors(
-    ops: Sequence[np.ndarray], coefs: tuple[tuple[float, ...], ...], out: np.ndarray
-) -> np.ndarray:
+Plan = tuple[tuple[tuple[float, int], ...], ...]
+
+
+def plan_vectors(coefs: tuple[tuple[float, ...], ...]) -> Plan:
+    """Per task vector, its non-zero ``(coefficient, operand)`` terms (``ft - base``: the
+    ``+1`` first)."""
+    out = []
+    for row in coefs:
+        terms = [(c, r) for r, c in enumerate(row) if c != 0.0]
+        if len(terms) == 2 and {terms[0][0], terms[1][0]} == {1.0, -1.0}:
+            terms.sort(key=lambda x: -x[0])
+        out.append(tuple(terms))
+    return tuple(out)
+
+
+def task_vectors(ops: Sequence[np.ndarray], plan: Plan, out: np.ndarray) -> np.ndarray:
     """``(N, w)`` float32 task vectors ``sum_r c_r x_r`` of one slab into ``out``.
 
     ``ft - base`` is one correctly rounded subtraction (the float32 task vector ``diff``
     stores); a store's vector is its values.
+
+    Args:
+        ops: every operand's slab, float32.
+        plan: from :func:`plan_vectors`.
+        out: ``(N, w)`` float32.
+
+    Returns:
+        ``out``.
     """
-    for i, row in enumerate(coefs):
+    for i, terms in enumerate(plan):
         acc = out[i]
-        terms = [(c, x) for c, x in zip(row, ops, strict=True) if c != 0.0]
-        if len(terms) == 2 and {terms[0][0], terms[1][0]} == {1.0, -1.0}:
-            pos, neg = (terms[0][1], terms[1][1]) if terms[0][0] > 0 else (terms[1][1], terms[0][1])
-            np.subtract(pos, neg, out=acc)
+        if len(terms) == 2 and terms[0][0] == 1.0 and terms[1][0] == -1.0:
+            np.subtract(ops[terms[0][1]], ops[terms[1][1]], out=acc)
             continue
         if not terms:
             acc[:] = 0.0
             continue
-        c0, x0 = terms[0]
+        c0, r0 = terms[0]
         if c0 == 1.0:
-            np.copyto(acc, x0)
+            np.copyto(acc, ops[r0])
         else:
-            np.multiply(x0, np.float32(c0), out=acc)
-        for c, x in terms[1:]:
+            np.multiply(ops[r0], np.float32(c0), out=acc)
+        for c, r in terms[1:]:
             if c == 1.0:
-                np.add(acc, x, out=acc)
+                np.add(acc, ops[r], out=acc)
             elif c == -1.0:
-                np.subtract(acc, x, out=acc)
+                np.subtract(acc, ops[r], out=acc)
             else:
-                acc += np.float32(c) * x
+                acc += np.float32(c) * ops[r]
     return out

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from streamvec.io.blocks import BlockReader, matrix_shape
-from streamvec.stats.fused import _ABS, _task_vectors
+from streamvec.stats.fused import _ABS, plan_vectors, task_vectors
 from streamvec.stats.slabs import SlabReader, preadable, read_runs
 
 RUN = 32  # consecutive elements per sampled run (one pread per operand)
@@ -96,7 +96,8 @@ def _bits(
     for r0, r1 in row_ranges:
         size = (r1 - r0) * cols
         with SlabReader(readers, r0, r1, max(size, 1)) as rd:
-            t = _task_vectors(rd.load(0, size), coefs, np.empty((len(coefs), size), np.float32))
+            out = np.empty((len(coefs), size), np.float32)
+            t = task_vectors(rd.load(0, size), plan_vectors(coefs), out)
         parts.append(np.bitwise_and(t.view(np.uint32), _ABS))
     return np.concatenate(parts, axis=1)
 
@@ -114,5 +115,5 @@ def _run_bits(
         0, max(1, stratum - RUN + 1), runs
     )
     ops = [read_runs(r, starts, RUN).reshape(-1) for r in readers]  # type: ignore[arg-type]
-    t = _task_vectors(ops, coefs, np.empty((len(coefs), runs * RUN), np.float32))
+    t = task_vectors(ops, plan_vectors(coefs), np.empty((len(coefs), runs * RUN), np.float32))
     return np.bitwise_and(t.view(np.uint32), _ABS)
