@@ -11,7 +11,8 @@ alike:
 - ``stats``: ``sv.stats`` with the default density (thresholds sampled, one pass);
 - ``stats --exact-topk``: the histogram threshold and a second pass;
 - ``before``: with ``--before DIR`` (a checkout of an earlier streamvec), its ``sv.stats``
-  with the default settings, timed inside a subprocess (imports excluded);
+  with ``--density 0`` and with the default settings, timed inside a subprocess (imports
+  excluded);
 
 and prints each one's median seconds and its ratio to ``cat`` and to ``read``.
 
@@ -39,8 +40,10 @@ from streamvec.stats.slabs import SlabReader
 _BEFORE = """
 import sys, time
 import streamvec as sv
+from streamvec.stats import StatsOptions
+options = StatsOptions(density={density})
 start = time.perf_counter()
-sv.stats(sys.argv[2:], base=sys.argv[1], workers={workers})
+sv.stats(sys.argv[2:], base=sys.argv[1], workers={workers}, options=options)
 print(time.perf_counter() - start)
 """
 
@@ -78,8 +81,8 @@ def main() -> None:
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(one, jobs))
 
-    def before() -> float:
-        code = _BEFORE.format(workers=workers)
+    def before(density: float) -> float:
+        code = _BEFORE.format(workers=workers, density=density)
         env = {**os.environ, "PYTHONPATH": str(args.before)}
         out = subprocess.run(
             [sys.executable, "-c", code, str(args.base.resolve()), *abs_fts],
@@ -103,7 +106,8 @@ def main() -> None:
         ),
     }
     if args.before is not None:
-        variants["before (default)"] = before
+        variants["before --density 0"] = lambda: before(0.0)
+        variants["before (default)"] = lambda: before(0.2)
     variants["cat"]()  # warm the page cache
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
