@@ -416,3 +416,28 @@ def test_memory_stays_flat(tmp_path) -> None:
     # A whole float64 task vector of the large input alone would be 128 MB.
     assert grow_large < grow_small + (24 << 20), (grow_small, grow_large)
     assert grow_large < 64 << 20
+
+
+@pytest.mark.parametrize("how", ["rewritten", "truncated"])
+def test_input_changed_during_the_pass_is_an_error(tmp_path, how) -> None:
+    """The slab reader keeps the reader's promise: a changed input stops the pass."""
+    from streamvec.errors import InputChangedError
+    from streamvec.merge.passes import PassOptions
+    from streamvec.stats.inputs import open_inputs
+    from streamvec.stats.runner import TopSets, run_stats_pass
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    base = write_checkpoint(tmp_path / "base", {"w": w})
+    ft = write_checkpoint(tmp_path / "ft", {"w": w + 1})
+    inputs = open_inputs([str(ft)], base=base)
+    path = ft / "model.safetensors"
+    if how == "rewritten":
+        write_checkpoint(ft, {"w": w + 2})
+    else:
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size - 1024)
+    run = PassOptions(workers=1, scheduler="sync")
+    with pytest.raises(InputChangedError, match=str(path)):
+        run_stats_pass(inputs.tensors, run)
+    with pytest.raises(InputChangedError, match=str(path)):
+        run_stats_pass(inputs.tensors, run, top=TopSets(0.2, 512))  # the sample's reads
