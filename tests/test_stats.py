@@ -206,6 +206,8 @@ def test_store_terms_equal_checkpoint_terms(synth_family, family_stats, tmp_path
         stores.append(out)
     st = sv.stats(stores, base=f["base"])
     assert st.names == ("a", "b", "c")
+    taus, bases = reference_taus(f["base"], [f["a"], f["b"], f["c"]])
+    check_against_reference(st, taus, bases, 0.2)
     ref = family_stats.per_tensor
     assert sorted(st.per_tensor.labels) == sorted(ref.labels)
     order = [st.per_tensor.select(n) for n in ref.labels]
