@@ -109,13 +109,16 @@ def run_stats_pass(
     if not tensors:
         return {}
     workers = options.resolved_workers()
+    # Sized like an op's blocks (every operand upcast): what non-pread readers hold.
     stand_ins = [
-        LazyTensor(t.name, t.shape, np.dtype(np.float32), tuple((1.0, r) for r in t.readers))
+        LazyTensor(
+            t.name,
+            t.shape,
+            np.dtype(np.float32),
+            tuple((1.0, r) for r in t.readers),
+            op=_Marker(),  # type: ignore[arg-type]
+        )
         for t in tensors
-    ]
-    stand_ins = [
-        LazyTensor(s.name, s.shape, s.dtype, s.terms, op=_Marker())  # type: ignore[arg-type]
-        for s in stand_ins
     ]
     block_bytes = parse_size(options.block_size) if options.block_size else DEFAULT_BLOCK_BYTES
     plan = plan_blocks(
