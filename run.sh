@@ -5,7 +5,7 @@
 #
 # Set-up: a virtual environment in .venv (reused; reinstalled when pyproject.toml changes).
 # torch is installed as the CPU build 2.13.0 *before* the project when it is missing, so the
-# project's own range (torch>=2.2, tests only) does not pull a CUDA build.
+# project's own range (torch>=2.2, tests only) never pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")"
 cmd="${1:-}"
@@ -28,10 +28,7 @@ extra=""
 stamp="$venv/.installed$extra-$(cksum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
   if [ "$cmd" = test ] && ! "$py" -c "import torch" 2>/dev/null; then
-    # PyPI's Linux wheel is the CUDA build (GBs of nvidia packages): take the CPU wheel from
-    # PyTorch's own index, and PyPI's only when that index cannot be reached.
-    pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
-      || pip install "torch==2.13.0"
+    pip install "torch==2.13.0"
   fi
   pip install -e ".$extra"
   touch "$stamp"
