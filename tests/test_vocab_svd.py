@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.families import read_all
-from tests.test_decompose_merge import tsv_reference
+from tests.test_decompose_merge import iso_c_reference, tsv_reference
 from tests.test_real_checkpoints import _load_lm, qwen3, resized  # noqa: F401  (fixtures)
 
 EMB = "model.embed_tokens.weight"
@@ -47,10 +47,19 @@ def _taus(policy: str, base: dict, fts: list[dict]) -> tuple[list[dict], dict]:
     return [{n: fit(f, n) - b[n] for n in base} for f in fts], b
 
 
-@pytest.mark.parametrize("policy", ["union", "base", "common"])
-def test_merge_svd_tsv_vocab_policies(resized, qwen3, tmp_path: Path, policy: str) -> None:  # noqa: F811
+@pytest.mark.parametrize(
+    ("method", "policy"),
+    [("tsv", "union"), ("tsv", "base"), ("tsv", "common"), ("iso-c", "union")],
+)
+def test_merge_svd_vocab_policies(
+    resized,  # noqa: F811
+    qwen3,  # noqa: F811
+    tmp_path: Path,
+    method: str,
+    policy: str,
+) -> None:
     out = tmp_path / "out"
-    args = ("merge-svd", "tsv", resized["ft"], qwen3["ft2"], "--base", resized["base"])
+    args = ("merge-svd", method, resized["ft"], qwen3["ft2"], "--base", resized["base"])
     assert run_cli(*args, "-o", out, "--alpha", "0.8", "--vocab", policy, "-q") == 0
     base, fts = read_all(resized["base"]), [read_all(resized["ft"]), read_all(qwen3["ft2"])]
     taus, b = _taus(policy, base, fts)
@@ -63,8 +72,10 @@ def test_merge_svd_tsv_vocab_policies(resized, qwen3, tmp_path: Path, policy: st
         per_task = [t[name] for t in taus]
         if per_task[0].ndim < 2:
             merged = np.mean(per_task, axis=0)
-        else:
+        elif method == "tsv":
             merged = tsv_reference(per_task, min(per_task[0].shape))
+        else:
+            merged = iso_c_reference(per_task, None)
         want = b[name] + 0.8 * merged
         # one rounding to the base's dtype (bfloat16: half an ulp is 2^-8 relative)
         tol = 2.0**-8 if got[name].dtype.itemsize == 2 else 1e-6
@@ -102,7 +113,10 @@ def test_vocab_refusals_name_a_flag_the_command_takes(resized, tmp_path: Path, c
         ("lora", resized["base"], resized["ft"], "--rank", "2", "-o", tmp_path / "l"),
     ):
         assert run_cli(*cmd, "-q") == 2
-        assert "--vocab base" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--vocab base" in err and err.count("\n") == 1
+        if cmd[0] == "lora":  # only the policy lora takes, and the way to a full model
+            assert "--vocab common" not in err and "combine --vocab union" in err
         assert run_cli(*cmd, "--vocab", "base", "-q") == 0, cmd
 
 

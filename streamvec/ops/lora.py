@@ -72,7 +72,7 @@ from streamvec.adapters.writer import (
 )
 from streamvec.algebra import Model
 from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
-from streamvec.errors import StreamvecError
+from streamvec.errors import MismatchError, StreamvecError
 from streamvec.io.adapter_readers import LoraProductReader
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.checkpoint import resolve_checkpoint
@@ -92,7 +92,7 @@ from streamvec.ops.svd import (
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
-from streamvec.vocab import VocabChoice
+from streamvec.vocab import VOCAB_HINT, VocabChoice
 
 __all__ = ["DEFAULT_RANK_TOL", "LoraReport", "export_lora", "is_linear_weight", "lora"]
 
@@ -107,6 +107,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 REPORT_NAME = "streamvec_lora.json"
 PEFT_PREFIX = "base_model.model."
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16")
+_LORA_VOCAB_HINT = (
+    "pass --vocab base (an adapter applies to the base: the rows it shares with the fine-tune "
+    "are exported, added tokens' rows dropped), or write the full model with `streamvec "
+    "combine --vocab union`; see docs/checkpoints.md"
+)
 
 
 def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
@@ -327,7 +332,13 @@ def lora(
         )
         tv = spec.weight * tau if tv is None else tv + spec.weight * tau
     assert tv is not None
-    resolved = tv.resolved()
+    try:
+        resolved = tv.resolved()
+    except MismatchError as exc:
+        # The generic hint offers common and union too, which an adapter cannot honour.
+        if VOCAB_HINT not in str(exc):
+            raise
+        raise MismatchError(str(exc).replace(VOCAB_HINT, _LORA_VOCAB_HINT)) from None
     base_files = resolve_checkpoint(base)
     naming = peft_naming(base_files.root, {n: t.shape for n, t in base_files.tensors.items()})
     selected = [(n, t) for n, t in resolved.tensors.items() if n in naming.targets]
