@@ -53,11 +53,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,9 +348,9 @@ def write_entry_points(root: Path, plan: Plan) -> None:
         body = "".join(f"    {n},\n" for n in names)
         listing = "".join(f'    "{n}",\n' for n in names)
         text = (
-            f'"""``{_dotted(shim)}``: where users import it from; the code lives in '
-            f":mod:`{module}`.\n\n"
-            f"A re-export only, kept because ``{_dotted(shim)}.merge`` is public API.\n"
+            f'"""``{_dotted(shim)}``: the public name of :mod:`{module}`.\n\n'
+            f"A re-export only: ``{_dotted(shim)}.merge`` is public API, the code lives in\n"
+            f":mod:`{module}`.\n"
             '"""\n\n'
             f"from {module} import (\n{body})\n\n__all__ = [\n{listing}]\n"
         )
@@ -515,7 +517,7 @@ def files_to_rewrite(root: Path) -> list[Path]:
     return found
 
 
-def rewrite_tree(root: Path, plan: Plan) -> tuple[int, list[str]]:
+def rewrite_tree(root: Path, plan: Plan) -> tuple[int, dict[Path, set[str]]]:
     """Rewrite every reference under ``root``.
 
     Args:
@@ -523,11 +525,11 @@ def rewrite_tree(root: Path, plan: Plan) -> tuple[int, list[str]]:
         plan: the plan.
 
     Returns:
-        (number of files changed, Python lines longer than the limit that the rename made so).
+        (number of files changed, {changed Python file: its lines over the limit before}).
     """
     rewriter = Rewriter(plan)
     changed = 0
-    long_lines: list[str] = []
+    touched: dict[Path, set[str]] = {}
     for path in files_to_rewrite(root):
         try:
             text = path.read_text(encoding="utf-8")
@@ -538,11 +540,77 @@ def rewrite_tree(root: Path, plan: Plan) -> tuple[int, list[str]]:
             path.write_text(new, encoding="utf-8")
             changed += 1
             if path.suffix == ".py":
-                before = {line for line in text.splitlines() if len(line) > LINE_LIMIT}
-                for number, line in enumerate(new.splitlines(), 1):
-                    if len(line) > LINE_LIMIT and line not in before:
-                        long_lines.append(f"{path.relative_to(root)}:{number}")
-    return changed, long_lines
+                touched[path] = {line for line in text.splitlines() if len(line) > LINE_LIMIT}
+    return changed, touched
+
+
+def _split_at(line: str, limit: int) -> int | None:
+    """Where to break a prose line so that its first part fits: the last space that does."""
+    cut = line.rfind(" ", 0, limit + 1)
+    indent = len(line) - len(line.lstrip())
+    return cut if cut > indent + 2 else None
+
+
+def wrap_long_lines(root: Path, touched: dict[Path, set[str]]) -> list[str]:
+    """Wrap docstring and comment lines that the longer module paths pushed over the limit.
+
+    ruff format wraps code but not prose. A docstring line is broken at its last fitting
+    space and continues at the same indent (two more under a ``-`` bullet); a comment
+    continues as a comment. Long lines of code or one-line strings are returned instead.
+
+    Args:
+        root: the repository root.
+        touched: the Python files rewritten, with their lines over the limit before.
+
+    Returns:
+        ``path:line`` of each long line left for a person.
+    """
+    left: list[str] = []
+    for path, before in touched.items():
+        text = path.read_text(encoding="utf-8")
+        prose = _prose_lines(text)
+        out: list[str] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            pending = line
+            while len(pending) > LINE_LIMIT and pending not in before:
+                cut = _split_at(pending, LINE_LIMIT)
+                kind = prose.get(number)
+                if cut is None or kind is None:
+                    left.append(f"{path.relative_to(root)}:{number}")
+                    break
+                head, rest = pending[:cut], pending[cut + 1 :]
+                indent = pending[: len(pending) - len(pending.lstrip())]
+                if kind == "comment":
+                    indent += "# "
+                elif pending.lstrip().startswith(("- ", "* ")):
+                    indent += "  "
+                out.append(head.rstrip())
+                pending = indent + rest.lstrip()
+            out.append(pending)
+        new = "\n".join(out) + ("\n" if text.endswith("\n") else "")
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+    return left
+
+
+def _prose_lines(text: str) -> dict[int, str]:
+    """Line numbers that are whole-line comments or inside a triple-quoted string."""
+    kinds: dict[int, str] = {}
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return kinds
+    lines = text.splitlines()
+    for tok in tokens:
+        if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1].lstrip().startswith("#"):
+            kinds[tok.start[0]] = "comment"
+        elif tok.type == tokenize.STRING and tok.string.endswith(('"""', "'''")):
+            # Not the first line (it holds the quotes and maybe code before them).
+            for number in range(tok.start[0] + 1, tok.end[0] + 1):
+                kinds[number] = "docstring"
+            if tok.start[1] == len(lines[tok.start[0] - 1]) - len(lines[tok.start[0] - 1].lstrip()):
+                kinds[tok.start[0]] = "docstring"
+    return kinds
 
 
 def run_ruff(root: Path, ruff: str | None) -> str:
@@ -618,12 +686,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         apply_moves(root, plan)
+        changed, touched = rewrite_tree(root, plan)
+        # After the rewrite: these name the new modules already.
         write_entry_points(root, plan)
-        changed, long_lines = rewrite_tree(root, plan)
         print(f"references rewritten in {changed} files")
         print(run_ruff(root, args.ruff))
-        for where in long_lines:
-            print(f"  longer than {LINE_LIMIT} after the rename: {where}")
+        for where in wrap_long_lines(root, touched):
+            print(f"  longer than {LINE_LIMIT} after the rename (fix by hand): {where}")
     for rel in plan.unknown:
         print(f"UNPLACED: {PACKAGE}/{rel} (not in the table: left in place; move it by hand)")
     return 1 if plan.unknown else 0
