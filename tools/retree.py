@@ -88,7 +88,6 @@ TABLE: dict[str, str] = {
     "io/checkpoint.py": "io/safetensors/checkpoint.py",
     "io/st_writer.py": "io/safetensors/writer.py",
     "io/st_layout.py": "io/safetensors/layout.py",
-    "io/st_manifest.py": "io/safetensors/manifest.py",
     "io/fp8.py": "io/safetensors/fp8.py",
     "io/quantized.py": "io/safetensors/quantized.py",
     "requantize.py": "io/safetensors/requantize.py",
