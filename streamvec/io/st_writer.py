@@ -3,8 +3,9 @@
 Every header is computed from the tensors' names, shapes and dtypes before any data exists
 (:mod:`streamvec.io.st_layout`), so each shard file can be created at its final size up front.
 Tensor data then arrives in row blocks, in any order and from any number of threads, and goes
-straight to its byte offset with ``os.pwrite``. The result is byte-identical to what ``safetensors.numpy.save_file`` writes for
-the same tensors in the same order, plus a ``model.safetensors.index.json``.
+straight to its byte offset with ``os.pwrite``. The result is byte-identical to what
+``safetensors.numpy.save_file`` writes for the same tensors in the same order, plus a
+``model.safetensors.index.json``.
 
 Example:
     >>> specs = [TensorSpec("w", np.dtype(np.float32), (4, 2))]
