@@ -377,7 +377,8 @@ _FROM = re.compile(
 )
 _DOTTED = re.compile(r"(?<![\w.])" + PACKAGE + r"(?:\.[A-Za-z_]\w*)+")
 _PATH = re.compile(r"(?<![\w/.])" + PACKAGE + r"(?:/[A-Za-z_]\w*)+(?:\.py|/)?")
-_KEEP = re.compile(r"-m[ \t]+" + PACKAGE + r"\.cli\b(?!\.)")
+# `python -m streamvec.cli` (in a shell line or an argv list) runs cli/__main__.py: kept.
+_KEEP = re.compile(r"-m(?:[ \t]+|[\"'],[ \t]*[\"'])" + PACKAGE + r"\.cli\b(?!\.)")
 
 
 class Rewriter:
@@ -430,7 +431,11 @@ class Rewriter:
         if kept:
             lines.append(f"{indent}from {self._module(module)} import {', '.join(kept)}")
         lines.extend(split)
-        lines[0] += tail
+        comment = tail.strip()
+        if comment and len(lines[0]) + len(tail) > LINE_LIMIT:
+            lines.insert(0, f"{indent}{comment}")  # above, rather than wrapped into parentheses
+        elif comment:
+            lines[0] += tail
         return "\n".join(lines)
 
     def _path(self, match: re.Match[str]) -> str:
