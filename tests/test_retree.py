@@ -53,8 +53,10 @@ OLD_TREE = {
         '"""Merges."""\n\nfrom PKG.merge.api import merge\n\n__all__ = ["merge"]\n'
     ),
     "PKG/merge/api.py": (
-        "from PKG import engine  # the engine\n\n\ndef merge():\n    return engine.run() + 1\n"
+        "from PKG import __version__, engine  # the engine\n\n\n"
+        "def merge():\n    return engine.run() + 1\n"
     ),
+    "PKG/version.py": '__version__ = "1"\n',
     "PKG/cli.py": (
         "import sys\n\n\ndef main(argv=None):\n    print('ran')\n    return 0\n\n\n"
         'if __name__ == "__main__":\n    sys.exit(main())\n'
@@ -93,7 +95,8 @@ def test_retree_moves_files_and_rewrites_references(tmp_path: Path) -> None:
     }
     moved = (pkg / "ops" / "merge" / "api.py").read_text()
     p = PKG
-    assert f"from {p}.engine import execute as engine  # the engine" in moved
+    assert f"from {p}.engine import execute as engine" in moved
+    assert f"from {p}.version import __version__  # the engine" in moved
     assert f"from {p}.engine.execute import run" in (pkg / "__init__.py").read_text()
     test_text = read["tests/test_x.py"]
     assert f"import {p}.engine.execute as engine" in test_text

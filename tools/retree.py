@@ -76,6 +76,7 @@ TABLE: dict[str, str] = {
     "units.py": "units.py",
     "names.py": "names.py",
     "memory.py": "memory.py",
+    "version.py": "version.py",
     # io: bytes and offsets.
     "io/__init__.py": "io/__init__.py",
     "io/blocks.py": "io/blocks.py",
@@ -142,6 +143,13 @@ TABLE: dict[str, str] = {
 # work (operations.py) takes ops/registry.py's name, so the older paper list steps aside.
 CONDITIONAL: dict[str, tuple[str, str]] = {
     "ops/registry.py": ("ops/papers.py", "operations.py"),
+}
+
+# Names that moved out of a module that stays: (module, name) -> the module that now defines
+# it. `from streamvec import __version__` ran the package __init__ from inside the engine and
+# the operations, which that __init__ imports (a cycle).
+NAME_MOVES: dict[tuple[str, str], str] = {
+    (PACKAGE, "__version__"): f"{PACKAGE}.version",
 }
 
 # Docstrings of the packages the move creates (no imports: importing a package stays cheap).
@@ -418,7 +426,10 @@ class Rewriter:
         for alias in aliases:
             name, _, local = (p.strip() for p in alias.partition(" as "))
             full = f"{module}.{name}"
-            if full in self.modules and self.modules[full] != full:
+            if (module, name) in NAME_MOVES:
+                clause = name if not local or local == name else f"{name} as {local}"
+                split.append(f"{indent}from {NAME_MOVES[module, name]} import {clause}")
+            elif full in self.modules and self.modules[full] != full:
                 parent, _, leaf = self.modules[full].rpartition(".")
                 as_name = local or name
                 clause = leaf if leaf == as_name else f"{leaf} as {as_name}"
