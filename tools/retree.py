@@ -77,6 +77,7 @@ TABLE: dict[str, str] = {
     "names.py": "names.py",
     "memory.py": "memory.py",
     "version.py": "version.py",
+    "signals.py": "signals.py",
     # io: bytes and offsets.
     "io/__init__.py": "io/__init__.py",
     "io/blocks.py": "io/blocks.py",
