@@ -336,10 +336,12 @@ def apply_moves(root: Path, plan: Plan) -> None:
             doc = PACKAGE_DOCS.get(folder, f"The ``{_dotted(folder + '/x.py')[:-2]}`` package.")
             init.write_text(f'"""{doc}"""\n', encoding="utf-8")
             _git(root, "add", str(init.relative_to(root)))
-    # Folders emptied by the move (only caches left) go.
+    # Folders emptied by the move (nothing left but bytecode caches) go.
     for path in sorted((root / PACKAGE).rglob("*"), reverse=True):
-        if path.is_dir() and not any(p.suffix == ".py" for p in path.rglob("*.py")):
-            shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir() and path.name != "__pycache__":
+            left = [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+            if not left:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def write_entry_points(root: Path, plan: Plan) -> None:
