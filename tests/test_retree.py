@@ -177,3 +177,11 @@ def test_import_cycles_counts_function_level_imports(tmp_path: Path) -> None:
 @pytest.mark.parametrize("tool", ["retree", "import_cycles"])
 def test_tools_refuse_a_root_without_the_package(tmp_path: Path, tool: str) -> None:
     assert _tool(tool).main([str(tmp_path)]) == 2
+
+
+def test_vocab_is_in_no_import_cycle() -> None:
+    # vocab imported algebra (to build a padded SourceTensor), and algebra imports vocab.
+    cycles = _tool("import_cycles")
+    graph = cycles.import_graph(ROOT, "streamvec")
+    tangled = {m for group in cycles.strongly_connected(graph) for m in group}
+    assert "streamvec.vocab" not in tangled
