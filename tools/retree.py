@@ -16,10 +16,9 @@ The tree (``streamvec/`` below)::
     cli/                        the ``streamvec`` command and its sub-command parsers
     tools/                      synth, demo, info, verify, benchmark/
 
-:data:`TABLE` maps every module that exists today (and those other branches were adding when it
-was written) to its place. Modules it does not know are left where they are and listed at the
-end, so that they can be placed by hand (or added to the table and the script rerun on a clean
-checkout).
+:data:`TABLE` maps every module of the flat layout (and the ones added alongside it) to its
+place. Modules it does not know are left where they are and listed at the end, so that they
+can be placed by hand (or added to the table and the script rerun on a clean checkout).
 
 What it does, in order:
 
