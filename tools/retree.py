@@ -399,6 +399,7 @@ class Rewriter:
         self.moves = plan.moves
         self.shim_modules = {_dotted(s) for s in plan.shims}
         self.shim_names = plan.shim_names
+        self.warnings: list[str] = []  # statements the rewrite could not split
         self.folders: dict[str, str] = {}
         for old, new in TABLE.items():
             if old.endswith("/") and new != old:
@@ -421,6 +422,10 @@ class Rewriter:
             inner = inner[1:-1]
         # Comments inside a parenthesised list would be lost: leave such a statement alone.
         if "#" in inner:
+            if any(
+                f"{module}.{a.split()[0]}" in self.modules for a in inner.split(",") if a.split()
+            ):
+                self.warnings.append(f"comments inside `from {module} import (...)`: check it")
             return match[0].replace(module, self._module(module), 1)
         aliases = [a.strip() for a in inner.replace("\n", " ").split(",") if a.strip()]
         kept: list[str] = []
@@ -552,6 +557,9 @@ def rewrite_tree(root: Path, plan: Plan) -> tuple[int, dict[Path, set[str]]]:
         except UnicodeDecodeError:
             continue
         new = rewriter.rewrite(text, markdown=path.suffix == ".md")
+        for warning in rewriter.warnings:
+            print(f"  CHECK {path.relative_to(root)}: {warning}")
+        rewriter.warnings.clear()
         if new != text:
             path.write_text(new, encoding="utf-8")
             changed += 1
