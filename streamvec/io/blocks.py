@@ -202,7 +202,7 @@ def populate(view: np.memmap) -> None:
 class ZarrReader:
     """Rows of one array of a Zarr store written by streamvec (bf16 kept as raw uint16 bits).
 
-    ``check`` (from :func:`streamvec.io.store_check.validate_store`) says what each chunk must
+    ``check`` (from :func:`streamvec.io.store_validate.validate_store`) says what each chunk must
     be; without it the array's own metadata is checked when it is first read.
     """
 

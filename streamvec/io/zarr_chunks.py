@@ -32,11 +32,11 @@ from streamvec.errors import StoreError
 from streamvec.io.store_check import (
     BLOSC_HEADER,
     ArrayCheck,
-    array_check,
     load_zarr,
     open_chunk,
     read_small_file,
 )
+from streamvec.io.store_validate import array_check
 
 
 def read_rows(
