@@ -222,7 +222,9 @@ def merge_svd(
     # each task vector is then aligned to the vocabulary of all the inputs, so that with
     # --vocab the tasks' matrices have the same rows as the summed one.
     context = 0.0 * total
-    per_task = [(tau + context).resolved().tensors for tau in taus]
+    per_task = [
+        (tau + context if run.vocab is not None else tau).resolved().tensors for tau in taus
+    ]
 
     merge_attrs = {
         "method": method,
@@ -279,7 +281,11 @@ def merge_svd(
         merged = float(alpha) * open_model(factors_path)
         # With a base, the fine-tunes (weight 0) say which rows the vocabulary has and whose
         # rows added tokens take (--vocab union); the merged store has no config.json.
-        model = open_model(base) + merged + context if base is not None else merged
+        # Only then: weight-0 checkpoints would otherwise add checks (int buffers) to a merge
+        # that never read them.
+        model = open_model(base) + merged if base is not None else merged
+        if base is not None and run.vocab is not None:
+            model = model + context
         model = model.filter(include, exclude)
         if dtype:
             model = model.astype(dtype)
