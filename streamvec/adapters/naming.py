@@ -15,6 +15,8 @@ fused into one parameter). So the mapping is taken from transformers itself:
    ``nn.Linear`` (plain), transformers' ``Conv1D`` (stored (in, out): ``fan_in_fan_out``),
    ``nn.Embedding`` (PEFT's ``lora_embedding_A/B``); anything else (MoE routers, norms,
    convolutions, fused experts, biases and other 1-D parameters) is left out with a reason.
+   Convolutions (``nn.Conv1d/2d/3d``) are also listed in :attr:`PeftNaming.convs`: streamvec
+   does not write LoRA for them, but reads an adapter's LoRA of them as a task vector.
 
 When the class cannot be built (no ``config.json``, an unknown architecture, a library that
 is missing), the kinds fall back to names and shapes (2-D ``*.weight`` not named like an
@@ -41,7 +43,7 @@ from typing import Any, Literal
 
 __all__ = ["PeftNaming", "PeftTarget", "peft_matches", "peft_naming", "target_modules_for"]
 
-Kind = Literal["linear", "conv1d", "embedding"]
+Kind = Literal["linear", "conv1d", "embedding", "conv"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ class PeftTarget:
     Attributes:
         tensor: the checkpoint tensor name (``...q_proj.weight``).
         module: the module's name in the loaded model (what ``target_modules`` matches).
-        kind: ``linear`` (weight out x in), ``conv1d`` (weight in x out, ``fan_in_fan_out``)
-            or ``embedding`` (weight num_embeddings x dim, ``lora_embedding_A/B``).
+        kind: ``linear`` (weight out x in), ``conv1d`` (weight in x out, ``fan_in_fan_out``),
+            ``embedding`` (weight num_embeddings x dim, ``lora_embedding_A/B``) or ``conv``
+            (an ``nn.ConvNd`` weight out x in/groups x kernel; read from adapters only).
     """
 
     tensor: str
@@ -62,7 +65,7 @@ class PeftTarget:
     @property
     def transposed(self) -> bool:
         """Whether the update is ``(B @ A).T`` in the checkpoint's orientation."""
-        return self.kind != "linear"
+        return self.kind in ("conv1d", "embedding")
 
 
 @dataclass
@@ -76,6 +79,9 @@ class PeftNaming:
         modules: every module name of the loaded model (for unambiguous ``target_modules``).
         model_class: the class built from config.json, or None when kinds came from shapes.
         how: one line saying how the mapping was decided.
+        convs: checkpoint tensor name -> :class:`PeftTarget` of kind ``conv``: convolution
+            weights, left out of what streamvec writes (they are in ``left_out`` too) but
+            read when an adapter holds a LoRA of them.
     """
 
     targets: dict[str, PeftTarget]
@@ -84,6 +90,7 @@ class PeftNaming:
     modules: tuple[str, ...]
     model_class: str | None
     how: str
+    convs: dict[str, PeftTarget] = field(default_factory=dict)
     _by_module: dict[str, str] = field(default_factory=dict, repr=False)
 
     def tensor_of_module(self, module: str) -> str | None:
@@ -91,6 +98,13 @@ class PeftNaming:
         if not self._by_module:
             self._by_module = {t.module: name for name, t in self.targets.items()}
         return self._by_module.get(module)
+
+    def input_target(self, module: str) -> PeftTarget | None:
+        """The target an adapter's LoRA of ``module`` updates: a writable one or a conv."""
+        tensor = self.tensor_of_module(module)
+        if tensor is not None:
+            return self.targets[tensor]
+        return next((t for t in self.convs.values() if t.module == module), None)
 
     def tensor_of_param(self, param: str) -> str | None:
         """The checkpoint tensor of a loaded parameter name (``modules_to_save`` entries)."""
@@ -246,6 +260,12 @@ def _module_kind(module: Any) -> Kind | None:
     return "conv1d" if isinstance(module, Conv1D) else None
 
 
+def _is_conv(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+
+
 def _left_out_reason(module: Any, module_name: str) -> str:
     cls = type(module).__name__
     if "router" in cls.lower() or "router" in module_name.lower():
@@ -281,6 +301,7 @@ def _cached_naming(
 
 def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> PeftNaming:
     targets: dict[str, PeftTarget] = {}
+    convs: dict[str, PeftTarget] = {}
     left_out: dict[str, str] = {}
     params: dict[str, str] = {}
     try:
@@ -295,13 +316,15 @@ def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> P
             kind, why = _shape_kind(name, shape)
             if kind is None:
                 left_out[name] = why
+                if len(shape) in (3, 4, 5) and name.endswith(".weight"):
+                    convs[name] = PeftTarget(name, _module_of(name)[0], "conv")
             else:
                 targets[name] = PeftTarget(name, _module_of(name)[0], kind)
         how = (
             f"module kinds from names and shapes (the model class could not be built: "
             f"{reason}); a GPT-2-style Conv1D cannot be recognised this way"
         )
-        return PeftNaming(targets, left_out, params, modules, None, how)
+        return PeftNaming(targets, left_out, params, modules, None, how, convs)
     renamed = _renamer(model, list(tensors))
     meta = dict(model.state_dict())
     for name, shape in tensors.items():
@@ -323,6 +346,8 @@ def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> P
             left_out[name] = f"{pname} of {type(module).__name__}: LoRA adapts weights only"
         elif kind is None:
             left_out[name] = _left_out_reason(module, module_name)
+            if _is_conv(module) and tuple(meta[param].shape) == tuple(shape):
+                convs[name] = PeftTarget(name, module_name, "conv")
         elif tuple(meta[param].shape) != tuple(shape):
             left_out[name] = (
                 f"shape {list(shape)} differs from the loaded {list(meta[param].shape)}"
@@ -331,4 +356,4 @@ def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> P
             targets[name] = PeftTarget(name, module_name, kind)
     modules = tuple(n for n, _ in model.named_modules() if n)
     how = f"module kinds from {cls_name} built from config.json (transformers' key conversion)"
-    return PeftNaming(targets, left_out, params, modules, cls_name, how)
+    return PeftNaming(targets, left_out, params, modules, cls_name, how, convs)
