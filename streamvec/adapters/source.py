@@ -43,7 +43,6 @@ from streamvec.io.adapter_readers import (
     DifferenceReader,
     LoraProductReader,
     SumReader,
-    TaggedReader,
 )
 from streamvec.io.blocks import BlockReader, SafetensorsReader, file_stamp
 from streamvec.io.checkpoint import resolve_checkpoint
@@ -434,7 +433,7 @@ def applied_source(model: Source, adapter: Source, label: str) -> Source:
     for name, t in model.tensors.items():
         delta = adapter.tensors.get(name)
         if delta is None:
-            tensors[name] = SourceTensor(name, t.shape, t.dtype, TaggedReader(t.reader, label))
+            tensors[name] = t  # the same bytes as the checkpoint's: the same reader
         else:
             tensors[name] = SourceTensor(name, t.shape, t.dtype, SumReader(t.reader, delta.reader))
     info = {

@@ -23,7 +23,7 @@ import numpy as np
 from streamvec.io.blocks import BlockReader, SafetensorsReader, matrix_shape
 from streamvec.io.lowrank import SLAB_ELEMENTS
 
-__all__ = ["DifferenceReader", "LoraProductReader", "SumReader", "TaggedReader"]
+__all__ = ["DifferenceReader", "LoraProductReader", "SumReader"]
 
 
 @dataclass(frozen=True)
@@ -149,41 +149,3 @@ class SumReader:
     def read(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of ``model + delta``."""
         return self.model.read(r0, r1).astype(np.float32) + self.delta.read(r0, r1)
-
-
-@dataclass(frozen=True)
-class TaggedReader:
-    """Another input's reader under a distinct identity (same bytes, not equal to it).
-
-    A checkpoint with an adapter merged in (``MODEL+LORA``) reads the tensors the adapter does
-    not touch from the checkpoint itself; when that checkpoint is also the base, its readers
-    would compare equal to the base's and be merged with them as one input, and the model
-    would drop out of a merge for those tensors. The tag keeps it a separate input.
-
-    Attributes:
-        inner: the reader.
-        tag: what this input is (its label).
-    """
-
-    inner: BlockReader
-    tag: str
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The tensor's shape."""
-        return self.inner.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The stored dtype."""
-        return self.inner.dtype
-
-    def read(self, r0: int, r1: int) -> np.ndarray:
-        """Rows ``[r0, r1)`` as the inner reader returns them."""
-        return self.inner.read(r0, r1)
-
-    def prefetch(self, r0: int, r1: int) -> None:
-        """Pass the read-ahead hint on, where the inner reader takes one."""
-        hint = getattr(self.inner, "prefetch", None)
-        if hint is not None:
-            hint(r0, r1)
