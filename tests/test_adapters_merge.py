@@ -84,3 +84,26 @@ def test_model_reading_the_base_bytes_keeps_its_place(
                 f[name].astype(np.float64) - b[name].astype(np.float64)
             )
             np.testing.assert_allclose(got[name], ref, rtol=2e-7, atol=1e-7, err_msg=name)
+
+
+def test_naming_is_read_again_when_config_changes(
+    pair: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A base folder whose config.json appears (or is replaced) is not named from a stale cache."""
+    from streamvec.adapters.naming import peft_naming
+
+    _, base, _ = pair
+    folder = tmp_path / "base"
+    shutil.copytree(base, folder)
+    shapes = {n: t.shape for n, t in open_source(folder).tensors.items()}
+    config = (folder / "config.json").read_bytes()
+    (folder / "config.json").unlink()
+    assert peft_naming(folder, shapes).model_class is None  # kinds from names and shapes
+    (folder / "config.json").write_bytes(config)
+    assert peft_naming(folder, shapes).model_class == "LlamaForCausalLM"
+    # Another folder holding the same files is named on its own.
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    (other / "config.json").unlink()
+    assert peft_naming(other, shapes).model_class is None
+    assert peft_naming(folder, shapes).model_class == "LlamaForCausalLM"

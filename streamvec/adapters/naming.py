@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from streamvec.io.blocks import FileStamp, file_stamp
+
 __all__ = ["PeftNaming", "PeftTarget", "peft_matches", "peft_naming", "target_modules_for"]
 
 Kind = Literal["linear", "conv1d", "embedding", "conv"]
@@ -279,23 +281,38 @@ def peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> Pe
     """Map checkpoint tensors to PEFT targets of the loaded model (see the module doc).
 
     The mapping of one base is built once per process (building the model class costs a few
-    seconds of imports), however many adapters refer to it.
+    seconds of imports), however many adapters refer to it. It is reused only for the same
+    folder, the same version of its ``config.json`` (device, inode, size, modification
+    time: a config replaced or edited since is read again) and the same tensor names and
+    shapes; the few most recent are kept.
 
     Args:
         root: the checkpoint directory (holding config.json), or None for shapes only.
         tensors: checkpoint tensor name -> shape.
 
     Returns:
-        A :class:`PeftNaming`.
+        A :class:`PeftNaming` (shared with other callers of the same key: do not modify it).
     """
     key = str(root.resolve()) if root is not None else None
-    return _cached_naming(key, tuple((n, tuple(s)) for n, s in tensors.items()))
+    config = _config_stamp(root) if root is not None else None
+    return _cached_naming(key, config, tuple((n, tuple(s)) for n, s in tensors.items()))
+
+
+def _config_stamp(root: Path) -> FileStamp | None:
+    """The version of ``root/config.json`` (what decides the model class), None if absent."""
+    try:
+        return file_stamp((root / "config.json").stat())
+    except OSError:
+        return None
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_naming(
-    root: str | None, tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    root: str | None,
+    config: FileStamp | None,
+    tensors: tuple[tuple[str, tuple[int, ...]], ...],
 ) -> PeftNaming:
+    # ``config`` is only part of the key: a new version of config.json is a new entry.
     return _peft_naming(Path(root) if root is not None else None, dict(tensors))
 
 
