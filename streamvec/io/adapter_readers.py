@@ -42,6 +42,7 @@ def held_by(*readers: BlockReader) -> tuple[int, int]:
     fixed = sum(int(getattr(r, "resident_bytes", 0)) for r in readers)
     return per, fixed
 
+
 __all__ = ["DifferenceReader", "LoraProductReader", "SumReader", "held_by"]
 
 
