@@ -37,7 +37,7 @@ def test_diff_is_exact_and_round_trips(pair_factory, tmp_path: Path, dtype: np.d
     base_dir, ft_dir, base, ft = pair_factory(dtype)
     out = tmp_path / "tau.zarr"
     # float64 storage for float32 inputs: a float32 difference of float32 weights is rounded
-    # in general, so only float64 can promise the exact round trip (see docs/task-vectors.md).
+    # in general, so only float64 can promise the exact round trip (see docs/task-arithmetic.md).
     extra = ["--dtype", "float64"] if np.dtype(dtype) == np.float32 else []
     assert run_cli("diff", base_dir, ft_dir, "-o", out, "-q", *extra) == 0
     tau = read_store(out)
@@ -202,6 +202,22 @@ def test_info_reads_headers(
     assert run_cli("info", tmp_path / "t.zarr") == 0
     text = capsys.readouterr().out
     assert "task_vector" in text and "model/odd/name.weight" in text
+
+
+def test_info_into_a_closed_pipe_is_quiet(pair_factory) -> None:
+    """`streamvec info ... | head`: the reader leaves early; no internal error is printed."""
+    import signal
+    import subprocess
+    import sys
+
+    base_dir, *_ = pair_factory(BF16)
+    argv = [sys.executable, "-m", "streamvec.cli", "info", str(base_dir), "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything: every write finds no reader
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, stderr
+    assert stderr == ""
 
 
 def test_verify_detects_a_changed_tensor(pair_factory, tmp_path: Path) -> None:
