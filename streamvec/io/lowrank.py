@@ -229,7 +229,7 @@ def read_svd_store(path: str | os.PathLike[str]) -> SVDStoreInfo:
         >>> info.entries["model.layers.0.self_attn.q_proj.weight"].rank  # doctest: +SKIP
         64
     """
-    from streamvec.io.store_check import validate_store
+    from streamvec.io.store_validate import validate_store
 
     checked = validate_store(path)
     p, attrs, meta = checked.path, checked.attrs, checked.nodes
@@ -286,11 +286,11 @@ def read_svd_store(path: str | os.PathLike[str]) -> SVDStoreInfo:
 
 
 def _compressors() -> list[Any]:
-    from zarr.codecs import BloscCodec
+    from streamvec.io.zarr_store import compressors
 
     # Same codec as task-vector stores (lz4 + bitshuffle): singular vectors are dense noise-like
     # floats and barely compress, but lz4 costs little and keeps the two layouts uniform.
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    return compressors("lz4")
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

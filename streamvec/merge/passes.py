@@ -18,18 +18,19 @@ reduces them:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from streamvec.engine import execute_graph, plan_blocks
-from streamvec.io.blocks import BlockReader, matrix_shape
-from streamvec.memory import anon_bytes, default_memory_limit
-from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges
-from streamvec.units import parse_size
+from streamvec.io.blocks import BlockReader, matrix_shape, read_block
+from streamvec.io.read_buffers import ReadBuffers
+from streamvec.kernel import upcast32
+from streamvec.memory import anon_bytes
+from streamvec.settings import Settings
+from streamvec.tensor import LazyTensor, row_ranges
 
 _FAN_IN = 8
 
@@ -64,31 +65,23 @@ class PassItem:
 
 
 @dataclass(frozen=True)
-class PassOptions:
-    """Scheduler, workers and memory budget of the first passes (as for the output pass)."""
+class PassOptions(Settings):
+    """Scheduler, workers and memory budget of the first passes: the run settings, with no
+    progress bar unless asked for."""
 
-    workers: int | None = None
-    scheduler: str = "threads"
-    memory_limit: str | int | None = None
     progress: bool = False
-    block_size: str | int | None = None
-
-    def resolved_workers(self) -> int:
-        return max(1, self.workers or os.cpu_count() or 1)
-
-    def resolved_limit(self) -> int:
-        if self.memory_limit is None:
-            return default_memory_limit()
-        return parse_size(self.memory_limit)
 
 
 @dataclass(frozen=True)
 class _Job:
     # Opaque to dask (a dataclass, not a tuple), so its contents are never taken for keys.
     item: PassItem
+    # The pass's read buffers, reused from block to block (streamvec.io.read_buffers).
+    buffers: ReadBuffers = field(default_factory=ReadBuffers, compare=False, repr=False)
 
     def run(self, r0: int, r1: int) -> np.ndarray:
-        blocks = [reader.read(r0, r1).astype(np.float32) for _, reader in self.item.terms]
+        with self.buffers.lease() as lease:  # the upcast copies: done with the reads after it
+            blocks = [upcast32(read_block(r, r0, r1, lease)) for _, r in self.item.terms]
         return self.item.stat(self.item.name, self.item.shape, blocks, r0, r1)
 
 
@@ -135,7 +128,7 @@ def run_pass(
     stand_ins = [
         LazyTensor(it.name, it.shape, np.dtype(np.float32), it.terms, op=_Marker()) for it in items
     ]
-    block_bytes = parse_size(options.block_size) if options.block_size else DEFAULT_BLOCK_BYTES
+    block_bytes = options.block_bytes()
     plan = plan_blocks(
         stand_ins, options.resolved_limit(), workers, baseline=anon_bytes(), block_bytes=block_bytes
     )
@@ -144,8 +137,9 @@ def run_pass(
     finals: dict[str, Any] = {}
     token = id(graph)  # distinct key names for concurrent passes in one distributed cluster
     nblocks = 0
+    buffers = ReadBuffers()
     for idx, (it, p) in enumerate(zip(items, plan, strict=True)):
-        job = _Job(it)
+        job = _Job(it, buffers)
         rows, _ = matrix_shape(it.shape)
         keys: list[Any] = []
         for r0, r1 in row_ranges(rows, p.block_rows):

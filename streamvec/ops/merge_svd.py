@@ -44,6 +44,7 @@ from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import check_destination, output_error
+from streamvec.operations import check_settings
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -53,13 +54,14 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
+from streamvec.signals import deferred
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 
-__all__ = ["MERGES", "MergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
+__all__ = ["MERGES", "SVDMergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
 
-MergeMethod = Literal["tsv", "iso-c"]
-MERGES: tuple[MergeMethod, ...] = ("tsv", "iso-c")
+SVDMergeKind = Literal["tsv", "iso-c"]
+MERGES: tuple[SVDMergeKind, ...] = ("tsv", "iso-c")
 
 
 def _polar(x: np.ndarray) -> np.ndarray:
@@ -120,7 +122,7 @@ def iso_c_factors(
 
 
 @dataclass
-class MergeReport:
+class SVDMergeReport:
     """What ``streamvec merge-svd`` did: the engine's report plus the factorization summary."""
 
     run: RunReport
@@ -148,9 +150,9 @@ def merge_svd(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     dtype: str | None = None,
-    shard_size: str | int = "5GB",
+    shard_size: str | int | None = None,
     run: RunOptions | None = None,
-) -> MergeReport:
+) -> SVDMergeReport:
     """Merge task vectors by TSV-M or Iso-C; write ``alpha * merged`` or ``base + alpha * merged``.
 
     Args:
@@ -165,11 +167,11 @@ def merge_svd(
         include: only tensors matching these patterns (with ``base``, others keep the base).
         exclude: leave out tensors matching these.
         dtype: output dtype (default: the base's, or float32 for a task vector).
-        shard_size: safetensors shard size of an edited model.
+        shard_size: safetensors shard size of an edited model (default: ``run.shard_size``).
         run: workers, scheduler, memory limit, progress, overwrite.
 
     Returns:
-        A :class:`MergeReport`.
+        A :class:`SVDMergeReport`.
 
     Raises:
         StreamvecError: unknown method, bad rank or alpha, mismatched inputs, or a matrix
@@ -184,7 +186,8 @@ def merge_svd(
     from streamvec.engine import run as run_engine
 
     run = run or RunOptions()
-    run.refuse_resume("merge-svd")
+    # the same check as the CLI's: a setting this command cannot honour is refused
+    check_settings("merge-svd", run)
     if method not in MERGES:
         raise StreamvecError(f"merge method must be one of {', '.join(MERGES)}, got {method!r}")
     if not terms:
@@ -228,10 +231,15 @@ def merge_svd(
     }
     methods: Counter[str] = Counter()
     ranks: dict[str, int] = {}
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out_path.name}.factors-", dir=out_path.absolute().parent)
-    )
+    tmp: Path | None = None
     try:
+        # Ctrl-C or SIGTERM waits until the folder is made and known, so `finally` removes it.
+        with deferred():
+            tmp = Path(
+                tempfile.mkdtemp(
+                    prefix=f".{out_path.name}.factors-", dir=out_path.absolute().parent
+                )
+            )
         factors_path = tmp / "merged.zarr"
         writer = SVDStoreWriter(
             factors_path,
@@ -280,7 +288,6 @@ def merge_svd(
             model.combination(),
             out_path,
             description=f"merge-svd {method}",
-            shard_size=shard_size,
             extra_attrs={
                 "merge": merge_attrs,
                 "expression": f"{'base + ' if base is not None else ''}{alpha:g} * "
@@ -288,13 +295,15 @@ def merge_svd(
                 "sources": _unique(sources),
                 **{k: v for k, v in options.attrs().items() if k != "rank"},
             },
-            **run.engine_kwargs(),
+            **{**run.engine_kwargs(), "shard_size": shard_size or run.shard_size},
         )
     except OSError as exc:  # disk full while writing the merged factors beside the output
         raise output_error("write", out_path, exc) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return MergeReport(report, method, methods, ranks)
+        if tmp is not None:
+            with deferred():  # a second signal must not cut the removal short
+                shutil.rmtree(tmp, ignore_errors=True)
+    return SVDMergeReport(report, method, methods, ranks)
 
 
 def _unique(infos: list[Any]) -> list[Any]:

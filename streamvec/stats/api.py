@@ -109,7 +109,13 @@ def stats(
     inputs = open_inputs(
         [str(t) for t in terms], base=base, include=include, exclude=exclude, labels=labels
     )
-    run = PassOptions(workers, scheduler, memory_limit, progress, block_size)
+    run = PassOptions(
+        workers=workers,
+        scheduler=scheduler,
+        memory_limit=memory_limit,
+        progress=progress,
+        block_size=block_size,
+    )
     # Each block's products are small BLAS calls; a multi-threaded BLAS wakes its pool for
     # each (measured 50x slower than the arithmetic on a loaded machine), while the
     # scheduler already keeps `workers` blocks in flight.

@@ -19,6 +19,7 @@ from streamvec.errors import StreamvecError
 from streamvec.merge.method import MergeMethod, RunSettings
 from streamvec.merge.params import ParamSpec
 from streamvec.merge.recipe import MergeRequest
+from streamvec.signals import deferred
 
 PARAMS = (
     ParamSpec("shared", float, 1.0, "model", "weight of the model's shared component"),
@@ -34,7 +35,7 @@ PARAMS = (
 def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSettings) -> Any:
     from streamvec.ops.combine import TermSpec, combine_terms
     from streamvec.ops.decompose import decompose
-    from streamvec.ops.svd import RunOptions, SVDOptions
+    from streamvec.ops.svd import SVDOptions
 
     if not request.uniform():
         raise StreamvecError(
@@ -65,13 +66,8 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
             base=request.base.label,
             include=include,
             exclude=exclude,
-            run=RunOptions(
-                workers=settings.workers,
-                scheduler=settings.scheduler,
-                memory_limit=settings.memory_limit,
-                progress=settings.progress,
-                device=settings.engine.get("device", "cpu"),
-            ),
+            # the components are recomputed on every run; --resume continues the output pass
+            run=settings.svd_run_options("shared_unique", intermediate=True),
         )
         terms = []
         weights = zip(values.per_model("shared"), values.per_model("unique"), strict=True)
@@ -91,7 +87,8 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
         )
         return model.save(output, description="merge shared_unique", **settings.engine_kwargs())
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with deferred():  # a signal must not cut the removal short
+            shutil.rmtree(work, ignore_errors=True)
 
 
 METHOD = MergeMethod(
