@@ -7,10 +7,11 @@ development machine, under load, a tall-skinny QR (4096 x 74) took 0.2-0.6 s wit
 against 13 ms with one, and a whole rank-64 randomized SVD of a 4096 x 4096 matrix 8.6 s against
 2.3 s. :func:`limit_blas_threads` sets the BLAS thread count for a block of code and restores it.
 
-It calls OpenBLAS's own ``*openblas_set_num_threads*`` entry points (found in the libraries
-this process has mapped, ``/proc/self/maps``), which covers numpy's bundled OpenBLAS and costs a
-few microseconds; for another BLAS it uses ``threadpoolctl`` when installed (about 2 ms per
-use); elsewhere it does nothing.
+It uses ``threadpoolctl`` when installed, through one controller built at first use (about
+0.1 ms per use, against 2 ms for ``threadpool_limits``, which inspects every loaded library
+each time); otherwise it calls OpenBLAS's own ``*openblas_set_num_threads*`` entry points
+(found in the libraries this process has mapped, ``/proc/self/maps``), which covers numpy's
+bundled OpenBLAS. Elsewhere it does nothing.
 
 The held randomized SVD wraps each small factorization (QR of an ``(m, l)`` sketch, SVD of an
 ``(l, l)`` factor) in one thread: on 2 loaded cores a float64 QR of 2752 x 26 took 148 ms with
@@ -23,6 +24,7 @@ import ctypes
 import functools
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 
 __all__ = ["limit_blas_threads"]
@@ -62,6 +64,22 @@ def _openblas_controls() -> tuple[tuple[Callable[[], int], Callable[[int], None]
     return tuple(controls)
 
 
+@functools.lru_cache(maxsize=1)
+def _threadpool_controller() -> Any:
+    """threadpoolctl's view of the BLAS libraries loaded now, or None without threadpoolctl.
+
+    Built once: inspecting every loaded library costs ~2 ms, too slow to repeat around each
+    small QR, while limiting through a built controller costs ~0.1 ms.
+    """
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    import numpy  # noqa: F401 - numpy's BLAS must be loaded before it is looked for
+
+    return ThreadpoolController()
+
+
 @contextmanager
 def limit_blas_threads(n: int) -> Iterator[bool]:
     """Run the ``with`` block with at most ``n`` BLAS threads, then restore the previous count.
@@ -79,19 +97,12 @@ def limit_blas_threads(n: int) -> Iterator[bool]:
         >>> with limit_blas_threads(1):
         ...     q, r = np.linalg.qr(y)  # doctest: +SKIP
     """
-    controls = _openblas_controls()
-    if not controls:
-        # Another BLAS (MKL, BLIS): threadpoolctl knows them, at ~2 ms per block (it inspects
-        # every loaded library each time), too slow to wrap each small QR with.
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            yield False
-            return
-        with threadpool_limits(n, user_api="blas"):
+    controller = _threadpool_controller()
+    if controller is not None:
+        with controller.limit(limits=n, user_api="blas"):
             yield True
         return
-    # OpenBLAS's own setters cost microseconds, so small factorizations can each be wrapped.
+    controls = _openblas_controls()
     previous = [(getter(), setter) for getter, setter in controls]
     for _, setter in previous:
         setter(n)

@@ -59,11 +59,20 @@ def read_matrix(t: LazyTensor, block_bytes: int = DEFAULT_BLOCK_BYTES) -> HeldMa
         ((2752, 1024), 1)
     """
     rows, cols = matrix_shape(t.shape)
-    values = np.empty((rows, cols), dtype=t.dtype)  # (m, n)
+    ranges = row_ranges(rows, rows_per_block(t.shape, block_bytes))
     hashes = [xxhash.xxh3_128() for _ in t.terms]
-    for r0, r1 in row_ranges(rows, rows_per_block(t.shape, block_bytes)):
+    values: np.ndarray | None = None  # (m, n), allocated only when there are several blocks
+    for r0, r1 in ranges:
         operands = t.read_operands(r0, r1)
         for h, (_, block) in zip(hashes, operands, strict=True):
             h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
-        values[r0:r1] = t.evaluate(operands, r0, r1).reshape(r1 - r0, cols)
+        rows_i = t.evaluate(operands, r0, r1).reshape(r1 - r0, cols)
+        del operands
+        if len(ranges) == 1:
+            values = rows_i  # one block: the kernel's result is the matrix, no copy
+        else:
+            if values is None:
+                values = np.empty((rows, cols), dtype=rows_i.dtype)
+            values[r0:r1] = rows_i
+    assert values is not None
     return HeldMatrix(t.name, values, [h.hexdigest() for h in hashes])
