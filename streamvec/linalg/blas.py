@@ -24,8 +24,8 @@ import ctypes
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["limit_blas_threads"]
 

@@ -65,8 +65,8 @@ from streamvec.linalg.rsvd import (
     randomized_svd_in_memory,
     sketch_width,
 )
-from streamvec.ops.held import read_matrix
 from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.ops.held import read_matrix
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
