@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import select
 import signal
 import sys
 import traceback
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from streamvec import __version__
+from streamvec import __version__, signals
 from streamvec.errors import StreamvecError
 from streamvec.io.companions import COMMAND_LINE
 from streamvec.io.store_check import ReadPolicy, using_read_policy
@@ -435,14 +437,6 @@ def _read_policy(args: argparse.Namespace) -> ReadPolicy:
     )
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every command keeps (or cleans) its output the same way."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def _kept_partial(args: argparse.Namespace) -> bool:
     """Whether an interrupted run left an unfinished output that --resume can continue."""
     output = getattr(args, "output", None)
@@ -450,6 +444,21 @@ def _kept_partial(args: argparse.Namespace) -> bool:
         return False
     out = Path(output).absolute()
     return (out.parent / f".{out.name}.partial").is_dir()
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output's reader went away (then it is pointed at /dev/null)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # not a real file (captured), no poll
+        return False
+    if gone:
+        # Python flushes stdout again at exit; with the reader gone that would print an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -460,13 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = COMMAND_LINE.set(("streamvec", *(sys.argv[1:] if argv is None else argv)))
     # SIGTERM (kill, a batch scheduler's time limit) behaves like Ctrl-C: the partial output
     # of a resumable run is kept, the others are removed, and the exit code says which signal.
-    installed = True
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (an embedding application): leave it alone
-        installed = False
-    try:
-        with using_read_policy(_read_policy(args)):
+        with signals.installed(), using_read_policy(_read_policy(args)):
             return func(args)
     except StreamvecError as exc:
         if args.debug:
@@ -476,12 +480,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # asyncio would log again at exit, after the one line that already said it.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 2
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return 128 + signal.SIGPIPE  # `streamvec info ... | head`: quiet, as the shell's tools
     except KeyboardInterrupt as exc:
         resumable = " (rerun with --resume to continue)" if _kept_partial(args) else ""
-        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        how = "terminated (SIGTERM)" if isinstance(exc, signals.Terminated) else "interrupted"
         print(f"streamvec: {how}; no output was finished{resumable}", file=sys.stderr)
         # 128 + the signal's number, as a shell reports a process the signal killed
-        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        return 128 + (signal.SIGTERM if isinstance(exc, signals.Terminated) else signal.SIGINT)
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
@@ -492,8 +500,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous)
         COMMAND_LINE.reset(command)
 
 

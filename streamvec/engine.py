@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +250,26 @@ def block_digest(block: np.ndarray) -> bytes:
     return xxhash.xxh3_128_digest(np.ascontiguousarray(block).view(np.uint8).data)
 
 
+@contextmanager
+def awaited_threads(scheduler: str, workers: int) -> Iterator[dict[str, Any]]:
+    """The ``pool`` keyword for dask's threaded scheduler: a pool waited for on the way out.
+
+    Dask's own thread pool outlives a failed or interrupted computation, and its tasks still
+    running go on writing blocks after the run has removed its partial output, which they
+    would bring back. This pool is shut down, waiting for those tasks and cancelling queued
+    ones, before the error goes further. Other schedulers get no keyword (the process pool
+    of ``processes`` is already shut down and waited for by dask).
+    """
+    if scheduler != "threads":
+        yield {}
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="streamvec")
+    try:
+        yield {"pool": pool}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def execute_graph(
     graph: dict[Any, Any],
     keys: list[Any],
@@ -308,8 +330,8 @@ def execute_graph(
             }
             get = getters.get(scheduler, dask.get)
             kwargs: dict[str, Any] = {"num_workers": workers} if scheduler in getters else {}
-            with Callback(posttask=posttask):
-                return list(get(graph, keys, **kwargs))
+            with Callback(posttask=posttask), awaited_threads(scheduler, workers) as pool:
+                return list(get(graph, keys, **kwargs, **pool))
         return _execute_distributed(graph, keys, scheduler, finished)
     finally:
         bar.close()
@@ -454,16 +476,17 @@ def run(
     }
     out = OutputDir(path, overwrite=overwrite, inputs=input_paths(model.sources()))
     out.expected_bytes = sum(t.nbytes for t in tensors)  # uncompressed: an upper bound
-    kept = out.open(keep_partial=resume)
-    recorded = read_job(out.partial) if kept else None
-    if kept and (
-        recorded is None or (recorded.identity == identity and not read_done_entries(out.partial))
-    ):
-        # Killed before any block was logged as done (before its job record, or before its
-        # output files were all created): there is nothing to continue, so start over.
-        out.release()
-        kept = out.open(keep_partial=False)
     try:
+        kept = out.open(keep_partial=resume)
+        recorded = read_job(out.partial) if kept else None
+        if kept and (
+            recorded is None
+            or (recorded.identity == identity and not read_done_entries(out.partial))
+        ):
+            # Killed before any block was logged as done (before its job record, or before its
+            # output files were all created): there is nothing to continue, so start over.
+            out.release()
+            kept = out.open(keep_partial=False)
         done: dict[tuple[str, int], bytes] = {}
         if kept:
             plan, done = _resume_plan(out.partial, identity, plan)

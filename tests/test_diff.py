@@ -204,6 +204,22 @@ def test_info_reads_headers(
     assert "task_vector" in text and "model/odd/name.weight" in text
 
 
+def test_info_into_a_closed_pipe_is_quiet(pair_factory) -> None:
+    """`streamvec info ... | head`: the reader leaves early; no internal error is printed."""
+    import signal
+    import subprocess
+    import sys
+
+    base_dir, *_ = pair_factory(BF16)
+    argv = [sys.executable, "-m", "streamvec.cli", "info", str(base_dir), "--json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything: every write finds no reader
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, stderr
+    assert stderr == ""
+
+
 def test_verify_detects_a_changed_tensor(pair_factory, tmp_path: Path) -> None:
     base_dir, ft_dir, *_ = pair_factory(BF16)
     out = tmp_path / "t.zarr"

@@ -32,11 +32,6 @@ from .faults import (
 from .test_reliability import SHAPE as BIG
 from .test_reliability import command, kill_after
 
-# Known race, to fix: a signal or an error that lands while worker threads are still
-# writing can leave the output's lock or partial folder behind (never a finished-looking
-# output, never a changed input). Rerun so CI reports the race only when it repeats.
-RACY = pytest.mark.flaky(reruns=2)
-
 SHAPE = synth.LlamaShape(hidden=64, intermediate=176, layers=2, heads=2, kv_heads=1, vocab=256)
 
 
@@ -206,7 +201,6 @@ def _assert_nothing_left(out: Path) -> None:
     assert not left, f"left behind: {left}"
 
 
-@RACY
 @pytest.mark.parametrize("which", COMMANDS)
 def test_input_truncated_during_the_run(big, tmp_path: Path, which: str) -> None:
     out = tmp_path / "out"
@@ -229,7 +223,6 @@ def test_input_truncated_during_the_run(big, tmp_path: Path, which: str) -> None
     assert snapshot(*(big[k] for k in ("base", "a", "b") if k != cut)) == others
 
 
-@RACY
 @pytest.mark.parametrize("which", ["diff", "svd", "lora", "merge-ties"])
 def test_input_replaced_during_the_run(big, tmp_path: Path, which: str) -> None:
     out = tmp_path / "out"
@@ -247,7 +240,6 @@ def test_input_replaced_during_the_run(big, tmp_path: Path, which: str) -> None:
     _assert_nothing_left(out)
 
 
-@RACY
 @pytest.mark.parametrize("which", COMMANDS)
 def test_sigterm_is_like_ctrl_c(big, tmp_path: Path, which: str) -> None:
     out = tmp_path / "out"
@@ -309,7 +301,6 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", str(where)], check=False)
 
 
-@RACY
 @pytest.mark.parametrize("which", COMMANDS)
 def test_disk_full(family: dict[str, Path], tmp_path: Path, small_disk: Path, which: str) -> None:
     out = small_disk / "result"

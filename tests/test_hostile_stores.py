@@ -103,7 +103,6 @@ def test_corpus_covers_the_reported_kinds() -> None:
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-@pytest.mark.flaky(reruns=2)  # the partial-output cleanup race noted in tests/test_faults.py
 @pytest.mark.parametrize(
     ("case", "damage", "fragment", "kind", "when"), CORPUS, ids=[c[0] for c in CORPUS]
 )

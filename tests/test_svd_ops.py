@@ -347,6 +347,9 @@ def test_cli_errors_exit_2_with_one_line(pair, synth_family, tmp_path, capsys) -
     _one_line_error(
         capsys, run_cli("svd", tv, "--base", base, "-o", o, "--rank", "2"), "drop --base"
     )
+    # the same store twice (once through another spelling): refused, not an internal error
+    again = f"{tmp_path}/../{tmp_path.name}/tv.zarr/"
+    _one_line_error(capsys, run_cli("decompose", tv, again, "-o", o), "given twice")
     assert not o.exists()
 
 

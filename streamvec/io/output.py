@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from streamvec.errors import OutputError, StreamvecError
+from streamvec.signals import deferred
 
 
 def _fsync_dir(path: Path) -> None:
@@ -208,40 +209,50 @@ class OutputDir:
         check_destination(self.final, overwrite=self.overwrite, inputs=self.inputs)
         if not os.access(parent, os.W_OK):
             raise OutputError(f"{self.final}: directory {parent} is not writable")
+        # Ctrl-C or SIGTERM waits until the lock and the partial directory are both made (or
+        # neither is), so an interrupted start never leaves either behind unowned.
+        with deferred():
+            self._take_lock()
+            if self.partial.is_dir() and keep_partial:
+                return True
+            if self.partial.exists():
+                # Left by a run that died; nobody holds the lock, so it is ours to clear.
+                shutil.rmtree(self.partial, ignore_errors=True)
+            try:
+                self.partial.mkdir()
+            except OSError as exc:
+                self.release()
+                raise OutputError(f"{self.partial}: cannot create ({exc.strerror})") from None
+            return False
+
+    def _take_lock(self) -> None:
+        fd = None
         try:
-            self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            if fd is not None:
+                os.close(fd)  # another run's lock file: never unlinked by this one
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise OutputError(
                     f"{self.final}: another streamvec run is writing this output; wait for it "
                     "or choose another path"
                 ) from None
             raise OutputError(f"{self.final}: cannot create lock file ({exc.strerror})") from None
-        if self.partial.is_dir() and keep_partial:
-            return True
-        if self.partial.exists():
-            # Left by a run that died; nobody holds the lock, so it is ours to clear.
-            shutil.rmtree(self.partial, ignore_errors=True)
-        try:
-            self.partial.mkdir()
-        except OSError as exc:
-            self.release()
-            raise OutputError(f"{self.partial}: cannot create ({exc.strerror})") from None
-        return False
+        self._lock_fd = fd
 
     def commit(self) -> Path:
         """Make the partial output durable, then rename it to the final path."""
         os.sync()  # one call flushes every file of the partial output before the rename
         trash = None
-        if self.final.exists():
-            trash = self.final.parent / f".{self.final.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.final, trash)
-        os.replace(self.partial, self.final)
+        # An --overwrite moves the old output aside before the new one takes its name: a
+        # signal between the two renames would leave neither under the final name.
+        with deferred():
+            if self.final.exists():
+                trash = self.final.parent / f".{self.final.name}.old"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(self.final, trash)
+            os.replace(self.partial, self.final)
         _fsync_dir(self.final.parent)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
@@ -249,12 +260,22 @@ class OutputDir:
         return self.final
 
     def abort(self) -> None:
-        """Remove the partial output and release the lock."""
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.release()
+        """Remove the partial output and release the lock (not cut short by a signal).
+
+        Only while this run holds the lock: after a refused :meth:`open` (another run is
+        writing) or a :meth:`release`, the partial output is not this run's to remove.
+        """
+        with deferred():
+            if self._lock_fd is None:
+                return
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.release()
 
     def release(self) -> None:
-        if self._lock_fd is not None:
+        """Give up the lock and remove its file; the partial output stays (for --resume)."""
+        with deferred():
+            if self._lock_fd is None:
+                return
             try:
                 os.unlink(self.lock_path)
             except OSError:

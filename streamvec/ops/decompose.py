@@ -35,6 +35,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,19 @@ def component_names(terms: list[str]) -> list[str]:
     return stems
 
 
+def _refuse_repeated(terms: Sequence[str | os.PathLike[str]]) -> None:
+    """Each task vector once: the same input twice would name two outputs alike."""
+    seen: dict[str, str] = {}
+    for t in terms:
+        key = str(Path(t).absolute().resolve()) if Path(t).exists() else str(t)
+        if key in seen:
+            raise StreamvecError(
+                f"decompose: {t} is given twice (also as {seen[key]}); give each task vector "
+                "once (a task vector shares everything with itself)"
+            )
+        seen[key] = str(t)
+
+
 def project(t: LazyTensor, c: np.ndarray, block_rows: int, compute_kwargs: dict[str, Any]) -> Any:
     """``C^T tau`` (s x n, float64) in one streaming pass over the row blocks of ``tau``.
 
@@ -181,6 +195,7 @@ def decompose(
         raise StreamvecError("decompose needs at least two task vectors (TV1 TV2 ...)")
     if not 0.0 < threshold <= 1.0:
         raise StreamvecError(f"--threshold must be in (0, 1], got {threshold}")
+    _refuse_repeated(terms)
     taus = [
         task_vector_of(
             t, base, include=include, exclude=exclude, base_for_stores="ignore", vocab=vocab

@@ -37,7 +37,10 @@ from streamvec import __version__
 from streamvec.algebra import Combination, Model
 from streamvec.devices import CPU, check_device
 from streamvec.dtypes import dtype_name, is_float
-from streamvec.engine import RUNTIME_OVERHEAD  # the engine's headroom, so budgets agree
+from streamvec.engine import (  # the engine's headroom, so budgets agree
+    RUNTIME_OVERHEAD,
+    awaited_threads,
+)
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import write_model_card
@@ -422,7 +425,8 @@ def dask_compute_kwargs(scheduler: str, workers: int) -> Iterator[dict[str, Any]
         The keyword arguments.
     """
     if scheduler in ("threads", "processes"):
-        yield {"scheduler": scheduler, "num_workers": workers}
+        with awaited_threads(scheduler, workers) as pool:
+            yield {"scheduler": scheduler, "num_workers": workers, **pool}
         return
     if scheduler in ("sync", "synchronous"):
         yield {"scheduler": "sync"}
