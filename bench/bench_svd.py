@@ -34,6 +34,7 @@ against the exact truncated SVD's (from the float64 Gram matrix's eigenvalues); 
 medians of ``--rounds``, with ratios to ``torch.svd_lowrank`` at its default ``niter=2``.
 
     PYTHONPATH=. python bench/bench_svd.py --peers [--rounds 3] [--shapes 4096x4096,...]
+        [--only "held, auto,niter=2"]
 """
 
 from __future__ import annotations
@@ -278,6 +279,13 @@ def bench_peers(args: argparse.Namespace) -> None:
         optimal = optimal_residuals(a, ranks)
         for rank in ranks:
             methods = peer_methods(rank, args.oversample)
+            if args.only:
+                wanted = args.only.split(",")
+                methods = {k: f for k, f in methods.items() if any(w in k for w in wanted)}
+                methods.setdefault(
+                    "torch.svd_lowrank niter=2",
+                    peer_methods(rank, args.oversample)["torch.svd_lowrank niter=2"],
+                )
             times: dict[str, list[float]] = {k: [] for k in methods}
             res: dict[str, tuple[float, int]] = {}
             for _ in range(args.rounds):  # interleaved
@@ -389,6 +397,11 @@ def main() -> None:
     p.add_argument("--shapes", default="4096x4096,11008x4096,32000x4096")
     p.add_argument("--ranks", default="16,64")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--only",
+        help="with --peers: only the methods whose names contain one of these (comma "
+        "separated; torch.svd_lowrank niter=2, the reference, always runs)",
+    )
     args = p.parse_args()
     if args.child:
         child(args)

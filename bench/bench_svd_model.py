@@ -88,7 +88,8 @@ def cli_svd(tree: str, store: Path, out: Path, rank: int) -> tuple[float, int]:
     env = dict(os.environ, PYTHONPATH=tree)
     cmd = [sys.executable, "-m", "streamvec.cli", "svd", str(store), "-o", str(out)]
     start = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--rank", str(rank), "-q"], env=env)
+    # cwd: `python -m` puts the working directory ahead of PYTHONPATH on sys.path
+    proc = subprocess.Popen([*cmd, "--rank", str(rank), "-q"], env=env, cwd=tree)
     with PeakSampler(proc.pid, interval=0.01) as sampler:
         proc.wait()
     seconds = time.perf_counter() - start
