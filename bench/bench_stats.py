@@ -1,90 +1,128 @@
-"""Where the time of ``streamvec stats`` goes: its passes next to reading the inputs once.
+"""Where the time of ``streamvec stats`` goes: its variants next to reading the inputs once.
 
-On one checkpoint pair (e.g. the one ``streamvec bench --keep`` leaves in its workdir), in
-rounds, variants interleaved so load changes hit all of them alike:
+On one checkpoint pair (e.g. the one ``streamvec bench --keep`` leaves in its workdir) or a
+base and several fine-tunes, in rounds, variants interleaved so load changes hit all of them
+alike:
 
 - ``cat``: ``cat`` of the weight files (warm page cache), the bench's read roofline;
-- ``read``: the same pass machinery with a statistic that does nothing (every block read
-  and upcast to float32: the floor of any pass);
-- ``moments``: the main pass without the histogram (``--density 0``: one pass);
-- ``moments+hist``: the main pass with the top-k histogram;
-- ``stats``: ``sv.stats`` with the default density (main pass + overlap pass);
+- ``read``: every operand read slab by slab and upcast to float32, nothing computed, on the
+  same threads (the floor of the stats pass);
+- ``stats --density 0``: ``sv.stats`` without top-k overlaps;
+- ``stats``: ``sv.stats`` with the default density (thresholds sampled, one pass);
+- ``stats --exact-topk``: the histogram threshold and a second pass;
+- ``before``: with ``--before DIR`` (a checkout of an earlier streamvec), its ``sv.stats``
+  with ``--density 0`` and with the default settings, timed inside a subprocess (imports
+  excluded);
 
 and prints each one's median seconds and its ratio to ``cat`` and to ``read``.
 
-    PYTHONPATH=. python bench/bench_stats.py BASE FT [--rounds 3] [--workers N]
+    PYTHONPATH=. python bench/bench_stats.py BASE FT [FT...] [--rounds 3] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from streamvec.linalg.blas import limit_blas_threads
-from streamvec.merge.passes import PassItem, PassOptions, run_pass
+from streamvec.io.blocks import matrix_shape
 from streamvec.stats import StatsOptions, stats
-from streamvec.stats.accumulate import FinishMoments, MomentStat
+from streamvec.stats.fused import SLAB
 from streamvec.stats.inputs import open_inputs
+from streamvec.stats.slabs import SlabReader
 
-
-@dataclass(frozen=True)
-class Nothing:
-    def __call__(
-        self, name: str, shape: tuple[int, ...], blocks: Sequence[np.ndarray], r0: int, r1: int
-    ) -> np.ndarray:
-        return np.zeros(1)
+_BEFORE = """
+import sys, time
+import streamvec as sv
+from streamvec.stats import StatsOptions
+options = StatsOptions(density={density})
+start = time.perf_counter()
+sv.stats(sys.argv[2:], base=sys.argv[1], workers={workers}, options=options)
+print(time.perf_counter() - start)
+"""
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("base", type=Path)
-    p.add_argument("ft", type=Path)
+    p.add_argument("fts", type=Path, nargs="+")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--before", type=Path, help="a checkout of an earlier streamvec")
     args = p.parse_args()
-    files = sorted(args.base.glob("*.safetensors")) + sorted(args.ft.glob("*.safetensors"))
+    files = [f for d in (args.base, *args.fts) for f in sorted(d.glob("*.safetensors"))]
     size = sum(f.stat().st_size for f in files)
-    inputs = open_inputs([str(args.ft)], base=args.base)
-    run = PassOptions(workers=args.workers)
+    inputs = open_inputs([str(f) for f in args.fts], base=args.base)
+    workers = args.workers or os.cpu_count() or 1
+    fts = [str(f) for f in args.fts]
+    abs_fts = [str(f.resolve()) for f in args.fts]
 
-    def items(stat_of: Callable[..., object]) -> list[PassItem]:
-        return [
-            PassItem(t.name, t.shape, tuple((1.0, r) for r in t.readers), stat_of(t), t.name)  # type: ignore[arg-type]
-            for t in inputs.tensors
-        ]
+    def read() -> None:
+        jobs = []
+        for t in inputs.tensors:
+            rows, cols = matrix_shape(t.shape)
+            step = max(1, (8 << 20) // max(cols, 1))
+            jobs += [(t, r, min(rows, r + step), cols) for r in range(0, rows, step)]
 
-    def moments(hist: bool) -> None:
-        finish = {t.name: FinishMoments(t.numel, 0.2 if hist else 0.0) for t in inputs.tensors}
-        with limit_blas_threads(1):
-            run_pass(items(lambda t: MomentStat(t.coefs, t.base, hist)), run, finish)  # type: ignore[arg-type]
+        def one(job: tuple) -> None:
+            t, r0, r1, cols = job
+            size = (r1 - r0) * cols
+            width = max(1, min(SLAB, size))
+            with SlabReader(t.readers, r0, r1, width) as rd:
+                for s0 in range(0, size, width):
+                    rd.load(s0, min(size, s0 + width))
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, jobs))
+
+    def before(density: float) -> float:
+        code = _BEFORE.format(workers=workers, density=density)
+        env = {**os.environ, "PYTHONPATH": str(args.before)}
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(args.base.resolve()), *abs_fts],
+            cwd=args.before,  # "-c" puts the working directory first on sys.path
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return float(out.stdout.split()[-1])
 
     variants: dict[str, Callable[[], object]] = {
         "cat": lambda: subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL),
-        "read": lambda: run_pass(items(lambda t: Nothing()), run),
-        "moments": lambda: moments(False),
-        "moments+hist": lambda: moments(True),
-        "stats": lambda: stats([args.ft], base=args.base, workers=args.workers),
+        "read": read,
         "stats --density 0": lambda: stats(
-            [args.ft], base=args.base, workers=args.workers, options=StatsOptions(density=0)
+            fts, base=args.base, workers=workers, options=StatsOptions(density=0)
+        ),
+        "stats": lambda: stats(fts, base=args.base, workers=workers),
+        "stats --exact-topk": lambda: stats(
+            fts, base=args.base, workers=workers, options=StatsOptions(exact_topk=True)
         ),
     }
+    if args.before is not None:
+        variants["before --density 0"] = lambda: before(0.0)
+        variants["before (default)"] = lambda: before(0.2)
     variants["cat"]()  # warm the page cache
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for name, fn in variants.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            inner = fn()
+            took = time.perf_counter() - start
+            times[name].append(inner if isinstance(inner, float) else took)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"inputs {size / 1e9:.2f} GB, {len(inputs.tensors)} tensors, rounds {args.rounds}")
+    print(
+        f"inputs {size / 1e9:.2f} GB ({len(args.fts)} fine-tune(s) and the base), "
+        f"{len(inputs.tensors)} tensors, {workers} workers, rounds {args.rounds}, "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'variant':<20} {'median s':>9} {'x cat':>7} {'x read':>7}  runs")
     for k, s in med.items():
         runs = " ".join(f"{x:.2f}" for x in times[k])

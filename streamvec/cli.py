@@ -22,6 +22,7 @@ from streamvec import __version__, signals
 from streamvec.errors import StreamvecError
 from streamvec.io.companions import COMMAND_LINE
 from streamvec.io.store_check import ReadPolicy, using_read_policy
+from streamvec.settings import Settings
 from streamvec.units import parse_size
 
 EPILOG = """examples:
@@ -40,70 +41,13 @@ Sizes accept 5GB, 512MB, 8GiB or bytes. Exit codes: 0 ok, 2 bad input, 1 interna
 
 
 def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
-    g = p.add_argument_group("running")
-    g.add_argument(
-        "--workers", type=int, metavar="N", help="blocks in flight at once (default: CPU count)"
-    )
-    g.add_argument(
-        "--scheduler",
-        default="threads",
-        metavar="S",
-        help="threads (default), processes, sync, local:N (a LocalCluster of N worker "
-        "processes) or a dask.distributed scheduler address like tcp://host:8786",
-    )
-    g.add_argument(
-        "--memory-limit",
-        metavar="SIZE",
-        help="ceiling on anonymous memory, e.g. 4GB (default: half of the available RAM); "
-        "block sizes are chosen to stay under it",
-    )
-    g.add_argument(
-        "--device",
-        default="cpu",
-        metavar="D",
-        help="where block arithmetic and SVDs run: cpu (default, numpy) or cuda / cuda:N "
-        "(torch on a GPU; same results bit for bit for sums; torch-cpu runs that code on the "
-        "CPU, to check it); see docs/distributed.md",
-    )
-    g.add_argument(
-        "--overwrite", action="store_true", help="replace OUT once the new one is complete"
-    )
-    g.add_argument(
-        "--compression",
-        choices=["lz4", "zstd", "none"],
-        default="lz4",
-        help="Zarr chunk compression (default lz4: blosc lz4 with bit-shuffle; see "
-        "docs/benchmarks.md)",
-    )
-    g.add_argument(
-        "--block-size",
-        metavar="SIZE",
-        help="target float32 bytes per row block (default 32MB; lowered to fit --memory-limit)",
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run writing OUT (inputs and parameters must match); "
-        "only unfinished blocks are redone and the result is identical to an uninterrupted run",
-    )
-    g.add_argument(
-        "--no-check-finite",
-        dest="check_finite",
-        action="store_false",
-        default=True,
-        help="write NaN/inf results instead of failing (by default every output block is "
-        "checked and a NaN/inf fails the run, naming the tensor and rows; see "
-        "docs/reliability.md)",
-    )
-    # The check is on by default; the old opt-in flag is still accepted.
-    g.add_argument("--check-finite", action="store_true", default=True, help=argparse.SUPPRESS)
-    g.add_argument(
-        "--no-verify-inputs",
-        action="store_true",
-        help="do not compare each chunk read from a Zarr store with its recorded checksum "
-        "(see docs/reliability.md for what it costs)",
-    )
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    """The flags of every run setting (generated from :class:`streamvec.settings.Settings`);
+    ``main`` refuses those the command does not support (:mod:`streamvec.operations`)."""
+    from streamvec.settings import add_arguments
+
+    add_arguments(p.add_argument_group("running"))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(run_settings=True)
     if filters:
         _add_filter_options(p)
 
@@ -122,16 +66,10 @@ def _add_filter_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_int_tensors_option(p: argparse.ArgumentParser) -> None:
-    """``--int-tensors``: what to do where a fine-tune changed an integer or bool tensor."""
-    from streamvec.nonfloat import INT_POLICIES
+    """``--int-tensors`` (a run setting; :func:`_add_run_options` adds it too)."""
+    from streamvec.settings import add_arguments
 
-    p.add_argument(
-        "--int-tensors",
-        choices=INT_POLICIES,
-        default="error",
-        help="an integer/bool tensor (buffer, int8 weight) that a fine-tune changed: fail "
-        "(default), keep the base's value, or take the fine-tune's",
-    )
+    add_arguments(p, ["int_tensors"])
 
 
 def add_output_dtype_option(
@@ -145,21 +83,17 @@ def add_output_dtype_option(
 
 
 def add_vocab_option(p: argparse.ArgumentParser) -> None:
-    """``--vocab``: what to do when the inputs' vocabularies differ (streamvec.vocab)."""
-    p.add_argument(
-        "--vocab",
-        choices=["base", "common", "union"],
-        help="when the inputs' vocabularies differ (a fine-tune added tokens): keep the base's "
-        "rows, the rows all inputs share, or every row (added tokens as the fine-tune has "
-        "them); config.json's vocab_size and the tokenizer files follow. Default: refuse",
-    )
+    """``--vocab`` (a run setting; :func:`_add_run_options` adds it too)."""
+    from streamvec.settings import add_arguments
+
+    add_arguments(p, ["vocab"])
 
 
 def add_shard_size_option(p: argparse.ArgumentParser) -> None:
-    """``--shard-size`` of safetensors outputs."""
-    p.add_argument(
-        "--shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)"
-    )
+    """``--shard-size`` (a run setting; :func:`_add_run_options` adds it too)."""
+    from streamvec.settings import add_arguments
+
+    add_arguments(p, ["shard_size"])
 
 
 def say(args: argparse.Namespace, text: str) -> None:
@@ -168,19 +102,17 @@ def say(args: argparse.Namespace, text: str) -> None:
         print(text)
 
 
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The run settings of a command's arguments, checked once by ``main``."""
+    settings = getattr(args, "settings", None)
+    if settings is None:
+        settings = Settings.from_args(args)
+    return settings
+
+
 def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "workers": args.workers,
-        "scheduler": args.scheduler,
-        "memory_limit": args.memory_limit,
-        "progress": not args.quiet and sys.stderr.isatty(),
-        "overwrite": args.overwrite,
-        "resume": args.resume,
-        "block_size": args.block_size,
-        "compression": args.compression,
-        "check_finite": args.check_finite,
-        "device": args.device,
-    }
+    """The engine's keyword arguments of a command's settings (``.save(**...)``)."""
+    return settings_of(args).engine_kwargs()
 
 
 def add_report_option(p: argparse.ArgumentParser) -> None:
@@ -250,9 +182,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
         int_tensors=args.int_tensors,
         vocab=args.vocab,
     )
-    report = model.save(
-        args.output, description="combine", shard_size=args.shard_size, **_run_kwargs(args)
-    )
+    report = model.save(args.output, description="combine", **_run_kwargs(args))
     write_report(args, report)
     say(args, report.summary())
     if report.kept_base:
@@ -328,8 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("finetuned")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
     add_output_dtype_option(p, "stored dtype (default float32)")
-    add_int_tensors_option(p)
-    add_vocab_option(p)
     _add_run_options(p)
     add_report_option(p)
     p.set_defaults(func=cmd_diff)
@@ -352,21 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", type=float, default=1.0, metavar="LAMBDA", help="lambda (default 1.0)"
     )
     add_output_dtype_option(p)
-    add_shard_size_option(p)
     p.add_argument(
         "--missing",
         choices=["error", "keep-base"],
         default="error",
         help="a tensor missing in a term: fail (default) or keep the base value",
     )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="a LoRA adapter TERM recorded with another local base is an error, not a warning",
-    )
-    add_int_tensors_option(p)
-    add_vocab_option(p)
-    _add_run_options(p)
+    _add_run_options(p)  # with --strict, --int-tensors, --vocab, --shard-size
     add_report_option(p)
     p.set_defaults(func=cmd_combine)
 
@@ -432,7 +352,7 @@ def _read_policy(args: argparse.Namespace) -> ReadPolicy:
     """How this command reads stores: chunk checksums, and chunks bounded by the budget."""
     limit = getattr(args, "memory_limit", None)
     return ReadPolicy(
-        verify=not getattr(args, "no_verify_inputs", False),
+        verify=getattr(args, "verify_inputs", not getattr(args, "no_verify_inputs", False)),
         max_chunk_bytes=parse_size(limit) // 4 if limit else None,
     )
 
@@ -470,6 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (kill, a batch scheduler's time limit) behaves like Ctrl-C: the partial output
     # of a resumable run is kept, the others are removed, and the exit code says which signal.
     try:
+        if getattr(args, "run_settings", False):
+            from streamvec.operations import check_settings
+
+            # Validated once; a setting the command does not support is refused here.
+            args.settings = Settings.from_args(args)
+            check_settings(args.command, args.settings)
         with signals.installed(), using_read_policy(_read_policy(args)):
             return func(args)
     except StreamvecError as exc:

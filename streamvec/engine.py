@@ -340,27 +340,11 @@ def execute_graph(
 def _execute_distributed(
     graph: dict[Any, Any], keys: list[Any], address: str, finished: Callable[[Any, Any], None]
 ) -> list[Any]:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    cluster = None
-    if address.startswith("local:"):
-        try:
-            n = int(address.split(":", 1)[1])
-        except ValueError:
-            raise StreamvecError(f"--scheduler {address}: write local:N with N workers") from None
-        cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-        client = Client(cluster)
-    else:
-        try:
-            client = Client(address, timeout="10s")
-        except OSError as exc:
-            raise StreamvecError(
-                f"--scheduler {address}: cannot reach a dask.distributed scheduler ({exc}); "
-                "use threads, processes, sync, local:N or a scheduler address"
-            ) from None
-    try:
+    from streamvec.settings import distributed_client
+
+    with distributed_client(address) as client:
         futures = client.get(graph, keys, sync=False)
         out = []
         for fut in as_completed(futures):
@@ -368,10 +352,6 @@ def _execute_distributed(
             out.append(result)
             finished(fut.key, result)
         return out
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def run(

@@ -37,7 +37,7 @@ def test_diff_is_exact_and_round_trips(pair_factory, tmp_path: Path, dtype: np.d
     base_dir, ft_dir, base, ft = pair_factory(dtype)
     out = tmp_path / "tau.zarr"
     # float64 storage for float32 inputs: a float32 difference of float32 weights is rounded
-    # in general, so only float64 can promise the exact round trip (see docs/task-vectors.md).
+    # in general, so only float64 can promise the exact round trip (see docs/task-arithmetic.md).
     extra = ["--dtype", "float64"] if np.dtype(dtype) == np.float32 else []
     assert run_cli("diff", base_dir, ft_dir, "-o", out, "-q", *extra) == 0
     tau = read_store(out)

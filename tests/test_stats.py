@@ -53,13 +53,23 @@ def sign_agreement(a: np.ndarray, c: np.ndarray) -> float:
     return float(w[np.sign(a) == np.sign(c)].sum() / total) if total > 0 else math.nan
 
 
-def top_set(t: np.ndarray, density: float) -> np.ndarray:
-    """The documented top set: entries at or above the magnitude bin of the k-th largest."""
+def top_set(t: np.ndarray, density: float, bins: bool = False) -> np.ndarray:
+    """The documented top set of a tensor read whole: non-zero entries at or above the k-th
+    largest magnitude (``bins``: at or above the lower edge of its 2^-7 magnitude bin, the
+    ``exact_topk`` mode)."""
     mag = np.abs(t).astype(np.float32)
     k = max(1, math.ceil(density * t.size))
     kth = np.sort(mag)[-k]
-    floor = (kth.view(np.uint32) >> np.uint32(16)) << np.uint32(16)
-    return (mag.view(np.uint32) >= floor) & (mag > 0)
+    floor = (kth.view(np.uint32) >> np.uint32(16)) << np.uint32(16) if bins else kth
+    return (mag.view(np.uint32) >= floor.view(np.uint32)) & (mag > 0)
+
+
+def largest(t: np.ndarray, size: int) -> np.ndarray:
+    """The non-zero entries at or above the ``size``-th largest magnitude."""
+    mag = np.abs(t)
+    if size == 0:
+        return np.zeros(t.shape, bool)
+    return (mag >= np.sort(mag)[-size]) & (mag > 0)
 
 
 def assert_close(got: np.ndarray, want: np.ndarray, rtol: float = GRAM_RTOL) -> None:
@@ -67,7 +77,9 @@ def assert_close(got: np.ndarray, want: np.ndarray, rtol: float = GRAM_RTOL) -> 
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
 
 
-def check_against_reference(st: sv.Stats, taus: dict, bases: dict, density: float) -> None:
+def check_against_reference(
+    st: sv.Stats, taus: dict, bases: dict, density: float, bins: bool = False
+) -> None:
     fig = st.per_tensor
     assert set(fig.labels) == set(taus)
     for g, name in enumerate(fig.labels):
@@ -79,7 +91,7 @@ def check_against_reference(st: sv.Stats, taus: dict, bases: dict, density: floa
         if bases:
             assert_close(fig.base_sq[g], float(np.dot(bases[name], bases[name])))
         if density > 0:
-            tops = [top_set(t, density) for t in ts]
+            tops = [top_set(t, density, bins) for t in ts]
             both = np.array([[(a & c).sum() for c in tops] for a in tops])
             np.testing.assert_array_equal(fig.top_both[g], both)
             for t, top in zip(ts, tops, strict=True):
@@ -124,6 +136,57 @@ def test_checkpoint_terms_match_float64_numpy(synth_family, family_stats) -> Non
     assert family_stats.names == ("a", "b", "c")
 
 
+def test_exact_topk_mode_keeps_histogram_sets(synth_family, family_stats) -> None:
+    f = synth_family
+    st = sv.stats(
+        [f["a"], f["b"], f["c"]],
+        base=f["base"],
+        options=StatsOptions(exact_topk=True),
+        block_size="16kB",
+    )
+    taus, bases = reference_taus(f["base"], [f["a"], f["b"], f["c"]])
+    check_against_reference(st, taus, bases, 0.2, bins=True)
+    assert_close(st.per_tensor.gram, family_stats.per_tensor.gram)
+
+
+def check_sampled_sets(st: sv.Stats, taus: dict, density: float, sample: int) -> int:
+    """Each top set is the |T_i| largest entries, and the pair counts are those sets'."""
+    fig = st.per_tensor
+    sampled = 0
+    for g, name in enumerate(fig.labels):
+        ts = taus[name]
+        sizes = np.diag(fig.top_both[g]).astype(int)
+        tops = [largest(t, k) for t, k in zip(ts, sizes, strict=True)]
+        both = np.array([[(a & c).sum() for c in tops] for a in tops])
+        np.testing.assert_array_equal(fig.top_both[g], both)
+        if ts[0].size > sample:
+            sampled += 1
+            for t, k in zip(ts, sizes, strict=True):
+                nonzero = np.count_nonzero(t)
+                if nonzero > density * t.size * 1.5:
+                    # a 512-element sample: loose; docs/stats.md gives the figures at 2^14
+                    assert abs(k / (density * t.size) - 1) < 0.5, (name, k, t.size)
+    return sampled
+
+
+@pytest.mark.parametrize("stores", [False, True])
+def test_sampled_thresholds_give_exact_counts(synth_family, tmp_path, stores) -> None:
+    f = synth_family
+    terms = [f["a"], f["c"]]
+    if stores:  # Zarr readers: the sample is bands of rows
+        terms = []
+        for k in ("a", "c"):
+            out = tmp_path / f"{k}.zarr"
+            assert run_cli("diff", f["base"], f[k], "-o", out, "-q") == 0
+            terms.append(out)
+    opts = StatsOptions(density=0.2, topk_sample=512)
+    st = sv.stats(terms, base=f["base"], options=opts, block_size="16kB")
+    taus, _ = reference_taus(f["base"], [f["a"], f["c"]])
+    assert check_sampled_sets(st, taus, 0.2, 512) > 5
+    again = sv.stats(terms, base=f["base"], options=opts, workers=1)
+    np.testing.assert_array_equal(again.per_tensor.top_both, st.per_tensor.top_both)  # seeded
+
+
 def test_per_layer_sums_its_tensors(family_stats) -> None:
     lay = family_stats.per_layer
     assert lay.labels == ("0", "1")
@@ -143,6 +206,8 @@ def test_store_terms_equal_checkpoint_terms(synth_family, family_stats, tmp_path
         stores.append(out)
     st = sv.stats(stores, base=f["base"])
     assert st.names == ("a", "b", "c")
+    taus, bases = reference_taus(f["base"], [f["a"], f["b"], f["c"]])
+    check_against_reference(st, taus, bases, 0.2)
     ref = family_stats.per_tensor
     assert sorted(st.per_tensor.labels) == sorted(ref.labels)
     order = [st.per_tensor.select(n) for n in ref.labels]
@@ -170,7 +235,7 @@ def test_filters_select_tensors(synth_family) -> None:
     check_against_reference(st, taus, bases, 0.1)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_odd_shapes_and_dtypes(pair_factory, dtype) -> None:
     from tests.conftest import BF16
 
@@ -284,6 +349,21 @@ def test_cli_writes_json_and_readable_pngs(synth_family, tmp_path, capsys) -> No
     assert json.loads(capsys.readouterr().out)["names"] == ["a"]
 
 
+def test_cli_exact_topk_flag(synth_family, capsys) -> None:
+    f = synth_family
+    args = ("stats", f["a"], f["c"], "--base", f["base"], "--json", "--density", "0.1")
+    assert run_cli(*args, "--exact-topk") == 0
+    exact = json.loads(capsys.readouterr().out)
+    want = sv.stats(
+        [f["a"], f["c"]], base=f["base"], options=StatsOptions(density=0.1, exact_topk=True)
+    )
+    got = np.array(exact["overall"]["top_overlap"], dtype=float)
+    np.testing.assert_allclose(got, want.overall.top_overlap[0])
+    assert run_cli(*args) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert sampled["overall"]["gram"] == exact["overall"]["gram"]
+
+
 def test_cli_bad_input_exits_2(synth_family, tmp_path, capsys) -> None:
     f = synth_family
     assert run_cli("stats") == 2
@@ -338,3 +418,28 @@ def test_memory_stays_flat(tmp_path) -> None:
     # A whole float64 task vector of the large input alone would be 128 MB.
     assert grow_large < grow_small + (24 << 20), (grow_small, grow_large)
     assert grow_large < 64 << 20
+
+
+@pytest.mark.parametrize("how", ["rewritten", "truncated"])
+def test_input_changed_during_the_pass_is_an_error(tmp_path, how) -> None:
+    """The slab reader keeps the reader's promise: a changed input stops the pass."""
+    from streamvec.errors import InputChangedError
+    from streamvec.merge.passes import PassOptions
+    from streamvec.stats.inputs import open_inputs
+    from streamvec.stats.runner import TopSets, run_stats_pass
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    base = write_checkpoint(tmp_path / "base", {"w": w})
+    ft = write_checkpoint(tmp_path / "ft", {"w": w + 1})
+    inputs = open_inputs([str(ft)], base=base)
+    path = ft / "model.safetensors"
+    if how == "rewritten":
+        write_checkpoint(ft, {"w": w + 2})
+    else:
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size - 1024)
+    run = PassOptions(workers=1, scheduler="sync")
+    with pytest.raises(InputChangedError, match=str(path)):
+        run_stats_pass(inputs.tensors, run)
+    with pytest.raises(InputChangedError, match=str(path)):
+        run_stats_pass(inputs.tensors, run, top=TopSets(0.2, 512))  # the sample's reads

@@ -74,8 +74,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"one {QUICK_SIZE} pair (unless --size), one run of each step: under two minutes "
-        "on a loaded 2-core machine",
+        help=f"one {QUICK_SIZE} pair (unless --size), one run of each step: a few minutes on "
+        "2 cores (longer on a busy machine)",
     )
     p.add_argument(
         "--out",

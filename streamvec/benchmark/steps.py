@@ -24,8 +24,8 @@ STEP_HELP = {
     "merge": "TIES merge (density 0.5) of the fine-tune onto the base by a mergekit-style "
     "recipe; sparsifying makes extra passes over the inputs",
     "stats": "task-vector analytics of the fine-tune (norms, Gram, sign agreement, top-20% "
-    "overlap) from the checkpoints: stats.json only, no plots; two passes (the overlap needs "
-    "each tensor's threshold first)",
+    "overlap) from the checkpoints: stats.json only, no plots; one pass (top-k thresholds "
+    "sampled per tensor)",
 }
 # Steps that read the store diff writes: asking for one runs diff first.
 NEEDS_STORE = frozenset({"combine", "svd"})

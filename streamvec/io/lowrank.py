@@ -286,11 +286,11 @@ def read_svd_store(path: str | os.PathLike[str]) -> SVDStoreInfo:
 
 
 def _compressors() -> list[Any]:
-    from zarr.codecs import BloscCodec
+    from streamvec.io.zarr_store import compressors
 
     # Same codec as task-vector stores (lz4 + bitshuffle): singular vectors are dense noise-like
     # floats and barely compress, but lz4 costs little and keeps the two layouts uniform.
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
+    return compressors("lz4")
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

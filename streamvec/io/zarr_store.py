@@ -33,6 +33,7 @@ from streamvec.errors import StoreError
 from streamvec.io.blocks import ZarrReader
 from streamvec.io.writeback import start_writeback
 from streamvec.names import decode_array_path, encode_array_path
+from streamvec.settings import COMPRESSIONS
 
 if TYPE_CHECKING:
     from zarr.core.metadata.v3 import ArrayV3Metadata
@@ -52,10 +53,12 @@ FORMAT = 1
 # kind of disk the 2 GB more of a 1B store would take ~5 s to write, more than the encode it
 # saves (an estimate, not a measurement). lz4 clevel 1, 5 and 9 were equal in speed within
 # noise and within 2.5% in ratio.
-COMPRESSIONS = ("lz4", "zstd", "none")
+def compressors(compression: str = "lz4") -> list[Any]:
+    """The codec table: Zarr compressors of a ``--compression`` name (every store uses it).
 
-
-def _compressors(compression: str = "lz4") -> list[Any]:
+    Raises:
+        StoreError: an unknown name.
+    """
     from zarr.codecs import BloscCodec
 
     if compression == "lz4":
@@ -116,7 +119,7 @@ def create_store(
     # attrs; zarr.create_hierarchy writes every node concurrently in one call. Creating arrays
     # one by one and adding attrs after cost two metadata writes through zarr's event loop per
     # array: 1.95 s for 200 arrays here, against 0.31 s (bench/bench_store_write.py).
-    compressors = _compressors(compression)  # fails on a bad name before anything is written
+    codecs = compressors(compression)  # fails on a bad name before anything is written
     templates: dict[tuple[Any, ...], ArrayV3Metadata] = {}
     nodes: dict[str, Any] = {"": GroupMetadata(attributes={"streamvec": root_attrs})}
     out: dict[str, ArrayV3Metadata] = {}
@@ -130,7 +133,7 @@ def create_store(
                 shape=spec.shape,
                 chunks=chunks,
                 dtype=stored,
-                compressors=compressors,
+                compressors=codecs,
                 fill_value=0,
             ).metadata  # type: ignore[assignment]
         meta = templates[key].update_attributes(

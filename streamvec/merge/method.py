@@ -9,11 +9,12 @@ or, for merges that must factor matrices before streaming (TSV-M, Iso-C), *runs*
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from streamvec.merge.params import ParamSpec
+from streamvec.settings import Settings
 
 if TYPE_CHECKING:
     from streamvec.algebra import Model
@@ -21,56 +22,40 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """How to run a merge: the engine's knobs plus the output layout.
+class RunSettings(Settings):
+    """How to run a merge: the run settings (:class:`streamvec.settings.Settings`), with no
+    progress bar unless asked for (the Python API's default)."""
 
-    Attributes:
-        workers: blocks in flight at once (default: CPU count).
-        scheduler: ``threads``, ``processes``, ``sync``, ``local:N`` or a scheduler address.
-        memory_limit: ceiling on anonymous memory (``"4GB"``; default: half of available).
-        progress: show progress bars.
-        overwrite: replace an existing output once the new one is complete.
-        shard_size: safetensors shard size.
-        block_size: target bytes of float32 work per block (the engine's default when None);
-            also used by the first passes.
-        engine: further :func:`streamvec.engine.run` options passed through as they are
-            (``resume``, ``check_finite``...).
-    """
-
-    workers: int | None = None
-    scheduler: str = "threads"
-    memory_limit: str | int | None = None
     progress: bool = False
-    overwrite: bool = False
-    shard_size: str | int = "5GB"
-    block_size: str | int | None = None
-    engine: Mapping[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_kwargs(cls, kwargs: Mapping[str, Any], **more: Any) -> RunSettings:
-        """Settings from ``streamvec.cli._run_kwargs``-style options; unknown ones go to the
-        engine as they are (the CLI's run options grow without this module changing)."""
-        known = {f.name for f in fields(cls)} - {"engine"}
-        merged = {**kwargs, **more}
-        return cls(
-            **{k: v for k, v in merged.items() if k in known},
-            engine={k: v for k, v in merged.items() if k not in known},
-        )
+    def svd_run_options(self, method: str, *, intermediate: bool = False) -> Settings:
+        """The settings of a merge that runs the SVD commands (``tsv``, ``iso_c``,
+        ``shared_unique``), all carried over; one the method cannot honour is refused,
+        naming the flag and the method, rather than dropped.
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`streamvec.engine.run` (and ``Model.save``)."""
-        out: dict[str, Any] = {
-            "workers": self.workers,
-            "scheduler": self.scheduler,
-            "memory_limit": self.memory_limit,
-            "progress": self.progress,
-            "overwrite": self.overwrite,
-            "shard_size": self.shard_size,
-            **self.engine,
-        }
-        if self.block_size is not None:
-            out["block_size"] = self.block_size
-        return out
+        Args:
+            method: the recipe's ``merge_method``, for the messages.
+            intermediate: the SVD command writes an intermediate that is always recomputed
+                (``shared_unique``'s components); ``resume`` then applies to the merge's own
+                output pass only (:meth:`engine_kwargs`), not to this command.
+
+        Returns:
+            The settings for :func:`streamvec.ops.merge_svd.merge_svd` or
+            :func:`streamvec.ops.decompose.decompose`.
+
+        Raises:
+            StreamvecError: a setting the method does not support was given.
+        """
+        from streamvec.operations import OPERATIONS, merge_method_settings
+
+        self.check_supported("merge", merge_method_settings(method), f" with merge_method {method}")
+        settings = Settings.from_kwargs({f.name: getattr(self, f.name) for f in fields(Settings)})
+        if intermediate:
+            settings = settings.replace(resume=False)
+        # Settings the merge honours in its own output pass (shard size...) are not the SVD
+        # command's to refuse.
+        command = "decompose" if intermediate else "merge-svd"
+        return settings.only(OPERATIONS[command].settings)
 
 
 Builder = Callable[["MergeRequest", RunSettings], "Model"]

@@ -18,7 +18,6 @@ reduces them:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,9 +26,9 @@ import numpy as np
 
 from streamvec.engine import execute_graph, plan_blocks
 from streamvec.io.blocks import BlockReader, matrix_shape
-from streamvec.memory import anon_bytes, default_memory_limit
-from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges
-from streamvec.units import parse_size
+from streamvec.memory import anon_bytes
+from streamvec.settings import Settings
+from streamvec.tensor import LazyTensor, row_ranges
 
 _FAN_IN = 8
 
@@ -64,22 +63,11 @@ class PassItem:
 
 
 @dataclass(frozen=True)
-class PassOptions:
-    """Scheduler, workers and memory budget of the first passes (as for the output pass)."""
+class PassOptions(Settings):
+    """Scheduler, workers and memory budget of the first passes: the run settings, with no
+    progress bar unless asked for."""
 
-    workers: int | None = None
-    scheduler: str = "threads"
-    memory_limit: str | int | None = None
     progress: bool = False
-    block_size: str | int | None = None
-
-    def resolved_workers(self) -> int:
-        return max(1, self.workers or os.cpu_count() or 1)
-
-    def resolved_limit(self) -> int:
-        if self.memory_limit is None:
-            return default_memory_limit()
-        return parse_size(self.memory_limit)
 
 
 @dataclass(frozen=True)
@@ -135,7 +123,7 @@ def run_pass(
     stand_ins = [
         LazyTensor(it.name, it.shape, np.dtype(np.float32), it.terms, op=_Marker()) for it in items
     ]
-    block_bytes = parse_size(options.block_size) if options.block_size else DEFAULT_BLOCK_BYTES
+    block_bytes = options.block_bytes()
     plan = plan_blocks(
         stand_ins, options.resolved_limit(), workers, baseline=anon_bytes(), block_bytes=block_bytes
     )

@@ -3,7 +3,7 @@
 Supported (the task-vector family, mergekit's ``models:`` form)::
 
     merge_method: ties            # a name from `streamvec merge --list`
-    base_model: ./llama-base      # a local checkpoint (never downloaded)
+    base_model: ./llama-base      # a local checkpoint, or a Hub id org/name[@revision]
     models:
       - model: ./llama-math       # a local checkpoint, or a streamvec task-vector store
         parameters: {weight: 0.5, density: 0.4}
@@ -221,8 +221,8 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
         raise StreamvecError(
-            f"{source}: base_model must be a local path (text); model references with "
-            "LoRA or revisions are not supported"
+            f"{source}: base_model must be text: a local path or a Hub id "
+            "(org/name or org/name@revision); mergekit's mapping form is not read"
         )
     tok = data.get("tokenizer_source")
     if tok is not None and tok not in ("base", "union"):
@@ -249,8 +249,8 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         path = m.get("model")
         if not isinstance(path, str) or not path:
             raise StreamvecError(
-                f"{source}: {where}.model must be a local path (text); model references with "
-                "LoRA or revisions are not supported"
+                f"{source}: {where}.model must be text: a local path, a Hub id "
+                "(org/name@revision) or MODEL+LORA; mergekit's mapping form is not read"
             )
         params = m.get("parameters") or {}
         if not isinstance(params, Mapping):

@@ -39,7 +39,7 @@ def run_svd_merge(
     """Run ``merge_svd(kind, ...)`` with the recipe's models, base, parameters and dtype."""
     try:
         from streamvec.ops.merge_svd import merge_svd
-        from streamvec.ops.svd import RunOptions, SVDOptions
+        from streamvec.ops.svd import SVDOptions
     except ModuleNotFoundError:
         raise StreamvecError(
             f"merge method {request.method.name} needs streamvec.ops.merge_svd, which this "
@@ -70,13 +70,5 @@ def run_svd_merge(
         exclude=list(flt.exclude) or None if flt else None,
         dtype=dtype_name(request.out_dtype) if request.out_dtype is not None else None,
         shard_size=settings.shard_size,
-        # merge_svd takes the common knobs only (no resume or block size of its own)
-        run=RunOptions(
-            workers=settings.workers,
-            scheduler=settings.scheduler,
-            memory_limit=settings.memory_limit,
-            progress=settings.progress,
-            overwrite=settings.overwrite,
-            device=settings.engine.get("device", "cpu"),
-        ),
+        run=settings.svd_run_options(request.method.name),
     )

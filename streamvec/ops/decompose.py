@@ -50,6 +50,7 @@ from streamvec.io.companions import write_model_card
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import OutputDir
 from streamvec.linalg.factors import common_subspace
+from streamvec.operations import check_settings
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -190,7 +191,8 @@ def decompose(
 
     started = time.perf_counter()
     run = run or RunOptions()
-    run.refuse_resume("decompose")
+    # the same check as the CLI's: a setting this command cannot honour is refused
+    check_settings("decompose", run)
     if len(terms) < 2:
         raise StreamvecError("decompose needs at least two task vectors (TV1 TV2 ...)")
     if not 0.0 < threshold <= 1.0:

@@ -73,6 +73,7 @@ from streamvec.io.checkpoint import resolve_checkpoint
 from streamvec.io.output import OutputDir, check_free_space
 from streamvec.linalg.factors import stacked_lowrank_svd
 from streamvec.linalg.rsvd import SVDResult, sum_of_squares
+from streamvec.operations import check_settings
 from streamvec.ops.combine import TermSpec
 from streamvec.ops.svd import (
     Factorizer,
@@ -277,7 +278,8 @@ def lora(
 
     started = time.perf_counter()
     run = run or RunOptions()
-    run.refuse_resume("lora")
+    # the same check as the CLI's: a setting this command cannot honour is refused
+    check_settings("lora", run)
     if not (0.0 <= rank_tol < 1.0):
         raise StreamvecError(f"--rank-tol must be in [0, 1), got {rank_tol}")
     if dtype not in ADAPTER_DTYPES:

@@ -44,6 +44,7 @@ from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import check_destination, output_error
+from streamvec.operations import check_settings
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -56,10 +57,10 @@ from streamvec.ops.svd import (
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 
-__all__ = ["MERGES", "MergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
+__all__ = ["MERGES", "SVDMergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
 
-MergeMethod = Literal["tsv", "iso-c"]
-MERGES: tuple[MergeMethod, ...] = ("tsv", "iso-c")
+SVDMergeKind = Literal["tsv", "iso-c"]
+MERGES: tuple[SVDMergeKind, ...] = ("tsv", "iso-c")
 
 
 def _polar(x: np.ndarray) -> np.ndarray:
@@ -120,7 +121,7 @@ def iso_c_factors(
 
 
 @dataclass
-class MergeReport:
+class SVDMergeReport:
     """What ``streamvec merge-svd`` did: the engine's report plus the factorization summary."""
 
     run: RunReport
@@ -148,9 +149,9 @@ def merge_svd(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     dtype: str | None = None,
-    shard_size: str | int = "5GB",
+    shard_size: str | int | None = None,
     run: RunOptions | None = None,
-) -> MergeReport:
+) -> SVDMergeReport:
     """Merge task vectors by TSV-M or Iso-C; write ``alpha * merged`` or ``base + alpha * merged``.
 
     Args:
@@ -165,11 +166,11 @@ def merge_svd(
         include: only tensors matching these patterns (with ``base``, others keep the base).
         exclude: leave out tensors matching these.
         dtype: output dtype (default: the base's, or float32 for a task vector).
-        shard_size: safetensors shard size of an edited model.
+        shard_size: safetensors shard size of an edited model (default: ``run.shard_size``).
         run: workers, scheduler, memory limit, progress, overwrite.
 
     Returns:
-        A :class:`MergeReport`.
+        A :class:`SVDMergeReport`.
 
     Raises:
         StreamvecError: unknown method, bad rank or alpha, mismatched inputs, or a matrix
@@ -184,7 +185,8 @@ def merge_svd(
     from streamvec.engine import run as run_engine
 
     run = run or RunOptions()
-    run.refuse_resume("merge-svd")
+    # the same check as the CLI's: a setting this command cannot honour is refused
+    check_settings("merge-svd", run)
     if method not in MERGES:
         raise StreamvecError(f"merge method must be one of {', '.join(MERGES)}, got {method!r}")
     if not terms:
@@ -280,7 +282,6 @@ def merge_svd(
             model.combination(),
             out_path,
             description=f"merge-svd {method}",
-            shard_size=shard_size,
             extra_attrs={
                 "merge": merge_attrs,
                 "expression": f"{'base + ' if base is not None else ''}{alpha:g} * "
@@ -288,13 +289,13 @@ def merge_svd(
                 "sources": _unique(sources),
                 **{k: v for k, v in options.attrs().items() if k != "rank"},
             },
-            **run.engine_kwargs(),
+            **{**run.engine_kwargs(), "shard_size": shard_size or run.shard_size},
         )
     except OSError as exc:  # disk full while writing the merged factors beside the output
         raise output_error("write", out_path, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return MergeReport(report, method, methods, ranks)
+    return SVDMergeReport(report, method, methods, ranks)
 
 
 def _unique(infos: list[Any]) -> list[Any]:

@@ -68,15 +68,17 @@ from streamvec.linalg.rsvd import (
     randomized_svd_in_memory,
     sketch_width,
 )
-from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.memory import anon_bytes
+from streamvec.operations import check_settings
 from streamvec.ops.held import read_matrix
+from streamvec.settings import Settings, distributed_client
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
-from streamvec.units import format_bytes, parse_size
+from streamvec.units import format_bytes
 
 __all__ = [
-    "METHODS",
+    "SVD_METHODS",
     "Factorizer",
     "RunOptions",
     "SVDOptions",
@@ -91,7 +93,7 @@ __all__ = [
 ]
 
 Method = Literal["exact", "randomized"]
-METHODS = ("auto", "exact", "randomized")
+SVD_METHODS = ("auto", "exact", "randomized")
 
 
 # Time model used to pick a method (seconds). Measured on the development machine (2 shared
@@ -133,9 +135,9 @@ class SVDOptions:
         ):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
                 raise StreamvecError(f"{label} must be an integer >= {low}, got {value!r}")
-        if self.method not in METHODS:
+        if self.method not in SVD_METHODS:
             raise StreamvecError(
-                f"--method must be one of {', '.join(METHODS)}, got {self.method!r}"
+                f"--method must be one of {', '.join(SVD_METHODS)}, got {self.method!r}"
             )
 
     def attrs(self) -> dict[str, Any]:
@@ -149,77 +151,8 @@ class SVDOptions:
         }
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run: the knobs of :func:`streamvec.engine.run` that apply to SVD commands.
-
-    Attributes:
-        workers: row blocks in flight at once (default: CPU count).
-        scheduler: ``threads``, ``processes``, ``sync``, ``local:N`` or a scheduler address.
-        memory_limit: ceiling on anonymous memory (``"4GB"``; default: half of available).
-        progress: show progress bars.
-        overwrite: replace an existing output once the new one is complete.
-        block_size: target float32 bytes per row block (default 32 MB; lowered to fit the
-            memory limit), for the SVD passes and for the engine runs of these commands.
-        check_finite: fail, naming the tensor, on NaN or infinite values (default; matrices
-            are always checked by the SVD itself; this adds the dense tensors and the engine
-            outputs).
-        resume: continue an interrupted ``svd`` (tensor by tensor); the other SVD commands
-            refuse it rather than ignore it.
-    """
-
-    workers: int | None = None
-    scheduler: str = "threads"
-    memory_limit: str | int | None = None
-    progress: bool = True
-    overwrite: bool = False
-    block_size: str | int | None = None
-    check_finite: bool = True
-    resume: bool = False
-    device: str = "cpu"
-
-    def refuse_resume(self, command: str) -> None:
-        """Commands that cannot resume say so rather than ignore ``--resume``."""
-        if self.resume:
-            raise StreamvecError(
-                f"--resume is not supported by `streamvec {command}` yet; rerun without it "
-                "(the output appears only when complete)"
-            )
-
-    def resolved_workers(self) -> int:
-        """The worker count, checked."""
-        workers = self.workers or os.cpu_count() or 1
-        if workers < 1:
-            raise StreamvecError(f"--workers must be at least 1, got {workers}")
-        return workers
-
-    def resolved_limit(self) -> int:
-        """The memory limit in bytes."""
-        if self.memory_limit is None:
-            return default_memory_limit()
-        return parse_size(self.memory_limit)
-
-    def block_bytes(self) -> int:
-        """Target bytes of a float32 row block."""
-        if self.block_size is None:
-            return DEFAULT_BLOCK_BYTES
-        size = parse_size(self.block_size)
-        if size < 1:
-            raise StreamvecError(f"--block-size must be positive, got {self.block_size!r}")
-        return size
-
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`streamvec.engine.run`."""
-        return {
-            "workers": self.workers,
-            "scheduler": self.scheduler,
-            "memory_limit": self.memory_limit,
-            "progress": self.progress,
-            "overwrite": self.overwrite,
-            "block_size": self.block_size,
-            "check_finite": self.check_finite,
-            "device": self.device,
-        }
+# How to run: the one settings type (the name stays for the API's callers).
+RunOptions = Settings
 
 
 @dataclass(frozen=True)
@@ -431,21 +364,8 @@ def dask_compute_kwargs(scheduler: str, workers: int) -> Iterator[dict[str, Any]
     if scheduler in ("sync", "synchronous"):
         yield {"scheduler": "sync"}
         return
-    from distributed import Client, LocalCluster
-
-    cluster = None
-    if scheduler.startswith("local:"):
-        n = int(scheduler.split(":", 1)[1] or "2")
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True)
-        client = Client(cluster)
-    else:
-        client = Client(scheduler)
-    try:
+    with distributed_client(scheduler) as client:
         yield {"scheduler": client}
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 class Factorizer:
@@ -730,6 +650,7 @@ def svd(
 
     started = time.perf_counter()
     run = run or RunOptions()
+    check_settings("svd", run)  # the same check as the CLI's
     tv = task_vector_of(source, base, include=include, exclude=exclude, vocab=vocab)
     resolved = tv.resolved()
     root_attrs = {

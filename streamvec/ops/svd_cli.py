@@ -68,30 +68,10 @@ def _options(args: argparse.Namespace, rank: int | None = None) -> Any:
 
 
 def _run_options(args: argparse.Namespace) -> Any:
-    from streamvec.cli import _run_kwargs
-    from streamvec.errors import StreamvecError
-    from streamvec.ops.svd import RunOptions
+    # The settings, checked by streamvec.cli.main against what the command supports.
+    from streamvec.cli import settings_of
 
-    # Only the knobs these commands support (the engine's set may grow, e.g. --resume).
-    known = (
-        "workers",
-        "scheduler",
-        "memory_limit",
-        "progress",
-        "overwrite",
-        "block_size",
-        "check_finite",
-        "resume",
-        "device",
-    )
-    kwargs = _run_kwargs(args)
-    # An option these commands do not honour is refused, never silently dropped.
-    defaults = {"compression": "lz4", "device": "cpu"}
-    for key, value in kwargs.items():
-        if key not in known and value not in (None, False, defaults.get(key)):
-            flag = "--" + key.replace("_", "-")
-            raise StreamvecError(f"{flag} is not supported by `streamvec {args.command}`")
-    return RunOptions(**{k: kwargs[k] for k in known if k in kwargs})
+    return settings_of(args)
 
 
 def cmd_svd(args: argparse.Namespace) -> int:

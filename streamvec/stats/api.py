@@ -1,21 +1,22 @@
-"""``sv.stats``: task-vector analytics in one streaming pass (two with top-k overlaps)."""
+"""``sv.stats``: task-vector analytics in one streaming pass."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from streamvec.errors import StreamvecError
 from streamvec.linalg.blas import limit_blas_threads
 from streamvec.linalg.rsvd import DEFAULT_POWER_ITERS
-from streamvec.merge.passes import PassItem, PassOptions, run_pass
-from streamvec.stats.accumulate import FinishMoments, MomentStat, OverlapStat, TensorMoments
+from streamvec.merge.passes import PassOptions
+from streamvec.stats.accumulate import TensorMoments
 from streamvec.stats.grouping import layer_of, module_kind
 from streamvec.stats.inputs import StatsInputs, open_inputs
 from streamvec.stats.result import Figures, Stats
+from streamvec.stats.runner import TopSets, run_stats_pass
+from streamvec.stats.sample import DEFAULT_SAMPLE, sampleable
 from streamvec.stats.spectrum import Spectrum, SpectrumOptions, spectra
 
 DEFAULT_DENSITY = 0.2  # TIES' default top-k share
@@ -28,7 +29,13 @@ class StatsOptions:
 
     Attributes:
         density: share of largest-magnitude entries per tensor whose overlap between task
-            vectors is measured (0: skip it, and its second pass).
+            vectors is measured (0: skip it).
+        exact_topk: find each top set's threshold with a histogram pass (to within one
+            2^-7 magnitude bin, holding the exact top k) and count in a second pass, instead
+            of from a sample of each tensor in the one pass (tensors of stores and other
+            inputs without cheap scattered reads always take this way).
+        topk_sample: elements sampled per tensor for the thresholds (tensors up to this
+            size are read whole: exact).
         spectrum: ``K`` top singular values per matrix by randomized SVD (0: only those an
             SVD store term already holds).
         residual: residual energy share the LoRA ranks are given for.
@@ -38,6 +45,8 @@ class StatsOptions:
     """
 
     density: float = DEFAULT_DENSITY
+    exact_topk: bool = False
+    topk_sample: int = DEFAULT_SAMPLE
     spectrum: int = 0
     residual: float = DEFAULT_RESIDUAL
     oversample: int = 10
@@ -47,6 +56,8 @@ class StatsOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.density <= 1.0:
             raise StreamvecError(f"--density must be between 0 and 1, got {self.density}")
+        if self.topk_sample < 256:
+            raise StreamvecError(f"topk_sample must be >= 256, got {self.topk_sample}")
         if self.spectrum < 0:
             raise StreamvecError(f"--spectrum must be >= 0, got {self.spectrum}")
         if not 0.0 < self.residual < 1.0:
@@ -69,8 +80,8 @@ def stats(
 ) -> Stats:
     """Norms, cosines, sign conflicts, top-k overlaps and spectra of task vectors.
 
-    One streaming pass over the inputs computes every figure but the top-k overlaps, which
-    need each tensor's magnitude threshold first and take a second pass; ``--spectrum K``
+    One streaming pass over the inputs computes every figure, the top-k overlaps with
+    thresholds sampled from each tensor (``exact_topk``: a second pass); ``--spectrum K``
     adds the passes of a randomized SVD per matrix and task vector.
 
     Args:
@@ -99,14 +110,19 @@ def stats(
     inputs = open_inputs(
         [str(t) for t in terms], base=base, include=include, exclude=exclude, labels=labels
     )
-    run = PassOptions(workers, scheduler, memory_limit, progress, block_size)
+    run = PassOptions(
+        workers=workers,
+        scheduler=scheduler,
+        memory_limit=memory_limit,
+        progress=progress,
+        block_size=block_size,
+    )
     # Each block's products are small BLAS calls; a multi-threaded BLAS wakes its pool for
     # each (measured 50x slower than the arithmetic on a loaded machine), while the
     # scheduler already keeps `workers` blocks in flight.
     with limit_blas_threads(1):
-        moments = _moments(inputs, run, opts.density)
-        overlap = _overlaps(inputs, run, moments) if opts.density > 0 else {}
-    figures = _figures(inputs, moments, overlap)
+        moments = _moments(inputs, run, opts)
+    figures = _figures(inputs, moments)
     found: dict[str, list[Spectrum | None]] = {}
     subspace: dict[str, np.ndarray] = {}
     energies = {t.name: np.diag(moments[t.name].gram).copy() for t in inputs.tensors}
@@ -131,32 +147,37 @@ def stats(
     )
 
 
-def _moments(inputs: StatsInputs, run: PassOptions, density: float) -> dict[str, TensorMoments]:
-    items = []
-    # BlockSums reduce like arrays (see accumulate.BlockSums), hence the Any.
-    finish: dict[str, Any] = {}
-    for t in inputs.tensors:
-        readers = tuple((1.0, r) for r in t.readers)
-        stat = MomentStat(t.coefs, t.base, density > 0)
-        items.append(PassItem(t.name, t.shape, readers, stat, t.name))  # type: ignore[arg-type]
-        finish[t.name] = FinishMoments(t.numel, density)
-    return run_pass(items, run, finish, desc="stats")
+def _moments(inputs: StatsInputs, run: PassOptions, opts: StatsOptions) -> dict[str, TensorMoments]:
+    if opts.density == 0:
+        return run_stats_pass(inputs.tensors, run)
+    sample = opts.topk_sample
+    quick = (
+        []
+        if opts.exact_topk
+        else [t for t in inputs.tensors if sampleable(t.shape, t.readers, sample)]
+    )
+    out: dict[str, TensorMoments] = {}
+    if quick:
+        # thresholds from a sample of each tensor, counted in the same pass
+        out.update(run_stats_pass(quick, run, top=TopSets(opts.density, sample)))
+    rest = [t for t in inputs.tensors if t.name not in out]
+    if not rest:
+        return out
+    # histogram thresholds (to within one 2^-7 magnitude bin), counted in a second pass
+    first = run_stats_pass(rest, run, histogram=True, density=opts.density)
+    given = {name: m.thresholds for name, m in first.items()}
+    counts = run_stats_pass(
+        rest,
+        run,
+        moments=False,
+        top=TopSets(opts.density, sample, given),
+        desc="stats (top-k overlaps)",
+    )
+    out.update({name: replace(m, top_both=counts[name].top_both) for name, m in first.items()})
+    return out
 
 
-def _overlaps(
-    inputs: StatsInputs, run: PassOptions, moments: dict[str, TensorMoments]
-) -> dict[str, np.ndarray]:
-    items = []
-    for t in inputs.tensors:
-        readers = tuple((1.0, r) for r in t.readers)
-        bins = tuple(int(b) for b in moments[t.name].top_bins)
-        items.append(PassItem(t.name, t.shape, readers, OverlapStat(t.coefs, bins), t.name))
-    return run_pass(items, run, desc="stats (top-k overlaps)")
-
-
-def _figures(
-    inputs: StatsInputs, moments: dict[str, TensorMoments], overlap: dict[str, np.ndarray]
-) -> Figures:
+def _figures(inputs: StatsInputs, moments: dict[str, TensorMoments]) -> Figures:
     ts = inputs.tensors
     n = len(inputs.names)
     m = [moments[t.name] for t in ts]
@@ -171,5 +192,5 @@ def _figures(
         np.stack([x.maxabs for x in m]),
         np.stack([x.zeros for x in m]),
         np.array([x.base_sq if t.base >= 0 else np.nan for x, t in zip(m, ts, strict=True)]),
-        np.stack([overlap[t.name].astype(np.float64) if t.name in overlap else nan for t in ts]),
+        np.stack([x.top_both.astype(np.float64) if x.top_both.size else nan for x in m]),
     )

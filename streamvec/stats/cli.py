@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
         "their cosine similarities (Gram matrix in float64), magnitude-weighted sign "
         "agreement, the overlap of their top-density magnitudes and, with --spectrum K, "
         "singular values, effective ranks, subspace overlaps and the LoRA rank each module "
-        "needs. One streaming pass (two with the top-k overlap). TERM is a task-vector store, "
+        "needs. One streaming pass. TERM is a task-vector store, "
         "an SVD store, or a fine-tuned checkpoint with --base. Writes stats.json and PNG "
         "plots to -o DIR.",
     )
@@ -43,7 +43,13 @@ def add_parser(sub: Any) -> None:
         default=DEFAULT_DENSITY,
         metavar="D",
         help=f"top-k share for the magnitude overlap (default {DEFAULT_DENSITY}, as TIES; 0 "
-        "skips it and its second pass)",
+        "skips it); each tensor's threshold comes from a sample of it",
+    )
+    p.add_argument(
+        "--exact-topk",
+        action="store_true",
+        help="top-k thresholds from a histogram of every entry (the exact top k plus the rest "
+        "of its 2^-7 magnitude bin), at the cost of a second pass",
     )
     p.add_argument(
         "--spectrum",
@@ -89,7 +95,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
         options=StatsOptions(
-            density=args.density, spectrum=args.spectrum, residual=args.residual, seed=args.seed
+            density=args.density,
+            exact_topk=args.exact_topk,
+            spectrum=args.spectrum,
+            residual=args.residual,
+            seed=args.seed,
         ),
         workers=args.workers,
         scheduler=args.scheduler,

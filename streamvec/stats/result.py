@@ -91,7 +91,8 @@ class Figures:
 
     @property
     def top_density(self) -> np.ndarray:
-        """``(G, N)`` the share of entries in each top set (the requested density, or above)."""
+        """``(G, N)`` the share of entries in each top set (the requested density within the
+        threshold's sampling error; at or above it with ``exact_topk``)."""
         return np.einsum("gii->gi", self.top_both) / np.maximum(self.numel, 1)[:, None]
 
     def select(self, label: str) -> int:
@@ -316,9 +317,10 @@ DEFINITIONS = {
     "cosine": "<tau_i, tau_j> / (||tau_i|| ||tau_j||), Gram matrix accumulated in float64",
     "sign_agreement": "sum over entries with sign(tau_i) == sign(tau_j) of |tau_i tau_j|, "
     "over sum |tau_i tau_j| (1: no conflicts; 0.5: unrelated signs)",
-    "top_overlap": "|T_i & T_j| / sqrt(|T_i| |T_j|), T_i the entries of largest |tau_i| "
-    "(density, per tensor; threshold to within one 2^-7 magnitude bin, so |T_i| >= density)",
-    "top_density": "|T_i| / entries: the density actually kept (>= the requested one)",
+    "top_overlap": "|T_i & T_j| / sqrt(|T_i| |T_j|), T_i the non-zero entries of tau_i with "
+    "|tau_i| >= a per-tensor threshold: the density-quantile of a sample of the tensor (of the "
+    "whole tensor when small; with --exact-topk the lower edge of its 2^-7 magnitude bin)",
+    "top_density": "|T_i| / entries: the density actually kept (counted exactly)",
     "gram": "sum tau_i tau_j (float64)",
     "rank_at_residual": "smallest r with 1 - sum_{k<=r} s_k^2 / ||tau||_F^2 <= residual "
     "(null: above the K singular values known)",

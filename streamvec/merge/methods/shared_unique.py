@@ -41,7 +41,7 @@ PARAMS = (
 def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSettings) -> Any:
     from streamvec.ops.combine import TermSpec, combine_terms
     from streamvec.ops.decompose import decompose
-    from streamvec.ops.svd import RunOptions, SVDOptions
+    from streamvec.ops.svd import SVDOptions
 
     if not request.uniform():
         raise StreamvecError(
@@ -72,13 +72,8 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
             base=request.base.label,
             include=include,
             exclude=exclude,
-            run=RunOptions(
-                workers=settings.workers,
-                scheduler=settings.scheduler,
-                memory_limit=settings.memory_limit,
-                progress=settings.progress,
-                device=settings.engine.get("device", "cpu"),
-            ),
+            # the components are recomputed on every run; --resume continues the output pass
+            run=settings.svd_run_options("shared_unique", intermediate=True),
         )
         terms = []
         weights = zip(values.per_model("shared"), values.per_model("unique"), strict=True)

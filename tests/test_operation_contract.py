@@ -1,0 +1,118 @@
+"""The contract every writing operation keeps, run against each entry of the operations table.
+
+In the style of zarr's ``StoreTests``: :class:`OperationContract` states the contract once;
+each operation (and each merge method, which runs under ``merge``) is one parametrization.
+
+* An operation that supports ``--resume``, killed (SIGKILL) mid-run and resumed, writes an
+  output identical byte for byte to an uninterrupted run's.
+* One that does not refuses ``--resume`` (exit 2, one line naming the flag and the command)
+  rather than ignoring it; the same for every other setting it does not support
+  (``tests/test_settings.py`` checks each flag against each command).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamvec import synth
+from streamvec.operations import OPERATIONS, merge_method_settings
+
+from .conftest import run_cli, run_cli_subprocess
+from .faults import recipe
+from .test_reliability import SMALL, kill_after, output_bytes
+
+SHAPE = synth.LlamaShape(hidden=128, intermediate=352, layers=2, heads=2, kv_heads=1, vocab=1024)
+
+# merge methods, with the recipe parameters of a small run
+MERGES = {
+    "task_arithmetic": "",
+    "ties": "",
+    "shared_unique": "rank: 2, threshold: 0.5",
+    "tsv": "rank: 2",
+    "iso_c": "rank: 2",
+}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("contract")
+    base = synth.build_checkpoint(root / "base", shape=SHAPE, shard_size="400kB", seed=0)
+    return {
+        "base": base,
+        "a": synth.build_finetune(base, root / "a", rank=4, seed=1),
+        "b": synth.build_finetune(base, root / "b", rank=4, seed=2),
+    }
+
+
+def argv(name: str, fam: dict[str, Path], out: Path, scratch: Path) -> list[str]:
+    """The command line of operation ``name`` (``merge-METHOD`` for a merge method)."""
+    base, a, b = (str(fam[k]) for k in ("base", "a", "b"))
+    rank = ["--rank", "2"]
+    calls = {
+        "diff": ["diff", base, a],
+        "combine": ["combine", "--base", base, f"{a}:0.5", f"{b}:-0.3", "--shard-size", "600kB"],
+        "svd": ["svd", a, "--base", base, *rank, "--method", "randomized"],
+        "lora": ["lora", base, a, *rank],
+        "decompose": ["decompose", a, b, "--base", base, *rank],
+        "merge-svd": ["merge-svd", "tsv", a, b, "--base", base, *rank],
+    }
+    if name.startswith("merge-") and name != "merge-svd":
+        method = name.removeprefix("merge-")
+        path = recipe(scratch / f"{method}.yaml", method, fam, MERGES[method])
+        return ["merge", str(path), "-o", str(out), "-q", *SMALL]
+    return [*calls[name], "-o", str(out), "-q", *SMALL]
+
+
+def _resumes(name: str) -> bool:
+    if name.startswith("merge-") and name != "merge-svd":
+        return "resume" in merge_method_settings(name.removeprefix("merge-"))
+    return "resume" in OPERATIONS[name].settings
+
+
+CASES = [n for n in OPERATIONS if n != "merge"] + [f"merge-{m}" for m in MERGES]
+
+
+def test_every_operation_is_under_contract() -> None:
+    covered = {"merge" if n.removeprefix("merge-") in MERGES else n for n in CASES}
+    assert covered == set(OPERATIONS)
+
+
+class OperationContract:
+    """What every writing operation guarantees; subclasses say which operation."""
+
+    name: str
+
+    def test_resume(self, family: dict[str, Path], tmp_path: Path) -> None:
+        if not _resumes(self.name):
+            out = tmp_path / "out"
+            proc = run_cli_subprocess(*argv(self.name, family, out, tmp_path), "--resume")
+            assert proc.returncode == 2, proc.stderr
+            assert "--resume" in proc.stderr and "not supported" in proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1
+            assert not out.exists()
+            return
+        # The reference is written under the same name (then moved aside): provenance may
+        # name the output's own intermediates (shared_unique's components).
+        out = tmp_path / "out"
+        cmd = argv(self.name, family, out, tmp_path)
+        assert run_cli(*cmd) == 0
+        want = output_bytes(out.rename(tmp_path / "reference"))
+        logged = kill_after(cmd, out, 2)
+        assert logged >= 2
+        assert not out.exists(), "a killed run must not leave a finished-looking output"
+        proc = run_cli_subprocess(*cmd, "--resume")
+        assert proc.returncode == 0, proc.stderr
+        got = output_bytes(out)
+        assert got.keys() == want.keys()
+        for path in want:
+            assert got[path] == want[path], f"{self.name}: {path} differs after resume"
+        assert not (out.parent / f".{out.name}.partial").exists()
+
+
+@pytest.mark.parametrize("name", CASES)
+class TestOperations(OperationContract):
+    @pytest.fixture(autouse=True)
+    def _name(self, name: str) -> None:
+        self.name = name
