@@ -13,7 +13,12 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
 * ``no-prefetch``: without each block task asking the kernel to read the next planned block
   ahead (``SafetensorsReader.prefetch``); matters from a cold cache (``--cold``);
 * ``expanded``: the kernel before the delta form, ``sum c_i x_i`` with float32 accumulation
-  for 16-bit outputs (reproduced in :func:`expanded_combine`).
+  for 16-bit outputs (reproduced in :func:`expanded_combine`);
+* ``fresh-read-buffers``: every safetensors block read into a fresh anonymous map, as before
+  the engine kept its read buffers from block to block (:mod:`streamvec.io.read_buffers`);
+* ``gathered-ties``: the final rounding checking every 16-bit tie of a slab one by one for
+  exactness, as before it did so in one pass when there are many
+  (:class:`GatheredTiesRounder`).
 
 ``--cold`` evicts the inputs from the page cache before every run (``streamvec bench``'s
 method: drop_caches where permitted, else fadvise).
@@ -24,7 +29,8 @@ checkpoints, bf16 safetensors) and ``combine-store`` (the same edit with the tas
 from a store written by ``diff`` first).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
-        [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch,expanded]
+        [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch,expanded,
+                    fresh-read-buffers,gathered-ties]
         [--cold]
         [--workdir DIR]
 """
@@ -50,6 +56,8 @@ VARIANTS = (
     "no-verify-inputs",
     "no-prefetch",
     "expanded",
+    "fresh-read-buffers",
+    "gathered-ties",
 )
 
 
@@ -123,9 +131,65 @@ def expanded_combine(
     return out
 
 
+class GatheredTiesRounder:
+    """The kernel's final rounding before ties were checked in one pass (same bits)."""
+
+    def __init__(self, out_dtype: np.dtype, width: int) -> None:
+        from streamvec import kernel
+
+        self.out_dtype = out_dtype
+        self.ties = kernel._TIES.get(out_dtype)
+        self.r32 = np.empty(width, np.float32)
+        self.bits = np.empty(width, np.uint32)
+        self.hit = np.empty(width, np.bool_)
+
+    def __call__(self, acc: np.ndarray, out: np.ndarray) -> None:
+        from streamvec.dtypes import BFLOAT16
+
+        if self.ties is None or acc.dtype != np.float64:
+            np.copyto(out, acc, casting="unsafe")
+            return
+        n = acc.shape[0]
+        r32, bits, hit = self.r32[:n], self.bits[:n], self.hit[:n]
+        np.copyto(r32, acc, casting="unsafe")
+        u = r32.view(np.uint32)
+        mask, tie, subnormal = self.ties
+        if self.out_dtype == BFLOAT16:
+            np.right_shift(u, 16, out=bits)
+            np.bitwise_and(bits, 1, out=bits)
+            np.add(bits, 0x7FFF, out=bits)
+            np.add(bits, u, out=bits)
+            np.right_shift(bits, 16, out=out.view(np.uint16), casting="unsafe")
+        else:
+            np.copyto(out, r32, casting="unsafe")
+        np.bitwise_and(u, mask, out=bits)
+        np.equal(bits, tie, out=hit)
+        if subnormal:
+            np.bitwise_and(u, 0x7F800000, out=bits)
+            hit |= bits < subnormal
+        hit |= np.isnan(r32)
+        if hit.any():
+            where = np.flatnonzero(hit)
+            where = where[(acc[where] != r32[where]) | np.isnan(r32[where])]
+            out[where] = acc[where].astype(self.out_dtype)
+
+
+class FreshReadBuffers:
+    """A read-buffer pool that keeps nothing: every block read gets a fresh map."""
+
+    def lease(self):  # -> BufferLease
+        from streamvec.io.read_buffers import BufferLease, ReadBuffers
+
+        class Fresh(ReadBuffers):
+            def _give(self, areas: list) -> None:
+                pass
+
+        return BufferLease(Fresh())
+
+
 @contextmanager
 def variant(name: str) -> Iterator[None]:
-    from streamvec import engine, tensor
+    from streamvec import engine, kernel, tensor
     from streamvec.io import store_check, writeback, zarr_store
 
     saved = (
@@ -133,6 +197,8 @@ def variant(name: str) -> Iterator[None]:
         zarr_store.start_writeback,
         tensor.combine_blocks,
         engine._prefetch,
+        engine.ReadBuffers,
+        kernel._Rounder,
     )
     policy = store_check.using_read_policy(
         store_check.ReadPolicy(verify=name != "no-verify-inputs")
@@ -145,6 +211,10 @@ def variant(name: str) -> Iterator[None]:
         engine._prefetch = lambda following: None
     elif name == "expanded":
         tensor.combine_blocks = expanded_combine
+    elif name == "fresh-read-buffers":
+        engine.ReadBuffers = FreshReadBuffers  # type: ignore[misc,assignment]
+    elif name == "gathered-ties":
+        kernel._Rounder = GatheredTiesRounder  # type: ignore[misc,assignment]
     try:
         with policy:
             yield
@@ -154,6 +224,8 @@ def variant(name: str) -> Iterator[None]:
             zarr_store.start_writeback,
             tensor.combine_blocks,
             engine._prefetch,
+            engine.ReadBuffers,
+            kernel._Rounder,
         ) = saved
 
 
@@ -201,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         task_vector(args.base, args.ft).save(store, progress=False)
     for r in range(args.rounds):
         for op in ops:
-            for v in variants:
+            for v in variants if r % 2 == 0 else variants[::-1]:  # alternate who goes first
                 out = workdir / f"{op}-{v}"
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # earlier writeback is not billed to this run

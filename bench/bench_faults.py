@@ -18,8 +18,9 @@ Then the two ways a resumed run can check that its inputs did not change, on the
 
 With ``--reads``, only the ways to read the shards of BASE in 8 MB blocks, single thread,
 interleaved: ``mmap`` (map and populate, no copy), ``heap`` (``pread`` into ``np.empty``),
-``anon`` (``pread`` into a fresh anonymous map) and ``anon-populate`` (the same map faulted in
-with ``MAP_POPULATE``, what the reader does).
+``anon`` (``pread`` into a fresh anonymous map), ``anon-populate`` (the same map faulted in
+with ``MAP_POPULATE``, what the reader did for every block) and ``reused`` (``pread`` into one
+anonymous map kept from block to block, what the engine's read buffers do now).
 
     PYTHONPATH=. python bench/bench_faults.py BASE FT [--rounds 3] [--workdir DIR] [--reads]
 """
@@ -98,13 +99,16 @@ def resume_check(base: str, ft: str) -> float:
     return time.perf_counter() - started
 
 
-READS = ("heap", "anon", "anon-populate", "mmap")
+READS = ("heap", "anon", "anon-populate", "reused", "mmap")
 
 
 def read_blocks(files: list[Path], kind: str, block: int = 8 << 20) -> float:
     import mmap
 
     started = time.perf_counter()
+    kept = np.frombuffer(
+        mmap.mmap(-1, block, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8
+    )
     for p in files:
         size = p.stat().st_size
         fd = os.open(p, os.O_RDONLY)
@@ -114,7 +118,9 @@ def read_blocks(files: list[Path], kind: str, block: int = 8 << 20) -> float:
                     m = np.memmap(p, np.uint8, mode="r", offset=off, shape=(block,))
                     m._mmap.madvise(22)  # type: ignore[attr-defined]  # MADV_POPULATE_READ
                     continue
-                if kind == "heap":
+                if kind == "reused":
+                    a = kept
+                elif kind == "heap":
                     a = np.empty(block, np.uint8)
                 else:
                     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS

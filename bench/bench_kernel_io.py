@@ -5,11 +5,13 @@
    base)`` (w = 1.0, -0.5, 0.3): the current kernel (delta form, float64 accumulation in
    cache-sized slabs, one correct rounding) against the expanded form it replaced
    (``bench_ab.expanded_combine``: ``sum c_i x_i``, float32 accumulation) and, for the first,
-   the block-sized accumulator before that (``bench_ab.block_accumulator_combine``). GB/s of
-   input.
+   the block-sized accumulator before that (``bench_ab.block_accumulator_combine``), and the
+   delta form with its previous final rounding (every 16-bit tie of a slab checked one by
+   one: ``bench_ab.GatheredTiesRounder``). GB/s of input per CPU second of the thread.
 2. Reading row blocks of a task-vector store (``--store``): the synchronous chunk reader
-   (``streamvec.io.zarr_chunks``) against ``zarr.open_array`` + ``__getitem__`` per block.
-   GB/s of decoded float32.
+   (``streamvec.io.zarr_chunks``) against itself copying the rows out of a single chunk (as
+   it did before) and ``zarr.open_array`` + ``__getitem__`` per block. GB/s of decoded
+   float32 per CPU second of the process.
 
     PYTHONPATH=. python bench/bench_kernel_io.py [--store TAU.zarr] [--rounds 5]
 """
@@ -33,13 +35,30 @@ from streamvec.dtypes import BFLOAT16
 from streamvec.kernel import combine_blocks
 
 
-def best_rate(fn: Callable[[], int], rounds: int) -> list[float]:
+def best_rate(
+    fn: Callable[[], int], rounds: int, clock: Callable[[], float] = time.thread_time
+) -> list[float]:
+    # CPU seconds, not wall time: on a shared machine the wall time of a single-threaded
+    # kernel is mostly the time it waited for a core. The thread's own for the kernel; the
+    # process's for readers (zarr decodes in threads of its own).
     rates = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = clock()
         nbytes = fn()
-        rates.append(nbytes / (time.perf_counter() - start) / 1e9)
+        rates.append(nbytes / (clock() - start) / 1e9)
     return rates
+
+
+def gathered_ties(operands, points):  # -> np.ndarray
+    """The delta-form kernel with the final rounding it had before (``bench_ab``)."""
+    from streamvec import kernel
+
+    saved = kernel._Rounder
+    kernel._Rounder = bench_ab.GatheredTiesRounder  # type: ignore[misc,assignment]
+    try:
+        return combine_blocks(operands, BFLOAT16, points)
+    finally:
+        kernel._Rounder = saved  # type: ignore[misc]
 
 
 def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -63,6 +82,7 @@ def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
         nbytes = sum(x.nbytes for _, x in operands)
         variants: dict[str, Callable[[], object]] = {
             "delta form (current)": lambda o=operands, p=points: combine_blocks(o, BFLOAT16, p),
+            "delta, ties gathered (before)": lambda o=operands, p=points: gathered_ties(o, p),
             "expanded form (before)": lambda o=operands: bench_ab.expanded_combine(o, BFLOAT16),
         }
         if len(operands) == 2:
@@ -107,10 +127,25 @@ def reader_variants(store: Path, rounds: int) -> dict[str, list[float]]:
     def through_zarr() -> int:
         return read_all(zarr_getitem)
 
-    rates: dict[str, list[float]] = {"chunk reader (current)": [], "zarr getitem (before)": []}
+    direct = zarr_chunks._read_checked_rows
+
+    def copying_reader() -> int:
+        # the chunk reader as it was: the rows of a single chunk copied out of it
+        zarr_chunks._read_checked_rows = lambda *a: np.array(direct(*a))
+        try:
+            return chunk_reader()
+        finally:
+            zarr_chunks._read_checked_rows = direct
+
+    rates: dict[str, list[float]] = {
+        "chunk reader (current)": [],
+        "chunk reader, copy (before)": [],
+        "zarr getitem (earlier)": [],
+    }
     for _ in range(rounds):
-        rates["chunk reader (current)"] += best_rate(chunk_reader, 1)
-        rates["zarr getitem (before)"] += best_rate(through_zarr, 1)
+        rates["chunk reader (current)"] += best_rate(chunk_reader, 1, time.process_time)
+        rates["chunk reader, copy (before)"] += best_rate(copying_reader, 1, time.process_time)
+        rates["zarr getitem (earlier)"] += best_rate(through_zarr, 1, time.process_time)
     return rates
 
 
@@ -121,7 +156,7 @@ def report(title: str, rates: dict[str, list[float]]) -> None:
         med = statistics.median(values)
         ref = ref or med
         runs = " ".join(f"{v:.2f}" for v in values)
-        print(f"  {name:28s} median {med:5.2f} GB/s  ({med / ref:4.2f}x of the first)  {runs}")
+        print(f"  {name:30s} median {med:5.2f} GB/s  ({med / ref:4.2f}x of the first)  {runs}")
 
 
 def main(argv: list[str] | None = None) -> int:

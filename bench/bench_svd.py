@@ -320,7 +320,8 @@ def optimal_residuals(a: np.ndarray, ranks: list[int]) -> dict[int, float]:
 
 def write_pair(root: Path, m: int, n: int, seed: int) -> tuple[Path, Path]:
     """BASE and FINETUNED safetensors (float32) whose difference is the planted matrix."""
-    from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
+    from streamvec.io.st_layout import TensorSpec
+    from streamvec.io.st_writer import ShardedSafetensorsWriter
 
     us, v, noise = planted(m, n, 128, seed)
     paths = []

@@ -7,8 +7,10 @@ Example:
     >>> (base + 0.5 * tau).save("llama-edited")  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+# First: modules below that still import it from here find it bound.
+from streamvec.version import __version__
 
+# isort: split
 from streamvec.algebra import Combination, Model, SourceModel
 from streamvec.engine import RunReport, run
 from streamvec.errors import (

@@ -29,6 +29,7 @@ from streamvec.finite import nonfinite_inputs, nonfinite_rows, raise_if_nonfinit
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import companions_for, write_model_card
 from streamvec.io.output import OutputDir, output_error
+from streamvec.io.read_buffers import BufferLease, ReadBuffers
 from streamvec.jobs import (
     DEFAULT_SYNC_SECONDS,
     DoneLog,
@@ -196,11 +197,26 @@ def _block_task(
     check_finite: bool,
     device: str = CPU,
     following: tuple[LazyTensor, int, int] | None = None,
+    buffers: ReadBuffers | None = None,
+) -> BlockResult:
+    with (buffers or ReadBuffers()).lease() as lease:  # operands die with the lease
+        return _run_block(t, r0, r1, writer, check_finite, device, following, lease)
+
+
+def _run_block(
+    t: LazyTensor,
+    r0: int,
+    r1: int,
+    writer: BlockWriter,
+    check_finite: bool,
+    device: str,
+    following: tuple[LazyTensor, int, int] | None,
+    lease: BufferLease,
 ) -> BlockResult:
     clock = time.perf_counter
     started = clock()
     _prefetch(following)
-    operands = t.read_operands(r0, r1)
+    operands = t.read_operands(r0, r1, lease)
     inputs = tuple(digest_operands(operands))
     read = clock()
     with np.errstate(over="ignore", invalid="ignore"):  # the finite check reports these
@@ -596,6 +612,7 @@ def _run_blocks(
     graph: dict[Any, Any] = {}
     sizes: dict[Any, int] = {}
     blocks: list[tuple[LazyTensor, int, int, BlockWriter]] = []
+    buffers = ReadBuffers()  # read buffers reused from block to block (io/read_buffers.py)
     for p in plan:
         t = p.tensor
         writer = sink.writer(t.name)
@@ -609,7 +626,7 @@ def _run_blocks(
         # about this order, so from a cold cache the disk works ahead of the computation.
         following = blocks[i + 1][:3] if i + 1 < len(blocks) else None
         key = ("streamvec-block", t.name, r0)
-        graph[key] = (_block_task, t, r0, r1, writer, check_finite, device, following)
+        graph[key] = (_block_task, t, r0, r1, writer, check_finite, device, following, buffers)
         cols = matrix_shape(t.shape)[1]
         sizes[key] = (r1 - r0) * sum(max(cols, 1) * r.dtype.itemsize for _, r in t.terms)
 

@@ -139,6 +139,24 @@ class BlockOp(Protocol):
     ) -> np.ndarray: ...
 
 
+def upcast32(x: np.ndarray) -> np.ndarray:
+    """``x`` as a new float32 array; bf16 by shifting its bits (2x faster than ml_dtypes).
+
+    Args:
+        x: rows as read (any float dtype).
+
+    Returns:
+        A float32 copy (bf16 and float16 upcast exactly).
+    """
+    x = np.asarray(x)
+    out = np.empty(x.shape, np.float32)
+    if x.dtype == BFLOAT16 and x.flags.c_contiguous:
+        np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def apply_op(
     op: BlockOp,
     name: str,
@@ -148,7 +166,7 @@ def apply_op(
     out_dtype: np.dtype,
 ) -> np.ndarray:
     """A non-linear operation over operand rows already read, rounded once."""
-    blocks = [np.asarray(x).astype(np.float32) for _, x in operands]  # upcast first
+    blocks = [upcast32(x) for _, x in operands]  # upcast first
     result = op(name, blocks, [float(c) for c, _ in operands], r0, r1)
     return np.asarray(result).astype(out_dtype)
 
@@ -259,14 +277,21 @@ class _Rounder:
     differs from the direct one only where the float32 value is inexact and exactly a 16-bit
     tie (or, for float16, in its subnormal range); those few elements, and NaNs, are
     converted directly.
+
+    Exact ties are common (``0.5 * (b + f)`` of two bf16 values is a bf16 tie about half the
+    time, exactly), so which ties are inexact is found for the whole slab at once, by
+    comparing the float32 value back with the float64 one: gathering every tie to check it
+    one by one took most of the kernel's time.
     """
 
     def __init__(self, out_dtype: np.dtype, width: int) -> None:
         self.out_dtype = out_dtype
         self.ties = _TIES.get(out_dtype)
         self.r32 = np.empty(width, np.float32)
+        self.back = np.empty(width, np.float64)
         self.bits = np.empty(width, np.uint32)
         self.hit = np.empty(width, np.bool_)
+        self.inexact = np.empty(width, np.bool_)
 
     def __call__(self, acc: np.ndarray, out: np.ndarray) -> None:
         if self.ties is None or acc.dtype != np.float64:
@@ -291,9 +316,22 @@ class _Rounder:
         if subnormal:
             np.bitwise_and(u, 0x7F800000, out=bits)
             hit |= bits < subnormal
-        hit |= np.isnan(r32)  # the bit rounding is not for NaN payloads
-        if hit.any():
-            where = np.flatnonzero(hit)
-            # An exact tie is rounded right already; the rest are rounded directly.
+        # the bit rounding is not for NaN payloads: a reduction finds whether there are any
+        nan = bool(np.isnan(r32.max()))
+        if nan:
+            hit |= np.isnan(r32)
+        ties = int(np.count_nonzero(hit))
+        if ties == 0:
+            return
+        if ties > n >> 6:
+            # many ties: find the inexact ones (which round differently twice) in one pass
+            back, inexact = self.back[:n], self.inexact[:n]
+            np.copyto(back, r32)
+            np.not_equal(back, acc, out=inexact)  # NaN != NaN: kept
+            np.logical_and(hit, inexact, out=hit)
+        where = np.flatnonzero(hit)
+        if ties <= n >> 6:
+            # an exact tie is rounded right already; NaNs are converted directly
             where = where[(acc[where] != r32[where]) | np.isnan(r32[where])]
+        if where.size:
             out[where] = acc[where].astype(self.out_dtype)

@@ -18,7 +18,8 @@ from streamvec.io import zarr_store
 from streamvec.io.companions import Companions, copy_companions
 from streamvec.io.fp8 import Fp8BlockWriter
 from streamvec.io.output import remove_stray_temporaries
-from streamvec.io.st_writer import ShardedSafetensorsWriter, TensorSpec
+from streamvec.io.st_layout import TensorSpec
+from streamvec.io.st_writer import ShardedSafetensorsWriter
 from streamvec.io.writeback import write_at
 from streamvec.requantize import has_fp8, strip_quantization_config, tensor_amax
 from streamvec.tensor import LazyTensor

@@ -41,7 +41,7 @@ from streamvec.dtypes import is_float, parse_output_dtype
 from streamvec.errors import CheckpointError, InputNotFoundError, OutputError, StreamvecError
 from streamvec.io.checkpoint import INDEX_NAME
 from streamvec.io.output import refuse_overlap
-from streamvec.io.st_writer import TensorSpec, plan_shards, shard_file_names
+from streamvec.io.st_layout import TensorSpec, plan_shards, shard_file_names
 from streamvec.units import parse_param_count, parse_size
 
 SINGLE_NAME = "model.safetensors"

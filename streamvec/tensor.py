@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streamvec.io.blocks import BlockReader, matrix_shape
+from streamvec.io.blocks import BlockReader, matrix_shape, read_block
+from streamvec.io.read_buffers import BufferLease
 from streamvec.kernel import BlockOp, Kernel, apply_op, combine_blocks
 
 if TYPE_CHECKING:
@@ -77,9 +78,15 @@ class LazyTensor:
         """Rows ``[r0, r1)`` as a ``(r1 - r0, cols)`` array."""
         return self.evaluate(self.read_operands(r0, r1), r0, r1)
 
-    def read_operands(self, r0: int, r1: int) -> list[tuple[float, np.ndarray]]:
-        """Every term's rows ``[r0, r1)`` as stored, with its coefficient (the read stage)."""
-        return [(c, reader.read(r0, r1)) for c, reader in self.terms]
+    def read_operands(
+        self, r0: int, r1: int, lease: BufferLease | None = None
+    ) -> list[tuple[float, np.ndarray]]:
+        """Every term's rows ``[r0, r1)`` as stored, with its coefficient (the read stage).
+
+        ``lease``: safetensors rows are read into buffers borrowed from a run's pool, valid
+        until the lease is closed.
+        """
+        return [(c, read_block(reader, r0, r1, lease)) for c, reader in self.terms]
 
     def evaluate(
         self,

@@ -53,7 +53,7 @@ def _store_items(store: Path) -> list[Item]:
     import numpy as np
 
     from streamvec.dtypes import OUTPUT_DTYPES
-    from streamvec.io.store_check import validate_store
+    from streamvec.io.store_validate import validate_store
 
     checked = validate_store(store)
     out: list[Item] = []

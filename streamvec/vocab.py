@@ -23,7 +23,7 @@ vocabulary the output has.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -135,8 +135,6 @@ def align(
     Raises:
         VocabMismatch: a vocabulary difference without a policy (the message names it).
     """
-    from streamvec.algebra import SourceTensor
-
     shapes = [p.shape for _, p, _ in parts]
     if any(len(s) == 0 or s[1:] != shapes[0][1:] for s in shapes):
         return None
@@ -181,7 +179,10 @@ def align(
             out.append((coef, p))
             continue
         reader = PaddedReader(p.reader, rows, fill if p.shape[0] < rows else None)
-        out.append((coef, SourceTensor(p.name, (rows, *p.shape[1:]), reader.dtype, reader)))
+        # The same tensor with new geometry; replace() keeps this module free of an import
+        # of streamvec.algebra (which imports this one).
+        padded = replace(p, shape=(rows, *p.shape[1:]), dtype=reader.dtype, reader=reader)
+        out.append((coef, padded))
     tokenizer_from = next((src for _, p, src in parts if src.is_point and p.shape[0] == rows), None)
     if reference is not None and by_source.get(reference) is not None:
         if by_source[reference].shape[0] == rows:

@@ -222,3 +222,24 @@ def test_the_python_expression_uses_the_delta_form(three_finetunes: dict[str, Pa
     assert t.points == (True, True, True)
     got = t.compute().reshape(-1)
     assert np.all(got[:64].astype(np.float64) == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("tie_share", [0.0005, 0.5])
+def test_slabs_of_many_or_few_ties_round_like_a_direct_conversion(dtype, tie_share) -> None:
+    """A slab where ties are rare (checked one by one) and one where half the elements are
+    exact 16-bit ties (checked in one pass), each with inexact ties among them."""
+    rng = np.random.default_rng(7)
+    n = SLAB_ELEMENTS
+    lo = rng.standard_normal(n).astype(dtype).astype(np.float64)
+    up = (lo.astype(dtype).view(BITS[2]) + 1).view(dtype).astype(np.float64)
+    mid = 0.5 * (lo + up)  # exact 16-bit ties, exact in float64
+    x = lo + rng.uniform(0.0, 1.0, n) * (up - lo)
+    ties = rng.random(n) < tie_share
+    x[ties] = mid[ties]
+    nudge = ties & (rng.random(n) < 0.05)  # inexact ties: off by far less than float32 sees
+    x[nudge] += np.where(rng.random(nudge.sum()) < 0.5, 1.0, -1.0) * 1e-12 * np.abs(x[nudge])
+    x = x.reshape(16, -1)
+    got = combine_blocks([(0.5, 2.0 * x)], dtype)  # an exact product: the sum is x
+    want = x.astype(dtype)  # one direct rounding (ml_dtypes / numpy)
+    assert np.array_equal(got.view(BITS[2]), want.view(BITS[2]))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from streamvec.io.st_writer import TensorSpec, encode_header
+from streamvec.io.st_layout import TensorSpec, encode_header
 
 __all__ = ["ExportedModule", "adapter_config", "adapter_readme", "write_adapter_weights"]
 

@@ -9,7 +9,6 @@ of one element, a 1-d tensor is ``n`` rows of one element), and is read in row r
 from __future__ import annotations
 
 import math
-import mmap
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from streamvec.errors import InputChangedError
+from streamvec.io.read_buffers import BufferLease, anonymous_map
 
 if TYPE_CHECKING:
     from streamvec.io.store_check import ArrayCheck
@@ -40,8 +40,6 @@ class BlockReader(Protocol):
 
     def read(self, r0: int, r1: int) -> np.ndarray: ...
 
-
-_ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
 FileStamp = tuple[int, int, int, int]
 
@@ -73,14 +71,15 @@ def check_stamp(path: str, expected: FileStamp | None, st: os.stat_result) -> No
 
 @dataclass(frozen=True)
 class SafetensorsReader:
-    """Rows of one tensor inside a safetensors file, read with ``pread`` into a fresh buffer.
+    """Rows of one tensor inside a safetensors file, read with ``pread`` into anonymous memory.
 
     Each read opens the file, checks that it is still the version whose header was parsed
     (``stamp``: device, inode, size, mtime), reads the rows and checks again, so an input
     truncated, replaced or rewritten during a run is an error naming the file. A memory map
     would turn a truncation into SIGBUS, which kills the process with no message; ``pread``
-    turns it into a short read. Nothing stays open or mapped between blocks, which is what
-    the memory accounting of ``dask.distributed`` nannies needs.
+    turns it into a short read. No file stays open or mapped between blocks, which is what
+    the memory accounting of ``dask.distributed`` nannies needs. The engine reads into
+    buffers it reuses (:mod:`streamvec.io.read_buffers`); other callers get fresh ones.
     """
 
     path: str
@@ -89,18 +88,31 @@ class SafetensorsReader:
     dtype: np.dtype
     stamp: FileStamp | None = None
 
-    def read(self, r0: int, r1: int) -> np.ndarray:
+    def read(self, r0: int, r1: int, lease: BufferLease | None = None) -> np.ndarray:
+        """Rows ``[r0, r1)`` as a ``(r1 - r0, cols)`` array.
+
+        Args:
+            r0: first row.
+            r1: end row (exclusive).
+            lease: read into a map borrowed from a run's pool (valid until the lease is
+                closed); None: into a fresh anonymous map that the array owns.
+
+        Returns:
+            The rows, in the tensor's dtype.
+
+        Raises:
+            InputChangedError: the file was truncated, replaced or modified.
+        """
         rows, cols = matrix_shape(self.shape)
         if not 0 <= r0 <= r1 <= rows:
             raise IndexError(f"rows [{r0}, {r1}) outside 0..{rows}")
         if r1 == r0 or cols == 0:
             return np.empty((r1 - r0, cols), self.dtype)
         start = self.offset + r0 * cols * self.dtype.itemsize
-        # An anonymous map of its own, not the heap: freed blocks go back to the system at
-        # once, where malloc's per-thread arenas kept ~10 MB more resident under a tight
-        # budget; MAP_POPULATE faults its pages in one call (docs/reliability.md).
-        area = mmap.mmap(-1, (r1 - r0) * cols * self.dtype.itemsize, flags=_ANON_FLAGS)
-        out = np.frombuffer(area, self.dtype).reshape(r1 - r0, cols)
+        count = (r1 - r0) * cols
+        nbytes = count * self.dtype.itemsize
+        area = anonymous_map(nbytes) if lease is None else lease.take(nbytes)
+        out = np.frombuffer(area, self.dtype, count=count).reshape(r1 - r0, cols)
         buf = out.reshape(-1).view(np.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -147,6 +159,23 @@ class SafetensorsReader:
             os.close(fd)
 
 
+def read_block(reader: BlockReader, r0: int, r1: int, lease: BufferLease | None) -> np.ndarray:
+    """Rows ``[r0, r1)`` of any reader; safetensors rows go into a map borrowed from ``lease``.
+
+    Args:
+        reader: the tensor's reader.
+        r0: first row.
+        r1: end row (exclusive).
+        lease: a block task's lease on its run's read buffers (None: fresh memory).
+
+    Returns:
+        The rows; where they were read into the lease, valid until it is closed.
+    """
+    if lease is not None and isinstance(reader, SafetensorsReader):
+        return reader.read(r0, r1, lease)
+    return reader.read(r0, r1)
+
+
 # madvise(MADV_POPULATE_READ), Linux 5.14+; Python's mmap module does not name it.
 MADV_POPULATE_READ = 22
 
@@ -173,7 +202,7 @@ def populate(view: np.memmap) -> None:
 class ZarrReader:
     """Rows of one array of a Zarr store written by streamvec (bf16 kept as raw uint16 bits).
 
-    ``check`` (from :func:`streamvec.io.store_check.validate_store`) says what each chunk must
+    ``check`` (from :func:`streamvec.io.store_validate.validate_store`) says what each chunk must
     be; without it the array's own metadata is checked when it is first read.
     """
 

@@ -229,7 +229,7 @@ def read_svd_store(path: str | os.PathLike[str]) -> SVDStoreInfo:
         >>> info.entries["model.layers.0.self_attn.q_proj.weight"].rank  # doctest: +SKIP
         64
     """
-    from streamvec.io.store_check import validate_store
+    from streamvec.io.store_validate import validate_store
 
     checked = validate_store(path)
     p, attrs, meta = checked.path, checked.attrs, checked.nodes

@@ -32,11 +32,11 @@ from streamvec.errors import StoreError
 from streamvec.io.store_check import (
     BLOSC_HEADER,
     ArrayCheck,
-    array_check,
     load_zarr,
     open_chunk,
     read_small_file,
 )
+from streamvec.io.store_validate import array_check
 
 
 def read_rows(
@@ -97,6 +97,15 @@ def _read_checked_rows(check: ArrayCheck, r0: int, r1: int) -> np.ndarray:
     if not shape:
         return _chunk(check, meta, codecs, spec, 0)
     rows_per_chunk = check.chunk_rows
+    if r1 > r0 and r0 // rows_per_chunk == (r1 - 1) // rows_per_chunk:
+        # Rows of one chunk (the usual block): the decoded chunk's rows as they are, with no
+        # copy; nothing else holds the chunk. Copied as before when the decode is read-only,
+        # or when the rows are less than half the chunk (the view would keep it all alive).
+        c0 = (r0 // rows_per_chunk) * rows_per_chunk
+        chunk = _chunk(check, meta, codecs, spec, r0 // rows_per_chunk)
+        rows = chunk[r0 - c0 : r1 - c0]
+        keep = chunk.flags.writeable and 2 * (r1 - r0) >= chunk.shape[0]
+        return rows if keep else rows.copy()
     out = np.empty((r1 - r0, *shape[1:]), check.dtype)
     for ci in range(r0 // rows_per_chunk, (r1 - 1) // rows_per_chunk + 1 if r1 > r0 else 0):
         c0 = ci * rows_per_chunk

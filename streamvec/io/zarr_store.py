@@ -440,14 +440,14 @@ class StoreInfo:
 
 
 def read_store(path: str | os.PathLike[str]) -> StoreInfo:
-    """List a streamvec Zarr store, validated (:func:`~streamvec.io.store_check.validate_store`).
+    """List a streamvec Zarr store, validated (:func:`~streamvec.io.store_validate.validate_store`).
 
     Reads the metadata and lists the chunk files; reads no chunk's contents.
 
     Raises:
         StoreError: the store is not a finished streamvec store, or is damaged.
     """
-    from streamvec.io.store_check import validate_store
+    from streamvec.io.store_validate import validate_store
 
     checked = validate_store(path)
     arrays: dict[str, StoreArray] = {}

@@ -19,13 +19,15 @@ reduces them:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from streamvec.engine import execute_graph, plan_blocks
-from streamvec.io.blocks import BlockReader, matrix_shape
+from streamvec.io.blocks import BlockReader, matrix_shape, read_block
+from streamvec.io.read_buffers import ReadBuffers
+from streamvec.kernel import upcast32
 from streamvec.memory import anon_bytes
 from streamvec.settings import Settings
 from streamvec.tensor import LazyTensor, row_ranges
@@ -74,9 +76,12 @@ class PassOptions(Settings):
 class _Job:
     # Opaque to dask (a dataclass, not a tuple), so its contents are never taken for keys.
     item: PassItem
+    # The pass's read buffers, reused from block to block (streamvec.io.read_buffers).
+    buffers: ReadBuffers = field(default_factory=ReadBuffers, compare=False, repr=False)
 
     def run(self, r0: int, r1: int) -> np.ndarray:
-        blocks = [reader.read(r0, r1).astype(np.float32) for _, reader in self.item.terms]
+        with self.buffers.lease() as lease:  # the upcast copies: done with the reads after it
+            blocks = [upcast32(read_block(r, r0, r1, lease)) for _, r in self.item.terms]
         return self.item.stat(self.item.name, self.item.shape, blocks, r0, r1)
 
 
@@ -132,8 +137,9 @@ def run_pass(
     finals: dict[str, Any] = {}
     token = id(graph)  # distinct key names for concurrent passes in one distributed cluster
     nblocks = 0
+    buffers = ReadBuffers()
     for idx, (it, p) in enumerate(zip(items, plan, strict=True)):
-        job = _Job(it)
+        job = _Job(it, buffers)
         rows, _ = matrix_shape(it.shape)
         keys: list[Any] = []
         for r0, r1 in row_ranges(rows, p.block_rows):
