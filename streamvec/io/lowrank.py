@@ -38,6 +38,7 @@ from streamvec.dtypes import OUTPUT_DTYPES, dtype_name
 from streamvec.errors import StoreError
 from streamvec.io.blocks import ZarrReader, matrix_shape
 from streamvec.names import encode_array_path
+from streamvec.signals import deferred
 
 if TYPE_CHECKING:
     from streamvec.io.store_check import ArrayCheck
@@ -410,33 +411,36 @@ class SVDStoreWriter:
             "S": np.ascontiguousarray(s, dtype=np.float64),
             "Vh": np.ascontiguousarray(vh, dtype=np.float32),
         }
-        # overwrite: a resumed job rewrites a tensor whose group an interrupted run created
-        # but did not finish (it is not in the job's log of finished tensors).
-        group = self._root.create_group(
-            encode_array_path(name),
-            overwrite=True,
-            attributes={
-                "name": name,
-                "shape": list(shape),
-                "dtype": "float32",
-                "source_dtype": source_dtype,
-                "svd": svd_attrs,
-                **(extra_attrs or {}),
-            },
-        )
-        for key, arr in data.items():
-            chunks = _chunks(arr.shape, arr.dtype.itemsize)
-            a = group.create_array(
-                key,
-                shape=arr.shape,
-                chunks=chunks,
-                dtype=arr.dtype,
-                compressors=_compressors(),
-                fill_value=0,
-                attributes=array_checksum(arr, chunks[0] if chunks else None),
+        # Zarr writes through its own event-loop thread: a Ctrl-C that cut this call short
+        # would leave the write going on after the caller removed the folder.
+        with deferred():
+            # overwrite: a resumed job rewrites a tensor whose group an interrupted run created
+            # but did not finish (it is not in the job's log of finished tensors).
+            group = self._root.create_group(
+                encode_array_path(name),
+                overwrite=True,
+                attributes={
+                    "name": name,
+                    "shape": list(shape),
+                    "dtype": "float32",
+                    "source_dtype": source_dtype,
+                    "svd": svd_attrs,
+                    **(extra_attrs or {}),
+                },
             )
-            if arr.size:
-                a[...] = arr
+            for key, arr in data.items():
+                chunks = _chunks(arr.shape, arr.dtype.itemsize)
+                a = group.create_array(
+                    key,
+                    shape=arr.shape,
+                    chunks=chunks,
+                    dtype=arr.dtype,
+                    compressors=_compressors(),
+                    fill_value=0,
+                    attributes=array_checksum(arr, chunks[0] if chunks else None),
+                )
+                if arr.size:
+                    a[...] = arr
 
     def write_dense(
         self,
@@ -453,26 +457,27 @@ class SVDStoreWriter:
             source_dtype: dtype(s) of the inputs it was computed from.
             extra_attrs: more array attrs.
         """
-        arr = np.asarray(data, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
-        chunks = _chunks(arr.shape, arr.dtype.itemsize)
-        a = self._root.create_array(
-            encode_array_path(name),
-            overwrite=True,  # as in write_factors: a resumed job redoes unfinished tensors
-            shape=arr.shape,
-            chunks=chunks,
-            dtype=arr.dtype,
-            compressors=_compressors(),
-            fill_value=0,
-            attributes={
-                "name": name,
-                "dtype": dtype_name(arr.dtype),
-                "source_dtype": source_dtype,
-                **array_checksum(arr, chunks[0] if chunks else None),
-                **(extra_attrs or {}),
-            },
-        )
-        if arr.size:
-            a[...] = arr
+        with deferred():  # as in write_factors
+            arr = np.asarray(data, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
+            chunks = _chunks(arr.shape, arr.dtype.itemsize)
+            a = self._root.create_array(
+                encode_array_path(name),
+                overwrite=True,  # as in write_factors: a resumed job redoes unfinished tensors
+                shape=arr.shape,
+                chunks=chunks,
+                dtype=arr.dtype,
+                compressors=_compressors(),
+                fill_value=0,
+                attributes={
+                    "name": name,
+                    "dtype": dtype_name(arr.dtype),
+                    "source_dtype": source_dtype,
+                    **array_checksum(arr, chunks[0] if chunks else None),
+                    **(extra_attrs or {}),
+                },
+            )
+            if arr.size:
+                a[...] = arr
 
     def finish(self) -> None:
         """Consolidate the metadata (readers list the store from the root ``zarr.json``)."""

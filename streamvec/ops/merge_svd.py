@@ -54,6 +54,7 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
+from streamvec.signals import deferred
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 
@@ -230,10 +231,15 @@ def merge_svd(
     }
     methods: Counter[str] = Counter()
     ranks: dict[str, int] = {}
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out_path.name}.factors-", dir=out_path.absolute().parent)
-    )
+    tmp: Path | None = None
     try:
+        # Ctrl-C or SIGTERM waits until the folder is made and known, so `finally` removes it.
+        with deferred():
+            tmp = Path(
+                tempfile.mkdtemp(
+                    prefix=f".{out_path.name}.factors-", dir=out_path.absolute().parent
+                )
+            )
         factors_path = tmp / "merged.zarr"
         writer = SVDStoreWriter(
             factors_path,
@@ -294,7 +300,9 @@ def merge_svd(
     except OSError as exc:  # disk full while writing the merged factors beside the output
         raise output_error("write", out_path, exc) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            with deferred():  # a second signal must not cut the removal short
+                shutil.rmtree(tmp, ignore_errors=True)
     return SVDMergeReport(report, method, methods, ranks)
 
 

@@ -20,6 +20,7 @@ from streamvec.linalg.rsvd import DEFAULT_POWER_ITERS
 from streamvec.merge.method import MergeMethod, RunSettings
 from streamvec.merge.params import ParamSpec
 from streamvec.merge.recipe import MergeRequest
+from streamvec.signals import deferred
 
 PARAMS = (
     ParamSpec("shared", float, 1.0, "model", "weight of the model's shared component"),
@@ -93,7 +94,8 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
         )
         return model.save(output, description="merge shared_unique", **settings.engine_kwargs())
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with deferred():  # a signal must not cut the removal short
+            shutil.rmtree(work, ignore_errors=True)
 
 
 METHOD = MergeMethod(
