@@ -2,8 +2,10 @@
 
 Builds (or reuses) a synthetic bf16 Llama-shaped base (``streamvec synth``) and N random
 rank-R PEFT LoRA adapters of it (q, k, v, o, gate, up and down projections of every layer,
-``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT writes them), then merges them
-with weights 1/N into one rank-K adapter with
+``adapter_config.json`` + ``adapter_model.safetensors``): written in PEFT's file layout with
+numpy, or with ``--peft-adapters`` made by PEFT itself (``get_peft_model`` on the base loaded
+in bf16, ``init_lora_weights=False``, ``save_pretrained``). Then merges them with weights 1/N
+into one rank-K adapter with
 
 * ``streamvec lora --base BASE -o OUT a0:w ... --rank K`` (the factored path: QR of the
   stacked factors and an SVD of the small core per module, out of core), and
@@ -17,10 +19,11 @@ anonymous memory (``RssAnon + RssShmem + VmSwap`` of the process and its childre
 every 10 ms: file pages of memory maps are page cache and do not count). The inputs are read
 once before every run so each tool starts with them in the page cache. The two adapters are
 then compared: the relative Frobenius difference of their updates ``scaling * B @ A``, module
-by module (at K >= N * R both are the exact weighted sum).
+by module (at K >= N * R both are the exact weighted sum). The 1-minute load average is
+printed before and after every run: the figures mean little on a busy machine.
 
     PYTHONPATH=. python bench/bench_lora_merge.py [--params 0.1B] [--adapters 4] [--rank 16]
-        [--merged-rank 64] [--rounds 2] [--workdir DIR]
+        [--merged-rank 64] [--rounds 2] [--workdir DIR] [--peft-adapters]
 """
 
 from __future__ import annotations
@@ -56,6 +59,20 @@ for name, path in zip(names[1:], adapters[1:]):
 pm.add_weighted_adapter(names, [1.0 / len(names)] * len(names), "merged",
                         combination_type="svd", svd_rank=int(rank))
 pm.save_pretrained(out, selected_adapters=["merged"])
+"""
+
+# Adapters made by PEFT: each a fresh LoRA of every target on the base, saved, then removed.
+PEFT_MAKE_SCRIPT = """
+import sys, torch, transformers, peft
+base, rank, targets, *outs = sys.argv[1:]
+model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+for i, out in enumerate(outs):
+    torch.manual_seed(100 + i)
+    cfg = peft.LoraConfig(r=int(rank), lora_alpha=int(rank), init_lora_weights=False,
+                          target_modules=targets.split(","))
+    pm = peft.get_peft_model(model, cfg)
+    pm.save_pretrained(out)
+    model = pm.unload()
 """
 
 
@@ -111,6 +128,16 @@ def make_adapters(base: Path, workdir: Path, count: int, rank: int) -> list[Path
     return paths
 
 
+def make_peft_adapters(base: Path, workdir: Path, count: int, rank: int) -> list[Path]:
+    """``count`` random rank-``rank`` LoRA adapters of ``base`` saved by PEFT itself."""
+    paths = [workdir / f"peft-lora-{i}-r{rank}" for i in range(count)]
+    todo = [p for p in paths if not (p / "adapter_model.safetensors").exists()]
+    if todo:
+        cmd = [sys.executable, "-c", PEFT_MAKE_SCRIPT, str(base), str(rank), ",".join(TARGETS)]
+        subprocess.run([*cmd, *map(str, todo)], check=True)
+    return paths
+
+
 def warm(paths: list[Path]) -> None:
     """Read every input file once so each run starts from the page cache."""
     for p in paths:
@@ -162,10 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merged-rank", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench-lora-merge"))
+    p.add_argument(
+        "--peft-adapters",
+        action="store_true",
+        help="make the adapters with PEFT (get_peft_model + save_pretrained on the base)",
+    )
     args = p.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     base = ensure_base(args.workdir, args.params)
-    adapters = make_adapters(base, args.workdir, args.adapters, args.rank)
+    make = make_peft_adapters if args.peft_adapters else make_adapters
+    adapters = make(base, args.workdir, args.adapters, args.rank)
     w = 1.0 / len(adapters)
     outs = {"streamvec": args.workdir / "merged-streamvec", "peft": args.workdir / "merged-peft"}
     cmds = {
@@ -199,10 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(args.rounds):
         order = list(cmds) if rnd % 2 == 0 else list(cmds)[::-1]
         for tool in order:
+            before = os.getloadavg()[0]
             seconds, peak = run_once(cmds[tool], [base, *adapters])
             times[tool].append(seconds)
             peaks[tool].append(peak)
-            print(f"round {rnd + 1} {tool}: {seconds:.1f} s, peak RssAnon {peak / 1e9:.2f} GB")
+            print(
+                f"round {rnd + 1} {tool}: {seconds:.1f} s, peak RssAnon {peak / 1e9:.2f} GB "
+                f"(load average {before:.1f} before, {os.getloadavg()[0]:.1f} after)",
+                flush=True,
+            )
     mine = updates(outs["streamvec"])
     theirs = updates(outs["peft"] / "merged")
     rel = [

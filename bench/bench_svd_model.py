@@ -13,7 +13,10 @@ Each run reports its wall time and peak anonymous memory (``PeakSampler``, sampl
 10 ms, minus the process before the run), and the mean relative residual over the matrices.
 
     PYTHONPATH=. python bench/bench_svd_model.py [--params 0.1B] [--rank 16] [--rounds 3]
-        [--workdir /tmp/bsvdm]
+        [--workdir /tmp/bsvdm] [--trees before=/tmp/old,after=.]
+
+``--trees``: the ``streamvec svd`` command of several checkouts (``git worktree add /tmp/old
+COMMIT``) on the same store, as subprocesses, interleaved, with their peak anonymous memory.
 """
 
 from __future__ import annotations
@@ -74,6 +77,52 @@ def streamvec_svd(store: Path, out: Path, rank: int) -> list[float]:
     return [e.attrs["svd"]["residual"] for e in entries if e.factored]
 
 
+def cli_svd(tree: str, store: Path, out: Path, rank: int) -> tuple[float, int]:
+    """``streamvec svd STORE --rank K`` from the checkout ``tree``: wall seconds, peak anon."""
+    import subprocess
+    import sys
+
+    from streamvec.memory import PeakSampler
+
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=tree)
+    cmd = [sys.executable, "-m", "streamvec.cli", "svd", str(store), "-o", str(out)]
+    start = time.perf_counter()
+    # cwd: `python -m` puts the working directory ahead of PYTHONPATH on sys.path
+    proc = subprocess.Popen([*cmd, "--rank", str(rank), "-q"], env=env, cwd=tree)
+    with PeakSampler(proc.pid, interval=0.01) as sampler:
+        proc.wait()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"streamvec svd from {tree} exited {proc.returncode}")
+    return seconds, sampler.peak
+
+
+def compare_trees(args: argparse.Namespace, store: Path) -> None:
+    """``--trees before=DIR,after=DIR``: the CLI of each checkout, interleaved rounds."""
+    from streamvec.units import format_bytes
+
+    trees = dict(item.split("=", 1) for item in args.trees.split(","))
+    times: dict[str, list[float]] = {k: [] for k in trees}
+    peaks: dict[str, int] = {k: 0 for k in trees}
+    for r in range(args.rounds):
+        for name, tree in trees.items():
+            sec, peak = cli_svd(tree, store, args.workdir / "svd-tree.zarr", args.rank)
+            times[name].append(sec)
+            peaks[name] = max(peaks[name], peak)
+            load = os.getloadavg()[0]
+            print(f"round {r + 1} {name:12s} {sec:7.2f} s  load {load:.1f}", flush=True)
+    first = statistics.median(times[next(iter(trees))])
+    print(f"\n{args.params} task vector, `streamvec svd --rank {args.rank}` (subprocess):")
+    for name in trees:
+        med = statistics.median(times[name])
+        print(
+            f"  {name:12s} median {med:7.2f} s ({med / first:4.2f}x) | peak anon "
+            f"{format_bytes(peaks[name])}"
+        )
+
+
 def main() -> None:
     from streamvec.memory import PeakSampler, anon_bytes
     from streamvec.units import format_bytes
@@ -83,9 +132,17 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bsvdm"))
+    p.add_argument(
+        "--trees",
+        help="NAME=DIR,...: instead, time the `streamvec svd` CLI of each checkout "
+        "(e.g. before=/tmp/old,after=.) in interleaved rounds, with its peak anonymous memory",
+    )
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     store = ensure_store(args.workdir, args.params)
+    if args.trees:
+        compare_trees(args, store)
+        return
     out = args.workdir / "svd.zarr"
     runs: dict[str, Any] = {
         "streamvec svd": lambda: streamvec_svd(store, out, args.rank),

@@ -140,9 +140,11 @@ def plan_blocks(
     for t in tensors:
         rows, cols = matrix_shape(t.shape)
         row_cost = max(cols, 1) * working_bytes_per_element(t, device)
-        fit = per_worker // row_cost if per_worker > 0 else 0
+        # What readers hold whatever the block size (an adapter's whole A factor).
+        fixed = sum(getattr(r, "resident_bytes", 0) for _, r in t.terms)
+        fit = (per_worker - fixed) // row_cost if per_worker > 0 else 0
         if fit < 1:
-            need = baseline + RUNTIME_OVERHEAD + workers * row_cost
+            need = baseline + RUNTIME_OVERHEAD + workers * (row_cost + fixed)
             raise StreamvecError(
                 f"--memory-limit {format_bytes(memory_limit)} is too small: tensor {t.name!r} "
                 f"needs about {format_bytes(need)} with {workers} worker(s); raise the limit or "

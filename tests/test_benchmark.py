@@ -93,6 +93,12 @@ def test_quick_bench_every_step_as_subprocesses(tmp_path: Path) -> None:
     assert raw["output_bytes"] > lz4["output_bytes"]
     assert {r["cache"] for r in data["results"]} == {"warm"}
     assert all(r["cache_resident_fraction"] is None for r in data["results"])
+    # torch.svd_lowrank (installed for the tests) ran next to each svd run, on the same store.
+    peer = by_step["svd"]["notes"]["peers"]["torch.svd_lowrank"]
+    assert len(peer["seconds_all"]) == data["settings"]["repeat"]
+    assert math.isclose(peer["ratio"], by_step["svd"]["seconds"] / peer["seconds"])
+    assert 0 < peer["mean_residual"] < 1 and 0 < peer["step_mean_residual"] < 1
+    assert [r for r in data["results"] if r["step"] != "svd" and "peers" in r["notes"]] == []
     if plots.available():
         _check_plots(out, data["plots"])
     # Without --keep the checkpoints and outputs are gone; the given workdir itself stays.

@@ -15,6 +15,8 @@ fused into one parameter). So the mapping is taken from transformers itself:
    ``nn.Linear`` (plain), transformers' ``Conv1D`` (stored (in, out): ``fan_in_fan_out``),
    ``nn.Embedding`` (PEFT's ``lora_embedding_A/B``); anything else (MoE routers, norms,
    convolutions, fused experts, biases and other 1-D parameters) is left out with a reason.
+   Convolutions (``nn.Conv1d/2d/3d``) are also listed in :attr:`PeftNaming.convs`: streamvec
+   does not write LoRA for them, but reads an adapter's LoRA of them as a task vector.
 
 When the class cannot be built (no ``config.json``, an unknown architecture, a library that
 is missing), the kinds fall back to names and shapes (2-D ``*.weight`` not named like an
@@ -39,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from streamvec.io.blocks import FileStamp, file_stamp
+
 __all__ = ["PeftNaming", "PeftTarget", "peft_matches", "peft_naming", "target_modules_for"]
 
-Kind = Literal["linear", "conv1d", "embedding"]
+Kind = Literal["linear", "conv1d", "embedding", "conv"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,9 @@ class PeftTarget:
     Attributes:
         tensor: the checkpoint tensor name (``...q_proj.weight``).
         module: the module's name in the loaded model (what ``target_modules`` matches).
-        kind: ``linear`` (weight out x in), ``conv1d`` (weight in x out, ``fan_in_fan_out``)
-            or ``embedding`` (weight num_embeddings x dim, ``lora_embedding_A/B``).
+        kind: ``linear`` (weight out x in), ``conv1d`` (weight in x out, ``fan_in_fan_out``),
+            ``embedding`` (weight num_embeddings x dim, ``lora_embedding_A/B``) or ``conv``
+            (an ``nn.ConvNd`` weight out x in/groups x kernel; read from adapters only).
     """
 
     tensor: str
@@ -62,7 +67,7 @@ class PeftTarget:
     @property
     def transposed(self) -> bool:
         """Whether the update is ``(B @ A).T`` in the checkpoint's orientation."""
-        return self.kind != "linear"
+        return self.kind in ("conv1d", "embedding")
 
 
 @dataclass
@@ -76,6 +81,9 @@ class PeftNaming:
         modules: every module name of the loaded model (for unambiguous ``target_modules``).
         model_class: the class built from config.json, or None when kinds came from shapes.
         how: one line saying how the mapping was decided.
+        convs: checkpoint tensor name -> :class:`PeftTarget` of kind ``conv``: convolution
+            weights, left out of what streamvec writes (they are in ``left_out`` too) but
+            read when an adapter holds a LoRA of them.
     """
 
     targets: dict[str, PeftTarget]
@@ -84,6 +92,7 @@ class PeftNaming:
     modules: tuple[str, ...]
     model_class: str | None
     how: str
+    convs: dict[str, PeftTarget] = field(default_factory=dict)
     _by_module: dict[str, str] = field(default_factory=dict, repr=False)
 
     def tensor_of_module(self, module: str) -> str | None:
@@ -91,6 +100,13 @@ class PeftNaming:
         if not self._by_module:
             self._by_module = {t.module: name for name, t in self.targets.items()}
         return self._by_module.get(module)
+
+    def input_target(self, module: str) -> PeftTarget | None:
+        """The target an adapter's LoRA of ``module`` updates: a writable one or a conv."""
+        tensor = self.tensor_of_module(module)
+        if tensor is not None:
+            return self.targets[tensor]
+        return next((t for t in self.convs.values() if t.module == module), None)
 
     def tensor_of_param(self, param: str) -> str | None:
         """The checkpoint tensor of a loaded parameter name (``modules_to_save`` entries)."""
@@ -246,6 +262,12 @@ def _module_kind(module: Any) -> Kind | None:
     return "conv1d" if isinstance(module, Conv1D) else None
 
 
+def _is_conv(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+
+
 def _left_out_reason(module: Any, module_name: str) -> str:
     cls = type(module).__name__
     if "router" in cls.lower() or "router" in module_name.lower():
@@ -259,28 +281,44 @@ def peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> Pe
     """Map checkpoint tensors to PEFT targets of the loaded model (see the module doc).
 
     The mapping of one base is built once per process (building the model class costs a few
-    seconds of imports), however many adapters refer to it.
+    seconds of imports), however many adapters refer to it. It is reused only for the same
+    folder, the same version of its ``config.json`` (device, inode, size, modification
+    time: a config replaced or edited since is read again) and the same tensor names and
+    shapes; the few most recent are kept.
 
     Args:
         root: the checkpoint directory (holding config.json), or None for shapes only.
         tensors: checkpoint tensor name -> shape.
 
     Returns:
-        A :class:`PeftNaming`.
+        A :class:`PeftNaming` (shared with other callers of the same key: do not modify it).
     """
     key = str(root.resolve()) if root is not None else None
-    return _cached_naming(key, tuple((n, tuple(s)) for n, s in tensors.items()))
+    config = _config_stamp(root) if root is not None else None
+    return _cached_naming(key, config, tuple((n, tuple(s)) for n, s in tensors.items()))
+
+
+def _config_stamp(root: Path) -> FileStamp | None:
+    """The version of ``root/config.json`` (what decides the model class), None if absent."""
+    try:
+        return file_stamp((root / "config.json").stat())
+    except OSError:
+        return None
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_naming(
-    root: str | None, tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    root: str | None,
+    config: FileStamp | None,
+    tensors: tuple[tuple[str, tuple[int, ...]], ...],
 ) -> PeftNaming:
+    # ``config`` is only part of the key: a new version of config.json is a new entry.
     return _peft_naming(Path(root) if root is not None else None, dict(tensors))
 
 
 def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> PeftNaming:
     targets: dict[str, PeftTarget] = {}
+    convs: dict[str, PeftTarget] = {}
     left_out: dict[str, str] = {}
     params: dict[str, str] = {}
     try:
@@ -295,13 +333,15 @@ def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> P
             kind, why = _shape_kind(name, shape)
             if kind is None:
                 left_out[name] = why
+                if len(shape) in (3, 4, 5) and name.endswith(".weight"):
+                    convs[name] = PeftTarget(name, _module_of(name)[0], "conv")
             else:
                 targets[name] = PeftTarget(name, _module_of(name)[0], kind)
         how = (
             f"module kinds from names and shapes (the model class could not be built: "
             f"{reason}); a GPT-2-style Conv1D cannot be recognised this way"
         )
-        return PeftNaming(targets, left_out, params, modules, None, how)
+        return PeftNaming(targets, left_out, params, modules, None, how, convs)
     renamed = _renamer(model, list(tensors))
     meta = dict(model.state_dict())
     for name, shape in tensors.items():
@@ -323,6 +363,8 @@ def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> P
             left_out[name] = f"{pname} of {type(module).__name__}: LoRA adapts weights only"
         elif kind is None:
             left_out[name] = _left_out_reason(module, module_name)
+            if _is_conv(module) and tuple(meta[param].shape) == tuple(shape):
+                convs[name] = PeftTarget(name, module_name, "conv")
         elif tuple(meta[param].shape) != tuple(shape):
             left_out[name] = (
                 f"shape {list(shape)} differs from the loaded {list(meta[param].shape)}"
@@ -331,4 +373,4 @@ def _peft_naming(root: Path | None, tensors: Mapping[str, tuple[int, ...]]) -> P
             targets[name] = PeftTarget(name, module_name, kind)
     modules = tuple(n for n, _ in model.named_modules() if n)
     how = f"module kinds from {cls_name} built from config.json (transformers' key conversion)"
-    return PeftNaming(targets, left_out, params, modules, cls_name, how)
+    return PeftNaming(targets, left_out, params, modules, cls_name, how, convs)

@@ -10,6 +10,9 @@ add to its base, per target module:
 * transposed, ``(B @ A).T``, for layers stored (in, out) (GPT-2's ``Conv1D``; PEFT forces
   ``fan_in_fan_out`` there) and for embedding LoRA (``lora_embedding_A`` r x num_embeddings,
   ``lora_embedding_B`` dim x r);
+* for convolutions (``lora_A`` a conv of the layer's kernel, ``lora_B`` a 1x1 conv, as PEFT
+  writes LoRA of a diffusers UNet's or VAE's ``nn.Conv2d``), ``B @ A`` with ``A`` flattened to
+  (r, in * kernel), reshaped to the weight's (out, in, *kernel);
 * tensors the adapter saves whole (``modules_to_save``, the ``base_layer`` of a trained
   embedding) stand for their value minus the base's.
 
@@ -40,7 +43,6 @@ from streamvec.io.adapter_readers import (
     DifferenceReader,
     LoraProductReader,
     SumReader,
-    TaggedReader,
 )
 from streamvec.io.blocks import BlockReader, SafetensorsReader, file_stamp
 from streamvec.io.checkpoint import resolve_checkpoint
@@ -213,6 +215,38 @@ def _split_keys(tensors: dict[str, Any], where: Path) -> tuple[dict[str, _Entry]
     return pairs, whole
 
 
+def _conv_factors(module: str, e: _Entry, where: Path) -> bool:
+    """Whether a module's factors are PEFT's LoRA of a convolution (checked; refused if grouped).
+
+    PEFT's LoRA of an ``nn.ConvNd`` of kernel ``k`` is ``lora_A``, a conv of kernel ``k``
+    (r, in, *k), followed by ``lora_B``, a 1x1 conv (out, r, 1, ...). Its merged update
+    (``get_delta_weight``) is ``scaling * conv(A^T, B)^T``: with a 1x1 ``B`` that is, at
+    every kernel position, ``B[:, :, 0, 0] @ A[:, :, pos]``, i.e. the matrix product of ``B``
+    (out, r) and ``A`` flattened to (r, in * prod(k)), reshaped to the weight's shape.
+
+    Raises:
+        AdapterError: the factors of a grouped convolution (PEFT refuses to merge those) or
+            of a shape PEFT does not write.
+    """
+    a, b = tuple(e.a.shape), tuple(e.b.shape)
+    if len(a) < 3 and len(b) < 3:
+        return False
+    rank = a[0]
+    if len(a) != len(b) or len(a) > 5 or any(d != 1 for d in b[2:]):
+        raise AdapterError(
+            f"{where}: module {module!r} has factors {list(a)}, {list(b)}, not PEFT's LoRA of "
+            "a convolution (lora_A a conv of the layer's kernel, lora_B a 1x1 conv)"
+        )
+    if b[1] != rank:
+        groups = rank // b[1] if b[1] and rank % b[1] == 0 else "?"
+        raise AdapterError(
+            f"{where}: module {module!r} is a LoRA of a grouped convolution (groups={groups}), "
+            "whose update PEFT does not define (its merge_and_unload refuses it too); retrain "
+            "the adapter without this module in target_modules"
+        )
+    return True
+
+
 def _base_check(cfg: AdapterConfig, path: Path, base_root: Path | None, strict: bool) -> None:
     """Compare the adapter's recorded base with the one given, where it is a local path."""
     recorded = cfg.base_model_name_or_path
@@ -288,25 +322,36 @@ def adapter_source(
     problems: list[str] = []
     for module, e in pairs.items():
         rank = int(e.a.shape[0])
-        if len(e.a.shape) != 2 or len(e.b.shape) != 2 or e.b.shape[1] != rank:
+        conv = _conv_factors(module, e, weights)
+        if not conv and (len(e.a.shape) != 2 or len(e.b.shape) != 2 or e.b.shape[1] != rank):
             problems.append(f"{module}: factor shapes {list(e.a.shape)}, {list(e.b.shape)}")
             continue
-        transpose = e.embedding or cfg.fan_in_fan_out
+        transpose = not conv and (e.embedding or cfg.fan_in_fan_out)
         tensor = f"{module}.weight"
         if naming is not None:
-            target = naming.targets.get(naming.tensor_of_module(module) or "")
+            target = naming.input_target(module)
             if target is None:
                 problems.append(f"{module} (no layer of the base's loaded model has this name)")
                 continue
+            if (target.kind == "conv") != conv:
+                problems.append(
+                    f"{module}: the adapter's factors are {list(e.a.shape)}, "
+                    f"{list(e.b.shape)}, but the base's layer is {'not ' if conv else ''}"
+                    "a convolution"
+                )
+                continue
             tensor = target.tensor
             # PEFT decides the orientation by the layer: Conv1D and embeddings transpose,
-            # nn.Linear does not whatever the config says.
+            # nn.Linear and convolutions do not whatever the config says.
             transpose = target.transposed
-        shape = (
-            (int(e.a.shape[1]), int(e.b.shape[0]))
-            if transpose
-            else (int(e.b.shape[0]), int(e.a.shape[1]))
-        )
+        if conv:
+            # A convolution's update, flattened to (out, in * kernel), is B @ A (see
+            # _conv_factors): the tensor keeps the weight's shape (out, in, *kernel).
+            shape: tuple[int, ...] = (int(e.b.shape[0]), *(int(d) for d in e.a.shape[1:]))
+        elif transpose:
+            shape = (int(e.a.shape[1]), int(e.b.shape[0]))
+        else:
+            shape = (int(e.b.shape[0]), int(e.a.shape[1]))
         if base is not None and tuple(base.tensors[tensor].shape) != shape:
             problems.append(
                 f"{module}: the adapter's update is {list(shape)}, the base's {tensor} is "
@@ -388,7 +433,7 @@ def applied_source(model: Source, adapter: Source, label: str) -> Source:
     for name, t in model.tensors.items():
         delta = adapter.tensors.get(name)
         if delta is None:
-            tensors[name] = SourceTensor(name, t.shape, t.dtype, TaggedReader(t.reader, label))
+            tensors[name] = t  # the same bytes as the checkpoint's: the same reader
         else:
             tensors[name] = SourceTensor(name, t.shape, t.dtype, SumReader(t.reader, delta.reader))
     info = {

@@ -126,6 +126,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--no-plots", action="store_true", help="write bench.json and the table, but no PNGs"
     )
     p.add_argument("--keep", action="store_true", help="keep the multi-GB checkpoints and outputs")
+    p.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="do not time the installed peers (torch.svd_lowrank for the svd step) next to "
+        "the steps",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=cmd_bench)
     return p
@@ -154,5 +160,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         keep=args.keep,
         quiet=args.quiet,
+        peers=not args.no_peers,
     )
     return 0

@@ -71,6 +71,21 @@ def format_table(results: Sequence[StepResult]) -> str:
     return "\n".join([*lines, "", TABLE_LEGEND])
 
 
+def format_peers(results: Sequence[StepResult]) -> list[str]:
+    """One line per (step, peer) measured side by side: the time ratio and both residuals."""
+    lines = []
+    for r in results:
+        for name, peer in r.notes.get("peers", {}).items():
+            mine, theirs = peer.get("step_mean_residual"), peer["mean_residual"]
+            accuracy = f"; mean residual {mine:.5f} vs {theirs:.5f}" if mine is not None else ""
+            lines.append(
+                f"{r.size} {r.step}: {r.seconds:.2f} s vs {peer['seconds']:.2f} s for a "
+                f"{name} loop (niter={peer['niter']}) over the same arrays = "
+                f"{peer['ratio']:.2f}x its time{accuracy}"
+            )
+    return ["", *lines] if lines else []
+
+
 def bench_data(results: Sequence[StepResult], settings: dict[str, Any]) -> dict[str, Any]:
     """What bench.json holds (``plots`` is filled in once they are written)."""
     return {

@@ -15,9 +15,22 @@ from pathlib import Path
 from streamvec.benchmark.cache import PageCache
 from streamvec.benchmark.inputs import ensure_pair, remove_pair, size_label
 from streamvec.benchmark.measure import StepRun, measured_run
+from streamvec.benchmark.peers import (
+    PeerRun,
+    peer_notes,
+    peers_for,
+    run_peer,
+    svd_store_mean_residual,
+)
 from streamvec.benchmark.records import StepResult, make_record
-from streamvec.benchmark.report import bench_data, format_table, write_json, write_plots
-from streamvec.benchmark.steps import STEPS, Engine, Pair, plan_step, steps_to_run
+from streamvec.benchmark.report import (
+    bench_data,
+    format_peers,
+    format_table,
+    write_json,
+    write_plots,
+)
+from streamvec.benchmark.steps import STEPS, SVD_RANK, Engine, Pair, plan_step, steps_to_run
 
 
 def bench_size(
@@ -31,11 +44,14 @@ def bench_size(
     in_process: bool = False,
     cache: PageCache | None = None,
     keep_outputs: bool = False,
+    peers: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[StepResult]:
     """Build (or reuse) the pair for ``size`` and measure each step against its rooflines.
 
-    Records hold the medians over ``repeat`` runs and every run's figures under ``notes``.
+    Records hold the medians over ``repeat`` runs and every run's figures under ``notes``;
+    with ``peers``, the installed peers of a step (:mod:`~streamvec.benchmark.peers`) run
+    after each of its runs and their times and ratios go under ``notes["peers"]``.
     Outputs are deleted as soon as a step is measured unless ``keep_outputs`` (diff's store
     only once the steps reading it are done).
     """
@@ -51,13 +67,25 @@ def bench_size(
         for name in steps_to_run(steps):
             plan = plan_step(name, pair, engine)
             runs = []
+            peer_runs: dict[str, list[PeerRun]] = {p: [] for p in peers_for(name) if peers}
             for i in range(repeat):
                 run = measured_run(plan, engine, in_process, cache)
                 runs.append(run)
                 log(_run_line(pair.label, name, i, repeat, run))
+                for peer, done in peer_runs.items():  # interleaved with the step's runs
+                    done.append(run_peer(peer, pair.tau, SVD_RANK))
+                    log(
+                        f"  {pair.label} {name} run {i + 1}/{repeat}: {peer} loop "
+                        f"{done[-1].seconds:.2f} s"
+                    )
             if name in steps:
                 params = parse_param_count(size)
-                results.append(make_record(plan, size, params, runs, engine, mode, cache))
+                record = make_record(plan, size, params, runs, engine, mode, cache)
+                if peer_runs:
+                    residual = svd_store_mean_residual(plan.output)
+                    seconds = [r.seconds for r in runs]
+                    record.notes["peers"] = peer_notes(seconds, residual, peer_runs)
+                results.append(record)
             if not keep_outputs and name != "diff":
                 shutil.rmtree(plan.output, ignore_errors=True)
     finally:
@@ -88,6 +116,7 @@ def run_bench(
     plots: bool = True,
     keep: bool = False,
     quiet: bool = False,
+    peers: bool = True,
 ) -> list[StepResult]:
     """Benchmark every size; print the table; write the results JSON and the plots.
 
@@ -108,6 +137,8 @@ def run_bench(
         keep: keep checkpoints and outputs for the next run; otherwise each size's multi-GB
             files are deleted as soon as it is measured, and a temporary workdir after.
         quiet: print nothing (but a missing matplotlib).
+        peers: also time the installed peers of each step (``torch.svd_lowrank`` for svd)
+            on the same inputs, interleaved with its runs, and show the ratios.
     """
     from streamvec.memory import default_memory_limit
     from streamvec.units import parse_size
@@ -137,6 +168,7 @@ def run_bench(
                     in_process=in_process,
                     cache=cache,
                     keep_outputs=keep,
+                    peers=peers,
                     log=log,
                 )
             finally:
@@ -159,6 +191,8 @@ def run_bench(
         write_json(json_path, data)
         log("")
         log(format_table(results))
+        for line in format_peers(results):
+            log(line)
         log(f"\nresults: {json_path}")
         if plots:
             data["plots"] = write_plots(json_path, data)

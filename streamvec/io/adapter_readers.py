@@ -12,6 +12,12 @@ requested rows, in float64, rounded once to float32.
 (``modules_to_save``) stands for its value minus the base's.
 
 Like every :class:`~streamvec.io.blocks.BlockReader` these hold paths and offsets only.
+
+**Working set.** A read holds more than the rows it returns: the factors in float64, the
+float64 product slab, the operands of a sum or difference (and what the readers inside them
+hold, such as the 8-bit rows of an FP8 weight). Each reader says how much, for the engine's
+block planner: ``resident_bytes_per_element`` (bytes per element of the block, beyond the
+rows returned) and ``resident_bytes`` (bytes whatever the block size: whole factors).
 """
 
 from __future__ import annotations
@@ -23,7 +29,21 @@ import numpy as np
 from streamvec.io.blocks import BlockReader, SafetensorsReader, matrix_shape
 from streamvec.io.lowrank import SLAB_ELEMENTS
 
-__all__ = ["DifferenceReader", "LoraProductReader", "SumReader", "TaggedReader"]
+# float32 rows read, plus their float64 copy: what a factor costs while it is converted.
+_FACTOR_BYTES = 4 + 8
+
+
+def held_by(*readers: BlockReader) -> tuple[int, int]:
+    """``(per element, fixed)`` bytes that reads of ``readers`` hold beyond their rows.
+
+    Readers that declare nothing (plain file readers) hold nothing more.
+    """
+    per = sum(int(getattr(r, "resident_bytes_per_element", 0)) for r in readers)
+    fixed = sum(int(getattr(r, "resident_bytes", 0)) for r in readers)
+    return per, fixed
+
+
+__all__ = ["DifferenceReader", "LoraProductReader", "SumReader", "held_by"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +75,26 @@ class LoraProductReader:
     def rank(self) -> int:
         """``k``, the adapter rank of this target."""
         return int(self.a.shape[0])
+
+    @property
+    def resident_bytes_per_element(self) -> int:
+        """Bytes per element of a block beyond its float32 rows.
+
+        The float64 product slab (at most a block's rows, 8 bytes each) and the block's
+        rows of the tall factor (b x k: read, float64, scaled), spread over the columns.
+        """
+        _, cols = matrix_shape(self.shape)
+        return 8 + -(-(_FACTOR_BYTES + 8) * self.rank // max(cols, 1))
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes a read holds whatever its size: the wide factor in float32 and float64.
+
+        Transposed (embeddings, Conv1D), the whole of ``A`` is read too, to slice its columns.
+        """
+        rows, cols = matrix_shape(self.shape)
+        wide = _FACTOR_BYTES * self.rank * cols
+        return wide + (_FACTOR_BYTES * self.rank * rows if self.transpose else 0)
 
     def factors(
         self, r0: int | None = None, r1: int | None = None
@@ -120,6 +160,17 @@ class DifferenceReader:
         """The tensor's shape."""
         return self.a.shape
 
+    @property
+    def resident_bytes_per_element(self) -> int:
+        """Both operands as read and as float32 copies, and what their readers hold."""
+        per, _ = held_by(self.a, self.b)
+        return self.a.dtype.itemsize + self.b.dtype.itemsize + 8 + per
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the operands' readers hold whatever the block size."""
+        return held_by(self.a, self.b)[1]
+
     def read(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of ``a - b``."""
         return self.a.read(r0, r1).astype(np.float32) - self.b.read(r0, r1).astype(np.float32)
@@ -146,44 +197,17 @@ class SumReader:
         """The tensor's shape."""
         return self.model.shape
 
+    @property
+    def resident_bytes_per_element(self) -> int:
+        """The model's rows as read and as float32, the delta's rows, and what both hold."""
+        per, _ = held_by(self.model, self.delta)
+        return self.model.dtype.itemsize + 4 + self.delta.dtype.itemsize + per
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the operands' readers hold whatever the block size."""
+        return held_by(self.model, self.delta)[1]
+
     def read(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of ``model + delta``."""
         return self.model.read(r0, r1).astype(np.float32) + self.delta.read(r0, r1)
-
-
-@dataclass(frozen=True)
-class TaggedReader:
-    """Another input's reader under a distinct identity (same bytes, not equal to it).
-
-    A checkpoint with an adapter merged in (``MODEL+LORA``) reads the tensors the adapter does
-    not touch from the checkpoint itself; when that checkpoint is also the base, its readers
-    would compare equal to the base's and be merged with them as one input, and the model
-    would drop out of a merge for those tensors. The tag keeps it a separate input.
-
-    Attributes:
-        inner: the reader.
-        tag: what this input is (its label).
-    """
-
-    inner: BlockReader
-    tag: str
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The tensor's shape."""
-        return self.inner.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The stored dtype."""
-        return self.inner.dtype
-
-    def read(self, r0: int, r1: int) -> np.ndarray:
-        """Rows ``[r0, r1)`` as the inner reader returns them."""
-        return self.inner.read(r0, r1)
-
-    def prefetch(self, r0: int, r1: int) -> None:
-        """Pass the read-ahead hint on, where the inner reader takes one."""
-        hint = getattr(self.inner, "prefetch", None)
-        if hint is not None:
-            hint(r0, r1)

@@ -6,9 +6,16 @@ from streamvec.linalg.factors import (
     split_shared_unique,
     tsv_merge,
 )
-from streamvec.linalg.rsvd import SVDResult, exact_svd, randomized_svd, sketch_width
+from streamvec.linalg.rsvd import (
+    DEFAULT_POWER_ITERS,
+    SVDResult,
+    exact_svd,
+    randomized_svd,
+    sketch_width,
+)
 
 __all__ = [
+    "DEFAULT_POWER_ITERS",
     "SVDResult",
     "common_subspace",
     "exact_svd",

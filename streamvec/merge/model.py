@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streamvec.algebra import Combination, Model, Resolved, Source, Term
+from streamvec.algebra import Combination, Model, Resolved, Source, Term, tensor_of
 from streamvec.dtypes import is_float
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import BlockReader
@@ -40,6 +40,8 @@ from streamvec.merge.recipe import MergeRequest, TensorParams
 from streamvec.merge.rng import keep_threshold
 from streamvec.merge.select import TensorInput, l1_factors, model_wide_floors, rank_cuts
 from streamvec.tensor import LazyTensor
+from streamvec.ties import TieRules
+from streamvec.vocab import PaddedReader
 
 # -- what a planner asks for, per tensor and model ---------------------------------------------
 
@@ -189,19 +191,24 @@ class MergeModel(Model):
         deltas = tuple(not s.is_point for s in req.models)
         out: dict[str, LazyTensor] = {}
         pending: list[_Pending] = []
+        sources = (req.base, *req.models)
+        rules = [s.ties for s in sources if s.ties is not None]
         for name, lt in check.tensors.items():
-            if not is_float(lt.dtype) or len(lt.terms) != n + 1:
+            if not is_float(lt.dtype):
                 out[name] = lt  # int/bool buffers: copied from the base
                 continue
+            readers = _input_readers(name, lt, sources, rules)
+            if readers is None:
+                out[name] = lt  # every input reads the base's bytes: the base as stored
+                continue
             dtype = np.dtype(req.out_dtype or lt.dtype)
-            base_reader = lt.terms[0][1]
+            base_reader = readers[0]
             if req.name_filter is not None and not req.name_filter(name):
                 out[name] = LazyTensor(name, lt.shape, dtype, ((1.0, base_reader),))
                 continue
             plan = self.planner(name, lt.shape, req.values(name))
             if len(plan.terms) != n:
                 raise RuntimeError(f"internal error: plan of {name} has the wrong model count")
-            readers = tuple(r for _, r in lt.terms)
             if plan.linear:
                 out[name] = _linear(name, lt.shape, dtype, readers, plan, deltas)
             else:
@@ -363,6 +370,47 @@ class MergeModel(Model):
             )
             terms = tuple((1.0, r) for r in p.readers)
             out[p.name] = LazyTensor(p.name, p.shape, p.dtype, terms, op)
+
+
+def _input_readers(
+    name: str, lt: LazyTensor, sources: tuple[Source, ...], rules: list[TieRules]
+) -> tuple[BlockReader, ...] | None:
+    """The reader of every input (base first, then the models in order) for one tensor.
+
+    The checked combination sums the terms of readers that compare equal, and readers are
+    equal only when they read the same bytes of the same file at the same version (a model
+    that leaves a tensor as the base has it: ``B+LORA`` where the adapter does not touch it).
+    Such a model is still one input of the merge, with a zero task vector there, so each
+    input's reader is found again among the checked terms: the term holding its own reader,
+    or the vocabulary-aligned reader wrapping it.
+
+    Returns:
+        The readers, or None when every input reads the base's own bytes (every task vector
+        is zero there, and the checked tensor is the base as stored).
+
+    Raises:
+        StreamvecError: an input has no such tensor (a sparse source given as a model).
+    """
+    by_reader: dict[BlockReader, BlockReader] = {}
+    for _, r in lt.terms:
+        by_reader.setdefault(r, r)
+        inner = r.inner if isinstance(r, PaddedReader) else None
+        if inner is not None:
+            by_reader.setdefault(inner, r)
+    owns = [tensor_of(source, name, rules) for source in sources]
+    if owns[0] is not None and all(o is not None and o.reader == owns[0].reader for o in owns):
+        return None
+    found: list[BlockReader] = []
+    for source, own in zip(sources, owns, strict=True):
+        reader = by_reader.get(own.reader) if own is not None else None
+        if reader is None:
+            raise StreamvecError(
+                f"{source.label}: holds no {name} that the merge can read; every model of a "
+                "merge must hold every merged tensor (an adapter stands for its base with it "
+                "merged in: list it as MODEL+LORA)"
+            )
+        found.append(reader)
+    return tuple(found)
 
 
 def _linear(

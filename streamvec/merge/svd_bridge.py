@@ -12,6 +12,7 @@ from typing import Any
 
 from streamvec.dtypes import dtype_name
 from streamvec.errors import StreamvecError
+from streamvec.linalg.rsvd import DEFAULT_POWER_ITERS
 from streamvec.merge.method import RunSettings
 from streamvec.merge.params import ParamSpec
 from streamvec.merge.recipe import MergeRequest
@@ -22,7 +23,13 @@ SVD_PARAMS = (
         "rank", int, None, "global", "rank budget K per matrix (default: full rank min(m, n))"
     ),
     ParamSpec("oversample", int, 10, "global", "extra random probes of the randomized SVD"),
-    ParamSpec("power_iters", int, 2, "global", "subspace iterations of the randomized SVD"),
+    ParamSpec(
+        "power_iters",
+        int,
+        DEFAULT_POWER_ITERS,
+        "global",
+        "subspace iterations of the randomized SVD (default: chosen per matrix)",
+    ),
 )
 
 
@@ -47,7 +54,7 @@ def run_svd_merge(
     options = SVDOptions(
         rank=int(g["rank"] or 1),  # merge_svd takes the budget from `rank` below
         oversample=int(g["oversample"]),
-        power_iters=int(g["power_iters"]),
+        power_iters=None if g["power_iters"] is None else int(g["power_iters"]),
         seed=request.seed,
     )
     flt = request.name_filter

@@ -70,6 +70,7 @@ from streamvec.linalg.rsvd import (
 )
 from streamvec.memory import anon_bytes
 from streamvec.operations import check_settings
+from streamvec.ops.held import read_matrix
 from streamvec.settings import Settings, distributed_client
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
@@ -394,6 +395,10 @@ class Factorizer:
         self.block_bytes = run.block_bytes()
         self.compute_kwargs = compute_kwargs
         self.device = check_device(run.device)
+        # (tensor name, its inputs' digests) of the last matrix read whole, and (name, block
+        # rows) of the last one streamed: input_digests reuses them.
+        self._digests: tuple[str, list[str]] | None = None
+        self._streamed_rows: tuple[str, int] | None = None
 
     def plan(self, t: LazyTensor, rank: int) -> SVDPlan:
         """The plan for ``t`` at ``rank`` (see :func:`plan_svd`)."""
@@ -414,21 +419,20 @@ class Factorizer:
         if self.device != CPU:
             return self._factor_on_device(t, plan, seed), plan
         if plan.method == "exact":
-            rows, _ = matrix_shape(t.shape)
-            return exact_svd(t.read_rows(0, rows), plan.rank), plan
+            return exact_svd(self._hold(t), plan.rank), plan
         if self._can_hold(t, plan):
             # Read the files once and run every pass over the matrix in memory, each product
             # one multi-threaded BLAS call: no re-reading and re-decoding the inputs 2 + 2q
             # times, no per-block task overhead per pass.
-            rows, _ = matrix_shape(t.shape)
             result = randomized_svd_in_memory(
-                t.read_rows(0, rows),
+                self._hold(t),
                 plan.rank,
                 oversample=self.options.oversample,
                 power_iters=self.options.power_iters,
                 seed=seed,
             )
             return result, replace(plan, held=True)
+        self._streamed_rows = (t.name, plan.block_rows)
         a = matrix_dask(t, plan.block_rows)
         with self.blas_limit():
             result = randomized_svd(
@@ -440,6 +444,33 @@ class Factorizer:
                 compute_kwargs=self.compute_kwargs,
             )
         return result, plan
+
+    def _hold(self, t: LazyTensor) -> np.ndarray:
+        """``t``'s matrix read once; its inputs' digests are kept for :meth:`input_digests`."""
+        held = read_matrix(t, self.block_bytes)
+        self._digests = (held.name, held.digests)
+        return held.values
+
+    def input_digests(self, t: LazyTensor) -> list[str]:
+        """Digests of ``t``'s inputs (for ``--resume``), from the factorization's own read.
+
+        A matrix just factored from memory was digested as it was read; a streamed one is
+        read once more, in the factorization's blocks (whole compressed chunks, decoded once
+        each, within the memory the plan already allowed); any other tensor in small reads.
+
+        Args:
+            t: the tensor just factored (or stored dense).
+
+        Returns:
+            One digest per input, as :func:`streamvec.jobs.tensor_input_digests`.
+        """
+        rows = matrix_shape(t.shape)[0]
+        if self._digests is not None and self._digests[0] == t.name:
+            return self._digests[1]
+        step = digest_rows(t)
+        if self._streamed_rows is not None and self._streamed_rows[0] == t.name:
+            step = max(step, self._streamed_rows[1])
+        return tensor_input_digests(t, 0, rows, step)
 
     def _can_hold(self, t: LazyTensor, plan: SVDPlan) -> bool:
         """Whether the matrix as read (and in float32), next to the method's own memory, fits.
@@ -689,7 +720,9 @@ def svd(
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
             factorizer = Factorizer(options, run, kwargs)
             writer = SVDStoreWriter(out.partial, root_attrs, reopen=kept)
-            log = DoneLog(out.partial, sync_seconds=0.0)  # a tensor is a large unit: log each
+            # Logged in batches like the engine's blocks: each flush is a global os.sync(),
+            # which on a busy machine waits for every other process's dirty pages.
+            log = DoneLog(out.partial, float(os.environ.get("STREAMVEC_SYNC_SECONDS", 5.0)))
             items = list(resolved.tensors.items())
             bar = tqdm(items, desc=Path(output).name, unit="tensor", disable=not run.progress)
             for name, t in bar:
@@ -704,7 +737,7 @@ def svd(
                 if not is_factored_shape(t.shape):
                     writer.write_dense(name, _dense_values(t, run.check_finite), source_dtype(t))
                     dense += 1
-                    log.record(name, 0, b"", _input_digests(t))
+                    log.record(name, 0, b"", factorizer.input_digests(t))
                     continue
                 seed = tensor_seed(options.seed, name)
                 result, plan = factorizer.factor(t, options.rank, seed)
@@ -719,7 +752,7 @@ def svd(
                 )
                 methods[plan.method] += 1
                 residuals[name] = result.residual
-                log.record(name, 0, b"", _input_digests(t))
+                log.record(name, 0, b"", factorizer.input_digests(t))
             log.close()
             remove_job_files(out.partial)
             writer.finish()
@@ -765,15 +798,6 @@ def svd_store_bytes(tensors: Iterable[LazyTensor], rank: int) -> int:
         else:
             total += math.prod(t.shape) * 4
     return total
-
-
-def _input_digests(t: LazyTensor) -> list[str]:
-    """Digests of the tensor's inputs, logged with it so that --resume can tell a change.
-
-    One more read of the tensor's inputs (from the page cache, just after the factorization
-    read them); its cost is in docs/reliability.md.
-    """
-    return tensor_input_digests(t, 0, matrix_shape(t.shape)[0], digest_rows(t))
 
 
 def _dense_values(t: LazyTensor, check_finite: bool = False) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 
 from streamvec.errors import StreamvecError
 from streamvec.linalg.blas import limit_blas_threads
+from streamvec.linalg.rsvd import DEFAULT_POWER_ITERS
 from streamvec.merge.passes import PassOptions
 from streamvec.stats.accumulate import TensorMoments
 from streamvec.stats.grouping import layer_of, module_kind
@@ -39,7 +40,7 @@ class StatsOptions:
             SVD store term already holds).
         residual: residual energy share the LoRA ranks are given for.
         oversample: extra probes of the randomized SVD.
-        power_iters: its power iterations.
+        power_iters: its power iterations (None: chosen per matrix).
         seed: its seed.
     """
 
@@ -49,7 +50,7 @@ class StatsOptions:
     spectrum: int = 0
     residual: float = DEFAULT_RESIDUAL
     oversample: int = 10
-    power_iters: int = 2
+    power_iters: int | None = DEFAULT_POWER_ITERS
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from streamvec.io.lowrank import LowRankReader, is_factored_shape
+from streamvec.linalg.rsvd import DEFAULT_POWER_ITERS
 from streamvec.stats.inputs import TensorTerms
 
 
@@ -112,7 +113,7 @@ class SpectrumOptions:
 
     rank: int = 0
     oversample: int = 10
-    power_iters: int = 2
+    power_iters: int | None = DEFAULT_POWER_ITERS
     seed: int = 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from streamvec.dtypes import dtype_name
 from streamvec.errors import StreamvecError
+from streamvec.linalg.rsvd import DEFAULT_POWER_ITERS
 from streamvec.merge.method import MergeMethod, RunSettings
 from streamvec.merge.params import ParamSpec
 from streamvec.merge.recipe import MergeRequest
@@ -28,7 +29,13 @@ PARAMS = (
     ParamSpec("rank", int, 16, "global", "top singular subspace of each task, per matrix"),
     ParamSpec("threshold", float, 0.85, "global", "eigenvalue cut for common directions"),
     ParamSpec("oversample", int, 10, "global", "extra random probes of the randomized SVD"),
-    ParamSpec("power_iters", int, 2, "global", "subspace iterations of the randomized SVD"),
+    ParamSpec(
+        "power_iters",
+        int,
+        DEFAULT_POWER_ITERS,
+        "global",
+        "subspace iterations of the randomized SVD (default: chosen per matrix)",
+    ),
 )
 
 
@@ -59,7 +66,7 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
             options=SVDOptions(
                 rank=int(g["rank"]),
                 oversample=int(g["oversample"]),
-                power_iters=int(g["power_iters"]),
+                power_iters=None if g["power_iters"] is None else int(g["power_iters"]),
                 seed=request.seed,
             ),
             threshold=float(g["threshold"]),
