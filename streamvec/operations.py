@@ -101,7 +101,8 @@ OPERATIONS: dict[str, Operation] = {
             "PEFT LoRA adapter from a fine-tune: B = U sqrt(S), A = sqrt(S) Vh per linear layer",
             "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 "
             "(arXiv:2106.09685, 2021)",
-            _RUN | {"strict"},
+            # --vocab base only: an adapter applies to the base's vocabulary (see ops/lora.py)
+            _RUN | {"strict", "vocab"},
         ),
         Operation(
             "decompose",
@@ -122,7 +123,7 @@ OPERATIONS: dict[str, Operation] = {
             "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model "
             "Merging, CVPR 2025; Marczak et al., No Task Left Behind: Isotropic Model Merging "
             "with Common and Task-Specific Subspaces, ICML 2025",
-            _RUN | _ZARR | _SAFETENSORS,
+            _RUN | _ZARR | _SAFETENSORS | {"vocab"},
         ),
         Operation(
             "merge",

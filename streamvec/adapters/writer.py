@@ -144,8 +144,12 @@ def adapter_readme(
     unchanged: list[str],
     rank: int,
     version: str,
+    notes: list[str] | None = None,
 ) -> str:
-    """The adapter's ``README.md``: inputs, naming, per-module error, what was left out."""
+    """The adapter's ``README.md``: inputs, naming, per-module error, what was left out.
+
+    ``notes`` are extra lines of the summary list (e.g. the vocabulary policy applied).
+    """
     lines = [
         "---",
         "library_name: peft",
@@ -160,6 +164,7 @@ def adapter_readme(
         f"- rank: r <= {rank}; B = U sqrt(S), A = sqrt(S) Vh, lora_alpha = r (scaling 1)",
         f"- target names: {how}",
         f"- written by streamvec {version}",
+        *(f"- {n}" for n in notes or ()),
         "",
     ]
     if left_out:

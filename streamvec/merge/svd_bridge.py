@@ -70,5 +70,6 @@ def run_svd_merge(
         exclude=list(flt.exclude) or None if flt else None,
         dtype=dtype_name(request.out_dtype) if request.out_dtype is not None else None,
         shard_size=settings.shard_size,
-        run=settings.svd_run_options(request.method.name),
+        # the recipe's tokenizer_source, or --vocab, as for every other method
+        run=settings.svd_run_options(request.method.name).replace(vocab=request.vocab),
     )

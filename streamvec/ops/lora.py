@@ -40,6 +40,12 @@ Output, in the directory PEFT's ``save_pretrained`` writes:
 * ``README.md``: the inputs, the naming rule used, the relative error per module and the
   changed tensors left out, with why;
 * ``streamvec_lora.json``: per module rank, method, relative residual, and what was left out.
+
+Vocabulary changes: an adapter applies to the base model, whose embedding and head have the
+base's rows, so only ``--vocab base`` is accepted when a fine-tune resized its vocabulary: the
+rows base and fine-tune share are exported, the fine-tune's added rows are dropped (and said
+so in the README). ``common`` and ``union`` would describe another model; they are refused
+(``streamvec combine --vocab union`` writes that full model instead).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from streamvec.adapters.writer import (
 )
 from streamvec.algebra import Model
 from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
-from streamvec.errors import StreamvecError
+from streamvec.errors import MismatchError, StreamvecError
 from streamvec.io.adapter_readers import LoraProductReader
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.checkpoint import resolve_checkpoint
@@ -86,6 +92,7 @@ from streamvec.ops.svd import (
 from streamvec.sources import input_paths
 from streamvec.sources import open as open_model
 from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
+from streamvec.vocab import VOCAB_HINT, VocabChoice
 
 __all__ = ["DEFAULT_RANK_TOL", "LoraReport", "export_lora", "is_linear_weight", "lora"]
 
@@ -100,6 +107,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 REPORT_NAME = "streamvec_lora.json"
 PEFT_PREFIX = "base_model.model."
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16")
+_LORA_VOCAB_HINT = (
+    "pass --vocab base (an adapter applies to the base: the rows it shares with the fine-tune "
+    "are exported, added tokens' rows dropped), or write the full model with `streamvec "
+    "combine --vocab union`; see docs/checkpoints.md"
+)
 
 
 def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
@@ -171,6 +183,19 @@ def _frob_norm(t: LazyTensor) -> float:
         block = t.read_rows(r0, r1).astype(np.float64)
         total += sum_of_squares(block)
     return float(np.sqrt(total))
+
+
+def _vocab_notes(choice: VocabChoice | None) -> list[str]:
+    """The README's line on a vocabulary difference (none when the vocabularies agree)."""
+    if choice is None:
+        return []
+    return [
+        f"vocabulary: the inputs' vocabularies differ; --vocab {choice.policy}: the embedding "
+        f"and head updates cover the base's {choice.rows} rows (the rows base and fine-tune "
+        "share); rows of tokens a fine-tune added are not in this adapter, as the base model "
+        "it applies to has no such tokens (`streamvec combine --vocab union` writes a full "
+        "model that keeps them)"
+    ]
 
 
 def _task_type(naming: PeftNaming) -> str | None:
@@ -286,6 +311,13 @@ def lora(
         raise StreamvecError(f"--dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {dtype!r}")
     if not terms:
         raise StreamvecError("lora needs at least one TERM (a fine-tune, store or adapter)")
+    if run.vocab not in (None, "base"):
+        raise StreamvecError(
+            f"lora: --vocab {run.vocab} is not supported: an adapter applies to the base model, "
+            "whose embedding and head keep the base's rows; pass --vocab base (added tokens' "
+            f"rows are dropped), or write the full model with `streamvec combine --vocab "
+            f"{run.vocab} --base BASE -o OUT FINETUNED`"
+        )
     out_dtype = OUTPUT_DTYPES[dtype]
     tv: Model | None = None
     for spec in terms:
@@ -296,10 +328,17 @@ def lora(
             exclude=exclude,
             base_for_stores="ignore",
             strict=strict,
+            vocab=run.vocab,
         )
         tv = spec.weight * tau if tv is None else tv + spec.weight * tau
     assert tv is not None
-    resolved = tv.resolved()
+    try:
+        resolved = tv.resolved()
+    except MismatchError as exc:
+        # The generic hint offers common and union too, which an adapter cannot honour.
+        if VOCAB_HINT not in str(exc):
+            raise
+        raise MismatchError(str(exc).replace(VOCAB_HINT, _LORA_VOCAB_HINT)) from None
     base_files = resolve_checkpoint(base)
     naming = peft_naming(base_files.root, {n: t.shape for n, t in base_files.tensors.items()})
     selected = [(n, t) for n, t in resolved.tensors.items() if n in naming.targets]
@@ -388,6 +427,7 @@ def lora(
                 unchanged=unchanged,
                 rank=rank,
                 version=__version__,
+                notes=_vocab_notes(resolved.vocab),
             )
         )
         report = {
@@ -399,6 +439,7 @@ def lora(
             "split": "B = U sqrt(S), A = sqrt(S) Vh; lora_alpha = r (scaling 1)",
             "rank_tol": rank_tol,
             "dtype": dtype_name(out_dtype),
+            "vocab": resolved.vocab.describe() if resolved.vocab is not None else None,
             **options.attrs(),
             "modules": {
                 m.module: {

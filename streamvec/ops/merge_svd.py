@@ -203,7 +203,9 @@ def merge_svd(
         )
     out_path = Path(output)
     taus = [
-        task_vector_of(t, base, include=include, exclude=exclude, base_for_stores="ignore")
+        task_vector_of(
+            t, base, include=include, exclude=exclude, base_for_stores="ignore", vocab=run.vocab
+        )
         for t in terms
     ]
     # The factor phase can take long and writes beside the output: check the destination
@@ -217,7 +219,13 @@ def merge_svd(
         total = total + tau
     summed = total.resolved().tensors  # checks names and shapes agree
     mean = (total / len(taus)).resolved().tensors
-    per_task = [tau.resolved().tensors for tau in taus]
+    # Every input with weight 0: no arithmetic (zero terms are dropped from the sums), but
+    # each task vector is then aligned to the vocabulary of all the inputs, so that with
+    # --vocab the tasks' matrices have the same rows as the summed one.
+    context = 0.0 * total
+    per_task = [
+        (tau + context if run.vocab is not None else tau).resolved().tensors for tau in taus
+    ]
 
     merge_attrs = {
         "method": method,
@@ -277,7 +285,13 @@ def merge_svd(
                 )
         writer.finish()
         merged = float(alpha) * open_model(factors_path)
+        # With a base, the fine-tunes (weight 0) say which rows the vocabulary has and whose
+        # rows added tokens take (--vocab union); the merged store has no config.json.
+        # Only then: weight-0 checkpoints would otherwise add checks (int buffers) to a merge
+        # that never read them.
         model = open_model(base) + merged if base is not None else merged
+        if base is not None and run.vocab is not None:
+            model = model + context
         model = model.filter(include, exclude)
         if dtype:
             model = model.astype(dtype)

@@ -211,7 +211,10 @@ def add_parsers(subparsers: Any) -> None:
         "task-vector store or a LoRA adapter, PATH[:WEIGHT]: many LoRAs into one. Layers "
         "held only by adapters are factored from their factors (exact when K >= the sum "
         "of their ranks). A module whose update is exactly low-rank gets its true rank in "
-        "rank_pattern (singular values below --rank-tol * S_1 are dropped).",
+        "rank_pattern (singular values below --rank-tol * S_1 are dropped). When a "
+        "fine-tune resized its vocabulary, --vocab base exports the rows the base has "
+        "(added tokens' rows are dropped: the adapter applies to the base); common and union "
+        "are refused (`combine --vocab union` writes the full model).",
     )
     p.add_argument(
         "inputs",
@@ -285,7 +288,9 @@ def add_parsers(subparsers: Any) -> None:
         "triplets, U and V concatenations are orthogonalised (polar factors), merged = "
         "U_perp diag(S) V_perp^T. Iso-C (Marczak et al., ICML 2025): SVD of sum tau_i, "
         "merged = mean(S) U V^T. Non-matrix tensors are averaged. Output: alpha * merged as "
-        "a task-vector store, or with --base the edited model base + alpha * merged.",
+        "a task-vector store, or with --base the edited model base + alpha * merged. "
+        "--vocab base|common|union merges fine-tunes that resized their vocabulary, as "
+        "combine does (config.json's vocab_size and the tokenizer files follow).",
     )
     p.add_argument("merge", choices=["tsv", "iso-c"], metavar="{tsv,iso-c}")
     p.add_argument("terms", nargs="+", metavar="TV", help="task-vector stores (or checkpoints)")
