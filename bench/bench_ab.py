@@ -9,7 +9,7 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
 * ``block-accumulator``: the kernel accumulating a 16-bit output's float32 sum in a whole
   block-sized buffer instead of one cache-sized slab (the previous kernel, reproduced here);
 * ``no-verify-inputs``: stores read without comparing each chunk with its recorded digest
-  (``--no-verify-inputs``; see :mod:`streamvec.io.store_check`);
+  (``--no-verify-inputs``; see :mod:`streamvec.io.zarr.access`);
 * ``no-prefetch``: without each block task asking the kernel to read the next planned block
   ahead (``SafetensorsReader.prefetch``); matters from a cold cache (``--cold``);
 * ``expanded``: the kernel before the delta form, ``sum c_i x_i`` with float32 accumulation
@@ -63,7 +63,8 @@ VARIANTS = (
 
 def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype):
     """The previous kernel: the float32 accumulator of a 16-bit output was block-sized."""
-    from streamvec import kernel  # the module's own combine_blocks: variant() patches tensor's
+    # the module's own combine_blocks: variant() patches tensor's
+    from streamvec.compute import kernel
 
     out_dtype = np.dtype(out_dtype)
     acc_dtype = kernel.accumulation_dtype(out_dtype, [c for c, _ in operands])
@@ -135,7 +136,7 @@ class GatheredTiesRounder:
     """The kernel's final rounding before ties were checked in one pass (same bits)."""
 
     def __init__(self, out_dtype: np.dtype, width: int) -> None:
-        from streamvec import kernel
+        from streamvec.compute import kernel
 
         self.out_dtype = out_dtype
         self.ties = kernel._TIES.get(out_dtype)
@@ -189,8 +190,12 @@ class FreshReadBuffers:
 
 @contextmanager
 def variant(name: str) -> Iterator[None]:
-    from streamvec import engine, kernel, tensor
-    from streamvec.io import store_check, writeback, zarr_store
+    from streamvec.compute import kernel
+    from streamvec.engine import execute as engine
+    from streamvec.io import writeback
+    from streamvec.io.zarr import access as store_check
+    from streamvec.io.zarr import store as zarr_store
+    from streamvec.model import tensor
 
     saved = (
         writeback.start_writeback,
@@ -256,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cache = None
     if args.cold:
-        from streamvec.benchmark.cache import PageCache
-        from streamvec.benchmark.inputs import weight_files
+        from streamvec.tools.benchmark.cache import PageCache
+        from streamvec.tools.benchmark.inputs import weight_files
 
         cache = PageCache.cold()
         inputs = weight_files(Path(args.base), Path(args.ft))

@@ -77,9 +77,9 @@ def check_share(base: Path, ft: Path) -> tuple[float, float, float]:
     import time
 
     import streamvec as sv
-    from streamvec.finite import nonfinite_rows
+    from streamvec.compute.finite import nonfinite_rows
     from streamvec.io.blocks import matrix_shape
-    from streamvec.tensor import row_ranges, rows_per_block
+    from streamvec.model.tensor import row_ranges, rows_per_block
 
     b = sv.open(base)
     model = b + 0.5 * (sv.open(ft) - b)
@@ -106,7 +106,7 @@ def int_share(base: Path, ft: Path) -> tuple[float, float, int]:
 
     import streamvec as sv
     from streamvec.io.blocks import matrix_shape
-    from streamvec.tensor import row_ranges, rows_per_block
+    from streamvec.model.tensor import row_ranges, rows_per_block
 
     b = sv.open(base)
     name = "extra.int8_table"
@@ -126,7 +126,7 @@ def int_share(base: Path, ft: Path) -> tuple[float, float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamvec import synth
+    from streamvec.tools import synth
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="0.5B")

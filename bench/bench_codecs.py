@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numcodecs.blosc
 from numcodecs import Blosc
 
-from streamvec.sources import open as open_model
-from streamvec.tensor import rows_per_block
+from streamvec.model.sources import open as open_model
+from streamvec.model.tensor import rows_per_block
 
 # (cname, clevel, shuffle, blocksize); shuffle 0 none, 1 byte, 2 bit; blocksize 0 = automatic.
 CONFIGS = [

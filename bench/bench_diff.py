@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from streamvec.benchmark import run_bench
+from streamvec.tools.benchmark import run_bench
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "bench_diff.json"
 

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from streamvec import synth
 from streamvec.memory import PeakSampler
+from streamvec.tools import synth
 from streamvec.units import format_bytes
 
 

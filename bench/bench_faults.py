@@ -59,7 +59,7 @@ def _mmap_read(self, r0: int, r1: int) -> np.ndarray:
 
 @contextmanager
 def variant(name: str) -> Iterator[None]:
-    from streamvec import engine
+    from streamvec.engine import execute as engine
     from streamvec.io import blocks
 
     saved = (engine.digest_operands, blocks.SafetensorsReader.read)
@@ -87,10 +87,10 @@ def full_file_hash(paths: list[Path]) -> float:
 
 
 def resume_check(base: str, ft: str) -> float:
+    from streamvec.engine.jobs import tensor_input_digests
     from streamvec.io.blocks import matrix_shape
-    from streamvec.jobs import tensor_input_digests
+    from streamvec.model.tensor import rows_per_block
     from streamvec.ops.task_vector import task_vector
-    from streamvec.tensor import rows_per_block
 
     tv = task_vector(base, ft)
     started = time.perf_counter()
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--reads", action="store_true", help="only the read variants")
     args = ap.parse_args()
     if args.reads:
-        from streamvec.io.checkpoint import resolve_checkpoint
+        from streamvec.io.safetensors.checkpoint import resolve_checkpoint
 
         shards = list(resolve_checkpoint(args.base).shards)
         for r in range(args.rounds):
@@ -151,7 +151,7 @@ def main() -> None:
         return
 
     import streamvec as sv
-    from streamvec.io.checkpoint import resolve_checkpoint
+    from streamvec.io.safetensors.checkpoint import resolve_checkpoint
 
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     files = [*resolve_checkpoint(args.base).shards, *resolve_checkpoint(args.ft).shards]

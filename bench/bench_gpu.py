@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamvec.benchmark import ensure_pair, weight_files
-from streamvec.devices import check_device
+from streamvec.compute.devices import check_device
+from streamvec.tools.benchmark import ensure_pair, weight_files
 
 
 def combine_step(base: Path, ft: Path, out: Path, device: str) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def svd_step(rank: int) -> Callable[[Path, Path, Path, str], dict[str, Any]]:
 def same_result(step: str, a: Path, b: Path) -> bool:
     """Device and CPU outputs agree (bit for bit, or S to 1e-6 for svd)."""
     if step == "svd":
-        from streamvec.io.lowrank import LowRankReader, read_svd_store
+        from streamvec.io.zarr.lowrank import LowRankReader, read_svd_store
 
         sa, sb = read_svd_store(a), read_svd_store(b)
         for name, e in sa.entries.items():

@@ -9,7 +9,7 @@
    delta form with its previous final rounding (every 16-bit tie of a slab checked one by
    one: ``bench_ab.GatheredTiesRounder``). GB/s of input per CPU second of the thread.
 2. Reading row blocks of a task-vector store (``--store``): the synchronous chunk reader
-   (``streamvec.io.zarr_chunks``) against itself copying the rows out of a single chunk (as
+   (``streamvec.io.zarr.chunks``) against itself copying the rows out of a single chunk (as
    it did before) and ``zarr.open_array`` + ``__getitem__`` per block. GB/s of decoded
    float32 per CPU second of the process.
 
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_ab
 
+from streamvec.compute.kernel import combine_blocks
 from streamvec.dtypes import BFLOAT16
-from streamvec.kernel import combine_blocks
 
 
 def best_rate(
@@ -51,7 +51,7 @@ def best_rate(
 
 def gathered_ties(operands, points):  # -> np.ndarray
     """The delta-form kernel with the final rounding it had before (``bench_ab``)."""
-    from streamvec import kernel
+    from streamvec.compute import kernel
 
     saved = kernel._Rounder
     kernel._Rounder = bench_ab.GatheredTiesRounder  # type: ignore[misc,assignment]
@@ -100,8 +100,8 @@ def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
 def reader_variants(store: Path, rounds: int) -> dict[str, list[float]]:
     import zarr
 
-    from streamvec.io import zarr_chunks
-    from streamvec.io.zarr_store import read_store
+    from streamvec.io.zarr import chunks as zarr_chunks
+    from streamvec.io.zarr.store import read_store
 
     info = read_store(store)
     names = [n for n, a in info.arrays.items() if len(a.shape) == 2][:8]

@@ -89,7 +89,7 @@ def make_adapters(base: Path, workdir: Path, count: int, rank: int) -> list[Path
     """``count`` random rank-``rank`` LoRA adapters of ``base`` in PEFT's file layout."""
     from safetensors.numpy import save_file
 
-    from streamvec.io.checkpoint import resolve_checkpoint
+    from streamvec.io.safetensors.checkpoint import resolve_checkpoint
 
     shapes = {n: t.shape for n, t in resolve_checkpoint(base).tensors.items()}
     modules = sorted(
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "streamvec": [
             sys.executable,
             "-m",
-            "streamvec.cli",
+            "streamvec.cli.main",
             "lora",
             "--base",
             str(base),

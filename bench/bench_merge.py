@@ -1,7 +1,7 @@
 """streamvec ``merge`` against mergekit 0.1.5 on the same recipes: outputs compared, timed.
 
 Builds (or reuses) a synthetic bf16 Llama-shaped base and three fine-tunes of it
-(:mod:`streamvec.synth`), writes one recipe per mergekit task-vector method (plus one with
+(:mod:`streamvec.tools.synth`), writes one recipe per mergekit task-vector method (plus one with
 per-tensor filters and a layer gradient), and runs each through
 
 * ``mergekit-yaml RECIPE OUT --no-copy-tokenizer --random-seed S``, and
@@ -52,8 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from streamvec import synth  # noqa: E402
-from streamvec.sources import open as sv_open  # noqa: E402
+from streamvec.model.sources import open as sv_open  # noqa: E402
+from streamvec.tools import synth  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DETERMINISTIC = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "ties_filters")
@@ -265,7 +265,7 @@ THROUGHPUT = {
 def throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Time streamvec merges of a synthetic model under a memory limit."""
     from streamvec.memory import PeakSampler, anon_bytes
-    from streamvec.merge import RunSettings, merge
+    from streamvec.ops.merge import RunSettings, merge
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     root = work / f"models-{args.params}"
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(res, indent=1))
         return 0
 
-    from streamvec.merge import RunSettings, merge
+    from streamvec.ops.merge import RunSettings, merge
 
     mk = args.mergekit or shutil.which("mergekit-yaml")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))

@@ -61,7 +61,7 @@ if str(REPO) not in sys.path:  # runnable as `python bench/bench_mergekit.py` fr
 from safetensors import safe_open  # noqa: E402
 
 from streamvec.memory import PeakSampler  # noqa: E402
-from streamvec.synth import build_checkpoint, build_finetune  # noqa: E402
+from streamvec.tools.synth import build_checkpoint, build_finetune  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 BF16_MANTISSA_BITS = 7

@@ -3,7 +3,7 @@
 Each pass task reads every term's rows and upcasts them to float32. Before: a fresh
 anonymous map per read and ml_dtypes' bf16 -> float32 conversion; now: read buffers reused
 from block to block (:mod:`streamvec.io.read_buffers`) and the upcast done on the bits
-(:func:`streamvec.kernel.upcast32`). Rows of every 2-D tensor of BASE and FT, in blocks of
+(:func:`streamvec.compute.kernel.upcast32`). Rows of every 2-D tensor of BASE and FT, in blocks of
 about 16 MB of float32, single thread; seconds of wall and of the thread's CPU.
 
     PYTHONPATH=. python bench/bench_pass_reads.py BASE FT [--rounds 3]
@@ -17,14 +17,14 @@ import time
 
 import numpy as np
 
+from streamvec.compute.kernel import upcast32
 from streamvec.io.blocks import read_block
 from streamvec.io.read_buffers import ReadBuffers
-from streamvec.kernel import upcast32
 
 
 def main(argv: list[str] | None = None) -> int:
     import streamvec as sv
-    from streamvec.tensor import row_ranges, rows_per_block
+    from streamvec.model.tensor import row_ranges, rows_per_block
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base")

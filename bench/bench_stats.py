@@ -32,15 +32,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from streamvec.io.blocks import matrix_shape
-from streamvec.stats import StatsOptions, stats
-from streamvec.stats.fused import SLAB
-from streamvec.stats.inputs import open_inputs
-from streamvec.stats.slabs import SlabReader
+from streamvec.ops.stats import StatsOptions, stats
+from streamvec.ops.stats.fused import SLAB
+from streamvec.ops.stats.inputs import open_inputs
+from streamvec.ops.stats.slabs import SlabReader
 
 _BEFORE = """
 import sys, time
 import streamvec as sv
-from streamvec.stats import StatsOptions
+from streamvec.ops.stats import StatsOptions
 options = StatsOptions(density={density})
 start = time.perf_counter()
 sv.stats(sys.argv[2:], base=sys.argv[1], workers={workers}, options=options)

@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from streamvec.io import zarr_store as zs
-from streamvec.sources import open as open_model
-from streamvec.tensor import rows_per_block
+from streamvec.io.zarr import store as zs
+from streamvec.model.sources import open as open_model
+from streamvec.model.tensor import rows_per_block
 
 
 def real_blocks(base: str, ft: str, count: int) -> list[tuple[str, tuple[int, ...], np.ndarray]]:

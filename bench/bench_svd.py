@@ -3,7 +3,8 @@
 In memory, on float32 matrices that are low-rank plus noise (4096 x 4096 and 11008 x 4096,
 the shapes of a 7B Llama's attention and MLP projections):
 
-* ``streamvec``: :func:`streamvec.linalg.randomized_svd` over a row-chunked dask array of the
+* ``streamvec``: :func:`streamvec.compute.linalg.randomized_svd` over a row-chunked dask array of
+  the
   in-memory matrix (the same code the ``svd`` command streams from disk), rank K, oversample
   P, Q power iterations (QR-stabilised), threads scheduler, one BLAS thread per block product
   (as ``streamvec svd`` runs it);
@@ -110,9 +111,9 @@ def bench_in_memory(
     import dask.array as da
     import torch
 
-    from streamvec.linalg import randomized_svd
-    from streamvec.linalg.blas import limit_blas_threads
-    from streamvec.tensor import rows_per_block
+    from streamvec.compute.linalg import randomized_svd
+    from streamvec.compute.linalg.blas import limit_blas_threads
+    from streamvec.model.tensor import rows_per_block
 
     a = make_matrix(m, n, seed=m)
     rows: list[dict[str, Any]] = []
@@ -188,7 +189,7 @@ def peer_methods(rank: int, oversample: int) -> dict[str, Any]:
     import torch
     from sklearn.utils.extmath import randomized_svd as sk_rsvd
 
-    from streamvec.linalg.rsvd import randomized_svd_in_memory
+    from streamvec.compute.linalg.rsvd import randomized_svd_in_memory
 
     width = rank + oversample
 
@@ -241,9 +242,9 @@ def peer_methods(rank: int, oversample: int) -> dict[str, Any]:
     def streamed(a: np.ndarray) -> tuple[Any, ...]:
         # As `streamvec svd` streams a matrix larger than its memory limit: row blocks of
         # 32 MB as dask tasks, 2 workers, one BLAS thread per block product.
-        from streamvec.linalg.blas import limit_blas_threads
-        from streamvec.linalg.rsvd import randomized_svd
-        from streamvec.tensor import rows_per_block
+        from streamvec.compute.linalg.blas import limit_blas_threads
+        from streamvec.compute.linalg.rsvd import randomized_svd
+        from streamvec.model.tensor import rows_per_block
 
         x = da.from_array(a, chunks=(rows_per_block(a.shape), a.shape[1]))
         with limit_blas_threads(1):
@@ -320,8 +321,8 @@ def optimal_residuals(a: np.ndarray, ranks: list[int]) -> dict[int, float]:
 
 def write_pair(root: Path, m: int, n: int, seed: int) -> tuple[Path, Path]:
     """BASE and FINETUNED safetensors (float32) whose difference is the planted matrix."""
-    from streamvec.io.st_layout import TensorSpec
-    from streamvec.io.st_writer import ShardedSafetensorsWriter
+    from streamvec.io.safetensors.layout import TensorSpec
+    from streamvec.io.safetensors.writer import ShardedSafetensorsWriter
 
     us, v, noise = planted(m, n, 128, seed)
     paths = []
@@ -359,7 +360,7 @@ def optimal_from_gram(base: Path, ft: Path, rank: int) -> float:
 
 def child(args: argparse.Namespace) -> None:
     """The out-of-core run, alone in its process so the memory figures are its own."""
-    from streamvec.io.lowrank import read_svd_store
+    from streamvec.io.zarr.lowrank import read_svd_store
     from streamvec.memory import PeakSampler, anon_bytes
     from streamvec.ops.svd import RunOptions, SVDOptions, svd
 

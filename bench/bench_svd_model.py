@@ -33,8 +33,8 @@ import numpy as np
 
 
 def ensure_store(workdir: Path, params: str) -> Path:
-    from streamvec import synth
     from streamvec.ops.task_vector import task_vector
+    from streamvec.tools import synth
 
     store = workdir / f"tau-{params}.zarr"
     if store.exists():
@@ -50,7 +50,7 @@ def torch_loop(store: Path, rank: int, niter: int) -> list[float]:
     import torch
     import zarr
 
-    from streamvec.io.zarr_store import read_store
+    from streamvec.io.zarr.store import read_store
 
     residuals = []
     for info in read_store(store).arrays.values():
@@ -68,7 +68,7 @@ def torch_loop(store: Path, rank: int, niter: int) -> list[float]:
 
 
 def streamvec_svd(store: Path, out: Path, rank: int) -> list[float]:
-    from streamvec.io.lowrank import read_svd_store
+    from streamvec.io.zarr.lowrank import read_svd_store
     from streamvec.ops.svd import RunOptions, SVDOptions, svd
 
     shutil.rmtree(out, ignore_errors=True)

@@ -14,8 +14,8 @@ import argparse
 import statistics
 import time
 
-from streamvec.io.store_check import ReadPolicy, using_read_policy
-from streamvec.io.zarr_store import read_store
+from streamvec.io.zarr.access import ReadPolicy, using_read_policy
+from streamvec.io.zarr.store import read_store
 
 
 def read_all(store: str, verify: bool) -> tuple[float, int]:

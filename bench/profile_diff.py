@@ -52,8 +52,11 @@ class StageTimer:
 @contextmanager
 def instrumented(timer: StageTimer) -> Iterator[None]:
     """Wrap the engine's stage functions where they are looked up; undo on exit."""
-    from streamvec import engine, sinks, tensor
-    from streamvec.io import blocks, output, zarr_store
+    from streamvec.engine import execute as engine
+    from streamvec.engine import sinks
+    from streamvec.io import blocks, output
+    from streamvec.io.zarr import store as zarr_store
+    from streamvec.model import tensor
 
     patches: list[tuple[Any, str, str]] = [
         (blocks.SafetensorsReader, "read", "read (map + populate rows)"),

@@ -11,8 +11,7 @@ Example:
 from streamvec.version import __version__
 
 # isort: split
-from streamvec.algebra import Combination, Model, SourceModel
-from streamvec.engine import RunReport, run
+from streamvec.engine.execute import RunReport, run
 from streamvec.errors import (
     CheckpointError,
     HeaderError,
@@ -22,10 +21,11 @@ from streamvec.errors import (
     StoreError,
     StreamvecError,
 )
+from streamvec.model.algebra import Combination, Model, SourceModel
+from streamvec.model.sources import open  # noqa: A004 - sv.open(path) is the entry point
+from streamvec.model.tensor import LazyTensor
 from streamvec.names import NameFilter
-from streamvec.sources import open  # noqa: A004 - sv.open(path) is the entry point
-from streamvec.stats import Stats, stats
-from streamvec.tensor import LazyTensor
+from streamvec.ops.stats import Stats, stats
 
 __all__ = [
     "CheckpointError",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from streamvec.cli import main
+from streamvec.cli.main import main
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -81,8 +81,8 @@ def pair_factory(
 
 @pytest.fixture(scope="session")
 def synth_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny sharded Llama-shaped bf16 base and three fine-tunes built by streamvec.synth."""
-    from streamvec import synth
+    """A tiny sharded Llama-shaped bf16 base and three fine-tunes built by streamvec.tools.synth."""
+    from streamvec.tools import synth
 
     root = tmp_path_factory.mktemp("synth")
     shape = synth.LlamaShape(hidden=64, intermediate=176, layers=2, heads=2, kv_heads=1, vocab=256)

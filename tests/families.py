@@ -280,7 +280,7 @@ def build_family(root: Path, family: Family) -> dict[str, Path]:
 
 def read_all(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint directory in its own dtype, read with safetensors."""
-    from streamvec.io.checkpoint import resolve_checkpoint
+    from streamvec.io.safetensors.checkpoint import resolve_checkpoint
 
     out: dict[str, np.ndarray] = {}
     for shard in resolve_checkpoint(path).shards:

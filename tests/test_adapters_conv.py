@@ -17,7 +17,7 @@ import safetensors.numpy
 from safetensors import safe_open
 
 import streamvec as sv
-from streamvec.adapters.source import AdapterError
+from streamvec.model.peft_source import AdapterError
 from tests.adapter_models import load, save_pair
 from tests.conftest import run_cli
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from streamvec.engine import RUNTIME_OVERHEAD, plan_blocks
+from streamvec.engine.execute import RUNTIME_OVERHEAD, plan_blocks
 from streamvec.memory import PeakSampler, anon_bytes
-from streamvec.sources import open as sv_open
+from streamvec.model.sources import open as sv_open
 from tests.conftest import write_checkpoint
 
 SLACK = 8 << 20  # allocator and thread noise (measured 0-8 MB in the other memory tests)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from streamvec.algebra import Source
-from streamvec.merge import request_for
-from streamvec.merge.method import RunSettings
-from streamvec.sources import open_source
+from streamvec.model.algebra import Source
+from streamvec.model.sources import open_source
+from streamvec.ops.merge import request_for
+from streamvec.ops.merge.method import RunSettings
 from tests.adapter_models import save_pair
 
 pytest.importorskip("transformers")
@@ -90,7 +90,7 @@ def test_naming_is_read_again_when_config_changes(
     pair: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     """A base folder whose config.json appears (or is replaced) is not named from a stale cache."""
-    from streamvec.adapters.naming import peft_naming
+    from streamvec.io.peft.naming import peft_naming
 
     _, base, _ = pair
     folder = tmp_path / "base"

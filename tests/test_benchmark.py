@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamvec import benchmark as bench
-from streamvec.benchmark import RESULT_FIELDS, add_parser, format_table, plots, run_bench
-from streamvec.benchmark import cache as page_cache
+from streamvec.tools import benchmark as bench
+from streamvec.tools.benchmark import RESULT_FIELDS, add_parser, format_table, plots, run_bench
+from streamvec.tools.benchmark import cache as page_cache
 
 from .conftest import BF16, run_cli
 
@@ -117,7 +117,7 @@ def _fadvise_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_bench_in_process_cold_keep_and_reuse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streamvec import synth
+    from streamvec.tools import synth
 
     _fadvise_only(monkeypatch, tmp_path)
     work = tmp_path / "work"
@@ -310,8 +310,8 @@ def _store_cases() -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
 def _write_store(
     path: Path, values: dict[str, np.ndarray], compression: str, via_zarr: bool
 ) -> None:
-    from streamvec.io import zarr_store as zs
     from streamvec.io.blocks import matrix_shape
+    from streamvec.io.zarr import store as zs
 
     cases = _store_cases()
     specs = [
@@ -345,7 +345,7 @@ def test_store_fast_path_writes_what_zarr_writes(
 ) -> None:
     import zarr
 
-    from streamvec.io import zarr_store as zs
+    from streamvec.io.zarr import store as zs
 
     rng = np.random.default_rng(0)
     values = {}
@@ -381,7 +381,7 @@ def test_store_fast_path_writes_what_zarr_writes(
 def test_unaligned_blocks_fall_back_to_zarr(tmp_path: Path) -> None:
     import zarr
 
-    from streamvec.io import zarr_store as zs
+    from streamvec.io.zarr import store as zs
 
     metas = zs.create_store(
         tmp_path, {"format": 1}, [zs.ArraySpec("a", (10, 3), np.dtype(np.float32), 4, {})]
@@ -395,7 +395,7 @@ def test_unaligned_blocks_fall_back_to_zarr(tmp_path: Path) -> None:
 
 def test_unknown_compression_is_refused(tmp_path: Path) -> None:
     from streamvec.errors import StoreError
-    from streamvec.io import zarr_store as zs
+    from streamvec.io.zarr import store as zs
 
     with pytest.raises(StoreError, match="compression"):
         zs.create_store(tmp_path, {}, [], "brotli")

@@ -11,7 +11,7 @@ import pytest
 import safetensors.numpy
 
 from streamvec.errors import CheckpointError, InputNotFoundError
-from streamvec.io.checkpoint import INDEX_NAME, resolve_checkpoint
+from streamvec.io.safetensors.checkpoint import INDEX_NAME, resolve_checkpoint
 
 
 def sharded(tmp_path: Path) -> Path:

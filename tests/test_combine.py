@@ -318,7 +318,7 @@ def test_edited_model_loads_in_transformers(hf_models, tmp_path: Path) -> None:
 
 
 def test_load_into_and_sweep(hf_models, tmp_path: Path) -> None:
-    from streamvec.into_torch import load_into, sweep
+    from streamvec.engine.into_torch import load_into, sweep
 
     net = transformers.LlamaForCausalLM.from_pretrained(
         hf_models["base"], torch_dtype=torch.bfloat16

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamvec.io.lowrank import read_svd_store
-from streamvec.io.zarr_store import read_store
-from streamvec.linalg import common_subspace, iso_c_merge, split_shared_unique, tsv_merge
+from streamvec.compute.linalg import common_subspace, iso_c_merge, split_shared_unique, tsv_merge
+from streamvec.io.zarr.lowrank import read_svd_store
+from streamvec.io.zarr.store import read_store
+from streamvec.model.sources import open as sv_open
 from streamvec.ops.merge_svd import iso_c_factors, tsv_factors
-from streamvec.sources import open as sv_open
 from tests.conftest import run_cli, write_checkpoint
 
 EPS32 = float(np.finfo(np.float32).eps)

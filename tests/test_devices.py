@@ -18,16 +18,16 @@ import pytest
 import safetensors.numpy
 import zarr
 
-from streamvec.devices import check_device
+from streamvec.compute.devices import check_device
+from streamvec.compute.kernel import SLAB_ELEMENTS, combine_blocks
 from streamvec.errors import StreamvecError
-from streamvec.io.lowrank import LowRankReader, read_svd_store
-from streamvec.kernel import SLAB_ELEMENTS, combine_blocks
+from streamvec.io.zarr.lowrank import LowRankReader, read_svd_store
 from tests.conftest import BF16, run_cli
 
 torch = pytest.importorskip("torch")
 
-from streamvec.linalg.rsvd import exact_svd, randomized_svd  # noqa: E402
-from streamvec.torch_kernel import TorchKernel  # noqa: E402
+from streamvec.compute.linalg.rsvd import exact_svd, randomized_svd  # noqa: E402
+from streamvec.compute.torch_kernel import TorchKernel  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -158,8 +158,8 @@ def test_report_names_the_device_and_every_stage(synth_family, tmp_path: Path) -
 def test_device_svd_matches_the_cpu_algorithm(device: str, method: str) -> None:
     import dask.array as da
 
-    from streamvec.linalg.torch_svd import factor_on_device
-    from streamvec.tensor import LazyTensor
+    from streamvec.compute.linalg.torch_svd import factor_on_device
+    from streamvec.model.tensor import LazyTensor
 
     rng = np.random.default_rng(5)
     m, n, k = 300, 170, 12
@@ -228,7 +228,7 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(synth_family, tmp_path: Path)
         [
             sys.executable,
             "-m",
-            "streamvec.cli",
+            "streamvec.cli.main",
             "diff",
             str(synth_family["base"]),
             str(synth_family["a"]),
@@ -249,7 +249,7 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(synth_family, tmp_path: Path)
 
 def test_cpu_path_does_not_import_torch(synth_family, tmp_path: Path) -> None:
     code = (
-        "import sys; from streamvec.cli import main; "
+        "import sys; from streamvec.cli.main import main; "
         f"rc = main(['diff', {str(synth_family['base'])!r}, {str(synth_family['a'])!r}, "
         f"'-o', {str(tmp_path / 't.zarr')!r}, '-q']); "
         "assert rc == 0; assert 'torch' not in sys.modules, 'torch imported'"

@@ -279,7 +279,7 @@ def test_diff_does_not_import_torch(pair_factory, tmp_path: Path) -> None:
 
     base_dir, ft_dir, *_ = pair_factory(BF16)
     code = (
-        "import sys; from streamvec.cli import main; "
+        "import sys; from streamvec.cli.main import main; "
         f"rc = main(['diff', {str(base_dir)!r}, {str(ft_dir)!r}, '-o', "
         f"{str(tmp_path / 't.zarr')!r}, '-q']); "
         "assert rc == 0; print('torch' in sys.modules)"
@@ -292,7 +292,7 @@ def test_each_block_starts_reading_the_next_one(
     pair_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Read-ahead: every block task asks for the block planned after it (cold-cache speed)."""
-    from streamvec import engine
+    from streamvec.engine import execute as engine
     from streamvec.io.blocks import SafetensorsReader
 
     base, ft, _, _ = pair_factory(BF16)

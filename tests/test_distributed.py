@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from streamvec import synth
+from streamvec.tools import synth
 
 from .conftest import run_cli
 from .test_reliability import output_bytes

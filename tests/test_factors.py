@@ -1,12 +1,12 @@
-"""Tests for the math on SVD factors (streamvec.linalg.factors)."""
+"""Tests for the math on SVD factors (streamvec.compute.linalg.factors)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from streamvec.compute.linalg import common_subspace, iso_c_merge, split_shared_unique, tsv_merge
 from streamvec.errors import StreamvecError
-from streamvec.linalg import common_subspace, iso_c_merge, split_shared_unique, tsv_merge
 
 M, N, K = 300, 200, 8
 EPS32 = float(np.finfo(np.float32).eps)
@@ -246,7 +246,7 @@ def test_merge_errors() -> None:
 def test_stacked_lowrank_svd_is_the_exact_svd_of_the_sum(
     m: int, n: int, ranks: tuple[int, ...]
 ) -> None:
-    from streamvec.linalg.factors import stacked_lowrank_svd
+    from streamvec.compute.linalg.factors import stacked_lowrank_svd
 
     rng = np.random.default_rng(7)
     parts = [(rng.normal(size=(m, r)), rng.normal(size=(r, n))) for r in ranks]

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamvec import synth
-from streamvec.io.checkpoint import resolve_checkpoint
-from streamvec.jobs import DONE_LOG
+from streamvec.engine.jobs import DONE_LOG
+from streamvec.io.safetensors.checkpoint import resolve_checkpoint
+from streamvec.tools import synth
 
 from .conftest import run_cli, run_cli_subprocess
 from .faults import (

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamvec.errors import HeaderError, StreamvecError
-from streamvec.io.header import MAX_HEADER_BYTES, parse_header, read_header
+from streamvec.io.safetensors.header import MAX_HEADER_BYTES, parse_header, read_header
 
 
 def raw_file(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> Path:

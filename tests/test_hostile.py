@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamvec.errors import StreamvecError
-from streamvec.io.checkpoint import resolve_checkpoint
+from streamvec.io.safetensors.checkpoint import resolve_checkpoint
 
 from .conftest import run_cli
 from .hostile import CORPUS, _valid

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import streamvec.engine as engine
+import streamvec.engine.execute as engine
 from streamvec import signals
 from streamvec.errors import StreamvecError
 from streamvec.io.output import OutputDir

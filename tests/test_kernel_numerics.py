@@ -16,7 +16,7 @@ import pytest
 import safetensors.numpy
 
 import streamvec as sv
-from streamvec.kernel import SLAB_ELEMENTS, combine_blocks
+from streamvec.compute.kernel import SLAB_ELEMENTS, combine_blocks
 from streamvec.ops.combine import TermSpec, combine_terms
 from tests.conftest import BF16, write_checkpoint
 

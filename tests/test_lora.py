@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from streamvec.adapters.naming import target_modules_for
+from streamvec.io.peft.naming import target_modules_for
 from streamvec.ops.lora import is_linear_weight
 from tests.conftest import run_cli, tiny_llama_config
 

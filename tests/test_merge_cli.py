@@ -12,16 +12,16 @@ import pytest
 
 import streamvec as sv
 from streamvec.errors import StreamvecError
-from streamvec.merge import METHODS, parse_recipe
-from streamvec.merge.params import ParamSpec, check_setting, evaluate, layer_position
-from streamvec.merge.recipe import bind
+from streamvec.ops.merge import METHODS, parse_recipe
+from streamvec.ops.merge.params import ParamSpec, check_setting, evaluate, layer_position
+from streamvec.ops.merge.recipe import bind
 
 
 @pytest.fixture
 def merge_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
-    """``streamvec.cli.main`` with ``merge`` registered (as the lead wires it, if not yet)."""
-    import streamvec.cli as cli
-    from streamvec.merge.cli import add_parsers
+    """``streamvec.cli.main.main`` with ``merge`` registered (as the lead wires it, if not yet)."""
+    import streamvec.cli.main as cli
+    from streamvec.cli.merge import add_parsers
 
     try:
         cli.build_parser().parse_args(["merge", "--list"])
@@ -31,7 +31,7 @@ def merge_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
             None,
         )
         if hook is None:
-            pytest.skip("cannot register `merge` on this streamvec.cli")
+            pytest.skip("cannot register `merge` on this streamvec.cli.main")
         original = getattr(cli, hook)
 
         def with_merge(sub: Any) -> None:
@@ -175,7 +175,7 @@ def test_cli_subprocess_exit_code_when_wired(synth_family: dict[str, Path], tmp_
 
     probe = run_cli_subprocess("merge", "--list")
     if probe.returncode != 0:
-        pytest.skip("`merge` is not wired into streamvec.cli yet")
+        pytest.skip("`merge` is not wired into streamvec.cli.main yet")
     rec = write(tmp_path / "r.yaml", basic(synth_family, extra="slices: []\n"))
     proc = run_cli_subprocess("merge", rec, "-o", tmp_path / "out")
     assert proc.returncode == 2 and "'slices'" in proc.stderr

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import streamvec as sv
-from streamvec.engine import RUNTIME_OVERHEAD
-from streamvec.merge import RunSettings, merge, parse_recipe
-from streamvec.merge.rng import keep_threshold, philox_key, uniform_u32
+from streamvec.engine.execute import RUNTIME_OVERHEAD
+from streamvec.ops.merge import RunSettings, merge, parse_recipe
+from streamvec.ops.merge.rng import keep_threshold, philox_key, uniform_u32
 
 
 def test_counter_stream_split_anywhere_equals_one_draw() -> None:
@@ -85,11 +85,11 @@ def test_same_seed_same_bytes_across_workers_blocks_and_schedulers(
     rec = _recipe(synth_family, method)
     # A fixed baseline makes the block size a pure function of the limit: ~20 rows of the
     # embedding per block with 2 workers, for the first passes and the output pass alike.
-    import streamvec.engine
-    import streamvec.merge.passes
+    import streamvec.engine.execute
+    import streamvec.ops.merge.passes
 
-    monkeypatch.setattr(streamvec.engine, "anon_bytes", lambda: 0)
-    monkeypatch.setattr(streamvec.merge.passes, "anon_bytes", lambda: 0)
+    monkeypatch.setattr(streamvec.engine.execute, "anon_bytes", lambda: 0)
+    monkeypatch.setattr(streamvec.ops.merge.passes, "anon_bytes", lambda: 0)
     small = RUNTIME_OVERHEAD + 80_000
     runs = {
         "threads-1": RunSettings(workers=1),
@@ -131,9 +131,9 @@ def test_seed_changes_the_draws_and_overrides_the_recipe(
 
 def test_radix_selection_is_exact_with_ties_and_tiny_blocks(tmp_path: Path) -> None:
     """rank_cuts against a full stable sort, blocks of a few rows (deep reduction trees)."""
-    from streamvec.merge.masks import RankWindow, SlabContext
-    from streamvec.merge.passes import PassOptions
-    from streamvec.merge.select import TensorInput, model_wide_floors, rank_cuts
+    from streamvec.ops.merge.masks import RankWindow, SlabContext
+    from streamvec.ops.merge.passes import PassOptions
+    from streamvec.ops.merge.select import TensorInput, model_wide_floors, rank_cuts
     from tests.conftest import write_checkpoint
 
     rng = np.random.default_rng(3)

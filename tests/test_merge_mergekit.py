@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import streamvec as sv
-from streamvec.merge import RunSettings, merge
+from streamvec.ops.merge import RunSettings, merge
 from tests.conftest import ulp_distance
 
 
@@ -49,7 +49,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def f32_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from streamvec import synth
+    from streamvec.tools import synth
 
     root = tmp_path_factory.mktemp("mk-f32")
     shape = synth.LlamaShape(hidden=64, intermediate=176, layers=2, heads=2, kv_heads=1, vocab=256)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import streamvec as sv
-from streamvec.merge import RunSettings, build_model, merge, parse_recipe
-from streamvec.merge.rng import philox_key, uniform_u32
+from streamvec.ops.merge import RunSettings, build_model, merge, parse_recipe
+from streamvec.ops.merge.rng import philox_key, uniform_u32
 from tests.conftest import BF16, assert_matches_float64, write_checkpoint
 
 F32 = np.dtype(np.float32)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from streamvec import synth
-from streamvec.operations import OPERATIONS, merge_method_settings
+from streamvec.ops.registry import OPERATIONS, merge_method_settings
+from streamvec.tools import synth
 
 from .conftest import run_cli, run_cli_subprocess
 from .faults import recipe

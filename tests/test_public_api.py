@@ -49,7 +49,7 @@ def test_import_streamvec_stays_light() -> None:
     # Importing the package (and so every package __init__ on its path) pulls in none of the
     # optional heavy libraries.
     code = (
-        "import sys, streamvec, streamvec.merge; "
+        "import sys, streamvec, streamvec.ops.merge; "
         "print(sorted(m for m in ('torch', 'matplotlib', 'transformers', 'peft') "
         "if m in sys.modules))"
     )

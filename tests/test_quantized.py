@@ -567,7 +567,7 @@ def test_nonfinite_inputs_are_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, BF16])
 def test_finite_check_finds_every_kind(dtype) -> None:
-    from streamvec.finite import nonfinite_rows
+    from streamvec.compute.finite import nonfinite_rows
 
     x = np.zeros((300, 700), np.float32).astype(dtype)
     assert nonfinite_rows(x) == (0, -1)

@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 
 from streamvec.errors import CheckpointError
-from streamvec.io.checkpoint import resolve_checkpoint
+from streamvec.io.safetensors.checkpoint import resolve_checkpoint
 from tests.conftest import assert_matches_float64, run_cli
 from tests.families import FAMILIES, build_family, read_all
 
@@ -330,7 +330,7 @@ def test_hub_ids_resolve_through_the_cache(
 
 
 def test_model_card_says_where_the_output_came_from(qwen3, tmp_path: Path) -> None:
-    from streamvec import __version__
+    from streamvec.version import __version__
 
     base = tmp_path / "base"
     shutil.copytree(qwen3["base"], base)

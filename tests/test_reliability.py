@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import zarr
 
-from streamvec import synth
-from streamvec.jobs import DONE_LOG
+from streamvec.engine.jobs import DONE_LOG
+from streamvec.tools import synth
 
 from .conftest import BF16, run_cli, run_cli_subprocess, write_checkpoint
 
@@ -99,7 +99,7 @@ def kill_after(cmd: list[str], out: Path, blocks: int) -> int:
 
 @pytest.mark.parametrize("kind", ["diff", "combine", "svd"])
 def test_killed_runs_resume_to_identical_output(family, tmp_path: Path, kind: str) -> None:
-    from streamvec.linalg.blas import limit_blas_threads
+    from streamvec.compute.linalg.blas import limit_blas_threads
 
     reference = tmp_path / f"ref-{kind}"
     # The reference runs here with one BLAS thread, the killed and resumed runs in fresh
@@ -124,7 +124,7 @@ def test_a_run_stopped_before_its_first_block_resumes(
 ) -> None:
     """Stopped after its job record but before its output files existed (a SIGTERM at that
     moment made --resume fail with "cannot reopen"): --resume starts over."""
-    from streamvec import sinks
+    from streamvec.engine import sinks
 
     reference = tmp_path / "ref"
     assert run_cli(*command(kind, family, reference)) == 0
@@ -185,7 +185,7 @@ def test_disk_full_is_reported_and_cleaned_up(
     if kind == "combine":
         monkeypatch.setattr(os, "pwrite", full)
     else:
-        import streamvec.io.zarr_store as zs
+        import streamvec.io.zarr.store as zs
 
         monkeypatch.setattr(zs, "_write_file", full)
     out = tmp_path / "out"

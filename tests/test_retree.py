@@ -184,4 +184,4 @@ def test_vocab_is_in_no_import_cycle() -> None:
     cycles = _tool("import_cycles")
     graph = cycles.import_graph(ROOT, "streamvec")
     tangled = {m for group in cycles.strongly_connected(graph) for m in group}
-    assert "streamvec.vocab" not in tangled
+    assert "streamvec.model.vocab" not in tangled

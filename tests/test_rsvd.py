@@ -1,4 +1,4 @@
-"""Tests for the streaming randomized SVD (streamvec.linalg.rsvd)."""
+"""Tests for the streaming randomized SVD (streamvec.compute.linalg.rsvd)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from dask.callbacks import Callback
 
+from streamvec.compute.linalg import SVDResult, exact_svd, randomized_svd, sketch_width
+from streamvec.compute.linalg.rsvd import randomized_svd_in_memory
 from streamvec.errors import StreamvecError
-from streamvec.linalg import SVDResult, exact_svd, randomized_svd, sketch_width
-from streamvec.linalg.rsvd import randomized_svd_in_memory
 
 M, N = 300, 200
 
@@ -340,8 +340,8 @@ def test_sum_of_squares_does_not_depend_on_blas_threads() -> None:
     """Norms (and so residual attrs) must be the same bits in every process."""
     import math
 
-    from streamvec.linalg.blas import limit_blas_threads
-    from streamvec.linalg.rsvd import sum_of_squares
+    from streamvec.compute.linalg.blas import limit_blas_threads
+    from streamvec.compute.linalg.rsvd import sum_of_squares
 
     a = np.random.default_rng(0).standard_normal((1500, 2001))
     with limit_blas_threads(1):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from streamvec.cli import build_parser, main
+from streamvec.cli.main import build_parser, main
+from streamvec.engine.settings import ENGINE_SETTINGS, Settings
 from streamvec.errors import StreamvecError
-from streamvec.operations import OPERATIONS, check_settings, merge_method_settings
-from streamvec.settings import ENGINE_SETTINGS, Settings
+from streamvec.ops.registry import OPERATIONS, check_settings, merge_method_settings
 
 # A value other than the default for each setting that has a flag, as flags.
 GIVEN = {
@@ -58,7 +58,7 @@ def test_every_flagged_setting_has_a_test_value() -> None:
 
 
 def test_engine_takes_exactly_the_engine_settings() -> None:
-    from streamvec.engine import run
+    from streamvec.engine.execute import run
 
     params = set(inspect.signature(run).parameters)
     not_settings = {"model", "path", "format", "description", "extra_attrs"}

@@ -25,14 +25,14 @@ from safetensors.numpy import save_file
 
 from streamvec.dtypes import BFLOAT16
 from streamvec.errors import OutputError, StreamvecError
-from streamvec.io.st_layout import (
+from streamvec.io.safetensors.layout import (
     INDEX_NAME,
     TensorSpec,
     encode_header,
     plan_shards,
     shard_file_names,
 )
-from streamvec.io.st_writer import ShardedSafetensorsWriter
+from streamvec.io.safetensors.writer import ShardedSafetensorsWriter
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -12,8 +12,8 @@ import safetensors.numpy
 
 import streamvec as sv
 from streamvec.memory import PeakSampler, anon_bytes
-from streamvec.stats import StatsOptions
-from streamvec.stats.grouping import module_kind
+from streamvec.ops.stats import StatsOptions
+from streamvec.ops.stats.grouping import module_kind
 from tests.conftest import run_cli, write_checkpoint
 
 GRAM_RTOL = 1e-12
@@ -424,9 +424,9 @@ def test_memory_stays_flat(tmp_path) -> None:
 def test_input_changed_during_the_pass_is_an_error(tmp_path, how) -> None:
     """The slab reader keeps the reader's promise: a changed input stops the pass."""
     from streamvec.errors import InputChangedError
-    from streamvec.merge.passes import PassOptions
-    from streamvec.stats.inputs import open_inputs
-    from streamvec.stats.runner import TopSets, run_stats_pass
+    from streamvec.ops.merge.passes import PassOptions
+    from streamvec.ops.stats.inputs import open_inputs
+    from streamvec.ops.stats.runner import TopSets, run_stats_pass
 
     w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
     base = write_checkpoint(tmp_path / "base", {"w": w})

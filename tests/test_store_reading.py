@@ -129,7 +129,7 @@ RACE = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     from streamvec.io.blocks import ZarrReader
-    from streamvec.io.zarr_store import read_store
+    from streamvec.io.zarr.store import read_store
 
     store = sys.argv[1]
     meta = json.loads((Path(store) / "zarr.json").read_text())["consolidated_metadata"]

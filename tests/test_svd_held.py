@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import streamvec as sv
-from streamvec.jobs import read_done_entries, tensor_input_digests
-from streamvec.linalg import DEFAULT_POWER_ITERS
-from streamvec.linalg.rsvd import randomized_svd_in_memory
+from streamvec.compute.linalg import DEFAULT_POWER_ITERS
+from streamvec.compute.linalg.rsvd import randomized_svd_in_memory
+from streamvec.engine.jobs import read_done_entries, tensor_input_digests
+from streamvec.model.tensor import LazyTensor
 from streamvec.ops.held import read_matrix
 from streamvec.ops.svd import RunOptions, SVDOptions, svd
-from streamvec.tensor import LazyTensor
 from tests.conftest import write_checkpoint
 
 

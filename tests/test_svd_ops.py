@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from streamvec.engine import RUNTIME_OVERHEAD
-from streamvec.io.lowrank import LowRankReader, read_svd_store
-from streamvec.linalg import exact_svd
+from streamvec.compute.linalg import exact_svd
+from streamvec.engine.execute import RUNTIME_OVERHEAD
+from streamvec.io.zarr.lowrank import LowRankReader, read_svd_store
 from streamvec.memory import PeakSampler, anon_bytes
+from streamvec.model.sources import open as sv_open
 from streamvec.ops.svd import RunOptions, SVDOptions, svd
-from streamvec.sources import open as sv_open
 from tests.conftest import (
     assert_matches_float64,
     run_cli,
@@ -354,7 +354,7 @@ def test_cli_errors_exit_2_with_one_line(pair, synth_family, tmp_path, capsys) -
 
 
 def test_cli_parsers_registered() -> None:
-    from streamvec.cli import build_parser
+    from streamvec.cli.main import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["svd", "tv.zarr", "-o", "o.zarr", "--rank", "8"])
@@ -384,7 +384,7 @@ def test_safetensors_checkpoint_is_what_we_wrote(pair) -> None:
 def test_registry_lists_the_svd_family() -> None:
     import importlib
 
-    from streamvec.operations import OPERATIONS
+    from streamvec.ops.registry import OPERATIONS
 
     papers = {
         "svd": "Halko",

@@ -13,7 +13,7 @@ import pytest
 import safetensors
 
 from streamvec.errors import OutputError, StreamvecError
-from streamvec.synth import (
+from streamvec.tools.synth import (
     INDEX_NAME,
     INT_BUFFER_NAME,
     LlamaShape,

@@ -15,8 +15,8 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from streamvec.errors import StoreError
-from streamvec.io.zarr_chunks import read_rows
-from streamvec.io.zarr_store import record_empty_chunks
+from streamvec.io.zarr.chunks import read_rows
+from streamvec.io.zarr.store import record_empty_chunks
 
 CODECS = {
     "lz4": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],

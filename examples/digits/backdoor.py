@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 import streamvec as sv
-from streamvec.algebra import Model
-from streamvec.into_torch import sweep
+from streamvec.engine.into_torch import sweep
+from streamvec.model.algebra import Model
 
 from . import seeds
 from .classic import decompose_vectors

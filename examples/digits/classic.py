@@ -14,9 +14,9 @@ scikit-learn, seen through *views* (rotations, mirror images, inverted ink).
    sharded safetensors checkpoint in the Hugging Face layout.
 3. Every weight-space edit is done by streamvec: task vectors with ``streamvec diff``, edited
    models with ``streamvec combine``, components with ``streamvec decompose`` (run in this
-   process through :func:`streamvec.cli.main`, and recorded in ``OUT/commands.sh``), and
+   process through :func:`streamvec.cli.main.main`, and recorded in ``OUT/commands.sh``), and
    lambda sweeps by streaming ``base + lambda * tau`` into a module with
-   :func:`streamvec.into_torch.sweep`. Lambda is always chosen on the validation split, then
+   :func:`streamvec.engine.into_torch.sweep`. Lambda is always chosen on the validation split, then
    the chosen model is written by ``streamvec combine``, loaded back and scored on the test
    split.
 
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 import streamvec as sv
-from streamvec.algebra import Model
-from streamvec.into_torch import sweep
+from streamvec.engine.into_torch import sweep
+from streamvec.model.algebra import Model
 
 from .config import Config
 from .data import CONTROL, HIGH, LOW, Task, load_digits_splits, stable_seed

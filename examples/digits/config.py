@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from streamvec.into_torch import PAPER_LAMBDAS
+from streamvec.engine.into_torch import PAPER_LAMBDAS
 
 
 def _grid(stop: float, step: float) -> tuple[float, ...]:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamvec.into_torch import sweep
+from streamvec.engine.into_torch import sweep
 
 from . import seeds
 from .config import Config

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 import streamvec as sv
-from streamvec.algebra import Model
-from streamvec.cli import main as streamvec_main
+from streamvec.cli.main import main as streamvec_main
+from streamvec.model.algebra import Model
 
 from .config import Config
 from .data import Digits, Task, task_arrays
@@ -81,7 +81,7 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 class Streamvec:
     """Runs ``streamvec`` commands in this process and records them for ``commands.sh``.
 
-    :func:`streamvec.cli.main` is what the console script runs, so this is the command line
+    :func:`streamvec.cli.main.main` is what the console script runs, so this is the command line
     without a Python start-up per command. Paths under ``root`` are recorded relative to it.
     """
 

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamvec.algebra import Model
-from streamvec.into_torch import load_into, sweep
+from streamvec.engine.into_torch import load_into, sweep
+from streamvec.model.algebra import Model
 
 from . import seeds
 from .config import Config

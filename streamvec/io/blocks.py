@@ -19,7 +19,7 @@ from streamvec.errors import InputChangedError
 from streamvec.io.read_buffers import BufferLease, anonymous_map
 
 if TYPE_CHECKING:
-    from streamvec.io.store_check import ArrayCheck
+    from streamvec.io.zarr.access import ArrayCheck
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -202,7 +202,7 @@ def populate(view: np.memmap) -> None:
 class ZarrReader:
     """Rows of one array of a Zarr store written by streamvec (bf16 kept as raw uint16 bits).
 
-    ``check`` (from :func:`streamvec.io.store_validate.validate_store`) says what each chunk must
+    ``check`` (from :func:`streamvec.io.zarr.validate.validate_store`) says what each chunk must
     be; without it the array's own metadata is checked when it is first read.
     """
 
@@ -213,7 +213,7 @@ class ZarrReader:
     check: ArrayCheck | None = field(default=None, repr=False, compare=False)
 
     def read(self, r0: int, r1: int) -> np.ndarray:
-        from streamvec.io.zarr_chunks import read_rows
+        from streamvec.io.zarr.chunks import read_rows
 
         _, cols = matrix_shape(self.shape)
         data = read_rows(self.store, self.array_path, r0, r1, self.check)

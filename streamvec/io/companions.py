@@ -1,7 +1,7 @@
 """The files that go next to an output's weights: config and tokenizer files, and a model card.
 
 An edited model keeps its base's ``config.json``, ``generation_config.json`` and tokenizer
-files, so it loads like the base; a vocabulary policy (:mod:`streamvec.vocab`) may change
+files, so it loads like the base; a vocabulary policy (:mod:`streamvec.model.vocab`) may change
 ``vocab_size`` and take the tokenizer files from the input whose vocabulary the output has.
 
 Every output (checkpoint or store) also gets a ``README.md`` model card saying where it came
@@ -51,8 +51,8 @@ def companions_for(anchor: Any, vocab: Any) -> Companions:
     """The companions of a model output whose base is ``anchor`` (a Source).
 
     Args:
-        anchor: the base checkpoint (a :class:`~streamvec.algebra.Source`).
-        vocab: the :class:`~streamvec.vocab.VocabChoice` of the run, or None.
+        anchor: the base checkpoint (a :class:`~streamvec.model.algebra.Source`).
+        vocab: the :class:`~streamvec.model.vocab.VocabChoice` of the run, or None.
     """
     files = list(anchor.extra_files)
     updates: dict[str, Any] = {}

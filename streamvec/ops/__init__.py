@@ -1,1 +1,1 @@
-"""Operations, one small module each; :mod:`streamvec.operations` lists them."""
+"""Operations, one small module each; :mod:`streamvec.ops.registry` lists them."""

@@ -3,7 +3,7 @@
 ``theta = theta_base + lambda * sum_i w_i tau_i``: negation (``w = -1``) forgets a task,
 addition builds multi-task models, and the analogy ``tau_C + (tau_B - tau_A)`` transfers a
 relation. A term is a task-vector store, a PEFT LoRA adapter folder (its ``scaling * B @ A``
-per target, see :mod:`streamvec.adapters.source`) or a fine-tuned checkpoint whose task vector
+per target, see :mod:`streamvec.model.peft_source`) or a fine-tuned checkpoint whose task vector
 relative to the base is formed on the fly (``ft - base``), never stored.
 """
 
@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamvec.algebra import Model
 from streamvec.errors import StreamvecError
-from streamvec.nonfloat import IntPolicy
-from streamvec.sources import open as open_model
+from streamvec.model.algebra import Model
+from streamvec.model.nonfloat import IntPolicy
+from streamvec.model.sources import open as open_model
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,9 @@ def combine_terms(
         keep_base_when_missing: where a term lacks a tensor, keep the base value.
         strict: a LoRA adapter term recorded with another local base is an error.
         int_tensors: where a fine-tune changed an int/bool tensor: ``error`` (default),
-            ``base`` or ``finetune`` (see :mod:`streamvec.nonfloat`).
+            ``base`` or ``finetune`` (see :mod:`streamvec.model.nonfloat`).
         vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
-            :mod:`streamvec.vocab`); None refuses a difference.
+            :mod:`streamvec.model.vocab`); None refuses a difference.
 
     Returns:
         The lazy result; ``.save(path)`` writes it.

@@ -7,7 +7,7 @@ share are the near-common column spaces of their SVDs. Per weight matrix, with `
 1. ``U_i``: the top-``K`` left singular vectors of ``tau_i`` (streaming truncated SVD);
 2. ``C = common_subspace(U_1..U_T, threshold)``: an orthonormal basis (m x s) of the directions
    whose energy survives projection onto every task's subspace by at least ``threshold``
-   (a cos^2 overlap; see :func:`streamvec.linalg.common_subspace`);
+   (a cos^2 overlap; see :func:`streamvec.compute.linalg.common_subspace`);
 3. ``shared_i = C C^T tau_i`` and ``unique_i = tau_i - shared_i``.
 
 Tensors that are not matrices (norms, biases, scalars) have ``shared_i = 0``, ``unique_i = tau_i``.
@@ -42,15 +42,17 @@ from typing import Any
 
 import numpy as np
 
-from streamvec import __version__
-from streamvec.algebra import Combination, Model
+from streamvec.compute.linalg.factors import common_subspace
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import write_model_card
-from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import OutputDir
-from streamvec.linalg.factors import common_subspace
-from streamvec.operations import check_settings
+from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
+from streamvec.model.algebra import Combination, Model
+from streamvec.model.sources import input_paths
+from streamvec.model.sources import open as open_model
+from streamvec.model.tensor import LazyTensor, rows_per_block
+from streamvec.ops.registry import check_settings
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -61,9 +63,7 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
-from streamvec.sources import input_paths
-from streamvec.sources import open as open_model
-from streamvec.tensor import LazyTensor, rows_per_block
+from streamvec.version import __version__
 
 __all__ = ["DEFAULT_RANK", "DEFAULT_THRESHOLD", "DecomposeReport", "component_names", "decompose"]
 
@@ -187,7 +187,7 @@ def decompose(
     """
     from tqdm.auto import tqdm
 
-    from streamvec.engine import run as run_engine
+    from streamvec.engine.execute import run as run_engine
 
     started = time.perf_counter()
     run = run or RunOptions()

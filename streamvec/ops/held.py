@@ -17,7 +17,7 @@ import numpy as np
 import xxhash
 
 from streamvec.io.blocks import matrix_shape
-from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
+from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 
 __all__ = ["HeldMatrix", "read_matrix"]
 
@@ -30,7 +30,7 @@ class HeldMatrix:
         name: the tensor's name.
         values: (m, n) array in the tensor's dtype, equal to ``t.read_rows(0, m)``.
         digests: one xxh3-128 hex digest per term, equal to
-            :func:`streamvec.jobs.tensor_input_digests` over all rows.
+            :func:`streamvec.engine.jobs.tensor_input_digests` over all rows.
     """
 
     name: str

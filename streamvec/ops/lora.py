@@ -16,7 +16,7 @@ The rank of each module is ``r_i = #{j <= K : S_j > rank_tol * S_1}``: an update
 exactly low-rank (up to float rounding) gets its true rank, listed in ``rank_pattern`` (with a
 matching ``alpha_pattern`` so its scaling stays 1); a module whose delta is zero is left out.
 Which tensors become targets, under which module names, is decided by
-:mod:`streamvec.adapters.naming` from the base's model class (built from its config.json on the
+:mod:`streamvec.io.peft.naming` from the base's model class (built from its config.json on the
 meta device, checkpoint keys renamed by transformers' own conversion rules): ``nn.Linear``
 layers, GPT-2's ``Conv1D`` (stored (in, out): ``fan_in_fan_out``) and ``nn.Embedding``
 (PEFT's ``lora_embedding_A/B``). Routers, norms, convolutions, fused experts, biases and other
@@ -26,7 +26,8 @@ adapter's ``README.md`` and in ``streamvec_lora.json``.
 The input is a task-vector expression (:func:`lora`): fine-tuned checkpoints, task-vector
 stores and other LoRA adapters, with weights. When every term of a layer is a LoRA adapter,
 the combined update ``sum_i w_i s_i B_i A_i`` is factored from the factors (QR of the stacked
-factors and an SVD of the small core, :func:`~streamvec.linalg.factors.stacked_lowrank_svd`):
+factors and an SVD of the small core,
+:func:`~streamvec.compute.linalg.factors.stacked_lowrank_svd`):
 exact when the rank asked for is at least the sum of the ranks, and no dense matrix is formed.
 
 Output, in the directory PEFT's ``save_pretrained`` writes:
@@ -62,25 +63,28 @@ from typing import Any
 
 import numpy as np
 
-from streamvec import __version__
-from streamvec.adapters.naming import PeftNaming, PeftTarget, peft_naming, target_modules_for
-from streamvec.adapters.writer import (
+from streamvec.compute.linalg.factors import stacked_lowrank_svd
+from streamvec.compute.linalg.rsvd import SVDResult, sum_of_squares
+from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
+from streamvec.errors import MismatchError, StreamvecError
+from streamvec.io.blocks import matrix_shape
+from streamvec.io.output import OutputDir, check_free_space
+from streamvec.io.peft.naming import PeftNaming, PeftTarget, peft_naming, target_modules_for
+from streamvec.io.peft.readers import LoraProductReader
+from streamvec.io.peft.writer import (
     ExportedModule,
     adapter_config,
     adapter_readme,
     write_adapter_weights,
 )
-from streamvec.algebra import Model
-from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
-from streamvec.errors import MismatchError, StreamvecError
-from streamvec.io.adapter_readers import LoraProductReader
-from streamvec.io.blocks import matrix_shape
-from streamvec.io.checkpoint import resolve_checkpoint
-from streamvec.io.output import OutputDir, check_free_space
-from streamvec.linalg.factors import stacked_lowrank_svd
-from streamvec.linalg.rsvd import SVDResult, sum_of_squares
-from streamvec.operations import check_settings
+from streamvec.io.safetensors.checkpoint import resolve_checkpoint
+from streamvec.model.algebra import Model
+from streamvec.model.sources import input_paths
+from streamvec.model.sources import open as open_model
+from streamvec.model.tensor import LazyTensor, row_ranges, rows_per_block
+from streamvec.model.vocab import VOCAB_HINT, VocabChoice
 from streamvec.ops.combine import TermSpec
+from streamvec.ops.registry import check_settings
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -89,10 +93,7 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
-from streamvec.sources import input_paths
-from streamvec.sources import open as open_model
-from streamvec.tensor import LazyTensor, row_ranges, rows_per_block
-from streamvec.vocab import VOCAB_HINT, VocabChoice
+from streamvec.version import __version__
 
 __all__ = ["DEFAULT_RANK_TOL", "LoraReport", "export_lora", "is_linear_weight", "lora"]
 

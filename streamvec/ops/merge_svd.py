@@ -8,11 +8,11 @@ with ``T`` tasks and rank budget ``K`` (default ``min(m, n)``, the papers' full 
   ``U_i S_i V_i^T``; the concatenations ``U = [U_1 .. U_T]`` and ``V = [V_1 .. V_T]`` are
   replaced by their orthogonal polar factors (``X = P Sigma Q^T -> P Q^T``), and the merged
   update is ``U_perp diag([S_1 .. S_T]) V_perp^T``
-  (:func:`streamvec.linalg.tsv_merge`).
+  (:func:`streamvec.compute.linalg.tsv_merge`).
 * **Iso-C** (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
   Task-Specific Subspaces", ICML 2025): with ``sum_i tau_i = U diag(S) V^T`` (rank ``K``), the
   merged update is ``mean(S) U V^T``, a flat spectrum on the summed task's subspace
-  (:func:`streamvec.linalg.iso_c_merge`).
+  (:func:`streamvec.compute.linalg.iso_c_merge`).
 
 Tensors that are not matrices are averaged: ``mean_i tau_i``. The result is
 ``alpha * merged`` (a task-vector store) or, with ``--base``, ``base + alpha * merged`` (an
@@ -20,7 +20,8 @@ edited model in the Hugging Face layout).
 
 Memory: per matrix only the factors are ever held (``(m + n) K`` numbers); both merges are
 low-rank products, so the factors are written to a temporary SVD store and the (m x n) result
-is produced by the engine block by block as ``U[r0:r1] diag(S) Vh`` (:mod:`streamvec.io.lowrank`),
+is produced by the engine block by block as ``U[r0:r1] diag(S) Vh``
+(:mod:`streamvec.io.zarr.lowrank`),
 in bounded memory.
 """
 
@@ -38,13 +39,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streamvec import __version__
-from streamvec.engine import RunReport
+from streamvec.engine.execute import RunReport
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.io.output import check_destination, output_error
-from streamvec.operations import check_settings
+from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
+from streamvec.model.sources import input_paths
+from streamvec.model.sources import open as open_model
+from streamvec.ops.registry import check_settings
 from streamvec.ops.svd import (
     Factorizer,
     RunOptions,
@@ -55,8 +57,7 @@ from streamvec.ops.svd import (
     tensor_seed,
 )
 from streamvec.signals import deferred
-from streamvec.sources import input_paths
-from streamvec.sources import open as open_model
+from streamvec.version import __version__
 
 __all__ = ["MERGES", "SVDMergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
 
@@ -75,7 +76,7 @@ def tsv_factors(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The TSV-M merge of one matrix as factors ``(U_perp, S_cat, V_perp^T)``.
 
-    The same arithmetic as :func:`streamvec.linalg.tsv_merge` (which returns the dense
+    The same arithmetic as :func:`streamvec.compute.linalg.tsv_merge` (which returns the dense
     product), kept factored so the (m x n) result can be streamed block by block.
 
     Args:
@@ -183,7 +184,7 @@ def merge_svd(
     """
     from tqdm.auto import tqdm
 
-    from streamvec.engine import run as run_engine
+    from streamvec.engine.execute import run as run_engine
 
     run = run or RunOptions()
     # the same check as the CLI's: a setting this command cannot honour is refused

@@ -5,10 +5,12 @@ is factored as ``U diag(S) Vh`` with ``k = min(rank, m, n)`` triplets by one of 
 chosen per matrix (:func:`plan_svd`):
 
 * ``exact``: read the whole matrix once and run LAPACK's float64 SVD
-  (:func:`streamvec.linalg.exact_svd`); used when it fits the memory budget and its estimated
+  (:func:`streamvec.compute.linalg.exact_svd`); used when it fits the memory budget and its
+  estimated
   time is lower (small matrices, or ``k`` close to ``min(m, n)``);
 * ``randomized``: Halko, Martinsson & Tropp (2011) randomized subspace iteration over row blocks
-  (:func:`streamvec.linalg.randomized_svd`), ``2 + 2q`` streaming passes, never more than a few
+  (:func:`streamvec.compute.linalg.randomized_svd`), ``2 + 2q`` streaming passes, never more than a
+  few
   blocks plus ``(m + n) x (k + p)`` factors in memory; used whenever the matrix does not fit,
   and when it is faster.
 
@@ -33,20 +35,22 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streamvec import __version__
-from streamvec.algebra import Combination, Model
-from streamvec.devices import CPU, check_device
+from streamvec.compute.devices import CPU, check_device
+from streamvec.compute.kernel import accumulation_dtype
+from streamvec.compute.linalg.blas import limit_blas_threads
+from streamvec.compute.linalg.rsvd import (
+    SVDResult,
+    exact_svd,
+    randomized_svd,
+    randomized_svd_in_memory,
+    sketch_width,
+)
 from streamvec.dtypes import dtype_name, is_float
-from streamvec.engine import (  # the engine's headroom, so budgets agree
+from streamvec.engine.execute import (  # the engine's headroom, so budgets agree
     RUNTIME_OVERHEAD,
     awaited_threads,
 )
-from streamvec.errors import StreamvecError
-from streamvec.io.blocks import matrix_shape
-from streamvec.io.companions import write_model_card
-from streamvec.io.lowrank import SVDStoreWriter, is_factored_shape
-from streamvec.io.output import OutputDir, check_free_space
-from streamvec.jobs import (
+from streamvec.engine.jobs import (
     DoneLog,
     JobPlan,
     ResumeError,
@@ -59,23 +63,21 @@ from streamvec.jobs import (
     tensor_input_digests,
     write_job,
 )
-from streamvec.kernel import accumulation_dtype
-from streamvec.linalg.blas import limit_blas_threads
-from streamvec.linalg.rsvd import (
-    SVDResult,
-    exact_svd,
-    randomized_svd,
-    randomized_svd_in_memory,
-    sketch_width,
-)
+from streamvec.engine.settings import Settings, distributed_client
+from streamvec.errors import StreamvecError
+from streamvec.io.blocks import matrix_shape
+from streamvec.io.companions import write_model_card
+from streamvec.io.output import OutputDir, check_free_space
+from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.memory import anon_bytes
-from streamvec.operations import check_settings
+from streamvec.model.algebra import Combination, Model
+from streamvec.model.sources import input_paths
+from streamvec.model.sources import open as open_model
+from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.ops.held import read_matrix
-from streamvec.settings import Settings, distributed_client
-from streamvec.sources import input_paths
-from streamvec.sources import open as open_model
-from streamvec.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
+from streamvec.ops.registry import check_settings
 from streamvec.units import format_bytes
+from streamvec.version import __version__
 
 __all__ = [
     "SVD_METHODS",
@@ -115,7 +117,7 @@ class SVDOptions:
         rank: target rank ``K``; a matrix keeps ``min(K, m, n)`` triplets.
         oversample: extra random probes ``p`` of the randomized method.
         power_iters: subspace iterations ``q`` of the randomized method (2 passes each);
-            None: chosen per matrix from the residual (:func:`streamvec.linalg.converged`).
+            None: chosen per matrix from the residual (:func:`streamvec.compute.linalg.converged`).
         seed: base seed; each tensor's test matrix is seeded from ``(seed, name)``.
         method: ``auto`` (per matrix, see :func:`plan_svd`), ``exact`` or ``randomized``.
     """
@@ -413,7 +415,7 @@ class Factorizer:
             seed: seed of the random test matrix (randomized method).
 
         Returns:
-            The :class:`~streamvec.linalg.SVDResult` and the plan that produced it.
+            The :class:`~streamvec.compute.linalg.SVDResult` and the plan that produced it.
         """
         plan = self.plan(t, rank)
         if self.device != CPU:
@@ -462,7 +464,7 @@ class Factorizer:
             t: the tensor just factored (or stored dense).
 
         Returns:
-            One digest per input, as :func:`streamvec.jobs.tensor_input_digests`.
+            One digest per input, as :func:`streamvec.engine.jobs.tensor_input_digests`.
         """
         rows = matrix_shape(t.shape)[0]
         if self._digests is not None and self._digests[0] == t.name:
@@ -488,7 +490,7 @@ class Factorizer:
 
     def _factor_on_device(self, t: LazyTensor, plan: SVDPlan, seed: int) -> SVDResult:
         """The same factorization on the GPU: one read of the files, passes in GPU memory."""
-        from streamvec.linalg.torch_svd import factor_on_device
+        from streamvec.compute.linalg.torch_svd import factor_on_device
 
         # The exact plan reads the matrix whole; on the device it is streamed in blocks too.
         block_rows = (
@@ -512,7 +514,8 @@ class Factorizer:
         """One BLAS thread per call while several Dask threads run block tasks here.
 
         Dask already runs ``workers`` block products at once; OpenBLAS threads on top of
-        them oversubscribe the cores (3-4x slower measured, see :mod:`streamvec.linalg.blas`).
+        them oversubscribe the cores (3-4x slower measured, see
+        :mod:`streamvec.compute.linalg.blas`).
         Results are bit-identical either way. The exact path keeps every BLAS thread: it is
         one LAPACK call. Process-based schedulers run BLAS in their own processes.
 
@@ -556,7 +559,7 @@ def task_vector_of(
         vocab: vocabulary policy when a checkpoint's vocabulary differs from the base's.
 
     Returns:
-        A task-vector :class:`~streamvec.algebra.Combination`.
+        A task-vector :class:`~streamvec.model.algebra.Combination`.
 
     Raises:
         StreamvecError: a checkpoint without ``base``, the base itself, or a store with an

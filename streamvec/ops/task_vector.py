@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from streamvec.algebra import Combination
-from streamvec.nonfloat import IntPolicy, NonFloatReader, check_unchanged
-from streamvec.sources import open as open_model
+from streamvec.model.algebra import Combination
+from streamvec.model.nonfloat import IntPolicy, NonFloatReader, check_unchanged
+from streamvec.model.sources import open as open_model
 
 
 def task_vector(
@@ -35,9 +35,9 @@ def task_vector(
         exclude: leave out tensors matching these.
         dtype: stored dtype (default float32: exact for bf16 and f16 inputs).
         int_tensors: ``error`` (default), ``base`` or ``finetune`` (see
-            :mod:`streamvec.nonfloat`).
+            :mod:`streamvec.model.nonfloat`).
         vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
-            :mod:`streamvec.vocab`); None refuses a difference.
+            :mod:`streamvec.model.vocab`); None refuses a difference.
 
     Returns:
         A lazy task vector; ``.save("tau.zarr")`` computes it.

@@ -1,0 +1,1 @@
+"""The ``streamvec`` command line: thin argument parsing over the Python API."""

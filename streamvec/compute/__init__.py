@@ -1,0 +1,1 @@
+"""Block arithmetic: the kernels (numpy, torch), devices, finite checks, linalg."""

@@ -1,0 +1,1 @@
+"""Running a lazy model under a memory budget: plan, schedule, jobs, sinks."""

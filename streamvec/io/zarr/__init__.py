@@ -1,0 +1,1 @@
+"""streamvec's Zarr stores: the layout, validation before reading, chunk reads, SVD stores."""

@@ -1,0 +1,216 @@
+"""Reading row blocks of a Zarr array chunk file by chunk file, in the calling thread.
+
+The mirror of the engine's chunk writer (:class:`streamvec.io.zarr.store.ZarrBlockWriter`):
+each chunk a block needs is read as a file and decoded with the array's own zarr codec
+objects (``_decode_sync``), so the values are exactly what ``zarr.Array.__getitem__``
+returns. ``zarr.open_array`` plus ``__getitem__`` per block re-parsed the metadata and sent
+every chunk through zarr's single event-loop thread: single-threaded this reader is only a
+little faster (0.54 against 0.48 GB/s of decoded float32, ``bench/bench_kernel_io.py``), but
+with two engine workers ``combine`` from a 1B store took 5.60 s instead of 7.55 s
+(``bench/bench_ab.py``, docs/benchmarks.md).
+
+Every chunk is read as :mod:`streamvec.io.zarr.access` allows: the file opened without
+following symlinks, a regular file of at most the size its codecs can produce, the blosc
+header's declared size checked before decompressing (so a chunk that inflates beyond its
+array's chunk size is refused before it takes the memory), the decoded size checked after,
+and the recorded digest of its rows compared when the policy says so. A chunk that is not a
+file is the fill value only when the array records it as empty.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from streamvec.errors import StoreError
+from streamvec.io.zarr.access import (
+    BLOSC_HEADER,
+    ArrayCheck,
+    load_zarr,
+    open_chunk,
+    read_small_file,
+)
+from streamvec.io.zarr.validate import array_check
+
+
+def read_rows(
+    store: str, array_path: str, r0: int, r1: int, check: ArrayCheck | None = None
+) -> np.ndarray:
+    """Rows ``[r0, r1)`` of the array at ``store/array_path`` in its storage dtype.
+
+    Args:
+        store: the store directory.
+        array_path: the array folder inside it.
+        r0: first row.
+        r1: one past the last row.
+        check: what the array's chunks must be (from a validated store); None checks the
+            array's own metadata now.
+
+    Returns:
+        A ``(r1 - r0, *shape[1:])`` array (the 0-d array for a 0-d tensor).
+
+    Raises:
+        StoreError: a chunk is missing, not a regular file, of the wrong size, or does not
+            match its recorded digest.
+    """
+    if check is None:
+        check = array_check(store, array_path)
+    if check.legacy_digest is not None:
+        _confirm_legacy_gaps(check)
+    return _read_checked_rows(check, r0, r1)
+
+
+@lru_cache(maxsize=256)
+def _confirm_legacy_gaps(check: ArrayCheck) -> None:
+    """An old store's missing chunks were skipped zeros: the array matches its checksum.
+
+    Costs one extra read of such an array, once per process.
+    """
+    assert check.legacy_digest is not None
+    recorded, block_rows = check.legacy_digest
+    rows = check.shape[0] if check.shape else 1
+    digests = [
+        xxhash.xxh3_128_digest(
+            np.ascontiguousarray(_read_checked_rows(check, r0, min(rows, r0 + block_rows))).data
+        )
+        for r0 in range(0, rows, block_rows)
+    ]
+    if xxhash.xxh3_128_hexdigest(b"".join(digests)) != recorded:
+        gaps = sorted(check.empty)
+        shown = ", ".join(check.chunk_key(i) for i in gaps[:3]) + (" ..." if len(gaps) > 3 else "")
+        raise StoreError(
+            f"{check.where()}: {len(gaps)} chunk(s) missing ({shown}) and the array read "
+            "without them does not match its recorded checksum, so one held data (deleted?); "
+            "the store is damaged: rewrite it"
+        )
+
+
+def _read_checked_rows(check: ArrayCheck, r0: int, r1: int) -> np.ndarray:
+    meta, codecs, spec = _layout(check)
+    shape = check.shape
+    if not shape:
+        return _chunk(check, meta, codecs, spec, 0)
+    rows_per_chunk = check.chunk_rows
+    if r1 > r0 and r0 // rows_per_chunk == (r1 - 1) // rows_per_chunk:
+        # Rows of one chunk (the usual block): the decoded chunk's rows as they are, with no
+        # copy; nothing else holds the chunk. Copied as before when the decode is read-only,
+        # or when the rows are less than half the chunk (the view would keep it all alive).
+        c0 = (r0 // rows_per_chunk) * rows_per_chunk
+        chunk = _chunk(check, meta, codecs, spec, r0 // rows_per_chunk)
+        rows = chunk[r0 - c0 : r1 - c0]
+        keep = chunk.flags.writeable and 2 * (r1 - r0) >= chunk.shape[0]
+        return rows if keep else rows.copy()
+    out = np.empty((r1 - r0, *shape[1:]), check.dtype)
+    for ci in range(r0 // rows_per_chunk, (r1 - 1) // rows_per_chunk + 1 if r1 > r0 else 0):
+        c0 = ci * rows_per_chunk
+        chunk = _chunk(check, meta, codecs, spec, ci)
+        lo, hi = max(r0, c0), min(r1, c0 + rows_per_chunk)
+        out[lo - r0 : hi - r0] = chunk[lo - c0 : hi - c0]
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _parsed(store: str, array_path: str, mtime_ns: int, size: int) -> Any:
+    import json
+
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
+    raw = json.loads(read_small_file(Path(store), f"{array_path}/zarr.json"))
+    return ArrayV3Metadata.from_dict(raw)
+
+
+def _layout(check: ArrayCheck) -> tuple[Any, tuple[Any, ...], Any]:
+    """Parsed metadata, codecs and chunk spec of a checked array."""
+    from zarr.core.array_spec import ArrayConfig
+    from zarr.core.buffer import default_buffer_prototype
+
+    load_zarr()  # before any codec lookup in a worker thread (see load_zarr)
+    meta_file = Path(check.store) / check.array_path / "zarr.json"
+    try:
+        st = meta_file.stat()
+    except OSError:
+        raise StoreError(f"{check.where()}: its zarr.json is gone") from None
+    # Keyed on the metadata file's identity: a store rewritten in place is read afresh.
+    meta = _parsed(check.store, check.array_path, st.st_mtime_ns, st.st_size)
+    chunks = tuple(meta.chunks)
+    if tuple(meta.shape) != check.shape or (check.shape and chunks[0] != check.chunk_rows):
+        raise StoreError(f"{check.where()}: its metadata changed since the store was opened")
+    spec = meta.get_chunk_spec(
+        (0,) * len(meta.shape),
+        ArrayConfig(order="C", write_empty_chunks=True),
+        default_buffer_prototype(),
+    )
+    return meta, tuple(meta.codecs), spec
+
+
+def _read_bounded(fd: int, check: ArrayCheck, index: int) -> bytearray:
+    """The chunk file's bytes, refused before reading when its size cannot be right."""
+    size = os.fstat(fd).st_size
+    if not check.compressed:
+        if size != check.chunk_bytes:
+            raise StoreError(
+                f"{check.where(index)} is {size} bytes, not the {check.chunk_bytes} of an "
+                "uncompressed chunk; the store is damaged: rewrite it"
+            )
+    else:
+        if size < BLOSC_HEADER:
+            raise StoreError(f"{check.where(index)} is {size} bytes, too short for blosc")
+        header = os.pread(fd, BLOSC_HEADER, 0)
+        nbytes, _, cbytes = struct.unpack_from("<III", header, 4)
+        if nbytes != check.chunk_bytes or cbytes != size:
+            raise StoreError(
+                f"{check.where(index)} declares {nbytes} bytes compressed into {cbytes}; "
+                f"expected {check.chunk_bytes} bytes in a file of {size}; the store is "
+                "damaged: rewrite it"
+            )
+    data = bytearray(size)
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            raise StoreError(f"{check.where(index)} shrank while it was read")
+        got += n
+    return data
+
+
+def _chunk(check: ArrayCheck, meta: Any, codecs: tuple[Any, ...], spec: Any, index: int) -> Any:
+    """One whole chunk, decoded and checked (or the fill value where it is recorded empty)."""
+    fd = open_chunk(check, index)
+    native = spec.dtype.to_native_dtype()
+    if fd is None:
+        chunk = np.zeros(spec.shape, dtype=native)
+    else:
+        try:
+            data = _read_bounded(fd, check, index)
+        finally:
+            os.close(fd)
+        buf: Any = spec.prototype.buffer.from_bytes(data)
+        try:
+            for codec in reversed(codecs):
+                buf = codec._decode_sync(buf, spec)
+            chunk = np.asarray(buf.as_numpy_array())
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise StoreError(f"{check.where(index)} does not decode ({exc})") from None
+        if chunk.nbytes != check.chunk_bytes:
+            raise StoreError(
+                f"{check.where(index)} decodes to {chunk.nbytes} bytes, not "
+                f"{check.chunk_bytes}; the store is damaged: rewrite it"
+            )
+        chunk = chunk.reshape(spec.shape)
+    if check.verify and check.digests is not None:
+        rows = check.shape[0] - index * check.chunk_rows if check.shape else 1
+        valid = np.ascontiguousarray(chunk[:rows] if check.shape else chunk)
+        if xxhash.xxh3_128_digest(valid.reshape(-1).view(np.uint8).data) != check.digests[index]:
+            raise StoreError(
+                f"{check.where(index)} does not match its recorded checksum (changed or "
+                "corrupted since it was written); rewrite the store, or pass "
+                "--no-verify-inputs to read it anyway"
+            )
+    return chunk

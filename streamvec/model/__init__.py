@@ -1,0 +1,1 @@
+"""Lazy models: tensors as weighted sums of readers, sources, and the algebra."""

@@ -1,0 +1,1 @@
+"""Tools around the engine: synthetic checkpoints, the demo, info, verify, bench."""
