@@ -13,8 +13,8 @@ import pytest
 import streamvec as sv
 from streamvec.errors import StreamvecError
 from streamvec.ops.merge import METHODS, parse_recipe
+from streamvec.ops.merge.binding import bind
 from streamvec.ops.merge.params import ParamSpec, check_setting, evaluate, layer_position
-from streamvec.ops.merge.recipe import bind
 
 
 @pytest.fixture

@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from streamvec import signals
+from streamvec.cli.common import (
+    add_output_dtype_option,
+    add_report_option,
+    add_run_options,
+    run_kwargs,
+    say,
+    write_report,
+)
 from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
 from streamvec.io.companions import COMMAND_LINE
@@ -41,103 +49,6 @@ Sizes accept 5GB, 512MB, 8GiB or bytes. Exit codes: 0 ok, 2 bad input, 1 interna
 """
 
 
-def _add_run_options(p: argparse.ArgumentParser, *, filters: bool = True) -> None:
-    """The flags of every run setting (generated from :class:`streamvec.engine.settings.Settings`);
-    ``main`` refuses those the command does not support (:mod:`streamvec.ops.registry`)."""
-    from streamvec.engine.settings import add_arguments
-
-    add_arguments(p.add_argument_group("running"))
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(run_settings=True)
-    if filters:
-        _add_filter_options(p)
-
-
-def _add_filter_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("tensor filters")
-    g.add_argument(
-        "--include", action="append", metavar="PAT", help="only tensors matching PAT (repeatable)"
-    )
-    g.add_argument(
-        "--exclude",
-        action="append",
-        metavar="PAT",
-        help="leave out tensors matching PAT (repeatable)",
-    )
-
-
-def add_int_tensors_option(p: argparse.ArgumentParser) -> None:
-    """``--int-tensors`` (a run setting; :func:`_add_run_options` adds it too)."""
-    from streamvec.engine.settings import add_arguments
-
-    add_arguments(p, ["int_tensors"])
-
-
-def add_output_dtype_option(
-    p: argparse.ArgumentParser,
-    help: str = "output dtype (default: the base's, or float32 for a task vector)",  # noqa: A002
-) -> None:
-    """``--dtype`` with the output dtypes streamvec writes."""
-    from streamvec.dtypes import OUTPUT_DTYPES
-
-    p.add_argument("--dtype", choices=list(OUTPUT_DTYPES), help=help)
-
-
-def add_vocab_option(p: argparse.ArgumentParser) -> None:
-    """``--vocab`` (a run setting; :func:`_add_run_options` adds it too)."""
-    from streamvec.engine.settings import add_arguments
-
-    add_arguments(p, ["vocab"])
-
-
-def add_shard_size_option(p: argparse.ArgumentParser) -> None:
-    """``--shard-size`` (a run setting; :func:`_add_run_options` adds it too)."""
-    from streamvec.engine.settings import add_arguments
-
-    add_arguments(p, ["shard_size"])
-
-
-def say(args: argparse.Namespace, text: str) -> None:
-    """Print unless ``--quiet``."""
-    if not getattr(args, "quiet", False):
-        print(text)
-
-
-def settings_of(args: argparse.Namespace) -> Settings:
-    """The run settings of a command's arguments, checked once by ``main``."""
-    settings = getattr(args, "settings", None)
-    if settings is None:
-        settings = Settings.from_args(args)
-    return settings
-
-
-def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine's keyword arguments of a command's settings (``.save(**...)``)."""
-    return settings_of(args).engine_kwargs()
-
-
-def add_report_option(p: argparse.ArgumentParser) -> None:
-    """``--report FILE``: the run's figures as JSON, for batch jobs and benchmarks."""
-    p.add_argument(
-        "--report",
-        type=Path,
-        metavar="FILE",
-        help="also write what the run did as JSON to FILE: bytes read and written, seconds, "
-        "and seconds per stage (read, compute, encode, write, checksum; summed over blocks)",
-    )
-
-
-def write_report(args: argparse.Namespace, report: Any) -> None:
-    """Write ``--report`` if asked (a RunReport, without its per-tensor checksums)."""
-    if getattr(args, "report", None) is None:
-        return
-    data = {k: v for k, v in vars(report).items() if k != "checksums"}
-    args.report.write_text(json.dumps(data, indent=1, default=str) + "\n")
-
-
-# -- commands ---------------------------------------------------------------------------------
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from streamvec.tools.info import describe, format_info
 
@@ -158,7 +69,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         int_tensors=args.int_tensors,
         vocab=args.vocab,
     )
-    report = tv.save(args.output, description="diff", **_run_kwargs(args))
+    report = tv.save(args.output, description="diff", **run_kwargs(args))
     write_report(args, report)
     say(args, report.summary())
     if report.skipped_nonfloat:
@@ -183,7 +94,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
         int_tensors=args.int_tensors,
         vocab=args.vocab,
     )
-    report = model.save(args.output, description="combine", **_run_kwargs(args))
+    report = model.save(args.output, description="combine", **run_kwargs(args))
     write_report(args, report)
     say(args, report.summary())
     if report.kept_base:
@@ -259,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("finetuned")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
     add_output_dtype_option(p, "stored dtype (default float32)")
-    _add_run_options(p)
+    add_run_options(p)
     add_report_option(p)
     p.set_defaults(func=cmd_diff)
 
@@ -287,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="a tensor missing in a term: fail (default) or keep the base value",
     )
-    _add_run_options(p)  # with --strict, --int-tensors, --vocab, --shard-size
+    add_run_options(p)  # with --strict, --int-tensors, --vocab, --shard-size
     add_report_option(p)
     p.set_defaults(func=cmd_combine)
 

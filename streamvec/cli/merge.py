@@ -35,7 +35,7 @@ dtype, out_dtype); model paths are local checkpoints. See docs/from-mergekit.md.
 
 def add_parsers(subparsers: Any) -> None:
     """Register ``merge`` on the ``streamvec`` subparsers."""
-    from streamvec.cli.main import _add_run_options, add_shard_size_option, add_vocab_option
+    from streamvec.cli.common import add_run_options, add_shard_size_option, add_vocab_option
 
     p = subparsers.add_parser(
         "merge",
@@ -66,13 +66,13 @@ def add_parsers(subparsers: Any) -> None:
         "--list", action="store_true", help="list the merge methods with their parameters"
     )
     add_vocab_option(p)
-    _add_run_options(p)
+    add_run_options(p)
     p.set_defaults(func=cmd_merge)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Run (or check, or list) a merge; returns the exit code."""
-    from streamvec.cli.main import _run_kwargs
+    from streamvec.cli.common import run_kwargs
     from streamvec.ops.merge.api import merge, request_for
     from streamvec.ops.merge.method import RunSettings
 
@@ -93,7 +93,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     if not args.output:
         raise StreamvecError("merge needs -o OUT (the merged checkpoint directory)")
-    settings = RunSettings.from_kwargs(_run_kwargs(args), shard_size=args.shard_size)
+    settings = RunSettings.from_kwargs(run_kwargs(args), shard_size=args.shard_size)
     report = merge(
         args.recipe,
         args.output,

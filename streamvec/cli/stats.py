@@ -12,7 +12,7 @@ from streamvec.errors import OutputError
 
 def add_parser(sub: Any) -> None:
     """Register ``streamvec stats``."""
-    from streamvec.cli.main import _add_filter_options
+    from streamvec.cli.common import add_filter_options
     from streamvec.ops.stats.api import DEFAULT_DENSITY, DEFAULT_RESIDUAL
 
     p = sub.add_parser(
@@ -79,7 +79,7 @@ def add_parser(sub: Any) -> None:
         help="do not compare each chunk read from a Zarr store with its recorded checksum",
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
-    _add_filter_options(p)
+    add_filter_options(p)
     p.set_defaults(func=cmd_stats)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from streamvec.cli.main import add_vocab_option, say
+from streamvec.cli.common import add_vocab_option, say
 
 __all__ = ["add_parsers", "cmd_decompose", "cmd_lora", "cmd_merge_svd", "cmd_svd"]
 
@@ -69,7 +69,7 @@ def _options(args: argparse.Namespace, rank: int | None = None) -> Any:
 
 def _run_options(args: argparse.Namespace) -> Any:
     # The settings, checked by streamvec.cli.main.main against what the command supports.
-    from streamvec.cli.main import settings_of
+    from streamvec.cli.common import settings_of
 
     return settings_of(args)
 
@@ -176,7 +176,7 @@ def add_parsers(subparsers: Any) -> None:
         >>> build_parser().parse_args(["lora", "base", "ft", "-o", "a", "--rank", "8"])
         ... # doctest: +SKIP
     """
-    from streamvec.cli.main import _add_run_options, add_output_dtype_option, add_shard_size_option
+    from streamvec.cli.common import add_output_dtype_option, add_run_options, add_shard_size_option
 
     p = subparsers.add_parser(
         "svd",
@@ -194,7 +194,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the SVD store to write")
     _add_svd_options(p, rank_required=True, rank_help="triplets per matrix (min(K, m, n))")
     add_vocab_option(p)
-    _add_run_options(p)
+    add_run_options(p)
     p.set_defaults(func=cmd_svd)
 
     p = subparsers.add_parser(
@@ -250,7 +250,7 @@ def add_parsers(subparsers: Any) -> None:
         action="store_true",
         help="an adapter TERM recorded with another local base is an error, not a warning",
     )
-    _add_run_options(p)
+    add_run_options(p)
     p.set_defaults(func=cmd_lora)
 
     p = subparsers.add_parser(
@@ -278,7 +278,7 @@ def add_parsers(subparsers: Any) -> None:
     _add_svd_options(p, rank_required=False, rank_help="per-task subspace size K (default 16)")
     p.set_defaults(rank=16)
     add_vocab_option(p)
-    _add_run_options(p)
+    add_run_options(p)
     p.set_defaults(func=cmd_decompose)
 
     p = subparsers.add_parser(
@@ -306,5 +306,5 @@ def add_parsers(subparsers: Any) -> None:
         rank_required=False,
         rank_help="rank budget per matrix (default min(m, n), the papers' full rank)",
     )
-    _add_run_options(p)
+    add_run_options(p)
     p.set_defaults(func=cmd_merge_svd)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from streamvec.ops.stats.grouping import KINDS
-from streamvec.ops.stats.result import Figures, Stats
+
+if TYPE_CHECKING:  # for annotations only: Stats.plot imports this module
+    from streamvec.ops.stats.result import Figures, Stats
 
 
 def _pyplot() -> Any:
