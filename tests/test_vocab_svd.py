@@ -159,3 +159,33 @@ def test_lora_refuses_other_vocab_policies(resized, tmp_path: Path, capsys, poli
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--vocab base" in err and "combine --vocab" in err
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("policy", ["base", "common"])
+def test_stats_vocab_policies(
+    resized,  # noqa: F811
+    qwen3,  # noqa: F811
+    policy: str,
+) -> None:
+    """``stats --vocab`` lines up a resized fine-tune with one that kept the vocabulary."""
+    import streamvec as sv
+
+    fts = [read_all(resized["ft"]), read_all(qwen3["ft2"])]
+    base = read_all(resized["base"])
+    taus, _ = _taus(policy, base, fts)
+    st = sv.stats([resized["ft"], qwen3["ft2"]], base=resized["base"], vocab=policy)
+    want = np.array([[sum(float(np.sum(a[n] * b[n])) for n in a) for b in taus] for a in taus])
+    np.testing.assert_allclose(st.overall.gram[0], want, rtol=1e-10)
+    per = dict(zip(st.per_tensor.labels, st.per_tensor.gram, strict=True))
+    np.testing.assert_allclose(per[EMB][0, 0], np.sum(taus[0][EMB] ** 2), rtol=1e-10)
+
+
+def test_stats_vocab_refusals_name_a_flag_stats_takes(resized, qwen3, capsys) -> None:  # noqa: F811
+    terms = [resized["ft"], qwen3["ft2"], "--base", resized["base"], "-q"]
+    assert run_cli("stats", *terms) == 2
+    err = capsys.readouterr().err
+    assert "--vocab" in err and err.count("\n") == 1
+    assert run_cli("stats", *terms, "--vocab", "union") == 2
+    err = capsys.readouterr().err
+    assert "--vocab base" in err and err.count("\n") == 1
+    assert run_cli("stats", *terms, "--vocab", "base") == 0

@@ -12,7 +12,7 @@ from streamvec.errors import OutputError
 
 def add_parser(sub: Any) -> None:
     """Register ``streamvec stats``."""
-    from streamvec.cli.common import add_filter_options
+    from streamvec.cli.common import add_filter_options, add_vocab_option
     from streamvec.ops.stats.api import DEFAULT_DENSITY, DEFAULT_RESIDUAL
 
     p = sub.add_parser(
@@ -80,6 +80,7 @@ def add_parser(sub: Any) -> None:
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     add_filter_options(p)
+    add_vocab_option(p)
     p.set_defaults(func=cmd_stats)
 
 
@@ -94,6 +95,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         base=args.base,
         include=args.include,
         exclude=args.exclude,
+        vocab=args.vocab,
         options=StatsOptions(
             density=args.density,
             exact_topk=args.exact_topk,

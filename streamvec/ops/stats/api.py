@@ -71,6 +71,7 @@ def stats(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     labels: list[str] | None = None,
+    vocab: str | None = None,
     options: StatsOptions | None = None,
     workers: int | None = None,
     scheduler: str = "threads",
@@ -90,6 +91,9 @@ def stats(
         include: only tensors matching these patterns.
         exclude: leave out tensors matching these.
         labels: names of the terms in outputs (default: last path components).
+        vocab: a fine-tune with a resized vocabulary: ``base`` (its rows cut to the base's)
+            or ``common`` (the rows all share); ``union`` is refused (the task vectors would
+            differ in shape, and figures compare them row by row).
         options: density, spectrum rank, residual.
         workers: blocks in flight at once.
         scheduler: ``threads``, ``processes``, ``sync``, ``local:N`` or an address.
@@ -108,7 +112,12 @@ def stats(
     """
     opts = options or StatsOptions()
     inputs = open_inputs(
-        [str(t) for t in terms], base=base, include=include, exclude=exclude, labels=labels
+        [str(t) for t in terms],
+        base=base,
+        include=include,
+        exclude=exclude,
+        labels=labels,
+        vocab=vocab,
     )
     run = PassOptions(
         workers=workers,

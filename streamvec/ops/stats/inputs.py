@@ -77,6 +77,7 @@ def open_inputs(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     labels: list[str] | None = None,
+    vocab: str | None = None,
 ) -> StatsInputs:
     """Open every term as a task vector and line up the tensors they share.
 
@@ -88,6 +89,8 @@ def open_inputs(
         exclude: leave out tensors matching these.
         labels: names of the terms in outputs (default: their last path components, made
             unique).
+        vocab: ``base`` or ``common`` for fine-tunes with a resized vocabulary (``union`` is
+            refused: the task vectors would differ in shape).
 
     Returns:
         The lined-up inputs.
@@ -101,9 +104,14 @@ def open_inputs(
             "stats needs at least one TERM (a task-vector store, or a "
             "fine-tuned checkpoint with --base BASE)"
         )
+    if vocab == "union":
+        raise StreamvecError(
+            "stats compares task vectors row by row, so --vocab union (added rows kept) "
+            "cannot line them up; use --vocab base (the base's rows) or --vocab common"
+        )
     base_model = open_model(base) if base is not None else None
     vectors: list[Model] = [term_vector(str(t), base_model, base) for t in terms]
-    resolved = [v.filter(include, exclude).resolved() for v in vectors]
+    resolved = [v.filter(include, exclude).with_vocab(vocab).resolved() for v in vectors]
     names = _labels(terms, labels)
     base_tensors = base_model.resolved().tensors if base_model is not None else {}
     skipped = sorted({n for r in resolved for n in r.skipped_nonfloat})
