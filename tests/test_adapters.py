@@ -349,3 +349,78 @@ def test_adapter_term_in_merge_recipes(models: dict[str, Any], method: str) -> N
         # vectors that differ by that rounding (~1e-8 here), and TIES/DARE are piecewise
         # linear in them (sign votes and magnitudes can flip only at ties).
         np.testing.assert_allclose(got[name].numpy(), w.numpy(), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("command", ["diff", "svd", "decompose", "merge-svd", "merge"])
+def test_strict_refuses_a_recorded_base_mismatch_on_every_command(
+    models: dict[str, Any], tmp_path: Path, capsys: Any, command: str
+) -> None:
+    """Wherever an adapter is a term, --strict turns the recorded-base warning into exit 2."""
+    root = models["root"]
+    other = root / "llama-other-strict"
+    import shutil
+
+    shutil.copytree(models["llama"], other, dirs_exist_ok=True)
+    adapter = _edit_config(
+        root / "llama-ab0",
+        root / "llama-ab0-strict",
+        base_model_name_or_path=str(other),
+    )
+    second = root / "llama-ab1"
+    base = models["llama"]
+    out = tmp_path / "out"
+    argv: list[Any] = {
+        "diff": ["diff", base, adapter, "-o", out],
+        "svd": ["svd", adapter, "--base", base, "-o", out, "--rank", "2"],
+        "decompose": ["decompose", adapter, second, "--base", base, "-o", out, "--rank", "2"],
+        "merge-svd": [
+            "merge-svd",
+            "tsv",
+            adapter,
+            second,
+            "--base",
+            base,
+            "-o",
+            out,
+            "--rank",
+            "4",
+        ],
+    }.get(command, [])
+    if command == "merge":
+        recipe = tmp_path / "ties.yaml"
+        recipe.write_text(
+            f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+            f"  - model: {adapter}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            f"  - model: {second}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+        )
+        argv = ["merge", recipe, "-o", out]
+    assert run_cli(*argv, "-q", "--strict") == 2
+    err = capsys.readouterr().err
+    assert str(other) in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    assert run_cli(*argv, "-q") == 0  # without --strict: a warning naming both, and the output
+    err = capsys.readouterr().err
+    assert "warning" in err and str(other) in err
+
+
+def test_merge_svd_of_adapters_with_different_targets(models: dict[str, Any], tmp_path) -> None:
+    """tsv of two adapters: a module only one adapter targets is that adapter's update (the
+    other's task vector is zero there); every module neither targets keeps the base."""
+    from tests.families import read_all
+    from tests.test_decompose_merge import tsv_reference
+
+    root, base_dir = models["root"], models["llama"]
+    out = tmp_path / "tsv"
+    argv = ["merge-svd", "tsv", root / "llama-ab0", root / "llama-ab1", "--base", base_dir]
+    assert run_cli(*argv, "-o", out, "--rank", "4", "-q") == 0
+    base = {k: v.astype(np.float64) for k, v in read_all(base_dir).items()}
+    got = read_all(out)
+    taus = [
+        {k: v.double().numpy() - base[k] for k, v in models[f"llama_ab{i}_merged"].items()}
+        for i in (0, 1)
+    ]
+    for name in got:
+        present = [t[name] for t in taus if np.abs(t[name]).max() > 0]
+        want = base[name] + (tsv_reference(present, 4) if present else 0.0)
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert any("o_proj" in n for n in got)  # targeted by the second adapter only

@@ -68,6 +68,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         int_tensors=args.int_tensors,
         vocab=args.vocab,
+        strict=args.strict,
     )
     report = tv.save(args.output, description="diff", **run_kwargs(args))
     write_report(args, report)

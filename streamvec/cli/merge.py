@@ -88,12 +88,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
             include=args.include,
             exclude=args.exclude,
             vocab=args.vocab,
+            strict=args.strict,
         )
         print(_describe_request(request))
         return 0
     if not args.output:
         raise StreamvecError("merge needs -o OUT (the merged checkpoint directory)")
-    settings = RunSettings.from_kwargs(run_kwargs(args), shard_size=args.shard_size)
+    settings = RunSettings.from_kwargs(
+        run_kwargs(args), shard_size=args.shard_size, strict=args.strict
+    )
     report = merge(
         args.recipe,
         args.output,

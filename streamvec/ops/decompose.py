@@ -200,7 +200,13 @@ def decompose(
     _refuse_repeated(terms)
     taus = [
         task_vector_of(
-            t, base, include=include, exclude=exclude, base_for_stores="ignore", vocab=vocab
+            t,
+            base,
+            include=include,
+            exclude=exclude,
+            base_for_stores="ignore",
+            vocab=vocab,
+            strict=run.strict,
         )
         for t in terms
     ]

@@ -205,7 +205,13 @@ def merge_svd(
     out_path = Path(output)
     taus = [
         task_vector_of(
-            t, base, include=include, exclude=exclude, base_for_stores="ignore", vocab=run.vocab
+            t,
+            base,
+            include=include,
+            exclude=exclude,
+            base_for_stores="ignore",
+            vocab=run.vocab,
+            strict=run.strict,
         )
         for t in terms
     ]
@@ -272,7 +278,7 @@ def merge_svd(
                 budget = min(m, n) if rank is None else min(rank, m, n)
                 seed = tensor_seed(options.seed, name)
                 u, s, vh = _merge_matrix(
-                    method, budget, seed, t_sum, [p[name] for p in per_task], factorizer, methods
+                    method, budget, seed, t_sum, _having(name, per_task), factorizer, methods
                 )
                 ranks[name] = int(s.shape[0])
                 writer.write_factors(
@@ -291,6 +297,12 @@ def merge_svd(
         # Only then: weight-0 checkpoints would otherwise add checks (int buffers) to a merge
         # that never read them.
         model = open_model(base) + merged if base is not None else merged
+        if base is not None and any(
+            s.info.get("kind") == "lora_adapter" for tau in taus for s in tau.sources()
+        ):
+            # Adapters change only the modules they target: the merged factors hold those,
+            # and every other tensor of the model is the base's (a zero task vector).
+            model = model.keep_base_when_missing()
         if base is not None and run.vocab is not None:
             model = model + context
         model = model.filter(include, exclude)
@@ -327,6 +339,12 @@ def _unique(infos: list[Any]) -> list[Any]:
         if i not in seen:
             seen.append(i)
     return seen
+
+
+def _having(name: str, per_task: list[dict[str, Any]]) -> list[Any]:
+    """The tasks' tensors ``name``: a LoRA adapter that does not target it has none (its task
+    vector there is zero, so it takes no part in that tensor's merge)."""
+    return [p[name] for p in per_task if name in p]
 
 
 def _merge_matrix(

@@ -76,7 +76,7 @@ OPERATIONS: dict[str, Operation] = {
             "streamvec.ops.task_vector",
             "task vector tau = theta_ft - theta_base",
             "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
-            _RUN | _ZARR | _RESUME | {"vocab", "int_tensors"},
+            _RUN | _ZARR | _RESUME | {"vocab", "int_tensors", "strict"},
         ),
         Operation(
             "combine",
@@ -93,7 +93,7 @@ OPERATIONS: dict[str, Operation] = {
             "Halko, Martinsson & Tropp, Finding Structure with Randomness: Probabilistic "
             "Algorithms for Constructing Approximate Matrix Decompositions, SIAM Review 53(2), "
             "2011 (Algorithms 4.4 and 5.1)",
-            _RUN | _RESUME | {"vocab"},
+            _RUN | _RESUME | {"vocab", "strict"},
         ),
         Operation(
             "lora",
@@ -112,7 +112,7 @@ OPERATIONS: dict[str, Operation] = {
             "Damirchi, Abbasnejad, Zhang & Shi, Decomposing Task Vectors for Refined Model "
             "Editing, arXiv:2512.22511, 2025",
             # not compression: the shared parts are SVD stores with their own codec
-            _RUN | {"vocab"},
+            _RUN | {"vocab", "strict"},
         ),
         Operation(
             "merge-svd",
@@ -123,7 +123,7 @@ OPERATIONS: dict[str, Operation] = {
             "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model "
             "Merging, CVPR 2025; Marczak et al., No Task Left Behind: Isotropic Model Merging "
             "with Common and Task-Specific Subspaces, ICML 2025",
-            _RUN | _ZARR | _SAFETENSORS | {"vocab"},
+            _RUN | _ZARR | _SAFETENSORS | {"vocab", "strict"},
         ),
         Operation(
             "merge",
@@ -133,7 +133,7 @@ OPERATIONS: dict[str, Operation] = {
             "streamvec.ops.merge.registry (`streamvec merge --list`)",
             "Yadav et al. NeurIPS 2023; Yu et al. ICML 2024; Davari & Belilovsky 2024; "
             "Deep et al. 2024; per method: streamvec.ops.merge.registry",
-            _RUN | _SAFETENSORS | _RESUME | {"vocab"},
+            _RUN | _SAFETENSORS | _RESUME | {"vocab", "strict"},
         ),
     )
 }

@@ -654,7 +654,9 @@ def svd(
     started = time.perf_counter()
     run = run or RunOptions()
     check_settings("svd", run)  # the same check as the CLI's
-    tv = task_vector_of(source, base, include=include, exclude=exclude, vocab=vocab)
+    tv = task_vector_of(
+        source, base, include=include, exclude=exclude, vocab=vocab, strict=run.strict
+    )
     resolved = tv.resolved()
     root_attrs = {
         "operation": "svd",

@@ -18,6 +18,7 @@ def task_vector(
     dtype: str | None = None,
     int_tensors: IntPolicy = "error",
     vocab: str | None = None,
+    strict: bool = False,
 ) -> Combination:
     """The lazy task vector of ``finetuned`` relative to ``base``.
 
@@ -38,6 +39,8 @@ def task_vector(
             :mod:`streamvec.model.nonfloat`).
         vocab: ``base``, ``common`` or ``union`` when the vocabularies differ (see
             :mod:`streamvec.model.vocab`); None refuses a difference.
+        strict: with an adapter, a base other than its recorded local base is an error
+            (otherwise a warning naming both).
 
     Returns:
         A lazy task vector; ``.save("tau.zarr")`` computes it.
@@ -49,7 +52,7 @@ def task_vector(
     Example:
         >>> task_vector("base", "ft", include=["*.self_attn.*"]).save("tau.zarr")  # doctest: +SKIP
     """
-    base_model, ft_model = open_model(base), open_model(finetuned, base=base)
+    base_model, ft_model = open_model(base), open_model(finetuned, base=base, strict=strict)
     if ft_model.source.info.get("kind") == "lora_adapter":
         tv = ft_model.filter(include, exclude)  # already a task vector, of float tensors only
     else:

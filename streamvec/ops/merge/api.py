@@ -41,9 +41,15 @@ def request_for(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     vocab: str | None = None,
+    strict: bool = False,
 ) -> MergeRequest:
-    """Load (if a path), check and bind a recipe; opens every input's headers."""
-    return bind(_recipe(recipe), seed=seed, include=include, exclude=exclude, vocab=vocab)
+    """Load (if a path), check and bind a recipe; opens every input's headers.
+
+    ``strict``: an adapter recorded with another local base is an error, not a warning.
+    """
+    return bind(
+        _recipe(recipe), seed=seed, include=include, exclude=exclude, vocab=vocab, strict=strict
+    )
 
 
 def build_model(
@@ -67,7 +73,10 @@ def build_model(
         >>> model = build_model("ties.yaml")  # doctest: +SKIP
         >>> model["model.layers.0.mlp.up_proj.weight"].compute()  # doctest: +SKIP
     """
-    request = request_for(recipe, seed=seed, include=include, exclude=exclude, vocab=vocab)
+    strict = settings.strict if settings is not None else False
+    request = request_for(
+        recipe, seed=seed, include=include, exclude=exclude, vocab=vocab, strict=strict
+    )
     if request.method.build is None:
         raise StreamvecError(
             f"{request.method.name} factors matrices before streaming and is not a lazy "
@@ -103,7 +112,9 @@ def merge(
         >>> merge("dare.yaml", "merged", seed=1)  # doctest: +SKIP
     """
     settings = settings or RunSettings()
-    request = request_for(recipe, seed=seed, include=include, exclude=exclude, vocab=vocab)
+    request = request_for(
+        recipe, seed=seed, include=include, exclude=exclude, vocab=vocab, strict=settings.strict
+    )
     method = request.method
     # Every recipe kind, including those that write intermediates beside the output first
     # (tsv, iso_c, shared_unique): never over the base or a model of the recipe.

@@ -27,12 +27,15 @@ def bind(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     vocab: str | None = None,
+    strict: bool = False,
 ) -> MergeRequest:
     """Check a recipe against its method and open every model (headers only).
 
     Args:
         vocab: vocabulary policy (``base``, ``common``, ``union``) overriding the recipe's
             ``tokenizer_source``; None: the recipe's, else refuse differing vocabularies.
+        strict: a LoRA adapter recorded with another local base than the one it is applied
+            to is an error (otherwise a warning naming both).
         recipe: from :func:`load_recipe` or :func:`parse_recipe`.
         seed: overrides the recipe's seed.
         include: only tensors matching these patterns are merged; others keep the base.
@@ -59,12 +62,14 @@ def bind(
     entries: list[ModelEntry] = []
     seen: dict[str, str] = {}
     for entry in recipe.models:
-        s = _open(entry.path, f"{entry.where}.model", src, open_source)
+        s = _open(entry.path, f"{entry.where}.model", src, open_source, strict)
         if s.info.get("kind") == "lora_adapter":
             # An adapter alone stands for the base with it merged in (base_model+LORA).
             assert recipe.base_model is not None
             plain = split_model_plus_lora(recipe.base_model)
-            lora = open_source(entry.path, base=plain[0] if plain else recipe.base_model)
+            lora = open_source(
+                entry.path, base=plain[0] if plain else recipe.base_model, strict=strict
+            )
             s = applied_source(base, lora, f"{recipe.base_model}+{entry.path}")
         if s.key == base.key:
             if entry.parameters:
@@ -102,13 +107,13 @@ def bind(
     )
 
 
-def _open(path: str, where: str, src: str, open_source: Any) -> Source:
+def _open(path: str, where: str, src: str, open_source: Any, strict: bool = False) -> Source:
     from streamvec.model.peft_source import applied_source, split_model_plus_lora
 
     plus = split_model_plus_lora(path)
     if plus is not None:  # mergekit's MODEL+LORA: the checkpoint with the adapter merged in
-        model = _open(plus[0], where, src, open_source)
-        return applied_source(model, open_source(plus[1], base=plus[0]), path)
+        model = _open(plus[0], where, src, open_source, strict)
+        return applied_source(model, open_source(plus[1], base=plus[0], strict=strict), path)
     from streamvec.io.hub import parse_hub_id
 
     if not Path(path).exists() and parse_hub_id(path) is None:
