@@ -25,7 +25,17 @@ from streamvec.model.algebra import Combination, Model, SourceModel
 from streamvec.model.sources import open  # noqa: A004 - sv.open(path) is the entry point
 from streamvec.model.tensor import LazyTensor
 from streamvec.names import NameFilter
-from streamvec.ops.stats import Stats, stats
+
+
+def __getattr__(name: str) -> object:
+    """``sv.stats`` and ``sv.Stats``, imported on first use: they bring the randomized SVD
+    (dask.array, scipy), which would otherwise cost every command half a second to start."""
+    if name in ("stats", "Stats"):
+        from streamvec.ops import stats as _stats
+
+        return getattr(_stats, name)
+    raise AttributeError(f"module 'streamvec' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",

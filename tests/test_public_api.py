@@ -50,7 +50,8 @@ def test_import_streamvec_stays_light() -> None:
     # optional heavy libraries.
     code = (
         "import sys, streamvec, streamvec.ops.merge; "
-        "print(sorted(m for m in ('torch', 'matplotlib', 'transformers', 'peft') "
+        "from streamvec.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'matplotlib', 'transformers', 'peft', 'dask.array') "
         "if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

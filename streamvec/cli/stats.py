@@ -13,7 +13,7 @@ from streamvec.errors import OutputError
 def add_parser(sub: Any) -> None:
     """Register ``streamvec stats``."""
     from streamvec.cli.common import add_filter_options, add_vocab_option
-    from streamvec.ops.stats.api import DEFAULT_DENSITY, DEFAULT_RESIDUAL
+    from streamvec.ops.stats.defaults import DEFAULT_DENSITY, DEFAULT_RESIDUAL
 
     p = sub.add_parser(
         "stats",

@@ -12,15 +12,13 @@ from streamvec.compute.linalg.rsvd import DEFAULT_POWER_ITERS
 from streamvec.errors import StreamvecError
 from streamvec.ops.merge.passes import PassOptions
 from streamvec.ops.stats.accumulate import TensorMoments
+from streamvec.ops.stats.defaults import DEFAULT_DENSITY, DEFAULT_RESIDUAL
 from streamvec.ops.stats.grouping import layer_of, module_kind
 from streamvec.ops.stats.inputs import StatsInputs, open_inputs
 from streamvec.ops.stats.result import Figures, Stats
 from streamvec.ops.stats.runner import TopSets, run_stats_pass
 from streamvec.ops.stats.sample import DEFAULT_SAMPLE, sampleable
 from streamvec.ops.stats.spectrum import Spectrum, SpectrumOptions, spectra
-
-DEFAULT_DENSITY = 0.2  # TIES' default top-k share
-DEFAULT_RESIDUAL = 0.01
 
 
 @dataclass(frozen=True)
