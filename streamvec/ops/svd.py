@@ -46,10 +46,7 @@ from streamvec.compute.linalg.rsvd import (
     sketch_width,
 )
 from streamvec.dtypes import dtype_name, is_float
-from streamvec.engine.execute import (  # the engine's headroom, so budgets agree
-    RUNTIME_OVERHEAD,
-    awaited_threads,
-)
+from streamvec.engine.execute import RUNTIME_OVERHEAD  # the engine's headroom: budgets agree
 from streamvec.engine.jobs import (
     DoneLog,
     JobPlan,
@@ -63,6 +60,7 @@ from streamvec.engine.jobs import (
     tensor_input_digests,
     write_job,
 )
+from streamvec.engine.schedule import awaited_threads
 from streamvec.engine.settings import Settings, distributed_client
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape

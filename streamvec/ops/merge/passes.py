@@ -25,7 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamvec.compute.kernel import upcast32
-from streamvec.engine.execute import execute_graph, plan_blocks
+from streamvec.engine.execute import plan_blocks
+from streamvec.engine.schedule import execute_graph
 from streamvec.engine.settings import Settings
 from streamvec.io.blocks import BlockReader, matrix_shape, read_block
 from streamvec.io.read_buffers import ReadBuffers

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from streamvec.engine.execute import execute_graph, plan_blocks
+from streamvec.engine.execute import plan_blocks
+from streamvec.engine.schedule import execute_graph
 from streamvec.io.blocks import matrix_shape
 from streamvec.memory import anon_bytes
 from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges
