@@ -153,3 +153,25 @@ def test_blocks_still_running_when_a_block_fails_finish_before_the_cleanup(
     assert run_cli(*argv) == 2
     assert wrote_after_abort and not any(wrote_after_abort)
     assert not out.exists() and _left(out) == []
+
+
+def test_svd_stopped_before_its_store_existed_resumes(
+    synth_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM after the job record was written but before the SVD store was created."""
+    import streamvec.ops.svd as svd
+
+    out = tmp_path / "f"
+    argv = ["svd", synth_family["a"], "--base", synth_family["base"], "-o", out, "--rank", "2"]
+    real = svd.Factorizer.__init__
+
+    def signal_then_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _sigterm_self()
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(svd.Factorizer, "__init__", signal_then_init)
+    assert run_cli(*argv, "-q") == 128 + signal.SIGTERM
+    assert _left(out) == [f".{out.name}.partial"]
+    monkeypatch.undo()
+    assert run_cli(*argv, "-q", "--resume") == 0
+    assert out.is_dir() and _left(out) == []

@@ -356,13 +356,17 @@ class SVDStoreWriter:
         self.path = Path(path)
         self._store = LocalStore(str(self.path))
         attrs = {**root_attrs, "format": 1, "kind": "svd"}
+        # A job stopped after its record was written but before its store was created has
+        # nothing to continue: start the store as new.
+        reopen = reopen and (self.path / "zarr.json").exists()
         if reopen:  # continuing an interrupted job: keep what it wrote, not its litter
             from streamvec.io.output import remove_stray_temporaries
 
             remove_stray_temporaries(self.path)
             self._root = zarr.open_group(self._store, mode="r+")
         else:
-            self._root = zarr.create_group(self._store, attributes={"streamvec": attrs})
+            with deferred():  # a half-written zarr.json could not be reopened by --resume
+                self._root = zarr.create_group(self._store, attributes={"streamvec": attrs})
 
     def factor_attrs(self, name: str) -> dict[str, Any] | None:
         """The SVD attrs of a factored tensor already written, or None for a dense one."""
