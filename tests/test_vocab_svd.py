@@ -189,3 +189,14 @@ def test_stats_vocab_refusals_name_a_flag_stats_takes(resized, qwen3, capsys) ->
     err = capsys.readouterr().err
     assert "--vocab base" in err and err.count("\n") == 1
     assert run_cli("stats", *terms, "--vocab", "base") == 0
+
+
+def test_api_vocab_from_the_run_settings_is_not_dropped(resized, tmp_path: Path) -> None:  # noqa: F811
+    """``svd(..., run=Settings(vocab="base"))``: the run's --vocab is honoured like the keyword."""
+    from streamvec.engine.settings import Settings
+    from streamvec.ops.svd import SVDOptions, svd
+
+    out = tmp_path / "f"
+    run = Settings(vocab="base", progress=False)
+    svd(resized["ft"], out, options=SVDOptions(rank=2), base=resized["base"], run=run)
+    assert (out / "zarr.json").exists()

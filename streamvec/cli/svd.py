@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from streamvec.cli.common import add_vocab_option, say
+from streamvec.cli.common import add_vocab_option, say, settings_of
 
 __all__ = ["add_parsers", "cmd_decompose", "cmd_lora", "cmd_merge_svd", "cmd_svd"]
 
@@ -67,13 +67,6 @@ def _options(args: argparse.Namespace, rank: int | None = None) -> Any:
     )
 
 
-def _run_options(args: argparse.Namespace) -> Any:
-    # The settings, checked by streamvec.cli.main.main against what the command supports.
-    from streamvec.cli.common import settings_of
-
-    return settings_of(args)
-
-
 def cmd_svd(args: argparse.Namespace) -> int:
     """``streamvec svd``: truncated SVD of every matrix into an SVD store."""
     from streamvec.ops.svd import svd
@@ -85,7 +78,7 @@ def cmd_svd(args: argparse.Namespace) -> int:
         base=args.base,
         include=args.include,
         exclude=args.exclude,
-        run=_run_options(args),
+        run=settings_of(args),
         vocab=args.vocab,
     )
     say(args, report.summary())
@@ -117,7 +110,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
         task_type=None if args.task_type == "none" else args.task_type,
         include=args.include,
         exclude=args.exclude,
-        run=_run_options(args),
+        run=settings_of(args),
         strict=args.strict,
     )
     say(args, report.summary())
@@ -136,7 +129,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         base=args.base,
         include=args.include,
         exclude=args.exclude,
-        run=_run_options(args),
+        run=settings_of(args),
         vocab=args.vocab,
     )
     say(args, report.summary())
@@ -159,7 +152,7 @@ def cmd_merge_svd(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         dtype=args.dtype,
         shard_size=args.shard_size,
-        run=_run_options(args),
+        run=settings_of(args),
     )
     say(args, report.summary())
     return 0

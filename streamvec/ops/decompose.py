@@ -193,6 +193,7 @@ def decompose(
     run = run or RunOptions()
     # the same check as the CLI's: a setting this command cannot honour is refused
     check_settings("decompose", run)
+    vocab = vocab if vocab is not None else run.vocab  # the keyword, or the run's --vocab
     if len(terms) < 2:
         raise StreamvecError("decompose needs at least two task vectors (TV1 TV2 ...)")
     if not 0.0 < threshold <= 1.0:

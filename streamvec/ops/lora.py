@@ -328,7 +328,7 @@ def lora(
             include=include,
             exclude=exclude,
             base_for_stores="ignore",
-            strict=strict,
+            strict=strict or run.strict,  # the keyword, or the run's --strict
             vocab=run.vocab,
         )
         tv = spec.weight * tau if tv is None else tv + spec.weight * tau

@@ -652,6 +652,7 @@ def svd(
     started = time.perf_counter()
     run = run or RunOptions()
     check_settings("svd", run)  # the same check as the CLI's
+    vocab = vocab if vocab is not None else run.vocab  # the keyword, or the run's --vocab
     tv = task_vector_of(
         source, base, include=include, exclude=exclude, vocab=vocab, strict=run.strict
     )
