@@ -17,11 +17,9 @@ from streamvec.ops.merge.method import RunSettings
 from streamvec.ops.merge.params import ParamSpec
 from streamvec.ops.merge.recipe import MergeRequest
 
-SVD_PARAMS = (
-    ParamSpec("lambda", float, 1.0, "global", "scale alpha of the merged task vector"),
-    ParamSpec(
-        "rank", int, None, "global", "rank budget K per matrix (default: full rank min(m, n))"
-    ),
+# The randomized SVD's own parameters, shared by every method that factors (tsv, iso_c,
+# shared_unique).
+RSVD_PARAMS = (
     ParamSpec("oversample", int, 10, "global", "extra random probes of the randomized SVD"),
     ParamSpec(
         "power_iters",
@@ -30,6 +28,14 @@ SVD_PARAMS = (
         "global",
         "subspace iterations of the randomized SVD (default: chosen per matrix)",
     ),
+)
+
+SVD_PARAMS = (
+    ParamSpec("lambda", float, 1.0, "global", "scale alpha of the merged task vector"),
+    ParamSpec(
+        "rank", int, None, "global", "rank budget K per matrix (default: full rank min(m, n))"
+    ),
+    *RSVD_PARAMS,
 )
 
 

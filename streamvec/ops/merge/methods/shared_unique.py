@@ -14,12 +14,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from streamvec.compute.linalg.rsvd import DEFAULT_POWER_ITERS
 from streamvec.dtypes import dtype_name
 from streamvec.errors import StreamvecError
 from streamvec.ops.merge.method import MergeMethod, RunSettings
 from streamvec.ops.merge.params import ParamSpec
 from streamvec.ops.merge.recipe import MergeRequest
+from streamvec.ops.merge.svd_bridge import RSVD_PARAMS
 from streamvec.signals import deferred
 
 PARAMS = (
@@ -28,14 +28,7 @@ PARAMS = (
     ParamSpec("lambda", float, 1.0, "global", "scale of the merged task vector"),
     ParamSpec("rank", int, 16, "global", "top singular subspace of each task, per matrix"),
     ParamSpec("threshold", float, 0.85, "global", "eigenvalue cut for common directions"),
-    ParamSpec("oversample", int, 10, "global", "extra random probes of the randomized SVD"),
-    ParamSpec(
-        "power_iters",
-        int,
-        DEFAULT_POWER_ITERS,
-        "global",
-        "subspace iterations of the randomized SVD (default: chosen per matrix)",
-    ),
+    *RSVD_PARAMS,
 )
 
 
