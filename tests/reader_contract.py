@@ -24,6 +24,7 @@ them. To add an implementation, subclass :class:`ReaderTests` in
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Callable
@@ -126,7 +127,7 @@ def splits(rows: int) -> list[list[tuple[int, int]]]:
         out.append([(r, min(rows, r + step)) for r in range(0, rows, step)])
     rng = np.random.default_rng(rows)
     cuts = sorted({0, rows, *rng.integers(0, rows + 1, size=min(rows, 5)).tolist()})
-    out.append(list(zip(cuts[:-1], cuts[1:], strict=True)))
+    out.append(list(itertools.pairwise(cuts)))
     return [s for s in out if s]
 
 

@@ -1,0 +1,190 @@
+"""The sink contract (tests/sink_contract.py) run against every sink, as the engine uses each.
+
+Inputs are a tiny bf16 Llama saved by transformers (a base and a fine-tune) and a small FP8
+pair in the DeepSeek-V3 block layout (tests/test_quantized.py); outputs are read back by the
+real consumers: zarr for stores, transformers ``from_pretrained`` for models, and
+``safetensors.safe_open`` with torch's dequantization for FP8 shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from safetensors import safe_open
+
+import streamvec as sv
+from streamvec.engine.sinks import SafetensorsSink, ZarrSink
+from streamvec.io.companions import companions_for
+from streamvec.model.algebra import Model
+from streamvec.names import encode_array_path
+from streamvec.units import parse_size
+
+from .conftest import BF16, tiny_llama_config
+from .sink_contract import SinkCase, SinkTests
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SHARD_SIZE = "20kB"
+BLOCK_SIZE = "2kB"  # a few blocks per tensor when the engine plans them
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny bf16 Llama (untied head) and a fine-tune of it, saved by transformers."""
+    root = tmp_path_factory.mktemp("sink-llama")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False))
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(root / "base")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((0.01 * torch.randn(p.shape, generator=gen)).to(p.dtype))
+    model.save_pretrained(root / "ft")
+    return {"base": root / "base", "ft": root / "ft"}
+
+
+STORE_TENSORS = [
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.k_proj.weight",
+    "model.norm.weight",
+]
+
+
+def _rows(block: int) -> Any:
+    return lambda t: block
+
+
+def _load_store(model: Model) -> Any:
+    def load(out: Path) -> dict[str, np.ndarray]:
+        got = {}
+        for name, t in model.resolved().tensors.items():
+            data = zarr.open_array(str(out), path=encode_array_path(name), mode="r")[...]
+            if t.dtype == BF16:
+                data = data.view(BF16)  # zarr has no bfloat16: the bits are stored as uint16
+            got[name] = data
+        return got
+
+    return load
+
+
+class TestZarrSink(SinkTests):
+    """Task vectors in a Zarr store: float32 with lz4, bfloat16 (uint16 bits) uncompressed."""
+
+    @pytest.fixture(params=[("lz4", "float32"), ("none", "bfloat16")], ids=["lz4-f32", "raw-bf16"])
+    def case(self, request: pytest.FixtureRequest, llama: dict[str, Path]) -> SinkCase:
+        compression, dtype = request.param
+        # A few tensors (2-d, 1-d; rows not a multiple of the blocks): zarr's per-array
+        # metadata makes each tensor cost more than the bytes.
+        ft, base = (sv.open(llama[k], include=STORE_TENSORS) for k in ("ft", "base"))
+        model = (ft - base).astype(dtype)
+        return SinkCase(
+            model,
+            lambda: ZarrSink(compression),
+            _load_store(model),
+            _rows(5),
+            {"format": "zarr", "compression": compression, "block_size": BLOCK_SIZE},
+        )
+
+
+def _load_transformers(out: Path) -> dict[str, np.ndarray]:
+    loaded = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    return {k: v.float().numpy().astype(BF16) for k, v in loaded.state_dict().items()}
+
+
+class TestSafetensorsSink(SinkTests):
+    """An edited model as sharded safetensors with the base's config, loaded by transformers."""
+
+    @pytest.fixture
+    def case(self, llama: dict[str, Path]) -> SinkCase:
+        base = sv.open(llama["base"])
+        model = base + 0.5 * (sv.open(llama["ft"]) - base)
+
+        def make() -> SafetensorsSink:
+            companions = companions_for(model.anchor(), model.resolved().vocab)
+            return SafetensorsSink(parse_size(SHARD_SIZE), companions=companions)
+
+        return SinkCase(
+            model,
+            make,
+            _load_transformers,
+            _rows(5),
+            {"format": "safetensors", "shard_size": SHARD_SIZE, "block_size": BLOCK_SIZE},
+        )
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from .test_quantized import make_pair
+
+    # 260 rows: three 128-row scale tiles, the last short.
+    return make_pair(tmp_path_factory.mktemp("sink-fp8"), "block", "e4m3", shape=(260, 40))
+
+
+def _load_fp8(model: Model) -> Any:
+    from .test_quantized import dequantize
+
+    def load(out: Path) -> dict[str, np.ndarray]:
+        stored = {}
+        for f in sorted(out.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                stored |= {k: h.get_tensor(k) for k in h.keys()}
+        got = {}
+        for name, t in model.resolved().tensors.items():
+            scheme = t.requantize
+            if scheme is None:
+                got[name] = stored[name].numpy()
+            else:
+                # What transformers computes: the 8-bit value times its tile's scale, float32.
+                got[name] = dequantize(stored[name], stored[scheme.scale_name]).astype(np.float32)
+        return got
+
+    return load
+
+
+class TestFp8SafetensorsSink(SinkTests):
+    """An FP8 model kept in the base's format: weights re-quantized with fresh block scales."""
+
+    @pytest.fixture
+    def case(self, fp8_pair: dict) -> SinkCase:
+        base = sv.open(fp8_pair["base"])
+        model = base + 0.5 * (sv.open(fp8_pair["ft"]) - base)
+        assert any(t.requantize is not None for t in model.resolved().tensors.values())
+
+        def make() -> SafetensorsSink:
+            companions = companions_for(model.anchor(), model.resolved().vocab)
+            return SafetensorsSink(parse_size(SHARD_SIZE), companions=companions)
+
+        def rows(t: Any) -> int:
+            # Blocks start on scale tiles (the engine aligns them the same way).
+            return t.requantize.row_align if t.requantize is not None else 7
+
+        return SinkCase(
+            model,
+            make,
+            _load_fp8(model),
+            rows,
+            {"format": "safetensors", "shard_size": SHARD_SIZE, "block_size": BLOCK_SIZE},
+        )
+
+
+def test_every_sink_class_has_a_contract_suite() -> None:
+    """A sink class added to engine/sinks.py must get a suite here (see tests/sink_contract.py)."""
+    import inspect
+
+    import streamvec.engine.sinks as sinks
+
+    found = {
+        c
+        for c in vars(sinks).values()
+        if inspect.isclass(c)
+        and c.__module__ == sinks.__name__
+        and callable(getattr(c, "prepare", None))
+        and not getattr(c, "_is_protocol", False)
+    }
+    assert found == {ZarrSink, SafetensorsSink}
