@@ -41,6 +41,8 @@ from streamvec.model.tensor import row_ranges
 from streamvec.tools.verify import verify
 from streamvec.version import __version__
 
+from .faults import snapshot
+
 
 @dataclass
 class SinkCase:
@@ -236,11 +238,15 @@ class SinkTests:
         self, case: SinkCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         out = tmp_path / "out"
+        inputs = [Path(s.label) for s in case.model.sources()]
+        before = snapshot(*inputs)
         full = OSError(errno.ENOSPC, "No space left on device")
         FailingWriters(monkeypatch, type(case.make()), 3, full)
-        with pytest.raises(OutputError):
+        with pytest.raises(OutputError) as info:
             run(case.model, out, **ENGINE, **case.run_options)
-        assert sorted(p.name for p in tmp_path.iterdir()) == []
+        assert "\n" not in str(info.value) and "space" in str(info.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no partial, no lock
+        assert snapshot(*inputs) == before
 
     def test_resume_after_an_interruption_gives_identical_bytes(
         self, case: SinkCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -197,9 +197,10 @@ class TestFp8Reader(ReaderTests):
         copy = copy_tree(pair["base"], tmp_path / "base")
         reader = open_source(copy).tensors[name].reader
         assert isinstance(reader, Fp8Reader)
-        state = pair["base_state"]
-        scale_name = next(k for k in state if k != name and k.startswith(name[: -len("weight")]))
-        want = dequantize(state[name], state[scale_name])
+        with safe_open(str(copy / WEIGHTS), framework="pt") as f:
+            prefix = name.removesuffix("weight")
+            scale_name = next(k for k in f.keys() if k != name and k.startswith(prefix))
+            want = dequantize(f.get_tensor(name), f.get_tensor(scale_name))
         return ReaderCase(
             reader,
             want,
@@ -252,8 +253,8 @@ class TestLoraProductReader(ReaderTests):
         _, lora, base_src, src = _adapter_sources(adapter, tmp_path)
         reader = src.tensors[f"{module}.weight"].reader
         if isinstance(reader, SumReader):
-            # The tiny Llama ties lm_head to the embedding: the adapter's whole lm_head is
-            # added to the embedding's product; the product is the reader under test here.
+            # PEFT also saves a targeted embedding whole (save_embedding_layers), read as its
+            # difference from the base added to the product; the product is under test here.
             reader = reader.model
         assert isinstance(reader, LoraProductReader)
         want = _float64_tau(lora, module, transpose, LORA_ALPHA / LORA_R)
