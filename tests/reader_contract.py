@@ -10,6 +10,7 @@ tensor. The contract:
   moves bytes; within the case's tolerance where it computes, e.g. ``U S Vh`` or ``B @ A``);
 - any row split gives the same bytes as one read, and reads from several threads at once
   give the same bytes as one thread;
+- a reader survives pickling (it is shipped to worker processes) and is hashable;
 - every read has the declared dtype and ``(r1 - r0, cols)`` shape; empty ranges (and tensors
   with zero rows) read as empty arrays; the last, partial block is read like the others; a
   range outside the tensor is an error, never data;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -202,6 +204,14 @@ class ReaderTests:
             got = list(pool.map(lambda rr: case.reader.read(*rr).tobytes(), ranges))
         for (r0, r1), data in zip(ranges, got, strict=True):
             assert data == whole[r0:r1].tobytes(), (r0, r1)
+
+    def test_picklable_and_hashable(self, case: ReaderCase) -> None:
+        # Readers travel to worker processes and dask.distributed workers: paths and
+        # offsets, never an open handle or a map.
+        copy = pickle.loads(pickle.dumps(case.reader))
+        rows, _ = matrix_shape(case.shape)
+        assert copy.read(0, rows).tobytes() == self.whole(case).tobytes()
+        hash(case.reader)
 
     @pytest.mark.parametrize("damage", sorted(DAMAGE))
     def test_a_damaged_file_is_an_error_naming_it(self, case: ReaderCase, damage: str) -> None:

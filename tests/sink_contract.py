@@ -6,7 +6,8 @@ per way the engine configures it) supplies a ``case`` fixture: a lazy model to w
 make the sink, and how the real consumer of that format loads the result (zarr,
 ``safetensors.safe_open``, transformers ``from_pretrained``). The contract:
 
-- blocks written in any order (forward, backward, shuffled) give byte-identical files;
+- blocks written in any order (forward, backward, shuffled), or by the engine from several
+  threads at once, give byte-identical files;
 - the output loads back with the real consumer equal to the blocks that were written (after
   the writer: a lossy writer says, in the block, what it stored);
 - ``streamvec verify`` passes on it;
@@ -233,6 +234,14 @@ class SinkTests:
         written |= write_blocks(second, blocks[half:])
         finish(second, case, plan, written)
         assert_same_tree(tmp_path / "whole", out)
+
+    def test_blocks_written_by_several_threads_give_the_same_files(
+        self, case: SinkCase, tmp_path: Path
+    ) -> None:
+        run(case.model, tmp_path / "sync", **ENGINE, **case.run_options)
+        threads = ENGINE | {"scheduler": "threads", "workers": 4}
+        run(case.model, tmp_path / "threads", **threads, **case.run_options)
+        assert_same_tree(tmp_path / "sync", tmp_path / "threads")
 
     def test_a_failure_mid_way_leaves_nothing(
         self, case: SinkCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
