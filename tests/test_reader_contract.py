@@ -49,6 +49,7 @@ def _tensors(seed: int) -> dict[str, np.ndarray]:
         "norm.f32": f(9),
         "scale.f32": f(),
         "empty.f32": f(0, 4),
+        "nocols.f32": f(3, 0),
         # Integer and bool buffers are the same in every checkpoint, as in real fine-tunes.
         "ids.i64": np.arange(12, dtype=np.int64).reshape(2, 6),
         "mask.bool": np.eye(4, dtype=bool),
@@ -123,6 +124,7 @@ ZARR_CASES = [
     ("float32", "norm.f32"),
     ("float32", "scale.f32"),
     ("float32", "empty.f32"),
+    ("float32", "nocols.f32"),
     ("bfloat16", "w.bf16"),
     ("float16", "w.f16"),
 ]
