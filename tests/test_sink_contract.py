@@ -24,7 +24,7 @@ from streamvec.model.algebra import Model
 from streamvec.names import encode_array_path
 from streamvec.units import parse_size
 
-from .conftest import BF16, tiny_llama_config
+from .conftest import BF16, finetune_of, mixed_tensors, tiny_llama_config, write_checkpoint
 from .sink_contract import SinkCase, SinkTests
 
 torch = pytest.importorskip("torch")
@@ -57,6 +57,28 @@ STORE_TENSORS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every geometry: 0-d, 1-d, 4-d, zero rows, zero columns, a '/' name, an int buffer."""
+    root = tmp_path_factory.mktemp("sink-mixed")
+    base = mixed_tensors(0, np.dtype(np.float32)) | {
+        "model.empty": np.zeros((0, 4), np.float32),
+        "model.flat": np.zeros((3, 0), np.float32),
+    }
+    return {
+        "base": write_checkpoint(root / "base", base),
+        "ft": write_checkpoint(root / "ft", finetune_of(base, 1)),
+    }
+
+
+def _load_safetensors(out: Path) -> dict[str, np.ndarray]:
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), framework="np") as h:
+            got |= {k: h.get_tensor(k) for k in h.keys()}
+    return got
+
+
 def _rows(block: int) -> Any:
     return lambda t: block
 
@@ -72,6 +94,37 @@ def _load_store(model: Model) -> Any:
         return got
 
     return load
+
+
+class TestZarrSinkMixed(SinkTests):
+    """A task vector of tensors of every geometry (int buffers are left out of it)."""
+
+    @pytest.fixture
+    def case(self, mixed: dict[str, Path]) -> SinkCase:
+        model = sv.open(mixed["ft"]) - sv.open(mixed["base"])
+        return SinkCase(
+            model,
+            ZarrSink,
+            _load_store(model),
+            _rows(5),
+            {"format": "zarr", "block_size": "256B"},
+        )
+
+
+class TestSafetensorsSinkMixed(SinkTests):
+    """A model of tensors of every geometry (the int buffer passed through from the base)."""
+
+    @pytest.fixture
+    def case(self, mixed: dict[str, Path]) -> SinkCase:
+        base = sv.open(mixed["base"])
+        model = base + 0.5 * (sv.open(mixed["ft"]) - base)
+        return SinkCase(
+            model,
+            lambda: SafetensorsSink(parse_size("4kB")),
+            _load_safetensors,
+            _rows(5),
+            {"format": "safetensors", "shard_size": "4kB", "block_size": "256B"},
+        )
 
 
 class TestZarrSink(SinkTests):
