@@ -97,9 +97,12 @@ def blocks_of(plan: list[PlannedTensor]) -> list[Block]:
 def write_blocks(sink: Sink, blocks: list[Block]) -> dict[tuple[str, int], np.ndarray]:
     """Compute and write ``blocks`` in the order given; the blocks as stored, by (name, r0)."""
     written = {}
+    writers: dict[str, Any] = {}  # one per tensor, as the engine asks (some cost a pass)
     for p, r0, r1 in blocks:
         block = p.tensor.read_rows(r0, r1)
-        sink.writer(p.tensor.name).write(r0, block)  # a lossy writer rewrites ``block``
+        if p.tensor.name not in writers:
+            writers[p.tensor.name] = sink.writer(p.tensor.name)
+        writers[p.tensor.name].write(r0, block)  # a lossy writer rewrites ``block``
         written[(p.tensor.name, r0)] = block
     return written
 
