@@ -338,3 +338,14 @@ class TestSVDStoreWriter:
         _write_svd(stopped, self.NAMES[2:], reopen=True)
         SVDStoreWriter(stopped, {}, reopen=True).finish()
         assert_same_tree(whole, stopped)
+
+    def test_reopened_before_the_store_existed_starts_it(self, tmp_path: Path) -> None:
+        """A job stopped between its record and the store's creation: reopen starts anew."""
+        from streamvec.io.zarr.lowrank import SVDStoreWriter
+
+        from .sink_contract import assert_same_tree
+
+        whole = self._finished(tmp_path / "whole", self.NAMES)
+        _write_svd(tmp_path / "late", self.NAMES, reopen=True)
+        SVDStoreWriter(tmp_path / "late", {}, reopen=True).finish()
+        assert_same_tree(whole, tmp_path / "late")
