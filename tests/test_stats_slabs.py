@@ -8,14 +8,16 @@ every slab and sum is checked against the tensors loaded whole by the safetensor
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
+from streamvec.errors import InputChangedError
 from streamvec.io.blocks import matrix_shape
-from streamvec.ops.stats import fused
+from streamvec.ops.stats import fused, slabs
 from streamvec.ops.stats.fused import FusedStat
 from streamvec.ops.stats.inputs import open_inputs
 from streamvec.ops.stats.slabs import SlabReader
@@ -89,3 +91,34 @@ def test_block_sums_over_several_slabs_match_float64(ckpts, terms) -> None:
     want_both = np.array([[int((a & b).sum()) for b in tops] for a in tops])
     assert got.top_both is not None
     np.testing.assert_array_equal(got.top_both, want_both)
+
+
+@pytest.mark.parametrize("span", [True, False])
+def test_sampled_runs_equal_the_whole_tensor(ckpts, monkeypatch, span) -> None:
+    """Runs read with one pread of their span, or one pread each, are the tensor's."""
+    monkeypatch.setattr(slabs, "SPAN_BYTES", 1 << 30 if span else 0)
+    t = open_inputs([ckpts["f16"]], base=ckpts["base"]).tensors[0]
+    starts = np.sort(np.random.default_rng(3).choice(SHAPE[0] * SHAPE[1] - 32, 97, replace=False))
+    for r in t.readers:
+        want = whole(Path(r.path).parent)  # type: ignore[attr-defined]
+        got = slabs.read_runs(r, starts, 32)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(got, want[starts[:, None] + np.arange(32)])
+
+
+@pytest.mark.parametrize("span", [True, False])
+def test_sampled_runs_of_a_truncated_file_are_an_error(ckpts, tmp_path, monkeypatch, span) -> None:
+    import shutil
+
+    monkeypatch.setattr(slabs, "SPAN_BYTES", 1 << 30 if span else 0)
+    src = tmp_path / "ft"
+    shutil.copytree(ckpts["bf16"], src)
+    t = open_inputs([src], base=ckpts["base"]).tensors[0]
+    r = next(r for r in t.readers if Path(r.path).parent == src)  # type: ignore[attr-defined]
+    starts = np.array([0, 1000, SHAPE[0] * SHAPE[1] - 32])
+    with open(r.path, "r+b") as f:  # type: ignore[attr-defined]
+        f.truncate(r.offset + 2000)  # type: ignore[attr-defined]
+    with pytest.raises(InputChangedError, match="ft/model.safetensors"):
+        slabs.read_runs(r, starts, 32)  # type: ignore[arg-type]
+    r2 = replace(r, stamp=None)  # no stamp to compare: the short read is what says it
+    with pytest.raises(InputChangedError, match="ended while reading"):
+        slabs.read_runs(r2, starts, 32)  # type: ignore[arg-type]

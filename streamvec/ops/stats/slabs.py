@@ -54,19 +54,7 @@ class _Pread:
 
     def fill(self, s0: int, s1: int, dest: np.ndarray) -> None:
         """``pread`` the raw elements ``[s0, s1)`` of the block into ``dest``."""
-        size = self.reader.dtype.itemsize
-        buf = dest.view(np.uint8)
-        got = 0
-        while got < buf.size:
-            n = os.preadv(self.fd, [buf[got:].data], self.start + s0 * size + got)
-            if n == 0:
-                check_stamp(self.reader.path, self.reader.stamp, os.fstat(self.fd))
-                raise InputChangedError(
-                    f"{self.reader.path}: ended while reading tensor data at byte "
-                    f"{self.start + s0 * size + got}; the file is damaged or changed during "
-                    "the run"
-                )
-            got += n
+        pread_into(self.fd, self.reader, dest, self.start + s0 * self.reader.dtype.itemsize)
 
     def load(self, s0: int, s1: int, out: np.ndarray) -> np.ndarray:
         w = s1 - s0
@@ -85,6 +73,33 @@ class _Pread:
         check_stamp(self.reader.path, self.reader.stamp, os.fstat(self.fd))
 
 
+def pread_into(fd: int, reader: SafetensorsReader, dest: np.ndarray, pos: int) -> None:
+    """Fill ``dest`` (contiguous) from byte ``pos`` of ``reader``'s open file ``fd``.
+
+    Raises:
+        InputChangedError: the file ended first (checked against the reader's stamp, so a
+            file replaced or truncated during the run is named as such).
+    """
+    buf = dest.view(np.uint8).reshape(-1)
+    got = 0
+    while got < buf.size:
+        n = os.preadv(fd, [buf[got:].data], pos + got)
+        if n == 0:
+            check_stamp(reader.path, reader.stamp, os.fstat(fd))
+            raise InputChangedError(
+                f"{reader.path}: ended while reading tensor data at byte {pos + got}; the "
+                "file is damaged or changed during the run"
+            )
+        got += n
+
+
+# Runs spread over at most this many bytes are read with one pread of the whole span: 512
+# scattered preads cost ~1.5 us each from Python, one pread ~0.06 ms per MB (measured:
+# 3-7x cheaper for spans of 1.5-4.7 MB, about even at 12 MB). A transient buffer, below
+# the default block.
+SPAN_BYTES = 8 << 20
+
+
 def read_runs(reader: SafetensorsReader, starts: np.ndarray, run: int) -> np.ndarray:
     """``(len(starts), run)`` float32: runs of ``run`` flat elements at each of ``starts``.
 
@@ -97,18 +112,21 @@ def read_runs(reader: SafetensorsReader, starts: np.ndarray, run: int) -> np.nda
         The runs, upcast.
     """
     size = reader.dtype.itemsize
-    raw = np.empty((len(starts), run), reader.dtype)
-    rows = raw.view(np.uint8).reshape(len(starts), run * size)
+    first, end = int(starts.min()), int(starts.max()) + run
     fd = os.open(reader.path, os.O_RDONLY)
     try:
         check_stamp(reader.path, reader.stamp, os.fstat(fd))
-        for j, s in enumerate((starts * size + reader.offset).tolist()):
-            if os.preadv(fd, [rows[j].data], s) != rows.shape[1]:
-                check_stamp(reader.path, reader.stamp, os.fstat(fd))
-                raise InputChangedError(
-                    f"{reader.path}: ended while reading tensor data at byte {s}; the file "
-                    "is damaged or changed during the run"
-                )
+        if (end - first) * size <= SPAN_BYTES:
+            span = np.empty(end - first, reader.dtype)
+            pread_into(fd, reader, span, reader.offset + first * size)
+            raw = span[(starts - first)[:, None] + np.arange(run)]  # (runs, run)
+        else:
+            raw = np.empty((len(starts), run), reader.dtype)
+            view = raw.view(np.uint8).reshape(-1).data  # slices: no numpy per run
+            step = run * size
+            for j, s in enumerate((starts * size + reader.offset).tolist()):
+                if os.preadv(fd, [view[j * step : (j + 1) * step]], s) != step:
+                    pread_into(fd, reader, raw[j], s)  # short read: retry, or say why
         check_stamp(reader.path, reader.stamp, os.fstat(fd))
     finally:
         os.close(fd)
