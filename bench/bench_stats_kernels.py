@@ -1,6 +1,6 @@
 """Where the per-element time of ``streamvec stats`` goes, and what other kernels would buy.
 
-Four measurements on a base and fine-tune(s) (``streamvec synth``), each printing figures
+Measurements on a base and fine-tune(s) (``streamvec synth``), each printing figures
 measured side by side in one run, in interleaved rounds:
 
 - ``ops``: the numpy slab loop of :mod:`streamvec.ops.stats.fused` taken apart call by call
@@ -13,6 +13,8 @@ measured side by side in one run, in interleaved rounds:
 - ``jit``: the cost numba adds to each run (import, loading the cached kernel, first call),
   in fresh processes, the first without numba's cache (compiling);
 - ``slabs``: ``sv.stats`` on one thread with slabs of 2^14 to 2^18 elements per operand;
+- ``gil``: whether each numpy call of the loop releases the GIL (a Python loop in the main
+  thread stalls for the whole of a call that holds it);
 - ``overlap``: the slab loop on 8 tensors in one thread, then in two, with a control (BLAS
   ``ddot`` in two threads, which releases the GIL): whether the two workers run at once.
 
@@ -338,6 +340,49 @@ def slabs(args: argparse.Namespace) -> None:
         _interleave(variants, args.rounds, "one thread (scheduler sync)")
 
 
+def gil(args: argparse.Namespace) -> None:
+    """Whether each numpy call of the slab loop releases the GIL: while a worker runs one long
+    call, the longest stall of a Python loop in the main thread. A call that holds the GIL
+    stalls it for the whole call; one that releases it, for a time slice of the OS at most."""
+    import threading
+
+    n = 1 << 26
+    u = np.random.default_rng(0).integers(0, 2**31, n, dtype=np.uint32)
+    f = np.where(np.isnan(u.view(np.float32)), 0, u.view(np.float32)).astype(np.float32)
+    d, o32, ob, om = np.ones(n // 2), np.empty(n, np.float32), np.empty(n, np.uint32), f > 0
+    calls: dict[str, Callable[[], object]] = {
+        "sum(range) (holds the GIL)": lambda: sum(range(3 * 10**6)),
+        "subtract": lambda: np.subtract(f, f, out=o32),
+        "bitwise_and": lambda: np.bitwise_and(u, _ABS, out=ob),
+        "max": lambda: u.max(),
+        "count_nonzero (uint32)": lambda: np.count_nonzero(u),
+        "count_nonzero (bool)": lambda: np.count_nonzero(om),
+        "copyto float32 -> float64": lambda: np.copyto(d, f[: n // 2]),
+        "dot (float64)": lambda: np.dot(d, d),
+        "greater_equal": lambda: np.greater_equal(u, np.uint32(5), out=om),
+        "left_shift": lambda: np.left_shift(u, np.uint32(16), out=ob),
+    }
+    print(f"{'call':<28} {'call ms':>8} {'stall ms':>9}  (load {os.getloadavg()[0]:.1f})")
+    with limit_blas_threads(1):
+        for name, fn in calls.items():
+            fn()
+            took: list[float] = []
+
+            def work(fn: Callable[[], object] = fn, took: list[float] = took) -> None:
+                s = time.perf_counter()
+                fn()
+                took.append(time.perf_counter() - s)
+
+            th = threading.Thread(target=work)
+            last, stall = time.perf_counter(), 0.0
+            th.start()
+            while th.is_alive():
+                now = time.perf_counter()
+                stall, last = max(stall, now - last), now
+            th.join()
+            print(f"{name:<28} {took[0] * 1e3:8.1f} {stall * 1e3:9.1f}")
+
+
 def _interleave(variants: dict[str, Callable[[], object]], rounds: int, what: str) -> None:
     first = next(iter(variants.values()))
     first()  # warm up (page cache, imports)
@@ -364,14 +409,15 @@ def _interleave(variants: dict[str, Callable[[], object]], rounds: int, what: st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("what", choices=("ops", "e2e", "jit", "slabs", "overlap"))
+    p.add_argument("what", choices=("ops", "e2e", "jit", "slabs", "overlap", "gil"))
     p.add_argument("base", type=Path)
     p.add_argument("fts", type=Path, nargs="+")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--tensor", default="model.layers.0.mlp.gate_proj.weight")
     args = p.parse_args()
-    {"ops": ops, "e2e": e2e, "jit": jit, "slabs": slabs, "overlap": overlap}[args.what](args)
+    modes = {"ops": ops, "e2e": e2e, "jit": jit, "slabs": slabs, "overlap": overlap, "gil": gil}
+    modes[args.what](args)
 
 
 if __name__ == "__main__":
