@@ -13,6 +13,7 @@ measured side by side in one run, in interleaved rounds:
 - ``jit``: the cost numba adds to each run (import, loading the cached kernel, first call),
   in fresh processes, the first without numba's cache (compiling);
 - ``slabs``: ``sv.stats`` on one thread with slabs of 2^14 to 2^18 elements per operand;
+- ``glue``: CPU per slab at 64-element slabs (the fixed cost of a slab) and at 64K;
 - ``gil``: whether each numpy call of the loop releases the GIL (a Python loop in the main
   thread stalls for the whole of a call that holds it);
 - ``overlap``: the slab loop on 8 tensors in one thread, then in two, with a control (BLAS
@@ -27,6 +28,7 @@ environment that has it (see ``bench/stats_numba_kernel.py``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import statistics
@@ -340,6 +342,28 @@ def slabs(args: argparse.Namespace) -> None:
         _interleave(variants, args.rounds, "one thread (scheduler sync)")
 
 
+def glue(args: argparse.Namespace) -> None:
+    """CPU per slab of the slab loop at 64-element slabs (its fixed cost: Python and the calls'
+    own overhead) and at the default 64K, on one MLP matrix, one thread."""
+    t = _tensor(args)
+    rows, cols = matrix_shape(t.shape)
+    thr = np.full(len(t.coefs), np.float32(1e-3).view(np.uint32), np.uint32)
+    stat, default = fused.FusedStat(t.shape, t.readers, t.coefs, t.base), fused.SLAB
+    with limit_blas_threads(1):
+        for slab, r1 in ((64, 64), (default, rows)):
+            fused.SLAB = slab
+            try:
+                best = math.inf
+                for _ in range(args.rounds):
+                    c = time.thread_time()
+                    stat(0, r1, thr)
+                    best = min(best, time.thread_time() - c)
+            finally:
+                fused.SLAB = default
+            n = r1 * cols // slab
+            print(f"slab {slab}: {best / n * 1e6:.1f} us CPU per slab ({n} slabs, fastest round)")
+
+
 def gil(args: argparse.Namespace) -> None:
     """Whether each numpy call of the slab loop releases the GIL: while a worker runs one long
     call, the longest stall of a Python loop in the main thread. A call that holds the GIL
@@ -409,14 +433,15 @@ def _interleave(variants: dict[str, Callable[[], object]], rounds: int, what: st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("what", choices=("ops", "e2e", "jit", "slabs", "overlap", "gil"))
+    p.add_argument("what", choices=("ops", "e2e", "jit", "slabs", "glue", "gil", "overlap"))
     p.add_argument("base", type=Path)
     p.add_argument("fts", type=Path, nargs="+")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--tensor", default="model.layers.0.mlp.gate_proj.weight")
     args = p.parse_args()
-    modes = {"ops": ops, "e2e": e2e, "jit": jit, "slabs": slabs, "overlap": overlap, "gil": gil}
+    modes = {"ops": ops, "e2e": e2e, "jit": jit, "slabs": slabs, "glue": glue, "gil": gil}
+    modes["overlap"] = overlap
     modes[args.what](args)
 
 
