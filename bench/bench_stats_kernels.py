@@ -8,6 +8,8 @@ measured side by side in one run, in interleaved rounds:
   thread's CPU time, each step's fastest round); the same
   operations in torch; and, when numba is importable, the fused numba kernel of
   ``bench/stats_numba_kernel.py`` on the same slabs;
+- ``alternatives``: other numpy routes to the float64 sums (BLAS ``dsdot``, ``einsum``,
+  ``vecdot``, ...) and to the bf16 widening, with the error of each sum;
 - ``e2e``: ``sv.stats`` with the numpy slab loop against the same pass with the numba kernel
   swapped in (bf16 inputs), next to ``cat`` of the inputs; figures are checked equal first;
 - ``jit``: the cost numba adds to each run (import, loading the cached kernel, first call),
@@ -342,6 +344,58 @@ def slabs(args: argparse.Namespace) -> None:
         _interleave(variants, args.rounds, "one thread (scheduler sync)")
 
 
+def alternatives(args: argparse.Namespace) -> None:
+    """Other ways to the float64 sums and the widening, on one 64K slab (one thread): CPU ns
+    per element, fastest of 5 rounds, and how far each sum is from the exact one."""
+    import ctypes
+    import glob
+
+    w = fused.SLAB
+    rng = np.random.default_rng(0)
+    raw = (rng.standard_normal(w).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    t = rng.standard_normal(w).astype(np.float32) * np.float32(1e-3)
+    x, wide = np.empty(w), np.empty(w, np.uint32)
+    exact = math.fsum((t.astype(np.float64) ** 2).tolist())  # products exact in float64
+    found = glob.glob(os.path.dirname(np.__file__) + ".libs/libscipy_openblas64_*.so")
+    dsdot = None
+    if found:  # numpy's bundled OpenBLAS: float32 inputs, float64 result
+        dsdot = ctypes.CDLL(found[0]).scipy_cblas_dsdot64_
+        dsdot.restype = ctypes.c_double
+        dsdot.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+        dsdot.argtypes += [ctypes.c_void_p, ctypes.c_int64]
+    sums: dict[str, Callable[[], Any]] = {
+        "float64 copy + ddot (as now)": lambda: (np.copyto(x, t), np.dot(x, x))[1],
+        "add.reduce(t * t, dtype=float64)": lambda: np.add.reduce(t * t, dtype=np.float64),
+        "einsum(dtype=float64)": lambda: np.einsum("i,i->", t, t, dtype=np.float64),
+        "vecdot(dtype=float64)": lambda: np.vecdot(t, t, dtype=np.float64),
+        "matmul(dtype=float64)": lambda: np.matmul(t, t, dtype=np.float64),
+    }
+    if dsdot is not None:
+        sums["BLAS dsdot"] = lambda: dsdot(w, t.ctypes.data, 1, t.ctypes.data, 1)
+    widen: dict[str, Callable[[], Any]] = {
+        "bf16 widening: copyto + left_shift (as now)": lambda: (
+            np.copyto(wide, raw),
+            np.left_shift(wide, np.uint32(16), out=wide),
+        ),
+        "bf16 widening: left_shift(dtype=uint32)": lambda: np.left_shift(
+            raw, np.uint32(16), out=wide, dtype=np.uint32
+        ),
+        "bf16 widening: ml_dtypes astype": lambda: raw.view(BFLOAT16).astype(np.float32),
+    }
+    print(f"one slab of {w}, load {os.getloadavg()[0]:.1f}; CPU ns per element, fastest round")
+    with limit_blas_threads(1):
+        for name, fn in {**sums, **widen}.items():
+            fn()
+            best = math.inf
+            for _ in range(5):
+                c = time.thread_time()
+                for _ in range(200):
+                    got = fn()
+                best = min(best, (time.thread_time() - c) / 200 / w * 1e9)
+            err = f"  relative error {abs(float(got) - exact) / exact:.1e}" if name in sums else ""
+            print(f"{name:<44} {best:6.3f}{err}")
+
+
 def glue(args: argparse.Namespace) -> None:
     """CPU per slab of the slab loop at 64-element slabs (its fixed cost: Python and the calls'
     own overhead) and at the default 64K, on one MLP matrix, one thread."""
@@ -433,7 +487,9 @@ def _interleave(variants: dict[str, Callable[[], object]], rounds: int, what: st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("what", choices=("ops", "e2e", "jit", "slabs", "glue", "gil", "overlap"))
+    p.add_argument(
+        "what", choices=("ops", "alternatives", "e2e", "jit", "slabs", "glue", "gil", "overlap")
+    )
     p.add_argument("base", type=Path)
     p.add_argument("fts", type=Path, nargs="+")
     p.add_argument("--rounds", type=int, default=5)
@@ -441,7 +497,7 @@ def main() -> None:
     p.add_argument("--tensor", default="model.layers.0.mlp.gate_proj.weight")
     args = p.parse_args()
     modes = {"ops": ops, "e2e": e2e, "jit": jit, "slabs": slabs, "glue": glue, "gil": gil}
-    modes["overlap"] = overlap
+    modes.update(overlap=overlap, alternatives=alternatives)
     modes[args.what](args)
 
 
