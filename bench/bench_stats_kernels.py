@@ -15,6 +15,8 @@ measured side by side in one run, in interleaved rounds:
 - ``jit``: the cost numba adds to each run (import, loading the cached kernel, first call),
   in fresh processes, the first without numba's cache (compiling);
 - ``slabs``: ``sv.stats`` on one thread with slabs of 2^14 to 2^18 elements per operand;
+- ``sample``: CPU of the top-set thresholds of every tensor, against ``--before OLD``, and
+  per tensor size one ``pread`` of the runs' span against one per run;
 - ``glue``: CPU per slab at 64-element slabs (the fixed cost of a slab) and at 64K;
 - ``gil``: whether each numpy call of the loop releases the GIL (a Python loop in the main
   thread stalls for the whole of a call that holds it);
@@ -396,6 +398,76 @@ def alternatives(args: argparse.Namespace) -> None:
             print(f"{name:<44} {best:6.3f}{err}")
 
 
+_SAMPLE = """
+import sys, time, numpy as np
+from streamvec.ops.stats.inputs import open_inputs
+from streamvec.ops.stats.sample import DEFAULT_SAMPLE, thresholds
+ts = open_inputs(sys.argv[2:], base=sys.argv[1]).tensors
+best = float("inf")
+for _ in range(3):
+    c = time.thread_time()
+    out = [thresholds(t.shape, t.readers, t.coefs, 0.2, DEFAULT_SAMPLE, t.name) for t in ts]
+    best = min(best, time.thread_time() - c)
+print(best, int(np.concatenate(out).astype(np.int64).sum()))
+"""
+
+
+def sample(args: argparse.Namespace) -> None:
+    """The top-set thresholds of every tensor (the sample), CPU: this tree against ``--before``
+    in fresh processes, interleaved; then, per tensor size, its runs read with one ``pread``
+    of their span against one ``pread`` per run."""
+    from streamvec.ops.stats import sample as smp
+    from streamvec.ops.stats import slabs as sl
+
+    trees = {"this tree": str(_HERE.parent)}
+    if args.before is not None:
+        trees["before"] = str(args.before)
+    cpu: dict[str, list[float]] = {k: [] for k in trees}
+    sums: dict[str, str] = {}
+    ins = [str(args.base), *map(str, args.fts)]
+    for _ in range(args.rounds):
+        for k, tree in trees.items():
+            env = {**os.environ, "PYTHONPATH": tree}
+            out = subprocess.run(
+                [sys.executable, "-c", _SAMPLE, *ins], env=env, capture_output=True, text=True
+            )
+            took, sums[k] = out.stdout.split()
+            cpu[k].append(float(took))
+    print(f"thresholds of every tensor, {args.rounds} rounds, load {os.getloadavg()[0]:.1f}")
+    for k in trees:
+        runs = " ".join(f"{x * 1e3:.1f}" for x in cpu[k])
+        print(
+            f"{k:<10} median {statistics.median(cpu[k]) * 1e3:6.1f} ms CPU ({runs}); sum {sums[k]}"
+        )
+    inputs = open_inputs([str(f) for f in args.fts], base=args.base)
+    seen: set[int] = set()
+    for t in inputs.tensors:
+        n = math.prod(t.shape)
+        if n <= smp.DEFAULT_SAMPLE or n in seen:
+            continue
+        seen.add(n)
+        runs = max(1, smp.DEFAULT_SAMPLE // smp.RUN)
+        starts = np.arange(runs) * (n // runs)
+        r = t.readers[0]
+        best = {}
+        for label, span in (("one pread per run", 0), ("one pread of the span", 1 << 40)):
+            sl.SPAN_BYTES, default = span, sl.SPAN_BYTES
+            try:
+                b = math.inf
+                for _ in range(5):
+                    c = time.thread_time()
+                    sl.read_runs(r, starts, smp.RUN)  # type: ignore[arg-type]
+                    b = min(b, time.thread_time() - c)
+                best[label] = b
+            finally:
+                sl.SPAN_BYTES = default
+        mb = n * r.dtype.itemsize / 1e6
+        print(
+            f"{n:>10} elements ({mb:5.1f} MB): "
+            + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items())
+        )
+
+
 def glue(args: argparse.Namespace) -> None:
     """CPU per slab of the slab loop at 64-element slabs (its fixed cost: Python and the calls'
     own overhead) and at the default 64K, on one MLP matrix, one thread."""
@@ -488,16 +560,18 @@ def _interleave(variants: dict[str, Callable[[], object]], rounds: int, what: st
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument(
-        "what", choices=("ops", "alternatives", "e2e", "jit", "slabs", "glue", "gil", "overlap")
+        "what",
+        choices=("ops", "alternatives", "e2e", "jit", "slabs", "sample", "glue", "gil", "overlap"),
     )
     p.add_argument("base", type=Path)
     p.add_argument("fts", type=Path, nargs="+")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--tensor", default="model.layers.0.mlp.gate_proj.weight")
+    p.add_argument("--before", type=Path, help="sample: a checkout of an earlier streamvec")
     args = p.parse_args()
     modes = {"ops": ops, "e2e": e2e, "jit": jit, "slabs": slabs, "glue": glue, "gil": gil}
-    modes.update(overlap=overlap, alternatives=alternatives)
+    modes.update(overlap=overlap, alternatives=alternatives, sample=sample)
     modes[args.what](args)
 
 
