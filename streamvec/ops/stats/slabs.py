@@ -93,10 +93,10 @@ def pread_into(fd: int, reader: SafetensorsReader, dest: np.ndarray, pos: int) -
         got += n
 
 
-# Runs spread over at most this many bytes are read with one pread of the whole span: 512
-# scattered preads cost ~1.5 us each from Python, one pread ~0.06 ms per MB (measured:
-# 3-7x cheaper for spans of 1.5-4.7 MB, about even at 12 MB). A transient buffer, below
-# the default block.
+# Runs spread over at most this many bytes are read with one pread of the whole span, the
+# rest with one pread each: 512 runs took 0.17 ms against 0.68 over 1.6 MB, 0.27 against
+# 0.78 over 4.7 MB, but 2.6 against 0.7 over 12.6 MB (bench_stats_kernels.py sample). A
+# transient buffer, below the default block.
 SPAN_BYTES = 8 << 20
 
 
