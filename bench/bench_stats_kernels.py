@@ -16,7 +16,7 @@ measured side by side in one run, in interleaved rounds:
   in fresh processes, the first without numba's cache (compiling);
 - ``slabs``: ``sv.stats`` on one thread with slabs of 2^14 to 2^18 elements per operand;
 - ``sample``: CPU of the top-set thresholds of every tensor, against ``--before OLD``, and
-  per tensor size one ``pread`` of the runs' span against one per run;
+  per tensor size one ``pread`` per run against one ``pread`` of the runs' whole span;
 - ``glue``: CPU per slab at 64-element slabs (the fixed cost of a slab) and at 64K;
 - ``gil``: whether each numpy call of the loop releases the GIL (a Python loop in the main
   thread stalls for the whole of a call that holds it);
@@ -53,7 +53,7 @@ from streamvec.io.blocks import matrix_shape
 from streamvec.ops.stats import StatsOptions, fused, stats
 from streamvec.ops.stats.accumulate import BlockSums
 from streamvec.ops.stats.inputs import TensorTerms, open_inputs
-from streamvec.ops.stats.slabs import SlabReader, preadable
+from streamvec.ops.stats.slabs import SlabReader, pread_into, preadable, read_runs
 
 _ABS = np.uint32(0x7FFFFFFF)
 _HERE = Path(__file__).resolve().parent
@@ -412,12 +412,23 @@ print(best, int(np.concatenate(out).astype(np.int64).sum()))
 """
 
 
+def _span_runs(reader: Any, starts: np.ndarray, run: int) -> np.ndarray:
+    """The alternative to ``slabs.read_runs``: one ``pread`` of the runs' whole span."""
+    size, first = reader.dtype.itemsize, int(starts.min())
+    span = np.empty(int(starts.max()) + run - first, reader.dtype)
+    fd = os.open(reader.path, os.O_RDONLY)
+    try:
+        pread_into(fd, reader, span, reader.offset + first * size)
+    finally:
+        os.close(fd)
+    return span[(starts - first)[:, None] + np.arange(run)]
+
+
 def sample(args: argparse.Namespace) -> None:
     """The top-set thresholds of every tensor (the sample), CPU: this tree against ``--before``
-    in fresh processes, interleaved; then, per tensor size, its runs read with one ``pread``
-    of their span against one ``pread`` per run."""
+    in fresh processes, interleaved; then, per tensor size, the runs read with one ``pread``
+    each (as ``slabs.read_runs``) against one ``pread`` of their whole span."""
     from streamvec.ops.stats import sample as smp
-    from streamvec.ops.stats import slabs as sl
 
     trees = {"this tree": str(_HERE.parent)}
     if args.before is not None:
@@ -436,11 +447,14 @@ def sample(args: argparse.Namespace) -> None:
     print(f"thresholds of every tensor, {args.rounds} rounds, load {os.getloadavg()[0]:.1f}")
     for k in trees:
         runs = " ".join(f"{x * 1e3:.1f}" for x in cpu[k])
-        print(
-            f"{k:<10} median {statistics.median(cpu[k]) * 1e3:6.1f} ms CPU ({runs}); sum {sums[k]}"
-        )
+        med = statistics.median(cpu[k]) * 1e3
+        print(f"{k:<10} median {med:6.1f} ms CPU ({runs}); sum {sums[k]}")
     inputs = open_inputs([str(f) for f in args.fts], base=args.base)
     seen: set[int] = set()
+    ways: dict[str, Callable[[Any, np.ndarray, int], object]] = {
+        "one pread per run": read_runs,
+        "one pread of the span": _span_runs,
+    }
     for t in inputs.tensors:
         n = math.prod(t.shape)
         if n <= smp.DEFAULT_SAMPLE or n in seen:
@@ -450,22 +464,16 @@ def sample(args: argparse.Namespace) -> None:
         starts = np.arange(runs) * (n // runs)
         r = t.readers[0]
         best = {}
-        for label, span in (("one pread per run", 0), ("one pread of the span", 1 << 40)):
-            sl.SPAN_BYTES, default = span, sl.SPAN_BYTES
-            try:
-                b = math.inf
-                for _ in range(5):
-                    c = time.thread_time()
-                    sl.read_runs(r, starts, smp.RUN)  # type: ignore[arg-type]
-                    b = min(b, time.thread_time() - c)
-                best[label] = b
-            finally:
-                sl.SPAN_BYTES = default
+        for label, way in ways.items():
+            b = math.inf
+            for _ in range(5):
+                c = time.thread_time()
+                way(r, starts, smp.RUN)
+                b = min(b, time.thread_time() - c)
+            best[label] = b
         mb = n * r.dtype.itemsize / 1e6
-        print(
-            f"{n:>10} elements ({mb:5.1f} MB): "
-            + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items())
-        )
+        each = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items())
+        print(f"{n:>10} elements ({mb:5.1f} MB): {each}")
 
 
 def glue(args: argparse.Namespace) -> None:

@@ -93,10 +93,8 @@ def test_block_sums_over_several_slabs_match_float64(ckpts, terms) -> None:
     np.testing.assert_array_equal(got.top_both, want_both)
 
 
-@pytest.mark.parametrize("span", [True, False])
-def test_sampled_runs_equal_the_whole_tensor(ckpts, monkeypatch, span) -> None:
-    """Runs read with one pread of their span, or one pread each, are the tensor's."""
-    monkeypatch.setattr(slabs, "SPAN_BYTES", 1 << 30 if span else 0)
+def test_sampled_runs_equal_the_whole_tensor(ckpts) -> None:
+    """Runs read with one pread each are the tensor's."""
     t = open_inputs([ckpts["f16"]], base=ckpts["base"]).tensors[0]
     starts = np.sort(np.random.default_rng(3).choice(SHAPE[0] * SHAPE[1] - 32, 97, replace=False))
     for r in t.readers:
@@ -105,11 +103,9 @@ def test_sampled_runs_equal_the_whole_tensor(ckpts, monkeypatch, span) -> None:
         np.testing.assert_array_equal(got, want[starts[:, None] + np.arange(32)])
 
 
-@pytest.mark.parametrize("span", [True, False])
-def test_sampled_runs_of_a_truncated_file_are_an_error(ckpts, tmp_path, monkeypatch, span) -> None:
+def test_sampled_runs_of_a_truncated_file_are_an_error(ckpts, tmp_path) -> None:
     import shutil
 
-    monkeypatch.setattr(slabs, "SPAN_BYTES", 1 << 30 if span else 0)
     src = tmp_path / "ft"
     shutil.copytree(ckpts["bf16"], src)
     t = open_inputs([src], base=ckpts["base"]).tensors[0]
