@@ -185,3 +185,10 @@ def test_vocab_is_in_no_import_cycle() -> None:
     graph = cycles.import_graph(ROOT, "streamvec")
     tangled = {m for group in cycles.strongly_connected(graph) for m in group}
     assert "streamvec.model.vocab" not in tangled
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    # The last one ran engine.execute -> model.sources -> model.algebra -> (Model.save) the
+    # engine, and model.peft_source <-> model.sources (an adapter opening its recorded base).
+    cycles = _tool("import_cycles")
+    assert cycles.strongly_connected(cycles.import_graph(ROOT, "streamvec")) == []

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
@@ -34,15 +34,16 @@ from streamvec.engine.sinks import BlockWriter, PlannedTensor, SafetensorsSink, 
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import companions_for, write_model_card
-from streamvec.io.output import output_error
+from streamvec.io.output import input_paths, output_error
 from streamvec.io.read_buffers import BufferLease, ReadBuffers
 from streamvec.io.safetensors.requantize import aligned_rows
 from streamvec.memory import anon_bytes
-from streamvec.model.algebra import Model
-from streamvec.model.sources import input_paths
 from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.units import format_bytes, parse_size
 from streamvec.version import __version__
+
+if TYPE_CHECKING:
+    from streamvec.model.algebra import Model
 
 CHECKSUM_ALGO = "xxh3_128"
 IN_PROCESS_SCHEDULERS = ("threads", "sync", "synchronous")

@@ -15,9 +15,13 @@ import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamvec.errors import OutputError, StreamvecError
 from streamvec.signals import deferred
+
+if TYPE_CHECKING:
+    from streamvec.model.algebra import Source
 
 
 def _fsync_dir(path: Path) -> None:
@@ -64,6 +68,29 @@ def output_error(action: str, path: Path, exc: OSError) -> OutputError:
 
 
 InputPaths = Iterable[str | os.PathLike[str]]
+
+
+def input_paths(sources: Iterable[Source]) -> list[Path]:
+    """Every file and directory the sources read: what an output must not overlap.
+
+    Args:
+        sources: the inputs of a computation (``model.sources()``).
+
+    Returns:
+        The paths as given, the shard files or stores their tensors are read from, and the
+        files copied from them (config, tokenizer).
+    """
+    paths: dict[Path, None] = {}
+    for source in sources:
+        paths[Path(source.label)] = None
+        paths[Path(source.key)] = None
+        for t in source.tensors.values():
+            where = getattr(t.reader, "path", None) or getattr(t.reader, "store", None)
+            if where is not None:
+                paths[Path(str(where))] = None
+        for extra in source.extra_files:
+            paths[Path(extra)] = None
+    return list(paths)
 
 
 def free_bytes(directory: Path) -> int | None:

@@ -39,6 +39,7 @@ import numpy as np
 
 from streamvec.errors import MismatchError, StreamvecError
 from streamvec.io.blocks import BlockReader, SafetensorsReader, file_stamp
+from streamvec.io.fingerprint import fingerprint_files
 from streamvec.io.peft.readers import (
     DifferenceReader,
     LoraProductReader,
@@ -266,6 +267,19 @@ def _base_check(cfg: AdapterConfig, path: Path, base_root: Path | None, strict: 
     print(f"warning: {text}", file=sys.stderr)
 
 
+def recorded_local_base(path: Path) -> Path | None:
+    """The base checkpoint an adapter's config records, when it is a local directory.
+
+    Args:
+        path: the adapter folder.
+
+    Returns:
+        That directory, or None (a Hub id, a path that is not here, or none recorded).
+    """
+    recorded = read_adapter_config(path).base_model_name_or_path
+    return Path(recorded) if recorded and Path(recorded).is_dir() else None
+
+
 def adapter_source(
     path: Path,
     label: str,
@@ -279,8 +293,10 @@ def adapter_source(
     Args:
         path: the adapter folder.
         label: the path as the user wrote it.
-        base: the base checkpoint's source; without it, module names are taken as checkpoint
-            names (``<module>.weight``) and tensors saved whole are refused.
+        base: the base checkpoint's source (the caller opens the adapter's recorded local
+            base when none is given, :func:`recorded_local_base`); without one, module names
+            are taken as checkpoint names (``<module>.weight``) and tensors saved whole are
+            refused.
         base_root: the base checkpoint's directory (its config.json names the model class).
         strict: a base other than the adapter's recorded local base is an error.
 
@@ -297,11 +313,6 @@ def adapter_source(
         found = sorted(p.name for p in path.iterdir() if p.name.startswith("adapter_model"))
         hint = f" (found {', '.join(found)}; convert it to safetensors)" if found else ""
         raise AdapterError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
-    if base is None and cfg.base_model_name_or_path and Path(cfg.base_model_name_or_path).is_dir():
-        from streamvec.model.sources import open_source
-
-        base_root = Path(cfg.base_model_name_or_path)
-        base = open_source(base_root)
     _base_check(cfg, path, base_root, strict)
     files = resolve_checkpoint(weights)
     pairs, whole = _split_keys(dict(files.tensors), weights)
@@ -391,8 +402,6 @@ def adapter_source(
         )
     if not tensors:
         raise AdapterError(f"{path}: the adapter holds no LoRA factors")
-    from streamvec.model.sources import fingerprint_files
-
     info = {
         "path": label,
         "kind": "lora_adapter",

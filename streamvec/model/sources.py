@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
-import xxhash
-
 from streamvec.errors import InputNotFoundError, StoreError
 from streamvec.io.blocks import BlockReader, SafetensorsReader, file_stamp
+from streamvec.io.fingerprint import fingerprint_files
 from streamvec.io.safetensors.checkpoint import CheckpointFiles, resolve_checkpoint
 from streamvec.io.safetensors.quantized import quantized_tensors
 from streamvec.io.zarr.store import is_zarr_store, read_store
@@ -20,46 +18,6 @@ from streamvec.model.ties import TieRules
 # Store kinds usable as task-vector terms: dense task vectors, and SVD stores, whose factored
 # tensors read back as U S Vh (see streamvec.io.zarr.lowrank).
 VECTOR_KINDS = ("task_vector", "svd")
-
-
-def fingerprint_files(paths: list[Path]) -> str:
-    """A quick identity of input files: names, sizes and safetensors headers (not the data).
-
-    Cheap enough for every run; ``streamvec verify`` recomputes full data checksums.
-    """
-    h = xxhash.xxh3_128()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0".encode())
-        with p.open("rb") as f:
-            head = f.read(8)
-            h.update(head)
-            if len(head) == 8:
-                h.update(f.read(min(int.from_bytes(head, "little"), 100_000_000)))
-    return h.hexdigest()
-
-
-def input_paths(sources: Iterable[Source]) -> list[Path]:
-    """Every file and directory the sources read: what an output must not overlap.
-
-    Args:
-        sources: the inputs of a computation (``model.sources()``).
-
-    Returns:
-        The paths as given, the shard files or stores their tensors are read from, and the
-        files copied from them (config, tokenizer).
-    """
-    paths: dict[Path, None] = {}
-    for source in sources:
-        paths[Path(source.label)] = None
-        paths[Path(source.key)] = None
-        for t in source.tensors.values():
-            where = getattr(t.reader, "path", None) or getattr(t.reader, "store", None)
-            if where is not None:
-                paths[Path(str(where))] = None
-        for extra in source.extra_files:
-            paths[Path(extra)] = None
-    return list(paths)
 
 
 def checkpoint_source(files: CheckpointFiles, label: str) -> Source:
@@ -175,11 +133,15 @@ def open_source(
         return replace(source, info=info)
     if is_zarr_store(p):
         return store_source(p, str(path))
-    from streamvec.model.peft_source import adapter_source, is_adapter_dir
+    from streamvec.model.peft_source import adapter_source, is_adapter_dir, recorded_local_base
 
     if is_adapter_dir(p):
         if base is None:
-            return adapter_source(p, str(path), strict=strict)
+            # Without --base, the adapter's recorded base, if it is here, names its modules.
+            recorded = recorded_local_base(p)
+            if recorded is None:
+                return adapter_source(p, str(path), strict=strict)
+            return adapter_source(p, str(path), open_source(recorded), recorded, strict=strict)
         base_src = open_source(base)  # a local path or a Hub id
         root = Path(base_src.key)
         return adapter_source(

@@ -47,9 +47,9 @@ from streamvec.engine.jobs import Job, JobPlan, whole_tensor_digests
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import write_model_card
+from streamvec.io.output import input_paths
 from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.model.algebra import Combination, Model
-from streamvec.model.sources import input_paths
 from streamvec.model.sources import open as open_model
 from streamvec.model.tensor import LazyTensor, rows_per_block
 from streamvec.ops.registry import check_settings

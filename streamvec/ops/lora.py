@@ -69,7 +69,7 @@ from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
 from streamvec.engine.jobs import Job, JobPlan
 from streamvec.errors import MismatchError, StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.output import check_free_space
+from streamvec.io.output import check_free_space, input_paths
 from streamvec.io.peft.naming import PeftNaming, PeftTarget, peft_naming, target_modules_for
 from streamvec.io.peft.readers import LoraProductReader
 from streamvec.io.peft.writer import (
@@ -80,7 +80,6 @@ from streamvec.io.peft.writer import (
 )
 from streamvec.io.safetensors.checkpoint import resolve_checkpoint
 from streamvec.model.algebra import Model
-from streamvec.model.sources import input_paths
 from streamvec.model.sources import open as open_model
 from streamvec.model.tensor import LazyTensor, row_ranges, rows_per_block
 from streamvec.model.vocab import VOCAB_HINT, VocabChoice

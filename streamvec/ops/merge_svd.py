@@ -43,9 +43,8 @@ from streamvec.engine.execute import RunReport
 from streamvec.engine.jobs import Job, JobPlan, whole_tensor_digests
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.output import check_destination
+from streamvec.io.output import check_destination, input_paths
 from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
-from streamvec.model.sources import input_paths
 from streamvec.model.sources import open as open_model
 from streamvec.ops.registry import check_settings
 from streamvec.ops.svd import (

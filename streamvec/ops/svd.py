@@ -45,10 +45,9 @@ from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import write_model_card
-from streamvec.io.output import check_free_space
+from streamvec.io.output import check_free_space, input_paths
 from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.model.algebra import Combination, Model
-from streamvec.model.sources import input_paths
 from streamvec.model.sources import open as open_model
 from streamvec.model.tensor import LazyTensor
 from streamvec.ops.factorize import (  # re-exported: the API's names

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from streamvec.errors import StreamvecError
-from streamvec.io.output import check_destination
+from streamvec.io.output import check_destination, input_paths
 from streamvec.model.algebra import Model
-from streamvec.model.sources import input_paths
 from streamvec.ops.merge.binding import bind
 from streamvec.ops.merge.method import RunSettings
 from streamvec.ops.merge.recipe import MergeRequest, Recipe, load_recipe
