@@ -110,8 +110,6 @@ def test_overlap_refused_in_a_real_process(family: dict[str, Path], tmp_path: Pa
 # -- what resume checks ------------------------------------------------------------------------
 
 RESUMABLE = ["diff", "svd"]
-# Commands that keep their partial output on a signal (the engine's and svd's): --resume
-RESUMED_AFTER_SIGNAL = ["diff", "combine", "svd", "merge-task_arithmetic", "merge-ties"]
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +177,42 @@ def test_resume_refuses_a_finetune_replaced_by_another(big, tmp_path: Path, kind
     proc = run_cli_subprocess(*cmd, "--resume")
     assert_refused(proc, "cannot resume", str(big["a"]), "changed since the unfinished run")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("which", "job"), [("lora", None), ("decompose", None), ("merge-svd", ".out.factors")]
+)
+def test_resume_of_an_svd_command_refuses_a_changed_input(
+    big, tmp_path: Path, which: str, job: str | None
+) -> None:
+    """The SVD commands log whole tensors with the digests of every input they read."""
+    out = tmp_path / "out"
+    cmd = _big_argv(big, tmp_path, which, out)
+    kill_after(cmd, out, 2, job)
+    log = out.parent / f"{job or '.out'}.partial" / DONE_LOG
+    name = json.loads(log.read_text().splitlines()[0])[0]
+    changed = _flip_byte_of(big["a"], name, 0)
+    proc = run_cli_subprocess(*cmd, "--resume")
+    assert_refused(proc, "cannot resume", str(changed), "changed since the unfinished run")
+    assert not out.exists()
+    # the unfinished job stays; without --resume the run starts over and succeeds
+    assert (out.parent / f"{job or '.out'}.partial").is_dir()
+    assert run_cli(*cmd) == 0
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
+
+
+def test_resume_refuses_a_damaged_job_record(big, tmp_path: Path) -> None:
+    """A job record is written whole or not at all, so an unreadable one was damaged since:
+    refused by name rather than silently starting over."""
+    out = tmp_path / "out"
+    cmd = command("diff", big, out)
+    kill_after(cmd, out, 3)
+    record = out.parent / f".{out.name}.partial" / "streamvec-job.json"
+    record.write_text(record.read_text()[:40])
+    proc = run_cli_subprocess(*cmd, "--resume")
+    assert_refused(proc, "cannot resume", str(record), "unreadable")
+    assert record.parent.is_dir()  # kept: nothing is deleted by a refused resume
+    assert run_cli(*cmd) == 0
 
 
 # -- inputs that change during a run, and signals ---------------------------------------------
@@ -254,13 +288,15 @@ def test_sigterm_is_like_ctrl_c(big, tmp_path: Path, which: str) -> None:
     ], proc.stderr_text
     assert not out.exists()
     assert snapshot(*big.values()) == before
-    partial = out.parent / f".{out.name}.partial"
-    if which in RESUMED_AFTER_SIGNAL and partial.is_dir():
+    # Every command keeps what it finished (its own job, or an intermediate's, such as the
+    # SVD merges' .out.factors.partial) and releases its locks: --resume continues it.
+    left = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+    assert all(name.endswith(".partial") for name in left), left
+    if left:
         assert "--resume" in proc.stderr_text
         assert run_cli(*argv, "--resume") == 0
         assert out.is_dir()
-    else:
-        _assert_nothing_left(out)
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 # -- hostile recipes ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import streamvec.engine.execute as engine
+import streamvec.engine.jobs as jobs
 from streamvec import signals
 from streamvec.errors import StreamvecError
 from streamvec.io.output import OutputDir
@@ -100,13 +101,13 @@ def test_sigterm_while_the_engine_reads_the_job_record_releases_the_lock(
     argv = ["diff", synth_family["base"], synth_family["a"], "-o", out, "-q", "--resume"]
     partial = out.parent / f".{out.name}.partial"
     partial.mkdir()  # an unfinished run to continue: the engine reads its job record
-    real_read_job = engine.read_job
+    real_read_job = jobs.read_job
 
     def read_job_then_signal(path: Path):  # type: ignore[no-untyped-def]
         _sigterm_self()
         return real_read_job(path)
 
-    monkeypatch.setattr(engine, "read_job", read_job_then_signal)
+    monkeypatch.setattr(jobs, "read_job", read_job_then_signal)
     assert run_cli(*argv) == 128 + signal.SIGTERM
     # The lock is released; the partial output stays for --resume, which then finishes.
     assert _left(out) == [f".{out.name}.partial"]

@@ -77,11 +77,15 @@ def output_bytes(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def kill_after(cmd: list[str], out: Path, blocks: int) -> int:
-    """Start the CLI, SIGKILL it once ``blocks`` blocks are logged done; lines logged."""
+def kill_after(cmd: list[str], out: Path, blocks: int, job: str | None = None) -> int:
+    """Start the CLI, SIGKILL it once ``blocks`` blocks are logged done; lines logged.
+
+    ``job`` names the job whose done log is watched (default: the output's own; a hidden
+    sibling such as ``.OUT.factors`` for the intermediates of the SVD merges).
+    """
     env = dict(os.environ, STREAMVEC_SYNC_SECONDS="0")
     proc = subprocess.Popen([sys.executable, "-m", "streamvec.cli", *cmd], env=env)
-    log = out.parent / f".{out.name}.partial" / DONE_LOG
+    log = out.parent / f"{job or '.' + out.name}.partial" / DONE_LOG
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:

@@ -15,7 +15,7 @@ import pytest
 from streamvec.cli.main import build_parser, main
 from streamvec.engine.settings import ENGINE_SETTINGS, Settings
 from streamvec.errors import StreamvecError
-from streamvec.ops.registry import OPERATIONS, check_settings, merge_method_settings
+from streamvec.ops.registry import OPERATIONS, check_settings
 
 # A value other than the default for each setting that has a flag, as flags.
 GIVEN = {
@@ -98,8 +98,8 @@ def test_bad_local_scheduler_is_exit_2_everywhere(
 def test_api_refuses_what_the_cli_refuses() -> None:
     with pytest.raises(StreamvecError, match="--compression is not supported by `streamvec lora`"):
         check_settings("lora", Settings(compression="zstd"))
-    with pytest.raises(StreamvecError, match="--resume"):
-        Settings(resume=True).check_supported("merge", merge_method_settings("tsv"))
+    with pytest.raises(StreamvecError, match="--compression is not supported by `streamvec merge`"):
+        check_settings("merge", Settings(compression="zstd"))
     check_settings("combine", Settings(resume=True, shard_size="1GB", strict=True))
 
 
@@ -132,3 +132,21 @@ def test_only_resets_what_a_step_does_not_own() -> None:
     s = Settings(workers=3, shard_size="1GB", resume=True)
     step = s.only({"workers"})
     assert (step.workers, step.shard_size, step.resume) == (3, "5GB", False)
+
+
+def test_save_takes_the_run_settings_by_their_names(
+    synth_family: dict[str, Path], tmp_path: Path
+) -> None:
+    import streamvec as sv
+
+    tau = sv.open(synth_family["a"]) - sv.open(synth_family["base"])
+    out = tmp_path / "tau.zarr"
+    with pytest.raises(StreamvecError, match="unknown run setting.*wokers"):
+        tau.save(out, wokers=2)
+    with pytest.raises(StreamvecError, match="--compression must be one of"):
+        tau.save(out, compression="gzip")
+    with pytest.raises(StreamvecError, match=r"vocab: not a setting of save\(\).*with_vocab"):
+        tau.save(out, vocab="union")
+    assert not out.exists()
+    report = tau.save(out, workers=1, compression="zstd", progress=False)
+    assert report.path == out and out.is_dir()

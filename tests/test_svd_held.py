@@ -92,16 +92,16 @@ def test_resume_log_holds_the_read_digests(
     pair: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The done log written during a run carries the digests of the one read."""
-    from streamvec.ops import svd as svd_mod
+    from streamvec.engine import jobs
 
     logged: dict[str, list[str] | None] = {}
-    real = svd_mod.remove_job_files
+    real = jobs.remove_job_files
 
     def keep_log(partial: Path) -> None:
         logged.update({n: inputs for (n, _), (_, inputs) in read_done_entries(partial).items()})
         real(partial)
 
-    monkeypatch.setattr(svd_mod, "remove_job_files", keep_log)
+    monkeypatch.setattr(jobs, "remove_job_files", keep_log)
     monkeypatch.setenv("STREAMVEC_SYNC_SECONDS", "0")  # every tensor logged as it finishes
     svd(
         pair["ft"],

@@ -337,7 +337,6 @@ def test_cli_errors_exit_2_with_one_line(pair, synth_family, tmp_path, capsys) -
         (["merge-svd", "iso-c", ft, "--base", base, "-o", o, "--alpha", "nan"], "--alpha"),
         (["lora", base, ft, "-o", o, "--rank", "2", "--include", "*norm*"], "no linear-layer"),
         (["lora", base, ft, "-o", o, "--rank", "2", "--rank-tol", "2"], "--rank-tol"),
-        (["lora", base, ft, "-o", o, "--rank", "2", "--resume"], "--resume is not"),
         (["svd", ft, "--base", base, "-o", o, "--rank", "2", "--block-size", "0"], "block-size"),
     ]
     for args, needle in cases:

@@ -7,6 +7,7 @@ which file or tensor, and what to do); 1 internal error. ``--debug`` shows trace
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -276,7 +277,8 @@ def _kept_partial(args: argparse.Namespace) -> bool:
     if not output or not hasattr(args, "resume"):
         return False
     out = Path(output).absolute()
-    return (out.parent / f".{out.name}.partial").is_dir()
+    # The output's own job, or an intermediate's (``.OUT.factors.partial`` of the SVD merges)
+    return any(out.parent.glob(f"{glob.escape('.' + out.name)}.*partial"))
 
 
 def _stdout_closed() -> bool:

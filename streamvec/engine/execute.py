@@ -22,27 +22,22 @@ from streamvec.compute.finite import nonfinite_inputs, nonfinite_rows, raise_if_
 from streamvec.compute.kernel import accumulation_dtype
 from streamvec.dtypes import dtype_name
 from streamvec.engine.jobs import (
-    DEFAULT_SYNC_SECONDS,
     DoneLog,
+    Job,
     JobPlan,
-    ResumeError,
     check_done_inputs,
     digest_operands,
-    explain_mismatch,
-    read_done_entries,
-    read_job,
-    remove_job_files,
-    write_job,
 )
 from streamvec.engine.schedule import execute_graph
+from streamvec.engine.settings import Settings
 from streamvec.engine.sinks import BlockWriter, PlannedTensor, SafetensorsSink, Sink, ZarrSink
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import companions_for, write_model_card
-from streamvec.io.output import OutputDir, output_error
+from streamvec.io.output import output_error
 from streamvec.io.read_buffers import BufferLease, ReadBuffers
 from streamvec.io.safetensors.requantize import aligned_rows
-from streamvec.memory import anon_bytes, default_memory_limit
+from streamvec.memory import anon_bytes
 from streamvec.model.algebra import Model
 from streamvec.model.sources import input_paths
 from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
@@ -317,19 +312,25 @@ def run(
         A :class:`RunReport`.
     """
     started = time.perf_counter()
+    # Validated once, by the one settings type, whichever door the call came through.
+    settings = Settings(
+        workers=workers,
+        scheduler=scheduler,
+        memory_limit=memory_limit,
+        block_size=block_size,
+        shard_size=shard_size,
+        compression=compression,
+        device=device,
+    )
     resolved = model.resolved()
     fmt = format or ("safetensors" if resolved.kind == "model" else "zarr")
     if fmt not in ("zarr", "safetensors"):
         raise StreamvecError(f"unknown output format {fmt!r}: use zarr or safetensors")
-    workers = workers or os.cpu_count() or 1
-    if workers < 1:
-        raise StreamvecError(f"--workers must be at least 1, got {workers}")
-    limit = parse_size(memory_limit) if memory_limit is not None else default_memory_limit()
+    workers = settings.resolved_workers()
+    limit = settings.resolved_limit()
     device = check_device(device)
     tensors = list(resolved.tensors.values())
-    block_bytes = parse_size(block_size) if block_size is not None else DEFAULT_BLOCK_BYTES
-    if block_bytes < 1:
-        raise StreamvecError("--block-size must be positive")
+    block_bytes = settings.block_bytes()
     # Blocks run in this process only on the threaded and synchronous schedulers; elsewhere
     # they run in fresh worker processes, whose runtime RUNTIME_OVERHEAD covers.
     baseline = anon_bytes() if scheduler in IN_PROCESS_SCHEDULERS else 0
@@ -365,73 +366,46 @@ def run(
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
         "tensors": [[t.name, list(t.shape), _stored_dtype(t)] for t in tensors],
     }
-    out = OutputDir(path, overwrite=overwrite, inputs=input_paths(model.sources()))
-    out.expected_bytes = sum(t.nbytes for t in tensors)  # uncompressed: an upper bound
-    try:
-        kept = out.open(keep_partial=resume)
-        recorded = read_job(out.partial) if kept else None
-        if kept and (
-            recorded is None
-            or (recorded.identity == identity and not read_done_entries(out.partial))
-        ):
-            # Killed before any block was logged as done (before its job record, or before its
-            # output files were all created): there is nothing to continue, so start over.
-            out.release()
-            kept = out.open(keep_partial=False)
+    job = Job(
+        path,
+        inputs=input_paths(model.sources()),
+        plan=JobPlan(identity, {p.tensor.name: p.block_rows for p in plan}),
+        resume=resume,
+        overwrite=overwrite,
+        expected_bytes=sum(t.nbytes for t in tensors),  # uncompressed: an upper bound
+        sync_seconds=sync_seconds,
+    )
+    with job:
+        job.on_stop(sink.close)  # waits for the writes in flight before any cleanup
         done: dict[tuple[str, int], bytes] = {}
-        if kept:
-            plan, done = _resume_plan(out.partial, identity, plan)
-            sink.reopen(out.partial, plan, attrs)
+        if job.resumed:
+            plan, done = _resume_plan(job, plan)
+            sink.reopen(job.partial, plan, attrs)
         else:
-            write_job(out.partial, JobPlan(identity, {p.tensor.name: p.block_rows for p in plan}))
-            sink.prepare(out.partial, plan, attrs)
-        if sync_seconds is None:
-            sync_seconds = float(os.environ.get("STREAMVEC_SYNC_SECONDS", DEFAULT_SYNC_SECONDS))
-        log = DoneLog(out.partial, sync_seconds)
+            sink.prepare(job.partial, plan, attrs)
         blocks_started = time.perf_counter()
-        try:
-            results = _run_blocks(
-                plan,
-                sink,
-                done,
-                log,
-                scheduler=scheduler,
-                workers=workers,
-                progress=progress,
-                check_finite=check_finite,
-                desc=Path(path).name,
-                device=device,
-            )
-            blocks_done = time.perf_counter()
-            log.flush()
-        finally:
-            log.close()
+        results = _run_blocks(
+            plan,
+            sink,
+            done,
+            job.log,
+            scheduler=scheduler,
+            workers=workers,
+            progress=progress,
+            check_finite=check_finite,
+            desc=Path(path).name,
+            device=device,
+        )
+        blocks_done = time.perf_counter()
+        job.log.flush()
         _raise_if_nonfinite(results)
         digests = {(r.name, r.r0): r.digest for r in results} | done
         checksums = _checksums(plan, digests)
         sink.finish(checksums, attrs)
         sink.close()
-        write_model_card(out.partial, attrs)
-        remove_job_files(out.partial)
-        final = out.commit()
+        write_model_card(job.partial, attrs)
+        final = job.commit()
         finished = time.perf_counter()
-    except KeyboardInterrupt:
-        sink.close()
-        out.release()  # keep the partial output: --resume continues it
-        raise
-    except OSError as exc:
-        try:
-            sink.close()  # waits for writes in flight; may fail again on a full disk
-        except OSError:
-            pass
-        out.abort()
-        if isinstance(exc, StreamvecError):  # an input error that is also an OSError
-            raise
-        raise out.write_error(exc) from None  # disk full while creating or finishing
-    except BaseException:
-        sink.close()
-        out.abort()
-        raise
     return RunReport(
         path=final,
         kind=resolved.kind,
@@ -465,29 +439,22 @@ def _stage_sums(results: list[BlockResult]) -> dict[str, float]:
 
 
 def _resume_plan(
-    partial: Path, identity: dict[str, Any], plan: list[PlannedTensor]
+    job: Job, plan: list[PlannedTensor]
 ) -> tuple[list[PlannedTensor], dict[tuple[str, int], bytes]]:
-    """The recorded plan of an unfinished job, if it is this job; else a ResumeError."""
-    recorded = read_job(partial)
-    assert recorded is not None  # checked by run()
-    if recorded.identity != identity:
-        what = explain_mismatch(recorded.identity, identity)
-        raise ResumeError(
-            f"cannot resume: the unfinished job differs in {what}; rerun without --resume to "
-            "start over"
-        )
+    """The recorded block plan of the unfinished job ``job`` resumes, its inputs checked."""
+    recorded = job.recorded
+    assert recorded is not None  # job.resumed
     # The recorded block rows, not this run's budget: blocks must be cut as before.
     replanned = [PlannedTensor(p.tensor, recorded.block_rows[p.tensor.name]) for p in plan]
-    entries = read_done_entries(partial)
     # The finished blocks were computed from the inputs as they were then: read them again
     # and compare, so a changed input is refused rather than mixed in (docs/reliability.md).
     for p in replanned:
         rows = matrix_shape(p.tensor.shape)[0]
         for r0, r1 in row_ranges(rows, p.block_rows):
-            entry = entries.get((p.tensor.name, r0))
+            entry = job.entries.get((p.tensor.name, r0))
             if entry is not None:
                 check_done_inputs(p.tensor, r0, r1, entry[1], p.block_rows)
-    return replanned, {key: digest for key, (digest, _) in entries.items()}
+    return replanned, {key: digest for key, (digest, _) in job.entries.items()}
 
 
 def _run_blocks(

@@ -18,6 +18,12 @@ or a file replaced by another with the same header and size) is refused by name,
 with the blocks computed from its earlier version.
 
 Both files are removed before the output is renamed to its final name.
+
+:class:`Job` is the one lifecycle every writing command goes through: the output directory
+(never over an input, see :class:`~streamvec.io.output.OutputDir`), the job record, the done
+log, resume, abort on error, and release on Ctrl-C or SIGTERM. The engine logs row blocks;
+the SVD commands (``svd``, ``lora``, ``decompose``, ``merge-svd``) log whole tensors
+(first row 0), each with its inputs' digests.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import xxhash
@@ -35,7 +42,13 @@ import xxhash
 from streamvec.errors import StreamvecError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+
+    from streamvec.engine.settings import Settings
+    from streamvec.io.output import InputPaths
     from streamvec.model.tensor import LazyTensor
+
+S = TypeVar("S", bound="Settings")
 
 JOB_FILE = "streamvec-job.json"
 DONE_LOG = "streamvec-done.log"
@@ -50,13 +63,25 @@ class ResumeError(StreamvecError):
 
 @dataclass(frozen=True)
 class JobPlan:
-    """The job's identity and its block plan (tensor name -> block rows)."""
+    """The job's identity and how it was planned, reused as recorded when it resumes.
+
+    Attributes:
+        identity: what the output is (inputs, expression, settings that change its bytes); a
+            resumed run must have the same.
+        block_rows: the engine's block plan (tensor name -> block rows).
+        budget: the SVD commands' plan inputs (memory limit, workers, block size), which
+            decide how each matrix is factored and so its last bits.
+    """
 
     identity: dict[str, Any]
     block_rows: dict[str, int]
+    budget: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"identity": self.identity, "block_rows": self.block_rows}, indent=1)
+        doc: dict[str, Any] = {"identity": self.identity, "block_rows": self.block_rows}
+        if self.budget is not None:
+            doc["budget"] = self.budget
+        return json.dumps(doc, indent=1)
 
 
 def write_job(partial: Path, plan: JobPlan) -> None:
@@ -74,7 +99,12 @@ def read_job(partial: Path) -> JobPlan | None:
     """The recorded job of an unfinished output, or None when there is none or it is unreadable."""
     try:
         doc = json.loads((partial / JOB_FILE).read_text())
-        return JobPlan(doc["identity"], {k: int(v) for k, v in doc["block_rows"].items()})
+        budget = doc.get("budget")
+        return JobPlan(
+            doc["identity"],
+            {k: int(v) for k, v in doc["block_rows"].items()},
+            dict(budget) if budget is not None else None,
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -182,6 +212,35 @@ def check_done_inputs(
             )
 
 
+def whole_tensor_digests(t: LazyTensor) -> list[str]:
+    """:func:`tensor_input_digests` of every row of ``t``, read in small steps."""
+    from streamvec.io.blocks import matrix_shape
+
+    return tensor_input_digests(t, 0, matrix_shape(t.shape)[0], digest_rows(t))
+
+
+def check_done_tensors(tensors: Sequence[LazyTensor], recorded: list[str] | None) -> None:
+    """:func:`check_done_inputs` for a finished output tensor computed from whole tensors.
+
+    The SVD commands log one entry per output tensor with the digests of every input tensor
+    it was computed from, in order (``merge-svd``'s TSV-M reads each task's matrix,
+    ``decompose`` each task's); ``recorded`` is cut back into one list per tensor.
+
+    Raises:
+        ResumeError: naming the input file that changed.
+    """
+    from streamvec.io.blocks import matrix_shape
+
+    widths = [len(t.terms) for t in tensors]
+    if recorded is None or len(recorded) != sum(widths):
+        recorded = None
+    start = 0
+    for t, width in zip(tensors, widths, strict=True):
+        part = None if recorded is None else recorded[start : start + width]
+        start += width
+        check_done_inputs(t, 0, matrix_shape(t.shape)[0], part, digest_rows(t))
+
+
 class DoneLog:
     """Appends finished blocks, durably and in batches (see the module docstring)."""
 
@@ -219,3 +278,184 @@ def remove_job_files(partial: Path) -> None:
             (partial / name).unlink()
         except FileNotFoundError:
             pass
+
+
+class Job:
+    """One writing command's output, from its start to its commit (see the module doc).
+
+    Use as a context manager. On entry the output directory is opened; with ``resume`` an
+    unfinished output of the same job is kept (:attr:`resumed`, :attr:`recorded`,
+    :attr:`entries`), else it starts anew and ``plan`` is recorded. On leaving with an error,
+    the partial output is removed; on Ctrl-C or SIGTERM, or when the unfinished job cannot be
+    resumed as asked, it is kept for ``--resume`` and the lock released. A disk error becomes
+    a one-line :class:`~streamvec.io.output.OutputError` saying what is needed.
+
+    Args:
+        output: the output path.
+        inputs: every file and directory the command reads (the output may not overlap them).
+        plan: this job's identity and plan, recorded when it starts anew.
+        resume: keep an unfinished output of the same job and continue it.
+        overwrite: replace an existing output once the new one is complete.
+        expected_bytes: about how large the output will be (for the disk-full message).
+        sync_seconds: how often finished work is made durable and logged (default:
+            ``STREAMVEC_SYNC_SECONDS`` or 5 s).
+
+    Example:
+        >>> with Job(out, inputs=paths, plan=JobPlan(identity, {}), resume=True) as job:
+        ...     for name, t in tensors.items():  # doctest: +SKIP
+        ...         if name not in job.done_tensors():
+        ...             write(job.partial, name, t)
+        ...             job.record_tensor(name, whole_tensor_digests(t))
+        ...     final = job.commit()
+    """
+
+    def __init__(
+        self,
+        output: str | os.PathLike[str],
+        *,
+        inputs: InputPaths,
+        plan: JobPlan,
+        resume: bool = False,
+        overwrite: bool = False,
+        expected_bytes: int | None = None,
+        sync_seconds: float | None = None,
+    ) -> None:
+        from streamvec.io.output import OutputDir
+
+        self.out = OutputDir(output, overwrite=overwrite, inputs=inputs)
+        self.out.expected_bytes = expected_bytes
+        self.plan = plan
+        self.resume = resume
+        self.sync_seconds = (
+            sync_seconds
+            if sync_seconds is not None
+            else float(os.environ.get("STREAMVEC_SYNC_SECONDS", DEFAULT_SYNC_SECONDS))
+        )
+        self.resumed = False
+        self.recorded: JobPlan | None = None
+        self.entries: dict[tuple[str, int], tuple[bytes, list[str] | None]] = {}
+        self._log: DoneLog | None = None
+        self._closers: list[Callable[[], None]] = []
+
+    @property
+    def partial(self) -> Path:
+        """The directory the output is written into until :meth:`commit`."""
+        return self.out.partial
+
+    @property
+    def final(self) -> Path:
+        """The output path."""
+        return self.out.final
+
+    def __enter__(self) -> Job:
+        out = self.out
+        try:
+            kept = out.open(keep_partial=self.resume)
+            recorded = read_job(out.partial) if kept else None
+            entries = read_done_entries(out.partial) if kept else {}
+            if kept and recorded is None and (out.partial / JOB_FILE).exists():
+                # Written whole or not at all (write_job), so this one was damaged since.
+                raise ResumeError(
+                    f"cannot resume: the job record {out.partial / JOB_FILE} is unreadable; "
+                    "rerun without --resume to start over"
+                )
+            if kept and (
+                recorded is None or (recorded.identity == self.plan.identity and not entries)
+            ):
+                # Stopped before anything was logged as done (before its job record, or
+                # before its files were all created): nothing to continue, so start over.
+                out.release()
+                kept = out.open(keep_partial=False)
+            if kept:
+                assert recorded is not None
+                if recorded.identity != self.plan.identity:
+                    what = explain_mismatch(recorded.identity, self.plan.identity)
+                    raise ResumeError(
+                        f"cannot resume: the unfinished job differs in {what}; rerun without "
+                        "--resume to start over"
+                    )
+                self.resumed, self.recorded, self.entries = True, recorded, entries
+            else:
+                write_job(out.partial, self.plan)
+            self._log = DoneLog(out.partial, self.sync_seconds)
+        except BaseException as exc:
+            self._stop(type(exc), exc)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self._stop(exc_type, exc)
+
+    def _stop(self, exc_type: type[BaseException], exc: BaseException | None) -> None:
+        """Close what the command opened, then keep or remove the partial output."""
+        for close in reversed(self._closers):
+            try:
+                close()  # e.g. wait for writes in flight; may fail again on a full disk
+            except OSError:
+                pass
+        if self._log is not None:
+            self._log.close()
+        if issubclass(exc_type, (KeyboardInterrupt, ResumeError)):
+            self.out.release()  # keep the partial output: --resume continues it
+            return
+        self.out.abort()
+        if isinstance(exc, OSError) and not isinstance(exc, StreamvecError):
+            raise self.out.write_error(exc) from None
+
+    def on_stop(self, close: Callable[[], None]) -> None:
+        """Call ``close`` when the job stops on an error or a signal, before the cleanup."""
+        self._closers.append(close)
+
+    @property
+    def log(self) -> DoneLog:
+        """The done log (open inside the ``with`` block)."""
+        assert self._log is not None, "use Job as a context manager"
+        return self._log
+
+    def budgeted(self, run: S) -> S:
+        """``run`` with the plan budget this job records: the unfinished run's when resumed.
+
+        Args:
+            run: this run's settings (the job's plan was made with ``run.plan_budget()``).
+        """
+        recorded = self.recorded if self.resumed else self.plan
+        assert recorded is not None and recorded.budget is not None, "a job without a budget"
+        return run.with_budget(recorded.budget)
+
+    def done_tensors(self) -> set[str]:
+        """Tensors an unfinished run logged as done (whole-tensor jobs)."""
+        return {name for name, _ in self.entries}
+
+    def check_done(self, tensors: dict[str, Sequence[LazyTensor]]) -> None:
+        """Refuse to resume when an input of a finished tensor changed since (by name).
+
+        Args:
+            tensors: output tensor name -> the input tensors it was computed from, in the
+                order their digests were logged.
+        """
+        for (name, _), (_, inputs) in self.entries.items():
+            if name in tensors:
+                check_done_tensors(tensors[name], inputs)
+
+    def record_tensor(self, name: str, inputs: Iterable[str]) -> None:
+        """Log an output tensor as done, with the digests of the inputs it was computed from."""
+        self.log.record(name, 0, b"", list(inputs))
+
+    def commit(self) -> Path:
+        """Remove the job files and give the output its final name."""
+        self.log.flush()
+        self.log.close()
+        remove_job_files(self.out.partial)
+        return self.out.commit()
+
+    def discard(self) -> None:
+        """Remove the partial output of a job whose result is no longer needed."""
+        if self._log is not None:
+            self._log.close()
+        self.out.abort()

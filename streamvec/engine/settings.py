@@ -320,6 +320,38 @@ class Settings:
         """Every setting as plain values (JSON-ready), in field order."""
         return asdict(self)
 
+    def output_identity(self) -> dict[str, Any]:
+        """The settings that decide what a command writes: part of its job's identity.
+
+        A resumed run must have the same (``--resume`` with another ``--vocab`` or
+        ``--compression`` is refused by name). How fast and where a run goes (workers,
+        scheduler, memory limit, device) is not identity: the SVD commands record the budget
+        their plans came from and a resumed run reuses it, so results stay identical.
+        """
+        return {name: getattr(self, name) for name in OUTPUT_SETTINGS}
+
+    def plan_budget(self) -> dict[str, Any]:
+        """The resolved settings a factorization's plan is made from.
+
+        The SVD commands record them with their job and a resumed run reuses them
+        (:meth:`with_budget`): the block height enters the rounding of the QR factorizations,
+        so a resumed run factors every matrix exactly as the unfinished one would have.
+        """
+        return {
+            "memory_limit": self.resolved_limit(),
+            "workers": self.resolved_workers(),
+            "block_size": self.block_bytes(),
+        }
+
+    def with_budget(self: S, budget: Mapping[str, Any]) -> S:
+        """A copy with a recorded :meth:`plan_budget` in place of this run's."""
+        return replace(
+            self,
+            memory_limit=budget["memory_limit"],
+            workers=budget["workers"],
+            block_size=budget["block_size"],
+        )
+
     def given(self) -> dict[str, Any]:
         """The settings that differ from their defaults: what the user asked for."""
         out = {}
@@ -393,14 +425,9 @@ class Settings:
 
         return DEFAULT_BLOCK_BYTES if self.block_size is None else parse_size(self.block_size)
 
-    def refuse_resume(self, command: str) -> None:
-        """Commands that cannot resume say so rather than ignore ``--resume``."""
-        if self.resume:
-            raise StreamvecError(
-                f"--resume is not supported by `streamvec {command}` yet; rerun without it "
-                "(the output appears only when complete)"
-            )
 
+# The settings that change an output's bytes (or whether it is written at all).
+OUTPUT_SETTINGS = ("compression", "shard_size", "vocab", "int_tensors", "check_finite")
 
 # The settings streamvec.engine.execute.run takes, by the same names.
 ENGINE_SETTINGS = (

@@ -164,8 +164,11 @@ class OutputDir:
         # Set by a command that knows its output's size: said when the disk fills up.
         self.expected_bytes: int | None = None
         parent = self.final.parent
-        self.partial = parent / f".{self.final.name}.partial"
-        self.lock_path = parent / f".{self.final.name}.lock"
+        # A hidden output (an intermediate such as ``.OUT.factors``) is not hidden twice, so
+        # every file of a run writing OUT starts with ``.OUT.``.
+        hidden = self.final.name if self.final.name.startswith(".") else f".{self.final.name}"
+        self.partial = parent / f"{hidden}.partial"
+        self.lock_path = parent / f"{hidden}.lock"
         self._lock_fd: int | None = None
 
     def __enter__(self) -> OutputDir:

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 Kind = Literal["model", "task_vector", "combination"]
 OnMissing = Literal["error", "base"]
 _EPS = 1e-9
+# save()'s own keywords; every other one is a run setting (streamvec.engine.settings.Settings)
+_SAVE_ARGUMENTS = frozenset({"format", "description", "extra_attrs"})
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,16 @@ class Model(Mapping[str, LazyTensor]):
             >>> (sv.open("ft") - sv.open("base")).save("tau.zarr")  # doctest: +SKIP
         """
         from streamvec.engine.execute import run
+        from streamvec.engine.settings import ENGINE_SETTINGS, Settings
 
+        settings = {k: v for k, v in options.items() if k not in _SAVE_ARGUMENTS}
+        Settings.from_kwargs(settings)  # an unknown name or a bad value: one message
+        elsewhere = sorted(set(settings) - set(ENGINE_SETTINGS))
+        if elsewhere:
+            raise StreamvecError(
+                f"{', '.join(elsewhere)}: not a setting of save(); it belongs to the model "
+                "(e.g. model.with_vocab('union').save(...), model.on_changed_nonfloat('base'))"
+            )
         return run(self, path, **options)
 
     def __repr__(self) -> str:

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 
 from streamvec.compute.linalg.factors import common_subspace
+from streamvec.engine.jobs import Job, JobPlan, whole_tensor_digests
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import write_model_card
-from streamvec.io.output import OutputDir
 from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.model.algebra import Combination, Model
 from streamvec.model.sources import input_paths
@@ -234,9 +234,25 @@ def decompose(
 
     shared_dims: dict[str, int] = {}
     methods: Counter[str] = Counter()
-    inputs = input_paths(s for tau in taus for s in tau.sources())
-    out = OutputDir(output, overwrite=run.overwrite, inputs=inputs)
-    with out:
+    identity = {
+        **common,
+        "sources": [[s.info for s in tau.sources()] for tau in taus],
+        "tensors": [[n, [list(t[n].shape) if n in t else None for t in per_task]] for n in names],
+        "settings": run.output_identity(),
+    }
+    job = Job(
+        output,
+        inputs=input_paths(s for tau in taus for s in tau.sources()),
+        plan=JobPlan(identity, {}, run.plan_budget()),
+        resume=run.resume,
+        overwrite=run.overwrite,
+    )
+    with job:
+        if job.resumed:
+            job.check_done({n: [t[n] for t in per_task if n in t] for n in names})
+        done = job.done_tensors()
+        # each matrix is planned with the budget the job records (the unfinished run's)
+        run = job.budgeted(run)
         writers = []
         for i, (term, tau) in enumerate(zip(terms, taus, strict=True)):
             attrs = {
@@ -247,33 +263,55 @@ def decompose(
                 "expression": f"shared part of ({tau.describe()})",
                 "sources": [s.info for s in tau.sources()],
             }
-            writers.append(SVDStoreWriter(out.partial / components[str(term)]["shared"], attrs))
+            shared_path = job.partial / components[str(term)]["shared"]
+            writers.append(SVDStoreWriter(shared_path, attrs, reopen=job.resumed))
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
             factorizer = Factorizer(options, run, kwargs)
             desc = f"{Path(output).name} (shared)"
             bar = tqdm(names, desc=desc, unit="tensor", disable=not run.progress)
             for name in bar:
-                if any(name not in tensors for tensors in per_task):
+                present = [tensors[name] for tensors in per_task if name in tensors]
+                if name in done:
+                    recorded = writers[0].factor_attrs(name)
+                    if recorded is not None:  # a matrix: what the unfinished run found
+                        shared_dims[name] = int(recorded["rank"])
+                        # the plans are those of the recorded budget, as then
+                        methods.update(factorizer.plan(t, options.rank).method for t in present)
+                    continue
+                digests: list[str] = []
+                if len(present) < len(per_task):
                     # A LoRA adapter touches few tensors: a task without an update of this
                     # tensor shares no direction of it, so every shared part is 0.
-                    present = next(t[name] for t in per_task if name in t)
                     for w in writers:
-                        w.write_dense(name, np.zeros(present.shape, np.float32), "float32")
-                    continue
-                tensors = [tensors[name] for tensors in per_task]
-                shape = tensors[0].shape
-                if not is_factored_shape(shape):
-                    for w, t in zip(writers, tensors, strict=True):
+                        w.write_dense(name, np.zeros(present[0].shape, np.float32), "float32")
+                    digests = [d for t in present for d in whole_tensor_digests(t)]
+                elif not is_factored_shape(present[0].shape):
+                    for w, t in zip(writers, present, strict=True):
                         # shared = 0 for non-matrices; zero chunks are not even written.
-                        w.write_dense(name, np.zeros(shape, np.float32), source_dtype(t))
-                    continue
-                shared_dims[name] = _decompose_matrix(
-                    name, tensors, writers, factorizer, options, threshold, kwargs, methods
-                )
+                        w.write_dense(name, np.zeros(t.shape, np.float32), source_dtype(t))
+                    digests = [d for t in present for d in whole_tensor_digests(t)]
+                else:
+                    shared_dims[name] = _decompose_matrix(
+                        name,
+                        present,
+                        writers,
+                        factorizer,
+                        options,
+                        threshold,
+                        kwargs,
+                        methods,
+                        digests,
+                    )
+                job.record_tensor(name, digests)
+            # The shared stores are complete before the unique parts read them.
+            job.log.flush()
         for w in writers:
             w.finish()
         for i, (term, tau) in enumerate(zip(terms, taus, strict=True)):
-            shared_path = out.partial / components[str(term)]["shared"]
+            unique_path = job.partial / components[str(term)]["unique"]
+            if unique_path.is_dir():
+                continue  # finished by the unfinished run, from inputs checked above
+            shared_path = job.partial / components[str(term)]["shared"]
             # keep_base_when_missing: a checkpoint pair also has int/bool buffers, which a task
             # vector leaves out and the shared store therefore lacks; only those are missing.
             # The filter applies to the whole difference: the shared store holds only the
@@ -282,7 +320,7 @@ def decompose(
             unique: Combination = difference.keep_base_when_missing()
             run_engine(
                 unique,
-                out.partial / components[str(term)]["unique"],
+                unique_path,
                 description="decompose",
                 extra_attrs={
                     **common,
@@ -293,7 +331,8 @@ def decompose(
                     "shared_store": components[str(term)]["shared"],
                     "sources": [s.info for s in tau.sources()],
                 },
-                **{**run.engine_kwargs(), "overwrite": False},
+                # resume: an unfinished unique part continues where it stopped
+                **{**run.engine_kwargs(), "overwrite": False, "resume": job.resumed},
             )
         manifest = {
             **common,
@@ -306,10 +345,10 @@ def decompose(
                 + " ".join(f"{Path(output).name}/{c['shared']}" for c in components.values()),
             },
         }
-        (out.partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (job.partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         sources = {json.dumps(s.info, sort_keys=True): s.info for t in taus for s in t.sources()}
-        write_model_card(out.partial, {**common, "sources": list(sources.values())})
-        final = out.commit()
+        write_model_card(job.partial, {**common, "sources": list(sources.values())})
+        final = job.commit()
     return DecomposeReport(
         path=final,
         components=components,
@@ -328,8 +367,12 @@ def _decompose_matrix(
     threshold: float,
     compute_kwargs: dict[str, Any],
     methods: Counter[str],
+    digests: list[str],
 ) -> int:
     """Factor each task's matrix, find the common subspace, write each shared part.
+
+    The digests of each task's inputs, as read for its factorization, are appended to
+    ``digests`` (for ``--resume``).
 
     Returns:
         ``s``, the dimension of the shared subspace.
@@ -340,6 +383,7 @@ def _decompose_matrix(
     block_rows = rows_per_block(tensors[0].shape)
     for t in tensors:
         result, plan = factorizer.factor(t, options.rank, seed)
+        digests.extend(factorizer.input_digests(t))
         bases.append(result.U)
         norms.append(result.frob_norm)
         methods[plan.method] += 1

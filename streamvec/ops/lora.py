@@ -57,7 +57,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,10 @@ import numpy as np
 from streamvec.compute.linalg.factors import stacked_lowrank_svd
 from streamvec.compute.linalg.rsvd import SVDResult, sum_of_squares
 from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
+from streamvec.engine.jobs import Job, JobPlan
 from streamvec.errors import MismatchError, StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.output import OutputDir, check_free_space
+from streamvec.io.output import check_free_space
 from streamvec.io.peft.naming import PeftNaming, PeftTarget, peft_naming, target_modules_for
 from streamvec.io.peft.readers import LoraProductReader
 from streamvec.io.peft.writer import (
@@ -254,6 +255,60 @@ def _split(
     return a.astype(out_dtype), b.astype(out_dtype)
 
 
+def _export_layer(
+    index: int,
+    name: str,
+    t: LazyTensor,
+    target: PeftTarget,
+    factorizer: Factorizer,
+    options: SVDOptions,
+    rank_tol: float,
+    out_dtype: np.dtype,
+    spill: Path,
+) -> ExportedModule | None:
+    """Factor one target layer and spill its A and B (and a record of them) for the adapter.
+
+    Returns:
+        The module, or None when the layer's update is zero (nothing to export).
+    """
+    result, method = _factor(t, factorizer, options)
+    s = result.S
+    module = None
+    if s.size and s[0] > 0.0:
+        r = int(np.count_nonzero(s > rank_tol * s[0]))
+        a, b = _split(result, r, target, out_dtype)
+        bf16 = out_dtype == OUTPUT_DTYPES["bfloat16"]
+        np.save(spill / f"{index}.A.npy", a.view(np.uint16) if bf16 else a)
+        np.save(spill / f"{index}.B.npy", b.view(np.uint16) if bf16 else b)
+        sq = result.frob_norm**2
+        residual = np.sqrt(max(0.0, sq - float(np.sum(s[:r] ** 2))) / sq) if sq else 0.0
+        module = ExportedModule(
+            index,
+            name,
+            target.module,
+            target.kind,
+            r,
+            (int(a.shape[0]), int(a.shape[1])),
+            (int(b.shape[0]), int(b.shape[1])),
+            float(residual),
+            method,
+        )
+    # What a resumed run needs to pick this layer up without factoring it again.
+    record = None if module is None else asdict(module)
+    (spill / f"{index}.json").write_text(json.dumps(record))
+    return module
+
+
+def _read_spilled(spill: Path, index: int) -> ExportedModule | None:
+    """The record :func:`_export_layer` spilled for layer ``index`` (None: unchanged)."""
+    record = json.loads((spill / f"{index}.json").read_text())
+    if record is None:
+        return None
+    record["a_shape"] = tuple(record["a_shape"])
+    record["b_shape"] = tuple(record["b_shape"])
+    return ExportedModule(**record)
+
+
 def lora(
     base: str | os.PathLike[str],
     terms: list[TermSpec],
@@ -356,45 +411,66 @@ def lora(
     unchanged: list[str] = []
     methods: Counter[str] = Counter()
     base_src = open_model(base).source
-    out = OutputDir(output, overwrite=run.overwrite, inputs=input_paths([*tv.sources(), base_src]))
+    identity = {
+        "operation": "lora",
+        "expression": tv.describe(),
+        "sources": [s.info for s in tv.sources()],
+        "base": base_src.info,
+        "targets": [[n, list(t.shape), naming.targets[n].module] for n, t in selected],
+        "rank_tol": rank_tol,
+        "dtype": dtype,
+        "task_type": task_type,
+        "settings": run.output_identity(),
+        **options.attrs(),
+    }
     # A and B of every layer at full rank, twice: spilled while factoring, then the adapter.
-    out.expected_bytes = 2 * sum(
+    expected = 2 * sum(
         (t.shape[0] + t.shape[1]) * min(options.rank, *t.shape) * out_dtype.itemsize
         for _, t in selected
     )
-    check_free_space(out.final, out.expected_bytes)
-    with out, dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-        factorizer = Factorizer(options, run, kwargs)
-        spill = out.partial / ".factors"
-        spill.mkdir()
-        bar = tqdm(selected, desc=Path(output).name, unit="tensor", disable=not run.progress)
-        for i, (name, t) in enumerate(bar):
-            target = naming.targets[name]
-            result, method = _factor(t, factorizer, options)
-            s = result.S
-            if s.size == 0 or s[0] <= 0.0:
-                unchanged.append(name)
-                continue
-            r = int(np.count_nonzero(s > rank_tol * s[0]))
-            a, b = _split(result, r, target, out_dtype)
-            np.save(spill / f"{i}.A.npy", a.view(np.uint16) if dtype == "bfloat16" else a)
-            np.save(spill / f"{i}.B.npy", b.view(np.uint16) if dtype == "bfloat16" else b)
-            sq = result.frob_norm**2
-            residual = np.sqrt(max(0.0, sq - float(np.sum(s[:r] ** 2))) / sq) if sq else 0.0
-            modules.append(
-                ExportedModule(
-                    i,
-                    name,
-                    target.module,
-                    target.kind,
-                    r,
-                    (int(a.shape[0]), int(a.shape[1])),
-                    (int(b.shape[0]), int(b.shape[1])),
-                    float(residual),
-                    method,
-                )
-            )
-            methods[method] += 1
+    if not run.resume:
+        check_free_space(Path(output).absolute(), expected)
+    job = Job(
+        output,
+        inputs=input_paths([*tv.sources(), base_src]),
+        plan=JobPlan(identity, {}, run.plan_budget()),
+        resume=run.resume,
+        overwrite=run.overwrite,
+        expected_bytes=expected,
+    )
+    with job:
+        spill = job.partial / ".factors"
+        if job.resumed:
+            job.check_done({n: [t] for n, t in selected})
+        else:
+            spill.mkdir()
+        done = job.done_tensors()
+        # each matrix is planned with the budget the job records (the unfinished run's)
+        run = job.budgeted(run)
+        with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
+            factorizer = Factorizer(options, run, kwargs)
+            bar = tqdm(selected, desc=Path(output).name, unit="tensor", disable=not run.progress)
+            for i, (name, t) in enumerate(bar):
+                if name in done:  # factored by the unfinished run: its spilled record
+                    module = _read_spilled(spill, i)
+                else:
+                    module = _export_layer(
+                        i,
+                        name,
+                        t,
+                        naming.targets[name],
+                        factorizer,
+                        options,
+                        rank_tol,
+                        out_dtype,
+                        spill,
+                    )
+                    job.record_tensor(name, factorizer.input_digests(t))
+                if module is None:
+                    unchanged.append(name)
+                    continue
+                modules.append(module)
+                methods[module.method] += 1
         if not modules:
             raise StreamvecError(
                 f"every selected layer of {tv.describe()} equals the base: nothing to export"
@@ -407,7 +483,7 @@ def lora(
         rank = max(m.rank for m in modules)
         pattern = {m.module: m.rank for m in modules if m.rank != rank}
         targets = target_modules_for([m.module for m in modules], naming.modules)
-        write_adapter_weights(out.partial / ADAPTER_WEIGHTS, spill, modules, out_dtype)
+        write_adapter_weights(job.partial / ADAPTER_WEIGHTS, spill, modules, out_dtype)
         shutil.rmtree(spill)
         config = adapter_config(
             base=str(base),
@@ -417,8 +493,8 @@ def lora(
             targets=targets,
             fan_in_fan_out=any(m.kind == "conv1d" for m in modules),
         )
-        (out.partial / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (out.partial / "README.md").write_text(
+        (job.partial / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (job.partial / "README.md").write_text(
             adapter_readme(
                 expression=tv.describe(),
                 base=str(base),
@@ -455,8 +531,8 @@ def lora(
             "unchanged": unchanged,
             "left_out_changed": left_out,
         }
-        (out.partial / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
-        final = out.commit()
+        (job.partial / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        final = job.commit()
     if naming.model_class is None:
         print(f"warning: {naming.how}", file=sys.stderr)
     for name, why in sorted(left_out.items()):

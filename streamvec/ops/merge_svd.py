@@ -19,18 +19,18 @@ Tensors that are not matrices are averaged: ``mean_i tau_i``. The result is
 edited model in the Hugging Face layout).
 
 Memory: per matrix only the factors are ever held (``(m + n) K`` numbers); both merges are
-low-rank products, so the factors are written to a temporary SVD store and the (m x n) result
-is produced by the engine block by block as ``U[r0:r1] diag(S) Vh``
-(:mod:`streamvec.io.zarr.lowrank`),
-in bounded memory.
+low-rank products, so the factors are written to an SVD store in the hidden sibling
+``.OUT.factors.partial`` and the (m x n) result is produced by the engine block by block as
+``U[r0:r1] diag(S) Vh`` (:mod:`streamvec.io.zarr.lowrank`), in bounded memory. The factors
+are a job of their own (:class:`streamvec.engine.jobs.Job`): a run stopped while factoring or
+while writing the output continues with ``--resume``; the factors are removed once the output
+is complete.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,9 +40,10 @@ from typing import Any, Literal
 import numpy as np
 
 from streamvec.engine.execute import RunReport
+from streamvec.engine.jobs import Job, JobPlan, whole_tensor_digests
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.output import check_destination, output_error
+from streamvec.io.output import check_destination
 from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.model.sources import input_paths
 from streamvec.model.sources import open as open_model
@@ -56,7 +57,6 @@ from streamvec.ops.svd import (
     task_vector_of,
     tensor_seed,
 )
-from streamvec.signals import deferred
 from streamvec.version import __version__
 
 __all__ = ["MERGES", "SVDMergeReport", "iso_c_factors", "merge_svd", "tsv_factors"]
@@ -246,52 +246,93 @@ def merge_svd(
     }
     methods: Counter[str] = Counter()
     ranks: dict[str, int] = {}
-    tmp: Path | None = None
-    try:
-        # Ctrl-C or SIGTERM waits until the folder is made and known, so `finally` removes it.
-        with deferred():
-            tmp = Path(
-                tempfile.mkdtemp(
-                    prefix=f".{out_path.name}.factors-", dir=out_path.absolute().parent
-                )
-            )
-        factors_path = tmp / "merged.zarr"
-        writer = SVDStoreWriter(
-            factors_path,
-            {
-                "operation": f"merge-svd {method}",
-                "created_by": f"streamvec {__version__}",
-                "merge": merge_attrs,
-                **{k: v for k, v in options.attrs().items() if k != "rank"},
-            },
-        )
-        with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, run, kwargs)
+    factor_attrs = {
+        "operation": f"merge-svd {method}",
+        "created_by": f"streamvec {__version__}",
+        "merge": merge_attrs,
+        **{k: v for k, v in options.attrs().items() if k != "rank"},
+    }
+
+    def inputs_of(name: str) -> list[Any]:
+        """The tensors the merged tensor ``name`` is computed from (their digests' order)."""
+        if not is_factored_shape(summed[name].shape):
+            return [mean[name]]
+        return [summed[name]] if method == "iso-c" else _having(name, per_task)
+
+    identity = {
+        "attrs": factor_attrs,
+        "sources": [[s.info for s in tau.sources()] for tau in taus],
+        "tensors": [[n, list(t.shape)] for n, t in summed.items()],
+        "settings": run.output_identity(),
+    }
+    # The merged factors are a job of their own, in a hidden sibling of the output: a run
+    # stopped while factoring or while writing the output resumes from what it finished.
+    factors = Job(
+        out_path.absolute().parent / f".{out_path.name}.factors",
+        inputs=input_paths(inputs),
+        plan=JobPlan(identity, {}, run.plan_budget()),
+        resume=run.resume,
+    )
+    with factors:
+        if factors.resumed:
+            factors.check_done({n: inputs_of(n) for n in summed})
+        done = factors.done_tensors()
+        # each matrix is planned with the budget the job records (the unfinished run's)
+        factor_run = factors.budgeted(run)
+        writer = SVDStoreWriter(factors.partial, factor_attrs, reopen=factors.resumed)
+        with dask_compute_kwargs(factor_run.scheduler, factor_run.resolved_workers()) as kwargs:
+            factorizer = Factorizer(options, factor_run, kwargs)
             desc = f"{out_path.name} ({method})"
             bar = tqdm(summed, desc=desc, unit="tensor", disable=not run.progress)
             for name in bar:
                 t_sum = summed[name]
+                if name in done:
+                    recorded = writer.factor_attrs(name)
+                    if recorded is not None:  # a matrix: what the unfinished run found
+                        ranks[name] = int(recorded["rank"])
+                        # the plans are those of the recorded budget, as then
+                        tasks = inputs_of(name)
+                        k = int(recorded["budget"])
+                        k = k if method == "iso-c" else max(1, k // len(tasks))
+                        methods.update(factorizer.plan(t, k).method for t in tasks)
+                    continue
+                digests: list[str] = []
                 if not is_factored_shape(t_sum.shape):
                     writer.write_dense(name, mean[name].compute(), source_dtype(t_sum))
-                    continue
-                m, n = matrix_shape(t_sum.shape)
-                budget = min(m, n) if rank is None else min(rank, m, n)
-                seed = tensor_seed(options.seed, name)
-                u, s, vh = _merge_matrix(
-                    method, budget, seed, t_sum, _having(name, per_task), factorizer, methods
-                )
-                ranks[name] = int(s.shape[0])
-                writer.write_factors(
-                    name,
-                    t_sum.shape,
-                    source_dtype(t_sum),
-                    u,
-                    s,
-                    vh,
-                    {"rank": int(s.shape[0]), "merge": method, "budget": budget, "seed": seed},
-                )
+                    digests = whole_tensor_digests(mean[name])
+                else:
+                    m, n = matrix_shape(t_sum.shape)
+                    budget_k = min(m, n) if rank is None else min(rank, m, n)
+                    seed = tensor_seed(options.seed, name)
+                    u, s, vh = _merge_matrix(
+                        method,
+                        budget_k,
+                        seed,
+                        t_sum,
+                        inputs_of(name),
+                        factorizer,
+                        methods,
+                        digests,
+                    )
+                    ranks[name] = int(s.shape[0])
+                    writer.write_factors(
+                        name,
+                        t_sum.shape,
+                        source_dtype(t_sum),
+                        u,
+                        s,
+                        vh,
+                        {
+                            "rank": int(s.shape[0]),
+                            "merge": method,
+                            "budget": budget_k,
+                            "seed": seed,
+                        },
+                    )
+                factors.record_tensor(name, digests)
+        factors.log.flush()
         writer.finish()
-        merged = float(alpha) * open_model(factors_path)
+        merged = float(alpha) * open_model(factors.partial)
         # With a base, the fine-tunes (weight 0) say which rows the vocabulary has and whose
         # rows added tokens take (--vocab union); the merged store has no config.json.
         # Only then: weight-0 checkpoints would otherwise add checks (int buffers) to a merge
@@ -311,6 +352,7 @@ def merge_svd(
         sources = [s.info for tau in taus for s in tau.sources()]
         if base is not None:
             sources.append(open_model(base).source.info)
+        # --resume continues the output's own unfinished blocks too (the engine's job).
         report = run_engine(
             model.combination(),
             out_path,
@@ -324,12 +366,7 @@ def merge_svd(
             },
             **{**run.engine_kwargs(), "shard_size": shard_size or run.shard_size},
         )
-    except OSError as exc:  # disk full while writing the merged factors beside the output
-        raise output_error("write", out_path, exc) from None
-    finally:
-        if tmp is not None:
-            with deferred():  # a second signal must not cut the removal short
-                shutil.rmtree(tmp, ignore_errors=True)
+        factors.discard()  # the output is complete: the factors are no longer needed
     return SVDMergeReport(report, method, methods, ranks)
 
 
@@ -355,15 +392,19 @@ def _merge_matrix(
     tensors: list[Any],
     factorizer: Factorizer,
     methods: Counter[str],
+    digests: list[str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The merged factors of one matrix; each factored input's digests go to ``digests``."""
     if method == "iso-c":
         result, plan = factorizer.factor(t_sum, budget, seed)
+        digests.extend(factorizer.input_digests(t_sum))
         methods[plan.method] += 1
         return iso_c_factors(result.U, result.S, result.Vh)
     k = max(1, budget // len(tensors))
     per_task = []
     for t in tensors:
         result, plan = factorizer.factor(t, k, seed)
+        digests.extend(factorizer.input_digests(t))
         methods[plan.method] += 1
         per_task.append((result.U, result.S, result.Vh))
     return tsv_factors(per_task, k * len(tensors))

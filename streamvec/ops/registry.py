@@ -4,8 +4,9 @@ Every command that writes an output is one :class:`Operation` here. The CLI refu
 place (:func:`check_settings`), any :class:`~streamvec.engine.settings.Settings` a command was given
 but does not support, naming the flag and the command; the Python functions of the operations
 call the same check, so the CLI, the API and recipes agree. Merge methods are the entries of
-:mod:`streamvec.ops.merge.registry` and run under the ``merge`` entry's settings, less those
-their method cannot honour (:func:`merge_method_settings`).
+:mod:`streamvec.ops.merge.registry` and run under the ``merge`` entry's settings. Every
+writing operation resumes (``--resume``) through the one job lifecycle,
+:class:`streamvec.engine.jobs.Job`.
 
 Adding an operation: write its module, add one entry to :data:`OPERATIONS`, and register its
 command in the CLI.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
 
-__all__ = ["OPERATIONS", "Operation", "check_settings", "merge_method_settings"]
+__all__ = ["OPERATIONS", "Operation", "check_settings"]
 
 # What every streaming command honours.
 _RUN = frozenset(
@@ -102,7 +103,7 @@ OPERATIONS: dict[str, Operation] = {
             "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 "
             "(arXiv:2106.09685, 2021)",
             # --vocab base only: an adapter applies to the base's vocabulary (see ops/lora.py)
-            _RUN | {"strict", "vocab"},
+            _RUN | _RESUME | {"strict", "vocab"},
         ),
         Operation(
             "decompose",
@@ -112,7 +113,7 @@ OPERATIONS: dict[str, Operation] = {
             "Damirchi, Abbasnejad, Zhang & Shi, Decomposing Task Vectors for Refined Model "
             "Editing, arXiv:2512.22511, 2025",
             # not compression: the shared parts are SVD stores with their own codec
-            _RUN | {"vocab", "strict"},
+            _RUN | _RESUME | {"vocab", "strict"},
         ),
         Operation(
             "merge-svd",
@@ -123,7 +124,7 @@ OPERATIONS: dict[str, Operation] = {
             "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model "
             "Merging, CVPR 2025; Marczak et al., No Task Left Behind: Isotropic Model Merging "
             "with Common and Task-Specific Subspaces, ICML 2025",
-            _RUN | _ZARR | _SAFETENSORS | {"vocab", "strict"},
+            _RUN | _ZARR | _SAFETENSORS | _RESUME | {"vocab", "strict"},
         ),
         Operation(
             "merge",
@@ -153,15 +154,3 @@ def check_settings(command: str, settings: Settings) -> None:
     if op is None:
         raise StreamvecError(f"unknown operation {command!r}; operations: {', '.join(OPERATIONS)}")
     settings.check_supported(command, op.settings)
-
-
-def merge_method_settings(method: str) -> frozenset[str]:
-    """The settings a recipe with ``merge_method: METHOD`` honours.
-
-    TSV-M and Iso-C write their factors to a temporary store before the output pass, so they
-    cannot resume yet (as ``streamvec merge-svd``).
-    """
-    supported = OPERATIONS["merge"].settings
-    if method in ("tsv", "iso_c"):
-        return supported - _RESUME
-    return supported

@@ -48,24 +48,17 @@ from streamvec.compute.linalg.rsvd import (
 from streamvec.dtypes import dtype_name, is_float
 from streamvec.engine.execute import RUNTIME_OVERHEAD  # the engine's headroom: budgets agree
 from streamvec.engine.jobs import (
-    DoneLog,
+    Job,
     JobPlan,
-    ResumeError,
-    check_done_inputs,
     digest_rows,
-    explain_mismatch,
-    read_done_entries,
-    read_job,
-    remove_job_files,
     tensor_input_digests,
-    write_job,
 )
 from streamvec.engine.schedule import awaited_threads
 from streamvec.engine.settings import Settings, distributed_client
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import write_model_card
-from streamvec.io.output import OutputDir, check_free_space
+from streamvec.io.output import check_free_space
 from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.memory import anon_bytes
 from streamvec.model.algebra import Combination, Model
@@ -669,64 +662,34 @@ def svd(
     methods: Counter[str] = Counter()
     residuals: dict[str, float] = {}
     dense = 0
-    # The budget is part of the job: the block height enters the QR rounding, so a resumed
-    # run reuses the recorded limit, workers and block size rather than this run's.
     identity = {
         "attrs": root_attrs,
         "tensors": [[n, list(t.shape)] for n, t in resolved.tensors.items()],
+        "settings": run.output_identity(),
     }
-    budget = {
-        "memory_limit": run.resolved_limit(),
-        "workers": run.resolved_workers(),
-        "block_size": run.block_bytes(),
-    }
-    out = OutputDir(output, overwrite=run.overwrite, inputs=input_paths(tv.sources()))
-    out.expected_bytes = svd_store_bytes(resolved.tensors.values(), options.rank)
+    expected = svd_store_bytes(resolved.tensors.values(), options.rank)
     if not run.resume:
-        check_free_space(out.final, out.expected_bytes)
-    kept = out.open(keep_partial=run.resume) and read_job(out.partial) is not None
-    if not kept and run.resume:
-        out.release()
-        out.open()
-    done: set[str] = set()
-    try:
-        if kept:
-            recorded = read_job(out.partial)
-            assert recorded is not None
-            if recorded.identity["job"] != identity:
-                what = explain_mismatch(recorded.identity["job"], identity)
-                raise ResumeError(
-                    f"cannot resume: the unfinished job differs in {what}; rerun without "
-                    "--resume to start over"
-                )
-            budget = recorded.identity["budget"]
-            entries = read_done_entries(out.partial)
-            done = {name for name, _ in entries}
+        check_free_space(Path(output).absolute(), expected)
+    job = Job(
+        output,
+        inputs=input_paths(tv.sources()),
+        plan=JobPlan(identity, {}, run.plan_budget()),
+        resume=run.resume,
+        overwrite=run.overwrite,
+        expected_bytes=expected,
+    )
+    with job:
+        if job.resumed:
             # Tensors already factored came from the inputs as they were then: a changed
             # input is refused by name rather than mixed with this run's (docs/reliability.md).
-            for (name, _), (_, inputs) in entries.items():
-                if name in resolved.tensors:
-                    t = resolved.tensors[name]
-                    rows = matrix_shape(t.shape)[0]
-                    check_done_inputs(t, 0, rows, inputs, digest_rows(t))
-        else:
-            write_job(out.partial, JobPlan({"job": identity, "budget": budget}, {}))
-        run = replace(
-            run,
-            memory_limit=budget["memory_limit"],
-            workers=budget["workers"],
-            block_size=budget["block_size"],
-        )
-    except BaseException:
-        out.abort()
-        raise
-    try:
+            job.check_done({n: [t] for n, t in resolved.tensors.items()})
+        done = job.done_tensors()
+        # The budget is part of the job: the block height enters the QR rounding, so a
+        # resumed run reuses the recorded limit, workers and block size rather than this run's.
+        run = job.budgeted(run)
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
             factorizer = Factorizer(options, run, kwargs)
-            writer = SVDStoreWriter(out.partial, root_attrs, reopen=kept)
-            # Logged in batches like the engine's blocks: each flush is a global os.sync(),
-            # which on a busy machine waits for every other process's dirty pages.
-            log = DoneLog(out.partial, float(os.environ.get("STREAMVEC_SYNC_SECONDS", 5.0)))
+            writer = SVDStoreWriter(job.partial, root_attrs, reopen=job.resumed)
             items = list(resolved.tensors.items())
             bar = tqdm(items, desc=Path(output).name, unit="tensor", disable=not run.progress)
             for name, t in bar:
@@ -741,7 +704,7 @@ def svd(
                 if not is_factored_shape(t.shape):
                     writer.write_dense(name, _dense_values(t, run.check_finite), source_dtype(t))
                     dense += 1
-                    log.record(name, 0, b"", factorizer.input_digests(t))
+                    job.record_tensor(name, factorizer.input_digests(t))
                     continue
                 seed = tensor_seed(options.seed, name)
                 result, plan = factorizer.factor(t, options.rank, seed)
@@ -756,23 +719,10 @@ def svd(
                 )
                 methods[plan.method] += 1
                 residuals[name] = result.residual
-                log.record(name, 0, b"", factorizer.input_digests(t))
-            log.close()
-            remove_job_files(out.partial)
+                job.record_tensor(name, factorizer.input_digests(t))
             writer.finish()
-            write_model_card(out.partial, root_attrs)
-            final = out.commit()
-    except KeyboardInterrupt:
-        out.release()  # keep the partial output: --resume continues it
-        raise
-    except OSError as exc:  # disk full, quota, I/O error: say what and where
-        out.abort()
-        if isinstance(exc, StreamvecError):  # an input error that is also an OSError
-            raise
-        raise out.write_error(exc) from None
-    except BaseException:
-        out.abort()
-        raise
+            write_model_card(job.partial, root_attrs)
+            final = job.commit()
     return SVDReport(
         path=final,
         factored=sum(methods.values()),

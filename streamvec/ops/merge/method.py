@@ -36,9 +36,10 @@ class RunSettings(Settings):
 
         Args:
             method: the recipe's ``merge_method``, for the messages.
-            intermediate: the SVD command writes an intermediate that is always recomputed
-                (``shared_unique``'s components); ``resume`` then applies to the merge's own
-                output pass only (:meth:`engine_kwargs`), not to this command.
+            intermediate: the SVD command writes an intermediate of the merge's own, beside
+                its output (``shared_unique``'s components): one left complete by an
+                unfinished run is replaced, one left unfinished is continued with
+                ``--resume``.
 
         Returns:
             The settings for :func:`streamvec.ops.merge_svd.merge_svd` or
@@ -47,12 +48,12 @@ class RunSettings(Settings):
         Raises:
             StreamvecError: a setting the method does not support was given.
         """
-        from streamvec.ops.registry import OPERATIONS, merge_method_settings
+        from streamvec.ops.registry import OPERATIONS
 
-        self.check_supported("merge", merge_method_settings(method), f" with merge_method {method}")
+        self.check_supported("merge", OPERATIONS["merge"].settings, f" with merge_method {method}")
         settings = Settings.from_kwargs({f.name: getattr(self, f.name) for f in fields(Settings)})
         if intermediate:
-            settings = settings.replace(resume=False)
+            settings = settings.replace(overwrite=True)
         # Settings the merge honours in its own output pass (shard size...) are not the SVD
         # command's to refuse.
         command = "decompose" if intermediate else "merge-svd"

@@ -49,9 +49,10 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
     flt = request.name_filter
     include = list(flt.include) or None if flt else None
     exclude = list(flt.exclude) or None if flt else None
-    # The components are intermediate: a hidden sibling of the output, removed afterwards.
+    # The components are intermediate: a hidden sibling of the output, removed afterwards
+    # (decompose replaces one left by an earlier run, and continues an unfinished one with
+    # --resume).
     work = Path(output).absolute().parent / f".{Path(output).name}.components"
-    shutil.rmtree(work, ignore_errors=True)
     try:
         report = decompose(
             [str(e.path) for e in request.entries],
@@ -66,7 +67,6 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
             base=request.base.label,
             include=include,
             exclude=exclude,
-            # the components are recomputed on every run; --resume continues the output pass
             run=settings.svd_run_options("shared_unique", intermediate=True),
         )
         terms = []
