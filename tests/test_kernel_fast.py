@@ -1,10 +1,11 @@
 """The float32 path for one bf16 fine-tune gives the general kernel's bits.
 
-A sample of ``bench/verify_delta_bf16.py`` (which checks all 2^32 pairs): every bf16 base
-value against fine-tune values chosen where double rounding could bite (subnormals, zeros,
-the largest finite values, infinities, values far from and next to the base), compared with
-the general float64 path bit for bit, NaN payloads included; and, where the difference
-``f - b`` is exact, with the float64 formula rounded once (an independent reference).
+A sample of ``bench/verify_delta_bf16.py`` (which checks every NaN-free pair): every finite
+bf16 base value against fine-tune values chosen where double rounding could bite (subnormals,
+zeros, the largest finite values, infinities, values far from and next to the base),
+compared with the general float64 path bit for bit; where the difference ``f - b`` is exact,
+with the float64 formula rounded once (an independent reference); and NaN inputs, whose
+slabs go to the general path, NaN payloads included.
 """
 
 from __future__ import annotations

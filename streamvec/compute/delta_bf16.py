@@ -11,8 +11,9 @@ float64 products and sums and a float64 -> float32 -> bf16 rounding with a tie c
   2^-133, far above float32's 2^-149);
 * ``r = b + c * d`` is rounded once to float32, then to bf16 on its bits (round to nearest
   even). That double rounding can differ from the float64 path's only where ``r`` is
-  inexact *and* lands exactly on a bf16 tie. For these coefficients it never does: every one
-  of the 2^32 (base, fine-tune) bf16 pairs gives the general kernel's bits
+  inexact *and* lands exactly on a bf16 tie. For these coefficients it never does: every pair
+  of a finite bf16 base and a bf16 fine-tune value that is not a NaN (infinities included;
+  4.26e9 pairs) gives the general kernel's bits
   (``bench/verify_delta_bf16.py``, run for each coefficient and for ``s`` = 0 and 1; a
   sample of it runs in ``tests/test_kernel_fast.py``). Other powers of two do not hold:
   ``-1/2`` and ``1/4`` differ on about 0.1% of the pairs (``1.5 b`` and ``0.75 b`` need one
