@@ -14,7 +14,9 @@ alike:
   with ``--density 0`` and with the default settings, timed inside a subprocess (imports
   excluded);
 
-and prints each one's median seconds and its ratio to ``cat`` and to ``read``.
+and prints each one's median seconds and its ratio to ``cat`` and to ``read``, and its median
+CPU seconds (every thread of the process; ``cat``'s and ``before``'s own) and their ratio to
+``cat``'s: on a shared machine CPU time moves less with the load than wall time does.
 
     PYTHONPATH=. python bench/bench_stats.py BASE FT [FT...] [--rounds 3] [--workers N]
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,9 +45,9 @@ import sys, time
 import streamvec as sv
 from streamvec.ops.stats import StatsOptions
 options = StatsOptions(density={density})
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 sv.stats(sys.argv[2:], base=sys.argv[1], workers={workers}, options=options)
-print(time.perf_counter() - start)
+print(time.perf_counter() - start, time.process_time() - cpu)
 """
 
 
@@ -81,7 +84,7 @@ def main() -> None:
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(one, jobs))
 
-    def before(density: float) -> float:
+    def before(density: float) -> tuple[float, float]:
         code = _BEFORE.format(workers=workers, density=density)
         env = {**os.environ, "PYTHONPATH": str(args.before)}
         out = subprocess.run(
@@ -92,7 +95,8 @@ def main() -> None:
             text=True,
             check=True,
         )
-        return float(out.stdout.split()[-1])
+        wall, cpu = out.stdout.split()[-2:]
+        return float(wall), float(cpu)
 
     variants: dict[str, Callable[[], object]] = {
         "cat": lambda: subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL),
@@ -110,23 +114,39 @@ def main() -> None:
         variants["before (default)"] = lambda: before(0.2)
     variants["cat"]()  # warm the page cache
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpus: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start, cpu = time.perf_counter(), time.process_time()
             inner = fn()
-            took = time.perf_counter() - start
-            times[name].append(inner if isinstance(inner, float) else took)
+            took, cpu = time.perf_counter() - start, time.process_time() - cpu
+            if isinstance(inner, tuple):  # timed inside a subprocess (imports left out)
+                took, cpu = inner
+            elif name == "cat":  # the child's CPU time
+                end = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = end.ru_utime + end.ru_stime - kids.ru_utime - kids.ru_stime
+            times[name].append(took)
+            cpus[name].append(cpu)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpus.items()}
     print(
         f"inputs {size / 1e9:.2f} GB ({len(args.fts)} fine-tune(s) and the base), "
         f"{len(inputs.tensors)} tensors, {workers} workers, rounds {args.rounds}, "
         f"load {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'variant':<20} {'median s':>9} {'x cat':>7} {'x read':>7}  runs")
+    print(
+        f"{'variant':<20} {'median s':>9} {'x cat':>7} {'x read':>7} {'cpu s':>7} "
+        f"{'cpu x cat':>9}  runs (s)"
+    )
     for k, s in med.items():
         runs = " ".join(f"{x:.2f}" for x in times[k])
-        print(f"{k:<20} {s:>9.2f} {s / med['cat']:>7.2f} {s / med['read']:>7.2f}  {runs}")
+        c = mcpu[k]
+        print(
+            f"{k:<20} {s:>9.2f} {s / med['cat']:>7.2f} {s / med['read']:>7.2f} {c:>7.2f} "
+            f"{c / mcpu['cat']:>9.2f}  {runs}"
+        )
 
 
 if __name__ == "__main__":

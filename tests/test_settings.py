@@ -150,3 +150,11 @@ def test_save_takes_the_run_settings_by_their_names(
     assert not out.exists()
     report = tau.save(out, workers=1, compression="zstd", progress=False)
     assert report.path == out and out.is_dir()
+
+
+def test_stats_takes_its_run_flags_from_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    # The same flags (one definition), validated the same way, before any input is read.
+    assert main(["stats", "T", "--scheduler", "local:x"]) == 2
+    assert "local:N" in capsys.readouterr().err
+    assert main(["stats", "T", "--workers", "-1"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err

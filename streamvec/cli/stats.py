@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
+from streamvec.engine.settings import Settings, add_arguments
 from streamvec.errors import OutputError
+
+# The run settings stats honours (it reads and writes no model: no output settings).
+STATS_SETTINGS = ("workers", "scheduler", "memory_limit", "block_size", "verify_inputs")
 
 
 def add_parser(sub: Any) -> None:
@@ -69,15 +72,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="randomized SVD seed")
     p.add_argument("--no-plots", action="store_true", help="with -o: stats.json only")
     g = p.add_argument_group("running")
-    g.add_argument("--workers", type=int, metavar="N", help="blocks in flight (default: CPUs)")
-    g.add_argument("--scheduler", default="threads", metavar="S", help="as for combine")
-    g.add_argument("--memory-limit", metavar="SIZE", help="ceiling on anonymous memory")
-    g.add_argument("--block-size", metavar="SIZE", help="target float32 bytes per row block")
-    g.add_argument(
-        "--no-verify-inputs",
-        action="store_true",
-        help="do not compare each chunk read from a Zarr store with its recorded checksum",
-    )
+    # The run settings stats honours, with the flags every command has (one definition each).
+    add_arguments(g, STATS_SETTINGS)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     add_filter_options(p)
     add_vocab_option(p)
@@ -88,6 +84,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from streamvec.ops.stats.api import StatsOptions, stats
     from streamvec.ops.stats.report import format_stats, write_json
 
+    run = Settings.from_args(args)  # validated once, as for every command
     if args.output is not None and args.output.exists() and not args.output.is_dir():
         raise OutputError(f"-o {args.output}: exists and is not a directory; choose a directory")
     st = stats(
@@ -103,11 +100,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
             residual=args.residual,
             seed=args.seed,
         ),
-        workers=args.workers,
-        scheduler=args.scheduler,
-        memory_limit=args.memory_limit,
-        block_size=args.block_size,
-        progress=not args.quiet and sys.stderr.isatty(),
+        workers=run.workers,
+        scheduler=run.scheduler,
+        memory_limit=run.memory_limit,
+        block_size=run.block_size,
+        progress=run.progress,
     )
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)

@@ -215,7 +215,14 @@ class ZarrReader:
     def read(self, r0: int, r1: int) -> np.ndarray:
         from streamvec.io.zarr.chunks import read_rows
 
-        _, cols = matrix_shape(self.shape)
+        rows, cols = matrix_shape(self.shape)
+        # Checked here as SafetensorsReader does: a chunk read past the end would leave rows
+        # of uninitialised memory, and a 0-d array's one chunk would answer any range.
+        if not 0 <= r0 <= r1 <= rows:
+            raise IndexError(f"rows [{r0}, {r1}) outside 0..{rows}")
+        if r1 == r0 or cols == 0:
+            # Nothing to read; an array with a zero-size axis has no chunk files at all.
+            return np.empty((r1 - r0, cols), self.dtype)
         data = read_rows(self.store, self.array_path, r0, r1, self.check)
         if data.dtype != self.dtype:
             data = data.view(self.dtype)  # raw bf16 bits stored as uint16

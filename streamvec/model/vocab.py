@@ -78,6 +78,9 @@ class PaddedReader:
         return np.dtype(np.float32)  # exact for every float dtype streamvec reads
 
     def read(self, r0: int, r1: int) -> np.ndarray:
+        if not 0 <= r0 <= r1 <= self.rows:
+            # Rows past ``rows`` would otherwise read as more padding.
+            raise IndexError(f"rows [{r0}, {r1}) outside 0..{self.rows}")
         have = self.inner.shape[0]
         parts = []
         if r0 < have:

@@ -93,7 +93,11 @@ class ArraySpec:
 
 
 def _chunk_shape(shape: tuple[int, ...], chunk_rows: int) -> tuple[int, ...]:
-    return (max(1, min(chunk_rows, shape[0])), *shape[1:]) if shape else ()
+    # Whole rows per chunk; a zero-size axis gets a chunk size of 1 (zarr chunk sizes, and
+    # the store validator, need positive sizes), as io/zarr/validate.py expects.
+    if not shape:
+        return ()
+    return (max(1, min(chunk_rows, shape[0])), *(max(1, d) for d in shape[1:]))
 
 
 def create_store(
