@@ -18,7 +18,9 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
   the engine kept its read buffers from block to block (:mod:`streamvec.io.read_buffers`);
 * ``gathered-ties``: the final rounding checking every 16-bit tie of a slab one by one for
   exactness, as before it did so in one pass when there are many
-  (:class:`GatheredTiesRounder`).
+  (:class:`GatheredTiesRounder`);
+* ``float64-path``: one bf16 fine-tune with weight 1, -1 or 1/2 evaluated on the general
+  float64 path, as before the float32 path of :mod:`streamvec.compute.delta_bf16`.
 
 ``--cold`` evicts the inputs from the page cache before every run (``streamvec bench``'s
 method: drop_caches where permitted, else fadvise).
@@ -30,7 +32,7 @@ from a store written by ``diff`` first).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
         [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch,expanded,
-                    fresh-read-buffers,gathered-ties]
+                    fresh-read-buffers,gathered-ties,float64-path]
         [--cold]
         [--workdir DIR]
 """
@@ -58,6 +60,7 @@ VARIANTS = (
     "expanded",
     "fresh-read-buffers",
     "gathered-ties",
+    "float64-path",
 )
 
 
@@ -190,7 +193,7 @@ class FreshReadBuffers:
 
 @contextmanager
 def variant(name: str) -> Iterator[None]:
-    from streamvec.compute import kernel
+    from streamvec.compute import delta_bf16, kernel
     from streamvec.engine import execute as engine
     from streamvec.io import writeback
     from streamvec.io.zarr import access as store_check
@@ -204,6 +207,7 @@ def variant(name: str) -> Iterator[None]:
         engine._prefetch,
         engine.ReadBuffers,
         kernel._Rounder,
+        delta_bf16.applies,
     )
     policy = store_check.using_read_policy(
         store_check.ReadPolicy(verify=name != "no-verify-inputs")
@@ -220,6 +224,8 @@ def variant(name: str) -> Iterator[None]:
         engine.ReadBuffers = FreshReadBuffers  # type: ignore[misc,assignment]
     elif name == "gathered-ties":
         kernel._Rounder = GatheredTiesRounder  # type: ignore[misc,assignment]
+    elif name == "float64-path":
+        delta_bf16.applies = lambda *a, **k: False  # type: ignore[assignment]
     try:
         with policy:
             yield
@@ -231,6 +237,7 @@ def variant(name: str) -> Iterator[None]:
             engine._prefetch,
             engine.ReadBuffers,
             kernel._Rounder,
+            delta_bf16.applies,
         ) = saved
 
 

@@ -4,9 +4,11 @@
    model ``base + 0.5 (ft - base)`` and a three-fine-tune merge ``base + sum w_i (ft_i -
    base)`` (w = 1.0, -0.5, 0.3): the current kernel (delta form, float64 accumulation in
    cache-sized slabs, one correct rounding) against the expanded form it replaced
-   (``bench_ab.expanded_combine``: ``sum c_i x_i``, float32 accumulation) and, for the first,
-   the block-sized accumulator before that (``bench_ab.block_accumulator_combine``), and the
-   delta form with its previous final rounding (every 16-bit tie of a slab checked one by
+   (``bench_ab.expanded_combine``: ``sum c_i x_i``, float32 accumulation), the delta form on
+   its float64 path (as before ``streamvec.compute.delta_bf16``'s float32 path for one bf16
+   fine-tune) and, for the first, the block-sized accumulator before that
+   (``bench_ab.block_accumulator_combine``), and the delta form with its previous final
+   rounding (every 16-bit tie of a slab checked one by
    one: ``bench_ab.GatheredTiesRounder``). GB/s of input per CPU second of the thread.
 2. Reading row blocks of a task-vector store (``--store``): the synchronous chunk reader
    (``streamvec.io.zarr.chunks``) against itself copying the rows out of a single chunk (as
@@ -56,9 +58,21 @@ def gathered_ties(operands, points):  # -> np.ndarray
     saved = kernel._Rounder
     kernel._Rounder = bench_ab.GatheredTiesRounder  # type: ignore[misc,assignment]
     try:
-        return combine_blocks(operands, BFLOAT16, points)
+        return float64_path(operands, points)  # (the float32 path does not round that way)
     finally:
         kernel._Rounder = saved  # type: ignore[misc]
+
+
+def float64_path(operands, points):  # -> np.ndarray
+    """The delta-form kernel without the float32 path for one bf16 fine-tune (before)."""
+    from streamvec.compute import delta_bf16
+
+    saved = delta_bf16.applies
+    delta_bf16.applies = lambda *a, **k: False  # type: ignore[assignment]
+    try:
+        return combine_blocks(operands, BFLOAT16, points)
+    finally:
+        delta_bf16.applies = saved  # type: ignore[assignment]
 
 
 def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -82,6 +96,7 @@ def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
         nbytes = sum(x.nbytes for _, x in operands)
         variants: dict[str, Callable[[], object]] = {
             "delta form (current)": lambda o=operands, p=points: combine_blocks(o, BFLOAT16, p),
+            "delta, float64 path (before)": lambda o=operands, p=points: float64_path(o, p),
             "delta, ties gathered (before)": lambda o=operands, p=points: gathered_ties(o, p),
             "expanded form (before)": lambda o=operands: bench_ab.expanded_combine(o, BFLOAT16),
         }

@@ -129,8 +129,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-peers",
         action="store_true",
-        help="do not time the installed peers (torch.svd_lowrank for the svd step) next to "
-        "the steps",
+        help="do not time the installed peers (torch.svd_lowrank for the svd step, mergekit "
+        "for combine-ckpt) next to the steps",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=cmd_bench)

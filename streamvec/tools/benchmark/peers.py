@@ -7,8 +7,12 @@ imports and memory apart from the benchmark's), right after each run of the step
 sides of the ratio see the same machine load; the child times the loop itself, after its
 imports, and reports the mean relative residual so that the accuracy is compared too.
 
-mergekit has no randomized SVD (its LoRA extraction runs a full SVD per matrix), so the
-``svd`` step has no mergekit peer.
+For the ``combine-ckpt`` step (the edited model ``base + 0.5 (ft - base)`` from the
+checkpoints) the peer is mergekit's ``task_arithmetic`` on the same pair (``mergekit-yaml
+CONFIG OUT --no-copy-tokenizer``, weight 0.5, ``dtype: bfloat16``), when ``mergekit`` imports
+here or ``mergekit-yaml`` is on ``PATH`` (it often lives in a venv of its own); the child's
+whole wall time is compared, start-up included, like the step's. mergekit has no randomized
+SVD (its LoRA extraction runs a full SVD per matrix), so the ``svd`` step has no mergekit peer.
 
     python -m streamvec.tools.benchmark.peers torch-svd-lowrank STORE RANK
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,11 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PeerRun", "peer_notes", "peers_for", "run_peer"]
+__all__ = ["PeerRun", "missing_peers", "peer_notes", "peers_for", "run_peer"]
 
+TORCH = "torch.svd_lowrank"
+MERGEKIT = "mergekit task_arithmetic"
 # step -> (peer name, the module it needs)
 PEERS: dict[str, tuple[tuple[str, str], ...]] = {
-    "svd": (("torch.svd_lowrank", "torch"),),
+    "svd": ((TORCH, "torch"),),
+    "combine-ckpt": ((MERGEKIT, "mergekit"),),
+}
+INSTALL_HINTS = {
+    "torch": "pip install torch",
+    "mergekit": "pip install mergekit (or put its mergekit-yaml on PATH)",
 }
 TORCH_NITER = 2  # torch.svd_lowrank's default
 OVERSAMPLE = 10  # streamvec svd's default --oversample
@@ -40,7 +52,7 @@ class PeerRun:
 
     seconds: float
     peak_anon_bytes: int
-    mean_residual: float
+    mean_residual: float | None
     matrices: int
 
 
@@ -53,16 +65,40 @@ def peers_for(step: str) -> list[str]:
     Returns:
         Peer names, e.g. ``["torch.svd_lowrank"]``.
     """
-    return [name for name, module in PEERS.get(step, ()) if importlib.util.find_spec(module)]
+    return [name for name, module in PEERS.get(step, ()) if _installed(module)]
 
 
-def run_peer(name: str, store: Path, rank: int) -> PeerRun:
-    """Run one peer on ``store`` in a child process.
+def missing_peers(step: str) -> list[str]:
+    """One line per peer of ``step`` that is not installed here: what to install.
+
+    Args:
+        step: a step name of ``streamvec bench``.
+
+    Returns:
+        Lines such as ``"combine-ckpt: no mergekit task_arithmetic comparison (pip install
+        mergekit ...)"``; empty when every peer is installed.
+    """
+    return [
+        f"{step}: no {name} comparison ({INSTALL_HINTS[module]})"
+        for name, module in PEERS.get(step, ())
+        if not _installed(module)
+    ]
+
+
+def _installed(module: str) -> bool:
+    if importlib.util.find_spec(module) is not None:
+        return True
+    return module == "mergekit" and shutil.which("mergekit-yaml") is not None
+
+
+def run_peer(name: str, store: Path, rank: int, pair: tuple[Path, Path] | None = None) -> PeerRun:
+    """Run one peer in a child process.
 
     Args:
         name: a peer from :func:`peers_for`.
-        store: the task-vector store the step factors.
+        store: the task-vector store the step factors (``svd``'s peer).
         rank: the step's rank.
+        pair: (base, fine-tune) checkpoints of the step (``combine-ckpt``'s peer).
 
     Returns:
         The :class:`PeerRun`.
@@ -72,7 +108,11 @@ def run_peer(name: str, store: Path, rank: int) -> PeerRun:
     """
     from streamvec.memory import PeakSampler
 
-    if name != "torch.svd_lowrank":
+    if name == MERGEKIT:
+        if pair is None:
+            raise ValueError("the mergekit peer needs the (base, fine-tune) pair")
+        return _run_mergekit(*pair, store.parent)
+    if name != TORCH:
         raise ValueError(f"unknown peer {name!r}")
     cmd = [sys.executable, "-m", "streamvec.tools.benchmark.peers", "torch-svd-lowrank", str(store)]
     proc = subprocess.Popen(
@@ -85,6 +125,51 @@ def run_peer(name: str, store: Path, rank: int) -> PeerRun:
         raise RuntimeError(f"peer {name} exited {proc.returncode}: {lines[-1] if lines else ''}")
     doc = json.loads(out.strip().splitlines()[-1])
     return PeerRun(doc["seconds"], sampler.peak, doc["mean_residual"], doc["matrices"])
+
+
+def mergekit_config(base: Path, ft: Path) -> str:
+    """The ``combine-ckpt`` edit as a mergekit config: ``base + 0.5 (ft - base)``, bf16."""
+    return (
+        "merge_method: task_arithmetic\n"
+        f"base_model: {json.dumps(str(base))}\n"
+        "models:\n"
+        f"  - model: {json.dumps(str(ft))}\n"
+        "    parameters:\n"
+        "      weight: 0.5\n"
+        "parameters:\n"
+        "  normalize: false\n"
+        "dtype: bfloat16\n"
+    )
+
+
+def _run_mergekit(base: Path, ft: Path, workdir: Path) -> PeerRun:
+    """``mergekit-yaml`` on the pair in a child process: its whole wall time and peak."""
+    from streamvec.memory import PeakSampler
+
+    config, out = workdir / "mergekit-task-arithmetic.yaml", workdir / "mergekit-out"
+    config.write_text(mergekit_config(base, ft))
+    shutil.rmtree(out, ignore_errors=True)
+    exe = shutil.which("mergekit-yaml")
+    cmd = [exe] if exe else [sys.executable, "-m", "mergekit.scripts.run_yaml"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [*cmd, str(config), str(out), "--no-copy-tokenizer"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with PeakSampler(proc.pid, interval=0.01) as sampler:
+            _, err = proc.communicate()
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            lines = err.strip().splitlines()
+            raise RuntimeError(
+                f"mergekit-yaml exited {proc.returncode}: {lines[-1] if lines else ''}"
+            )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return PeerRun(seconds, sampler.peak, None, 0)
 
 
 def peer_notes(
@@ -115,7 +200,7 @@ def peer_notes(
             "peak_anon_bytes": max(r.peak_anon_bytes for r in peer_runs),
             "mean_residual": peer_runs[-1].mean_residual,
             "step_mean_residual": step_residual,
-            "niter": TORCH_NITER,
+            "niter": TORCH_NITER if name == TORCH else None,
         }
     return notes
 

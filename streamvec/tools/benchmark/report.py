@@ -77,11 +77,19 @@ def format_peers(results: Sequence[StepResult]) -> list[str]:
     for r in results:
         for name, peer in r.notes.get("peers", {}).items():
             mine, theirs = peer.get("step_mean_residual"), peer["mean_residual"]
-            accuracy = f"; mean residual {mine:.5f} vs {theirs:.5f}" if mine is not None else ""
+            accuracy = (
+                f"; mean residual {mine:.5f} vs {theirs:.5f}"
+                if mine is not None and theirs is not None
+                else ""
+            )
+            what = (
+                f"a {name} loop (niter={peer['niter']}) over the same arrays"
+                if peer.get("niter") is not None
+                else f"{name} on the same checkpoints"
+            )
             lines.append(
-                f"{r.size} {r.step}: {r.seconds:.2f} s vs {peer['seconds']:.2f} s for a "
-                f"{name} loop (niter={peer['niter']}) over the same arrays = "
-                f"{peer['ratio']:.2f}x its time{accuracy}"
+                f"{r.size} {r.step}: {r.seconds:.2f} s vs {peer['seconds']:.2f} s for "
+                f"{what} = {peer['ratio']:.2f}x its time{accuracy}"
             )
     return ["", *lines] if lines else []
 

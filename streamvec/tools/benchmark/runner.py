@@ -17,6 +17,7 @@ from streamvec.tools.benchmark.inputs import ensure_pair, remove_pair, size_labe
 from streamvec.tools.benchmark.measure import StepRun, measured_run
 from streamvec.tools.benchmark.peers import (
     PeerRun,
+    missing_peers,
     peer_notes,
     peers_for,
     run_peer,
@@ -68,23 +69,28 @@ def bench_size(
             plan = plan_step(name, pair, engine)
             runs = []
             peer_runs: dict[str, list[PeerRun]] = {p: [] for p in peers_for(name) if peers}
+            missing = missing_peers(name) if peers and name in steps else []
+            for line in missing:
+                log(f"  {line}")  # an optional peer not installed: said once, not measured
             for i in range(repeat):
                 run = measured_run(plan, engine, in_process, cache)
                 runs.append(run)
                 log(_run_line(pair.label, name, i, repeat, run))
                 for peer, done in peer_runs.items():  # interleaved with the step's runs
-                    done.append(run_peer(peer, pair.tau, SVD_RANK))
+                    done.append(run_peer(peer, pair.tau, SVD_RANK, (pair.base, pair.ft)))
                     log(
-                        f"  {pair.label} {name} run {i + 1}/{repeat}: {peer} loop "
+                        f"  {pair.label} {name} run {i + 1}/{repeat}: {peer} "
                         f"{done[-1].seconds:.2f} s"
                     )
             if name in steps:
                 params = parse_param_count(size)
                 record = make_record(plan, size, params, runs, engine, mode, cache)
                 if peer_runs:
-                    residual = svd_store_mean_residual(plan.output)
+                    residual = svd_store_mean_residual(plan.output) if name == "svd" else None
                     seconds = [r.seconds for r in runs]
                     record.notes["peers"] = peer_notes(seconds, residual, peer_runs)
+                if missing:
+                    record.notes["peers_missing"] = missing
                 results.append(record)
             if not keep_outputs and name != "diff":
                 shutil.rmtree(plan.output, ignore_errors=True)
@@ -137,7 +143,8 @@ def run_bench(
         keep: keep checkpoints and outputs for the next run; otherwise each size's multi-GB
             files are deleted as soon as it is measured, and a temporary workdir after.
         quiet: print nothing (but a missing matplotlib).
-        peers: also time the installed peers of each step (``torch.svd_lowrank`` for svd)
+        peers: also time the installed peers of each step (``torch.svd_lowrank`` for svd,
+            mergekit's task_arithmetic for combine-ckpt)
             on the same inputs, interleaved with its runs, and show the ratios.
     """
     from streamvec.memory import default_memory_limit
