@@ -365,6 +365,8 @@ def run(
         "format": fmt,
         "compression": compression if fmt == "zarr" else None,
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
+        # without the check, non-finite blocks may be on disk: resuming with it would pass them
+        "check_finite": check_finite,
         "tensors": [[t.name, list(t.shape), _stored_dtype(t)] for t in tensors],
     }
     job = Job(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,6 +300,9 @@ class Job:
         expected_bytes: about how large the output will be (for the disk-full message).
         sync_seconds: how often finished work is made durable and logged (default:
             ``STREAMVEC_SYNC_SECONDS`` or 5 s).
+        intermediate: ``output`` is a hidden sibling of another command's output (such as
+            ``.OUT.factors``): its partial output and lock are ``.OUT.factors.partial`` and
+            ``.OUT.factors.lock``, so every file of a run writing OUT starts with ``.OUT.``.
 
     Example:
         >>> with Job(out, inputs=paths, plan=JobPlan(identity, {}), resume=True) as job:
@@ -319,10 +323,11 @@ class Job:
         overwrite: bool = False,
         expected_bytes: int | None = None,
         sync_seconds: float | None = None,
+        intermediate: bool = False,
     ) -> None:
         from streamvec.io.output import OutputDir
 
-        self.out = OutputDir(output, overwrite=overwrite, inputs=inputs)
+        self.out = OutputDir(output, overwrite=overwrite, inputs=inputs, intermediate=intermediate)
         self.out.expected_bytes = expected_bytes
         self.plan = plan
         self.resume = resume
@@ -418,15 +423,21 @@ class Job:
         assert self._log is not None, "use Job as a context manager"
         return self._log
 
-    def budgeted(self, run: S) -> S:
-        """``run`` with the plan budget this job records: the unfinished run's when resumed.
-
-        Args:
-            run: this run's settings (the job's plan was made with ``run.plan_budget()``).
-        """
+    @property
+    def budget(self) -> dict[str, Any]:
+        """The budget this job's factorizations are planned with: the unfinished run's when
+        resumed (:func:`streamvec.ops.factorize.factor_budget`)."""
         recorded = self.recorded if self.resumed else self.plan
-        assert recorded is not None and recorded.budget is not None, "a job without a budget"
-        return run.with_budget(recorded.budget)
+        if recorded is None or recorded.budget is None:
+            raise ResumeError(
+                f"cannot resume: the unfinished job in {self.out.partial} has no recorded "
+                "budget (written by another version); rerun without --resume to start over"
+            )
+        return recorded.budget
+
+    def budgeted(self, run: S) -> S:
+        """``run`` with the memory limit, workers and block size of :attr:`budget`."""
+        return run.with_budget(self.budget)
 
     def done_tensors(self) -> set[str]:
         """Tensors an unfinished run logged as done (whole-tensor jobs)."""
@@ -447,11 +458,14 @@ class Job:
         """Log an output tensor as done, with the digests of the inputs it was computed from."""
         self.log.record(name, 0, b"", list(inputs))
 
-    def commit(self) -> Path:
-        """Remove the job files and give the output its final name."""
+    def commit(self, scratch: Iterable[Path] = ()) -> Path:
+        """Remove the job files, then ``scratch`` (work files inside the partial output that a
+        resumed run would need while the job files exist), and give the output its name."""
         self.log.flush()
         self.log.close()
         remove_job_files(self.out.partial)
+        for path in scratch:
+            shutil.rmtree(path, ignore_errors=True)
         return self.out.commit()
 
     def discard(self) -> None:

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import numbers
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -259,7 +260,9 @@ class Settings:
 
         # 0 means the default (the CPU count), as it always has
         if self.workers is not None and (
-            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0
+            isinstance(self.workers, bool)
+            or not isinstance(self.workers, numbers.Integral)  # numpy integers too
+            or self.workers < 0
         ):
             raise StreamvecError(f"--workers must be at least 1, got {self.workers!r}")
         if not isinstance(self.scheduler, str) or not self.scheduler:

@@ -180,10 +180,17 @@ class OutputDir:
         overwrite: replace an existing output (only once the new one is complete).
         inputs: every file or directory the command reads (see :func:`refuse_overlap`);
             required so that no command can forget it.
+        intermediate: ``final`` is a hidden sibling of another output (``.OUT.factors``),
+            whose partial output and lock keep its name with ``.partial`` / ``.lock`` added.
     """
 
     def __init__(
-        self, final: str | os.PathLike[str], *, overwrite: bool = False, inputs: InputPaths
+        self,
+        final: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        inputs: InputPaths,
+        intermediate: bool = False,
     ) -> None:
         self.final = Path(final).absolute()
         self.overwrite = overwrite
@@ -191,9 +198,9 @@ class OutputDir:
         # Set by a command that knows its output's size: said when the disk fills up.
         self.expected_bytes: int | None = None
         parent = self.final.parent
-        # A hidden output (an intermediate such as ``.OUT.factors``) is not hidden twice, so
-        # every file of a run writing OUT starts with ``.OUT.``.
-        hidden = self.final.name if self.final.name.startswith(".") else f".{self.final.name}"
+        # An intermediate (``.OUT.factors``) is hidden already; hiding it twice would put its
+        # files outside the ``.OUT.`` names of the run that writes OUT.
+        hidden = self.final.name if intermediate else f".{self.final.name}"
         self.partial = parent / f"{hidden}.partial"
         self.lock_path = parent / f"{hidden}.lock"
         self._lock_fd: int | None = None

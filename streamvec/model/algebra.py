@@ -40,6 +40,13 @@ OnMissing = Literal["error", "base"]
 _EPS = 1e-9
 # save()'s own keywords; every other one is a run setting (streamvec.engine.settings.Settings)
 _SAVE_ARGUMENTS = frozenset({"format", "description", "extra_attrs"})
+# Where the settings that are not save()'s are given instead.
+_SET_ELSEWHERE = {
+    "vocab": "it belongs to the model: model.with_vocab('union').save(...)",
+    "int_tensors": "it belongs to the model: model.on_changed_nonfloat('base').save(...)",
+    "strict": "it applies when an adapter is opened: sv.open(adapter, base=..., strict=True)",
+    "verify_inputs": "store reads follow streamvec.io.zarr.access.using_read_policy(...)",
+}
 
 
 @dataclass(frozen=True)
@@ -253,12 +260,9 @@ class Model(Mapping[str, LazyTensor]):
 
         settings = {k: v for k, v in options.items() if k not in _SAVE_ARGUMENTS}
         Settings.from_kwargs(settings)  # an unknown name or a bad value: one message
-        elsewhere = sorted(set(settings) - set(ENGINE_SETTINGS))
-        if elsewhere:
-            raise StreamvecError(
-                f"{', '.join(elsewhere)}: not a setting of save(); it belongs to the model "
-                "(e.g. model.with_vocab('union').save(...), model.on_changed_nonfloat('base'))"
-            )
+        for name in sorted(set(settings) - set(ENGINE_SETTINGS)):
+            where = _SET_ELSEWHERE.get(name, "it applies to reading the inputs")
+            raise StreamvecError(f"{name}: not a setting of save(); {where}")
         return run(self, path, **options)
 
     def __repr__(self) -> str:

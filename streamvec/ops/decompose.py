@@ -52,6 +52,7 @@ from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.model.algebra import Combination, Model
 from streamvec.model.sources import open as open_model
 from streamvec.model.tensor import LazyTensor, rows_per_block
+from streamvec.ops.factorize import factor_budget
 from streamvec.ops.registry import check_settings
 from streamvec.ops.svd import (
     Factorizer,
@@ -161,6 +162,7 @@ def decompose(
     exclude: list[str] | None = None,
     run: RunOptions | None = None,
     vocab: str | None = None,
+    intermediate: bool = False,
 ) -> DecomposeReport:
     """Write the shared and unique components of each task vector (see module doc).
 
@@ -173,6 +175,9 @@ def decompose(
         include: only tensors matching these patterns.
         exclude: leave out tensors matching these.
         run: workers, scheduler, memory limit, progress, overwrite.
+        vocab: vocabulary policy (default: ``run.vocab``).
+        intermediate: ``output`` is a hidden sibling of another command's output (the
+            components of a ``shared_unique`` merge, see :class:`streamvec.engine.jobs.Job`).
 
     Returns:
         A :class:`DecomposeReport`.
@@ -238,14 +243,15 @@ def decompose(
         **common,
         "sources": [[s.info for s in tau.sources()] for tau in taus],
         "tensors": [[n, [list(t[n].shape) if n in t else None for t in per_task]] for n in names],
-        "settings": run.output_identity(),
+        "settings": {**run.output_identity(), "vocab": vocab},
     }
     job = Job(
         output,
         inputs=input_paths(s for tau in taus for s in tau.sources()),
-        plan=JobPlan(identity, {}, run.plan_budget()),
+        plan=JobPlan(identity, {}, factor_budget(run)),
         resume=run.resume,
         overwrite=run.overwrite,
+        intermediate=intermediate,
     )
     with job:
         if job.resumed:
@@ -266,7 +272,7 @@ def decompose(
             shared_path = job.partial / components[str(term)]["shared"]
             writers.append(SVDStoreWriter(shared_path, attrs, reopen=job.resumed))
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, run, kwargs)
+            factorizer = Factorizer(options, run, kwargs, job.budget["budget"])
             desc = f"{Path(output).name} (shared)"
             bar = tqdm(names, desc=desc, unit="tensor", disable=not run.progress)
             for name in bar:

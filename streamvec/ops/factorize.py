@@ -55,6 +55,7 @@ __all__ = [
     "SVDOptions",
     "SVDPlan",
     "dask_compute_kwargs",
+    "factor_budget",
     "matrix_dask",
     "plan_svd",
     "tensor_seed",
@@ -343,6 +344,19 @@ def dask_compute_kwargs(scheduler: str, workers: int) -> Iterator[dict[str, Any]
         yield {"scheduler": client}
 
 
+def memory_budget(run: Settings) -> int:
+    """Bytes a factorization may use now: the limit less this process's anonymous memory and
+    the runtime's headroom (as the engine's planner counts)."""
+    return run.resolved_limit() - anon_bytes() - RUNTIME_OVERHEAD
+
+
+def factor_budget(run: Settings) -> dict[str, Any]:
+    """What an SVD command records with its job so that a resumed run factors every matrix as
+    the unfinished one did: the run's :meth:`~streamvec.engine.settings.Settings.plan_budget`
+    and the byte budget taken now (``budget``, which depends on this process's memory)."""
+    return {**run.plan_budget(), "budget": memory_budget(run)}
+
+
 class Factorizer:
     """Factors tensors one at a time under a memory budget fixed at construction.
 
@@ -360,11 +374,19 @@ class Factorizer:
         ...     result, plan = f.factor(tv["w"], 16, seed=tensor_seed(0, "w"))
     """
 
-    def __init__(self, options: SVDOptions, run: Settings, compute_kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        options: SVDOptions,
+        run: Settings,
+        compute_kwargs: dict[str, Any],
+        budget: int | None = None,
+    ) -> None:
         self.options = options
         self.workers = run.resolved_workers()
         self.limit = run.resolved_limit()
-        self.budget = self.limit - anon_bytes() - RUNTIME_OVERHEAD
+        # A job's recorded budget (factor_budget), so that a resumed run plans every matrix
+        # as the unfinished one did; else taken now.
+        self.budget = budget if budget is not None else memory_budget(run)
         self.block_bytes = run.block_bytes()
         self.compute_kwargs = compute_kwargs
         self.device = check_device(run.device)
@@ -388,6 +410,10 @@ class Factorizer:
         Returns:
             The :class:`~streamvec.compute.linalg.SVDResult` and the plan that produced it.
         """
+        # The digests kept for input_digests are this tensor's only (decompose and TSV-M
+        # factor several tensors of one name, one per task).
+        self._digests = None
+        self._streamed_rows = None
         plan = self.plan(t, rank)
         if self.device != CPU:
             return self._factor_on_device(t, plan, seed), plan

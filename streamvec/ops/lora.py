@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -84,6 +83,7 @@ from streamvec.model.sources import open as open_model
 from streamvec.model.tensor import LazyTensor, row_ranges, rows_per_block
 from streamvec.model.vocab import VOCAB_HINT, VocabChoice
 from streamvec.ops.combine import TermSpec
+from streamvec.ops.factorize import factor_budget
 from streamvec.ops.registry import check_settings
 from streamvec.ops.svd import (
     Factorizer,
@@ -432,7 +432,7 @@ def lora(
     job = Job(
         output,
         inputs=input_paths([*tv.sources(), base_src]),
-        plan=JobPlan(identity, {}, run.plan_budget()),
+        plan=JobPlan(identity, {}, factor_budget(run)),
         resume=run.resume,
         overwrite=run.overwrite,
         expected_bytes=expected,
@@ -447,7 +447,7 @@ def lora(
         # each matrix is planned with the budget the job records (the unfinished run's)
         run = job.budgeted(run)
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, run, kwargs)
+            factorizer = Factorizer(options, run, kwargs, job.budget["budget"])
             bar = tqdm(selected, desc=Path(output).name, unit="tensor", disable=not run.progress)
             for i, (name, t) in enumerate(bar):
                 if name in done:  # factored by the unfinished run: its spilled record
@@ -483,7 +483,6 @@ def lora(
         pattern = {m.module: m.rank for m in modules if m.rank != rank}
         targets = target_modules_for([m.module for m in modules], naming.modules)
         write_adapter_weights(job.partial / ADAPTER_WEIGHTS, spill, modules, out_dtype)
-        shutil.rmtree(spill)
         config = adapter_config(
             base=str(base),
             task_type=task_type,
@@ -531,7 +530,9 @@ def lora(
             "left_out_changed": left_out,
         }
         (job.partial / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
-        final = job.commit()
+        # the spilled layers go only once the job record is gone: a run stopped before
+        # resumes from them
+        final = job.commit(scratch=[spill])
     if naming.model_class is None:
         print(f"warning: {naming.how}", file=sys.stderr)
     for name, why in sorted(left_out.items()):

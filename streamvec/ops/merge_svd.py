@@ -43,9 +43,10 @@ from streamvec.engine.execute import RunReport
 from streamvec.engine.jobs import Job, JobPlan, whole_tensor_digests
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.output import check_destination, input_paths
+from streamvec.io.output import OutputDir, check_destination, input_paths
 from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.model.sources import open as open_model
+from streamvec.ops.factorize import factor_budget
 from streamvec.ops.registry import check_settings
 from streamvec.ops.svd import (
     Factorizer,
@@ -269,8 +270,9 @@ def merge_svd(
     factors = Job(
         out_path.absolute().parent / f".{out_path.name}.factors",
         inputs=input_paths(inputs),
-        plan=JobPlan(identity, {}, run.plan_budget()),
+        plan=JobPlan(identity, {}, factor_budget(run)),
         resume=run.resume,
+        intermediate=True,
     )
     with factors:
         if factors.resumed:
@@ -280,7 +282,7 @@ def merge_svd(
         factor_run = factors.budgeted(run)
         writer = SVDStoreWriter(factors.partial, factor_attrs, reopen=factors.resumed)
         with dask_compute_kwargs(factor_run.scheduler, factor_run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, factor_run, kwargs)
+            factorizer = Factorizer(options, factor_run, kwargs, factors.budget["budget"])
             desc = f"{out_path.name} ({method})"
             bar = tqdm(summed, desc=desc, unit="tensor", disable=not run.progress)
             for name in bar:
@@ -352,19 +354,26 @@ def merge_svd(
         if base is not None:
             sources.append(open_model(base).source.info)
         # --resume continues the output's own unfinished blocks too (the engine's job).
-        report = run_engine(
-            model.combination(),
-            out_path,
-            description=f"merge-svd {method}",
-            extra_attrs={
-                "merge": merge_attrs,
-                "expression": f"{'base + ' if base is not None else ''}{alpha:g} * "
-                f"{method}({', '.join(str(t) for t in terms)})",
-                "sources": _unique(sources),
-                **{k: v for k, v in options.attrs().items() if k != "rank"},
-            },
-            **{**run.engine_kwargs(), "shard_size": shard_size or run.shard_size},
-        )
+        try:
+            report = run_engine(
+                model.combination(),
+                out_path,
+                description=f"merge-svd {method}",
+                extra_attrs={
+                    "merge": merge_attrs,
+                    "expression": f"{'base + ' if base is not None else ''}{alpha:g} * "
+                    f"{method}({', '.join(str(t) for t in terms)})",
+                    "sources": _unique(sources),
+                    **{k: v for k, v in options.attrs().items() if k != "rank"},
+                },
+                **{**run.engine_kwargs(), "shard_size": shard_size or run.shard_size},
+            )
+        except KeyboardInterrupt:
+            # A signal during the output's final rename is raised once the output is
+            # complete: its factors are then not needed by any --resume.
+            if out_path.is_dir() and not OutputDir(out_path, inputs=[]).partial.exists():
+                factors.discard()
+            raise
         factors.discard()  # the output is complete: the factors are no longer needed
     return SVDMergeReport(report, method, methods, ranks)
 

@@ -56,6 +56,7 @@ from streamvec.ops.factorize import (  # re-exported: the API's names
     SVDOptions,
     SVDPlan,
     dask_compute_kwargs,
+    factor_budget,
     matrix_dask,
     plan_svd,
     tensor_seed,
@@ -238,7 +239,7 @@ def svd(
     job = Job(
         output,
         inputs=input_paths(tv.sources()),
-        plan=JobPlan(identity, {}, run.plan_budget()),
+        plan=JobPlan(identity, {}, factor_budget(run)),
         resume=run.resume,
         overwrite=run.overwrite,
         expected_bytes=expected,
@@ -253,7 +254,7 @@ def svd(
         # resumed run reuses the recorded limit, workers and block size rather than this run's.
         run = job.budgeted(run)
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, run, kwargs)
+            factorizer = Factorizer(options, run, kwargs, job.budget["budget"])
             writer = SVDStoreWriter(job.partial, root_attrs, reopen=job.resumed)
             items = list(resolved.tensors.items())
             bar = tqdm(items, desc=Path(output).name, unit="tensor", disable=not run.progress)

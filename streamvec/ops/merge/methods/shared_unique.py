@@ -68,6 +68,7 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
             include=include,
             exclude=exclude,
             run=settings.svd_run_options("shared_unique", intermediate=True),
+            intermediate=True,
         )
         terms = []
         weights = zip(values.per_model("shared"), values.per_model("unique"), strict=True)

@@ -1,0 +1,162 @@
+"""The one job lifecycle (:class:`streamvec.engine.jobs.Job`) at the points a review found weak.
+
+Each test here failed on the first version of the lifecycle:
+
+* an interrupted ``lora`` whose spilled layers were already removed could not resume;
+* a user output ``.foo`` shared its partial output and lock with an output ``foo``;
+* the factorizer returned the digests of the task read before, for a tensor of the same name;
+* the byte budget of a factorization was taken anew by a resumed run (another plan);
+* ``--no-check-finite`` was not part of the engine's job identity;
+* a signal during ``merge-svd``'s final rename left its factors beside the finished output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import streamvec as sv
+from streamvec.engine.jobs import DONE_LOG, JOB_FILE, whole_tensor_digests
+from streamvec.engine.settings import Settings
+from streamvec.io.output import OutputDir
+from streamvec.ops.combine import TermSpec
+from streamvec.ops.factorize import Factorizer, SVDOptions, dask_compute_kwargs, tensor_seed
+from streamvec.ops.lora import lora
+
+from .conftest import run_cli, run_cli_subprocess
+from .test_reliability import SMALL, kill_after, output_bytes
+
+
+def test_an_interrupted_lora_resumes_after_its_adapter_files_began(
+    synth_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamvec.ops.lora as lora_module
+
+    base, ft = synth_family["base"], synth_family["a"]
+    options = SVDOptions(rank=4)
+    reference = lora(
+        base,
+        [TermSpec(str(ft), 1.0)],
+        tmp_path / "ref",
+        options=options,
+        run=Settings(progress=False),
+    )
+    real = lora_module.adapter_config
+    calls = []
+
+    def stop_once(**kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # after every layer is factored and the weights written
+        return real(**kwargs)
+
+    monkeypatch.setattr(lora_module, "adapter_config", stop_once)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        lora(base, [TermSpec(str(ft), 1.0)], out, options=options, run=Settings(progress=False))
+    assert (tmp_path / ".out.partial" / ".factors").is_dir()  # kept for --resume
+    lora(
+        base,
+        [TermSpec(str(ft), 1.0)],
+        out,
+        options=options,
+        run=Settings(progress=False, resume=True),
+    )
+    assert output_bytes(out).keys() == output_bytes(reference.path).keys()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (reference.path / name).read_bytes()
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_a_hidden_user_output_has_siblings_of_its_own(tmp_path: Path) -> None:
+    plain, hidden = OutputDir(tmp_path / "foo", inputs=[]), OutputDir(tmp_path / ".foo", inputs=[])
+    assert plain.partial != hidden.partial and plain.lock_path != hidden.lock_path
+    intermediate = OutputDir(tmp_path / ".foo.factors", inputs=[], intermediate=True)
+    assert intermediate.partial.name == ".foo.factors.partial"
+
+
+def test_input_digests_are_those_of_the_tensor_just_factored(
+    synth_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = "model.layers.0.self_attn.q_proj.weight"
+    a = (sv.open(synth_family["a"]) - sv.open(synth_family["base"])).resolved().tensors[name]
+    b = (sv.open(synth_family["b"]) - sv.open(synth_family["base"])).resolved().tensors[name]
+    with dask_compute_kwargs("sync", 1) as kwargs:
+        f = Factorizer(SVDOptions(rank=2, method="randomized"), Settings(workers=1), kwargs)
+        f.factor(a, 2, tensor_seed(0, name))  # held: its digests kept
+        monkeypatch.setattr(Factorizer, "_can_hold", lambda *args: False)
+        f.factor(b, 2, tensor_seed(0, name))  # streamed: same name, other inputs
+        assert f.input_digests(b) == whole_tensor_digests(b)
+        assert f.input_digests(b) != whole_tensor_digests(a)
+
+
+def test_a_resumed_factorization_plans_with_the_recorded_byte_budget(
+    synth_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "sv"
+    cmd = [
+        "svd",
+        str(synth_family["a"]),
+        "--base",
+        str(synth_family["base"]),
+        "-o",
+        str(out),
+        "-q",
+        "--rank",
+        "2",
+        "--method",
+        "randomized",
+        *SMALL,
+    ]
+    kill_after(cmd, out, 2)
+    record = json.loads((tmp_path / ".sv.partial" / JOB_FILE).read_text())
+    budget = record["budget"]["budget"]
+    assert isinstance(budget, int) and budget > 0
+    seen = []
+    real = Factorizer.__init__
+
+    def spy(self, options, run, kwargs, budget=None):  # type: ignore[no-untyped-def]
+        seen.append(budget)
+        real(self, options, run, kwargs, budget)
+
+    monkeypatch.setattr(Factorizer, "__init__", spy)
+    assert run_cli(*cmd, "--resume") == 0
+    assert seen == [budget]
+
+
+def test_resuming_with_the_finite_check_after_a_run_without_it_is_refused(
+    synth_family: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "tv"
+    cmd = ["diff", str(synth_family["base"]), str(synth_family["a"]), "-o", str(out), "-q", *SMALL]
+    kill_after([*cmd, "--no-check-finite"], out, 2)
+    assert (tmp_path / ".tv.partial" / DONE_LOG).is_file()
+    proc = run_cli_subprocess(*cmd, "--resume")
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot resume" in proc.stderr and "check_finite" in proc.stderr
+    assert (tmp_path / ".tv.partial").is_dir()  # a refused resume deletes nothing
+
+
+def test_numpy_integers_are_worker_counts() -> None:
+    assert Settings(workers=np.int64(2)).resolved_workers() == 2
+
+
+def test_a_signal_during_merge_svds_final_rename_leaves_no_factors(
+    synth_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = OutputDir.commit
+
+    def commit_then_signal(self: OutputDir) -> Path:
+        real(self)
+        raise KeyboardInterrupt  # as a signal deferred during the renames is raised after them
+
+    monkeypatch.setattr(OutputDir, "commit", commit_then_signal)
+    out = tmp_path / "out"
+    a, b, base = (str(synth_family[k]) for k in ("a", "b", "base"))
+    code = run_cli("merge-svd", "tsv", a, b, "--base", base, "-o", out, "-q", "--rank", "2")
+    assert code == 130
+    assert out.is_dir()  # the output is complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and nothing is left beside it
