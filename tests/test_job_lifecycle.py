@@ -7,7 +7,9 @@ Each test here failed on the first version of the lifecycle:
 * the factorizer returned the digests of the task read before, for a tensor of the same name;
 * the byte budget of a factorization was taken anew by a resumed run (another plan);
 * ``--no-check-finite`` was not part of the engine's job identity;
-* a signal during ``merge-svd``'s final rename left its factors beside the finished output.
+* a signal during ``merge-svd``'s final rename left its factors beside the finished output;
+* ``--int-tensors`` was not part of the engine's job identity (a changed policy was refused,
+  if at all, as an input "changed since the unfinished run").
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def test_a_resumed_factorization_plans_with_the_recorded_byte_budget(
     ]
     kill_after(cmd, out, 2)
     record = json.loads((tmp_path / ".sv.partial" / JOB_FILE).read_text())
-    budget = record["budget"]["budget"]
+    budget = record["budget"]["bytes"]
     assert isinstance(budget, int) and budget > 0
     seen = []
     real = Factorizer.__init__
@@ -160,3 +162,18 @@ def test_a_signal_during_merge_svds_final_rename_leaves_no_factors(
     assert code == 130
     assert out.is_dir()  # the output is complete
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and nothing is left beside it
+
+
+def test_resuming_with_another_int_tensor_policy_is_refused(
+    synth_family: dict[str, Path], tmp_path: Path
+) -> None:
+    # The policy decides which file a changed int tensor is read from, and shows in neither
+    # the expression nor the attrs: it must be part of the job's identity.
+    out = tmp_path / "m"
+    base, a = str(synth_family["base"]), str(synth_family["a"])
+    cmd = ["combine", "--base", base, f"{a}:0.5", "-o", str(out), "-q", *SMALL]
+    kill_after([*cmd, "--int-tensors", "base"], out, 2)
+    proc = run_cli_subprocess(*cmd, "--int-tensors", "finetune", "--resume")
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot resume" in proc.stderr and "int_tensors" in proc.stderr
+    assert run_cli(*cmd, "--int-tensors", "base", "--resume") == 0

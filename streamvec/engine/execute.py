@@ -367,6 +367,9 @@ def run(
         "shard_size": parse_size(shard_size) if fmt == "safetensors" else None,
         # without the check, non-finite blocks may be on disk: resuming with it would pass them
         "check_finite": check_finite,
+        # --int-tensors decides which file a changed int tensor is read from; it appears in
+        # neither the expression nor the attrs
+        "int_tensors": getattr(model, "int_tensors", None),
         "tensors": [[t.name, list(t.shape), _stored_dtype(t)] for t in tensors],
     }
     job = Job(

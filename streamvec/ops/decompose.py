@@ -272,7 +272,7 @@ def decompose(
             shared_path = job.partial / components[str(term)]["shared"]
             writers.append(SVDStoreWriter(shared_path, attrs, reopen=job.resumed))
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, run, kwargs, job.budget["budget"])
+            factorizer = Factorizer(options, run, kwargs, job.budget["bytes"])
             desc = f"{Path(output).name} (shared)"
             bar = tqdm(names, desc=desc, unit="tensor", disable=not run.progress)
             for name in bar:

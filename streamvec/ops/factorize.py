@@ -353,8 +353,8 @@ def memory_budget(run: Settings) -> int:
 def factor_budget(run: Settings) -> dict[str, Any]:
     """What an SVD command records with its job so that a resumed run factors every matrix as
     the unfinished one did: the run's :meth:`~streamvec.engine.settings.Settings.plan_budget`
-    and the byte budget taken now (``budget``, which depends on this process's memory)."""
-    return {**run.plan_budget(), "budget": memory_budget(run)}
+    and the byte budget taken now (``bytes``, which depends on this process's memory)."""
+    return {**run.plan_budget(), "bytes": memory_budget(run)}
 
 
 class Factorizer:

@@ -447,7 +447,7 @@ def lora(
         # each matrix is planned with the budget the job records (the unfinished run's)
         run = job.budgeted(run)
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, run, kwargs, job.budget["budget"])
+            factorizer = Factorizer(options, run, kwargs, job.budget["bytes"])
             bar = tqdm(selected, desc=Path(output).name, unit="tensor", disable=not run.progress)
             for i, (name, t) in enumerate(bar):
                 if name in done:  # factored by the unfinished run: its spilled record

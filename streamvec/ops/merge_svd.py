@@ -282,7 +282,7 @@ def merge_svd(
         factor_run = factors.budgeted(run)
         writer = SVDStoreWriter(factors.partial, factor_attrs, reopen=factors.resumed)
         with dask_compute_kwargs(factor_run.scheduler, factor_run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, factor_run, kwargs, factors.budget["budget"])
+            factorizer = Factorizer(options, factor_run, kwargs, factors.budget["bytes"])
             desc = f"{out_path.name} ({method})"
             bar = tqdm(summed, desc=desc, unit="tensor", disable=not run.progress)
             for name in bar:

@@ -254,7 +254,7 @@ def svd(
         # resumed run reuses the recorded limit, workers and block size rather than this run's.
         run = job.budgeted(run)
         with dask_compute_kwargs(run.scheduler, run.resolved_workers()) as kwargs:
-            factorizer = Factorizer(options, run, kwargs, job.budget["budget"])
+            factorizer = Factorizer(options, run, kwargs, job.budget["bytes"])
             writer = SVDStoreWriter(job.partial, root_attrs, reopen=job.resumed)
             items = list(resolved.tensors.items())
             bar = tqdm(items, desc=Path(output).name, unit="tensor", disable=not run.progress)
