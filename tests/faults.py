@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from streamvec.ops.merge.registry import get_method
+
 from .conftest import run_cli_subprocess
 
 # Small enough that every command finishes in a second or two on tiny models.
@@ -20,9 +22,13 @@ RSVD = ("--method", "randomized")
 
 def recipe(path: Path, method: str, fam: dict[str, Path], params: str = "") -> Path:
     """A mergekit-style recipe over the family's base and fine-tunes ``a`` and ``b``."""
-    weights = {"task_arithmetic": "{weight: 0.5}", "ties": "{weight: 0.5, density: 0.5}"}.get(
-        method, "{}"
-    )
+    # mergekit's methods require a weight per model; the papers' own and the SVD merges take none
+    if method == "ties":
+        weights = "{weight: 0.5, density: 0.5}"
+    elif get_method(method).mergekit:
+        weights = "{weight: 0.5}"
+    else:
+        weights = "{}"
     path.write_text(
         f"merge_method: {method}\n"
         f"base_model: {fam['base']}\n"

@@ -6,7 +6,6 @@ internal consistency of figures are checked.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -16,8 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from streamvec.cli.main import build_parser
 from streamvec.tools import benchmark as bench
-from streamvec.tools.benchmark import RESULT_FIELDS, add_parser, format_table, plots, run_bench
+from streamvec.tools.benchmark import RESULT_FIELDS, format_table, plots, run_bench
 from streamvec.tools.benchmark import cache as page_cache
 
 from .conftest import BF16, run_cli
@@ -269,11 +269,8 @@ def test_docs_list_every_result_field() -> None:
     assert all(f"`{step}`" in docs for step in bench.STEPS)
 
 
-def test_add_parser_registers_bench() -> None:
-    parser = argparse.ArgumentParser(prog="streamvec")
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    args = parser.parse_args(
+def test_the_command_line_has_bench() -> None:
+    args = build_parser().parse_args(
         ["bench", "--quick", "--size", "1B", "--out", "x", "--cold", "--no-plots"]
     )
     assert args.quick and args.size == ["1B"] and args.out == Path("x")

@@ -1,4 +1,5 @@
-"""Every command that reads checkpoints refuses each hostile input cleanly."""
+"""Every command that reads checkpoints (every operation of the table, every merge method)
+refuses each hostile input cleanly: exit 2, one line naming what is wrong, nothing written."""
 
 from __future__ import annotations
 
@@ -12,9 +13,26 @@ from hypothesis import strategies as st
 
 from streamvec.errors import StreamvecError
 from streamvec.io.safetensors.checkpoint import resolve_checkpoint
+from streamvec.ops.merge.registry import get_method
+from streamvec.ops.registry import OPERATIONS, MergeMethodEntry
 
 from .conftest import run_cli
 from .hostile import CORPUS, _valid
+
+RANK = ("-q", "--rank", "2")
+
+
+def _recipe(out: Path, method: str, model: Path, base: Path) -> Path:
+    """A recipe merging ``model`` (twice) into ``base``, written beside ``out``."""
+    path = out.parent / f"{method}.yaml"
+    params = "{weight: 0.5}" if get_method(method).mergekit else "{}"
+    path.write_text(
+        f"merge_method: {method}\nbase_model: {base}\nmodels:\n"
+        f"  - model: {model}\n    parameters: {params}\n"
+        f"  - model: {model}\n    parameters: {params}\n"
+    )
+    return path
+
 
 # (command template, whether the hostile path is BASE, FT or a TERM)
 COMMANDS = {
@@ -23,6 +41,40 @@ COMMANDS = {
     "diff-ft": lambda bad, good, out: ["diff", good, bad, "-o", out, "-q"],
     "combine-base": lambda bad, good, out: ["combine", "--base", bad, "-o", out, "-q", good],
     "combine-term": lambda bad, good, out: ["combine", "--base", good, "-o", out, "-q", bad],
+    "svd-base": lambda bad, good, out: ["svd", good, "--base", bad, "-o", out, *RANK],
+    "svd-ft": lambda bad, good, out: ["svd", bad, "--base", good, "-o", out, *RANK],
+    "lora-base": lambda bad, good, out: ["lora", bad, good, "-o", out, *RANK],
+    "lora-ft": lambda bad, good, out: ["lora", good, bad, "-o", out, *RANK],
+    "decompose-term": lambda bad, good, out: [
+        "decompose",
+        bad,
+        good,
+        "--base",
+        good,
+        "-o",
+        out,
+        *RANK,
+    ],
+    "merge-svd-term": lambda bad, good, out: [
+        "merge-svd",
+        "tsv",
+        bad,
+        good,
+        "--base",
+        good,
+        "-o",
+        out,
+        "-q",
+    ],
+    "merge-base": lambda bad, good, out: ["merge", _recipe(out, "ties", good, bad), "-o", out],
+    # every merge method of the table, with the hostile file as a fine-tune
+    **{
+        f"merge-{name}": (
+            lambda bad, good, out, name=name: ["merge", _recipe(out, name, bad, good), "-o", out]
+        )
+        for name, entry in OPERATIONS.items()
+        if isinstance(entry, MergeMethodEntry)
+    },
 }
 
 
@@ -39,8 +91,9 @@ def test_hostile_input_is_refused(
     bad = build(tmp_path / "bad")
     good = _valid(tmp_path / "good")
     out = tmp_path / "out"
+    argv = COMMANDS[command](bad, good, out)  # a recipe is written here, before the snapshot
     before = sorted(p.name for p in tmp_path.iterdir())
-    code = run_cli(*map(str, COMMANDS[command](bad, good, out)))
+    code = run_cli(*map(str, argv))
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()

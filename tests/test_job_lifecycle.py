@@ -9,12 +9,19 @@ Each test here failed on the first version of the lifecycle:
 * ``--no-check-finite`` was not part of the engine's job identity;
 * a signal during ``merge-svd``'s final rename left its factors beside the finished output;
 * ``--int-tensors`` was not part of the engine's job identity (a changed policy was refused,
-  if at all, as an input "changed since the unfinished run").
+  if at all, as an input "changed since the unfinished run");
+* a signal during an ``--overwrite``'s final renames was raised before the old output was
+  removed (``.OUT.old`` was left beside the new output), and the command said "no output was
+  finished" about a complete output;
+* a resumed SVD command given another ``--memory-limit`` (or ``--workers``, ``--block-size``)
+  than the unfinished run's silently used the recorded one.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +184,47 @@ def test_resuming_with_another_int_tensor_policy_is_refused(
     assert proc.returncode == 2, proc.stderr
     assert "cannot resume" in proc.stderr and "int_tensors" in proc.stderr
     assert run_cli(*cmd, "--int-tensors", "base", "--resume") == 0
+
+
+def test_a_signal_during_the_final_rename_is_raised_once_the_output_is_finished(
+    synth_family: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "tv"
+    base, a = str(synth_family["base"]), str(synth_family["a"])
+    cmd = ["diff", base, a, "-o", str(out), "-q"]
+    assert run_cli(*cmd) == 0  # an old output for --overwrite to replace
+    real_replace = os.replace
+
+    def replace_then_signal(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        real_replace(src, dst)
+        if Path(dst) == out:  # Ctrl-C just as the new output takes its name
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    capsys.readouterr()
+    assert run_cli(*cmd, "--overwrite") == 130
+    err = capsys.readouterr().err
+    assert f"interrupted after {out} was finished; it is complete" in err, err
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tv"]  # no old output, no lock
+    assert run_cli("verify", out) == 0
+
+
+def test_a_resume_given_another_budget_is_refused_with_the_recorded_one(
+    synth_family: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "sv"
+    a, base = str(synth_family["a"]), str(synth_family["base"])
+    cmd = ["svd", a, "--base", base, "-o", str(out), "-q", "--rank", "2", "--method", "randomized"]
+    kill_after([*cmd, "--memory-limit", "2GB", *SMALL], out, 2)
+    proc = run_cli_subprocess(*cmd, "--memory-limit", "1GB", *SMALL, "--resume")
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert "cannot resume with --memory-limit 1GB" in line and "2000000000 (2.00 GB)" in line
+    assert "rerun with --memory-limit 2000000000" in line and len(line.splitlines()) == 1
+    assert (tmp_path / ".sv.partial").is_dir()  # kept for a resume with the recorded limit
+    # without the flag (or with the same value) the recorded budget is used
+    assert run_cli(*cmd, *SMALL, "--resume") == 0

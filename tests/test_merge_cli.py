@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,27 +17,10 @@ from streamvec.ops.merge.params import ParamSpec, check_setting, evaluate, layer
 
 
 @pytest.fixture
-def merge_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
-    """``streamvec.cli.main.main`` with ``merge`` registered (as the lead wires it, if not yet)."""
+def merge_cli() -> Callable[..., int]:
+    """``streamvec.cli.main.main``, returning the exit code."""
     import streamvec.cli.main as cli
-    from streamvec.cli.merge import add_parsers
 
-    try:
-        cli.build_parser().parse_args(["merge", "--list"])
-    except SystemExit:
-        hook = next(
-            (h for h in ("_add_operation_parsers", "_add_optional_parsers") if hasattr(cli, h)),
-            None,
-        )
-        if hook is None:
-            pytest.skip("cannot register `merge` on this streamvec.cli.main")
-        original = getattr(cli, hook)
-
-        def with_merge(sub: Any) -> None:
-            original(sub)
-            add_parsers(sub)
-
-        monkeypatch.setattr(cli, hook, with_merge)
     return lambda *args: cli.main([str(a) for a in args])
 
 

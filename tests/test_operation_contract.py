@@ -15,11 +15,13 @@ each operation (and each merge method, which runs under ``merge``) is one parame
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from streamvec.ops.registry import OPERATIONS
+from streamvec.ops.registry import OPERATIONS, MergeMethodEntry, commands
 from streamvec.tools import synth
 
 from .conftest import run_cli, run_cli_subprocess
@@ -28,13 +30,16 @@ from .test_reliability import SMALL, kill_after, output_bytes
 
 SHAPE = synth.LlamaShape(hidden=128, intermediate=352, layers=2, heads=2, kv_heads=1, vocab=1024)
 
-# merge methods, with the recipe parameters of a small run
-MERGES = {
-    "task_arithmetic": "",
-    "ties": "",
+# every merge method of the table, with the recipe parameters of a small run
+SMALL_PARAMETERS = {
     "shared_unique": "rank: 2, threshold: 0.5",
     "tsv": "rank: 2",
     "iso_c": "rank: 2",
+}
+MERGES = {
+    name: SMALL_PARAMETERS.get(name, "")
+    for name, entry in OPERATIONS.items()
+    if isinstance(entry, MergeMethodEntry)
 }
 
 
@@ -77,13 +82,41 @@ INTERMEDIATES = {
 }
 
 
-CASES = [n for n in OPERATIONS if n != "merge"] + [f"merge-{m}" for m in MERGES]
+CASES = [op.name for op in commands() if op.name != "merge"] + [f"merge-{m}" for m in MERGES]
 
 
 def test_every_operation_is_under_contract() -> None:
-    covered = {"merge" if n.removeprefix("merge-") in MERGES else n for n in CASES}
-    assert covered == set(OPERATIONS)
-    assert all("resume" in op.settings for op in OPERATIONS.values())
+    covered = {n if n == "merge-svd" else n.removeprefix("merge-") for n in CASES}
+    assert covered | {"merge"} == set(OPERATIONS)
+    assert all("resume" in op.settings for op in commands())
+
+
+def test_the_table_is_what_the_command_line_and_recipes_reach() -> None:
+    from streamvec.cli.main import build_parser, command_modules
+    from streamvec.ops.merge.registry import METHODS, get_method
+
+    # every command entry is a sub-command, through its own command-line module
+    modules = command_modules()
+    for op in commands():
+        assert modules[op.name] == op.cli
+        cli = op.command()
+        assert cli.HELP and callable(cli.add_arguments) and callable(cli.run)
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(modules)  # type: ignore[arg-type]
+    # every merge method entry is the method a recipe names, loaded from its module
+    entries = [e for e in OPERATIONS.values() if isinstance(e, MergeMethodEntry)]
+    assert list(METHODS) == [e.name for e in entries]
+    for entry in entries:
+        assert get_method(entry.name) is entry.load() and entry.load().name == entry.name
+    # building the command line imports no operation: a command starts with its own only
+    implementations = sorted({op.module for op in OPERATIONS.values()})
+    code = (
+        "import sys; from streamvec.cli.main import build_parser; build_parser(); "
+        f"print([m for m in {implementations!r} if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 class OperationContract:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 from pathlib import Path
-from typing import Any
 
 from streamvec.errors import StreamvecError
-from streamvec.tools.benchmark.runner import run_bench
 from streamvec.tools.benchmark.steps import STEP_HELP, STEPS, parse_steps
 
 QUICK_SIZE = "0.1B"
@@ -57,14 +55,12 @@ ratios measured side by side are the figures to use (docs/benchmarks.md).
 """
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``streamvec bench`` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "bench",
-        help="throughput and memory of each operation, next to the machine's own I/O",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "throughput and memory of each operation, next to the machine's own I/O"
+FORMATTER = argparse.RawDescriptionHelpFormatter  # the tables' columns stay
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's arguments and flags."""
     p.add_argument(
         "--size",
         action="append",
@@ -133,8 +129,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "for combine-ckpt) next to the steps",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
-    p.set_defaults(func=cmd_bench)
-    return p
 
 
 def _sizes(args: argparse.Namespace) -> list[str]:
@@ -142,7 +136,10 @@ def _sizes(args: argparse.Namespace) -> list[str]:
     return given or ([QUICK_SIZE] if args.quick else ["1B"])
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; write bench.json and the plots."""
+    from streamvec.tools.benchmark.runner import run_bench
+
     repeat = args.repeat or (1 if args.quick else 3)
     steps = parse_steps(args.steps)
     if repeat < 1:

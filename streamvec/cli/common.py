@@ -1,8 +1,9 @@
-"""Flags and helpers every command's parser shares: the run settings, filters, output dtype,
-``--vocab``, ``--shard-size``, ``--report``; and turning parsed arguments into settings.
+"""Flags and helpers the commands' parsers share: the run settings, filters, output dtype,
+``--vocab``, ``--shard-size``, ``--report``, the SVD flags; and turning parsed arguments into
+settings.
 
-The sub-command modules (merge, svd, stats) import these from here, not from
-:mod:`streamvec.cli.main`, which imports them: no import cycle.
+Each command module (``streamvec/cli/<command>.py``) imports these from here; none imports
+:mod:`streamvec.cli.main`, which loads them: no import cycle.
 """
 
 from __future__ import annotations
@@ -109,4 +110,51 @@ def write_report(args: argparse.Namespace, report: Any) -> None:
     args.report.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
-# -- commands ---------------------------------------------------------------------------------
+# -- the SVD family's flags (svd, lora, decompose, merge-svd) ---------------------------------
+
+
+def add_svd_options(p: argparse.ArgumentParser, *, rank_required: bool, rank_help: str) -> None:
+    """The randomized SVD's flags: --rank, --oversample, --power-iters, --seed, --method."""
+    g = p.add_argument_group("SVD")
+    # type=int, not a validating type: a bad value is a StreamvecError (one line, exit 2)
+    # raised by SVDOptions rather than argparse's usage dump.
+    g.add_argument("--rank", type=int, required=rank_required, metavar="K", help=rank_help)
+    g.add_argument(
+        "--oversample",
+        type=int,
+        default=10,
+        metavar="P",
+        help="extra random probes of the randomized SVD (default 10)",
+    )
+    g.add_argument(
+        "--power-iters",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="subspace iterations of the randomized SVD, 2 passes each (default: chosen per "
+        "matrix, until another would improve the residual by less than 0.5%%)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed of the random test matrices"
+    )
+    g.add_argument(
+        "--method",
+        choices=["auto", "exact", "randomized"],
+        default="auto",
+        help="per matrix: auto (exact LAPACK SVD when it fits the memory limit and is "
+        "estimated faster, else streaming randomized), or force one (default auto)",
+    )
+
+
+def svd_options(args: argparse.Namespace, rank: int | None = None) -> Any:
+    """The :class:`~streamvec.ops.svd.SVDOptions` of the parsed SVD flags (``rank`` overrides
+    ``--rank``)."""
+    from streamvec.ops.svd import SVDOptions
+
+    return SVDOptions(
+        rank=rank if rank is not None else args.rank,
+        oversample=args.oversample,
+        power_iters=args.power_iters,
+        seed=args.seed,
+        method=args.method,
+    )

@@ -1,5 +1,12 @@
 """The ``streamvec`` command line: thin argument parsing over the Python API.
 
+Each command is a module of this package with the same shape: ``HELP`` (its line in
+``streamvec --help``), ``DESCRIPTION`` (and optionally ``EPILOG`` and ``FORMATTER``),
+``add_arguments(parser)`` and ``run(args) -> exit code``, which imports the operation it runs.
+The writing commands are listed in the operations table
+(:data:`streamvec.ops.registry.OPERATIONS`), the others in :func:`command_modules`; the parser
+is built from both.
+
 Exit codes: 0 success; 2 bad input or usage (one line on stderr saying what is wrong, with
 which file or tensor, and what to do); 1 internal error. ``--debug`` shows tracebacks.
 """
@@ -8,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
+import importlib
 import logging
 import os
 import select
@@ -17,20 +24,12 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from streamvec import signals
-from streamvec.cli.common import (
-    add_output_dtype_option,
-    add_report_option,
-    add_run_options,
-    run_kwargs,
-    say,
-    write_report,
-)
 from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
 from streamvec.io.companions import COMMAND_LINE
+from streamvec.io.output import finished
 from streamvec.io.zarr.access import ReadPolicy, using_read_policy
 from streamvec.units import parse_size
 from streamvec.version import __version__
@@ -50,98 +49,28 @@ Sizes accept 5GB, 512MB, 8GiB or bytes. Exit codes: 0 ok, 2 bad input, 1 interna
 """
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from streamvec.tools.info import describe, format_info
-
-    info = describe(args.path)
-    print(json.dumps(info, indent=1) if args.json else format_info(info, limit=args.limit))
-    return 0
-
-
-def cmd_diff(args: argparse.Namespace) -> int:
-    from streamvec.ops.task_vector import task_vector
-
-    tv = task_vector(
-        args.base,
-        args.finetuned,
-        include=args.include,
-        exclude=args.exclude,
-        dtype=args.dtype,
-        int_tensors=args.int_tensors,
-        vocab=args.vocab,
-        strict=args.strict,
-    )
-    report = tv.save(args.output, description="diff", **run_kwargs(args))
-    write_report(args, report)
-    say(args, report.summary())
-    if report.skipped_nonfloat:
-        n = len(report.skipped_nonfloat)
-        say(args, f"left out {n} non-float tensor(s) (listed in the store attrs)")
-    return 0
+# The commands, in `streamvec --help`'s order: the writing operations come from the operations
+# table (streamvec.ops.registry); these are the others, each a module with the same shape.
+_BEFORE = {"info": "streamvec.cli.info"}
+_AFTER = {
+    "stats": "streamvec.cli.stats",
+    "verify": "streamvec.cli.verify",
+    "synth": "streamvec.cli.synth",
+    "demo": "streamvec.cli.demo",
+    "bench": "streamvec.cli.bench",
+}
 
 
-def cmd_combine(args: argparse.Namespace) -> int:
-    from streamvec.ops.combine import combine_terms, parse_term
+def command_modules() -> dict[str, str]:
+    """Every command: name -> its command-line module (``HELP``, ``DESCRIPTION``,
+    ``add_arguments``, ``run``)."""
+    from streamvec.ops.registry import commands
 
-    terms = [parse_term(t) for t in args.terms]
-    model = combine_terms(
-        terms,
-        base=args.base,
-        scale=args.scale,
-        include=args.include,
-        exclude=args.exclude,
-        dtype=args.dtype,
-        keep_base_when_missing=args.missing == "keep-base",
-        strict=args.strict,
-        int_tensors=args.int_tensors,
-        vocab=args.vocab,
-    )
-    report = model.save(args.output, description="combine", **run_kwargs(args))
-    write_report(args, report)
-    say(args, report.summary())
-    if report.kept_base:
-        say(args, f"kept the base value for {len(report.kept_base)} tensor(s) missing in a term")
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from streamvec.tools.verify import verify
-
-    result = verify(args.path, progress=not args.quiet and sys.stderr.isatty())
-    say(args, result.summary())
-    return 0
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from streamvec.tools import synth
-
-    if args.finetune_of:
-        out = synth.build_finetune(
-            args.finetune_of, args.output, rank=args.rank, seed=args.seed, only=args.only
-        )
-    else:
-        out = synth.build_checkpoint(
-            args.output,
-            params=args.params,
-            dtype=args.dtype,
-            shard_size=args.shard_size,
-            seed=args.seed,
-        )
-    say(args, f"wrote {out}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from streamvec.tools.demo import run_demo
-
-    run_demo(args.workdir, params=args.params, progress=not args.quiet and sys.stderr.isatty())
-    return 0
-
-
-# -- parser -----------------------------------------------------------------------------------
+    return {**_BEFORE, **{op.name: op.cli for op in commands()}, **_AFTER}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``streamvec`` parser, with a sub-command for each of :func:`command_modules`."""
     parser = argparse.ArgumentParser(
         prog="streamvec",
         description="Out-of-core task arithmetic for large safetensors checkpoints: task vectors, "
@@ -152,114 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamvec {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("info", help="what a checkpoint or store holds (headers only)")
-    p.add_argument("path", help="checkpoint directory, .safetensors file, or streamvec Zarr store")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument(
-        "--limit", type=int, default=40, metavar="N", help="tensors listed (default 40; 0 = all)"
-    )
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser(
-        "diff",
-        help="task vector FINETUNED - BASE into a Zarr store",
-        description="Compute tau = FINETUNED - BASE for every floating-point tensor (upcast to "
-        "float32 before subtracting, rounded once) into a Zarr v3 store. Non-float tensors are "
-        "left out and listed in the store's attrs.",
-    )
-    p.add_argument("base")
-    p.add_argument("finetuned")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the Zarr store to write")
-    add_output_dtype_option(p, "stored dtype (default float32)")
-    add_run_options(p)
-    add_report_option(p)
-    p.set_defaults(func=cmd_diff)
-
-    p = sub.add_parser(
-        "combine",
-        help="task arithmetic: edited model or combined task vector",
-        description="Linear combination of task vectors. TERM is PATH or PATH:WEIGHT; PATH is a "
-        "task-vector store, a PEFT LoRA adapter folder, or a checkpoint whose task vector "
-        "relative to --base is computed on the fly (never stored). With --base the output is "
-        "the edited model theta_base + SCALE * sum(w_i tau_i) as sharded safetensors (HF "
-        "layout); without it, the combined task vector as a Zarr store. Negation: ft:-1. "
-        "Analogy C + (B - A): C B A:-1. "
-        "--include/--exclude restrict the edit; other tensors keep the base value.",
-    )
-    p.add_argument("terms", nargs="+", metavar="TERM")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
-    p.add_argument("--base", metavar="BASE", help="base checkpoint: output the edited model")
-    p.add_argument(
-        "--scale", type=float, default=1.0, metavar="LAMBDA", help="lambda (default 1.0)"
-    )
-    add_output_dtype_option(p)
-    p.add_argument(
-        "--missing",
-        choices=["error", "keep-base"],
-        default="error",
-        help="a tensor missing in a term: fail (default) or keep the base value",
-    )
-    add_run_options(p)  # with --strict, --int-tensors, --vocab, --shard-size
-    add_report_option(p)
-    p.set_defaults(func=cmd_combine)
-
-    p = sub.add_parser("verify", help="recompute the checksums of an output streamvec wrote")
-    p.add_argument("path")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser(
-        "synth",
-        help="write a synthetic Llama-shaped checkpoint (or a fine-tune of one)",
-        description="Synthetic checkpoints for trying streamvec and benchmarking it: Llama-shaped "
-        "sharded safetensors of the requested size, or with --finetune-of a fine-tune whose "
-        "task vector is low-rank plus noise.",
-    )
-    p.add_argument("output", metavar="OUT")
-    p.add_argument(
-        "--params", default="0.1B", help="parameter count, e.g. 0.1B, 1B, 300M (default 0.1B)"
-    )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--shard-size", default="1GB", metavar="SIZE")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--finetune-of", metavar="BASE", help="write a fine-tune of this synthetic base instead"
-    )
-    p.add_argument("--rank", type=int, default=8, help="rank of the fine-tune's delta (default 8)")
-    p.add_argument("--only", metavar="GLOB", help="fine-tune only tensors matching GLOB")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_synth)
-
-    p = sub.add_parser(
-        "demo",
-        help="build synthetic checkpoints and run the engine end to end",
-        description="Builds a synthetic base and fine-tunes, computes task vectors, edits the "
-        "model by task arithmetic, verifies the outputs and prints a summary.",
-    )
-    p.add_argument(
-        "--workdir",
-        type=Path,
-        help="where to write (default: a temporary directory, removed after)",
-    )
-    p.add_argument("--params", default="0.1B", help="model size (default 0.1B)")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
-    _add_operation_parsers(sub)
+    for name, module_name in command_modules().items():
+        # Command modules import their operation inside run(): building the parser stays cheap.
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=getattr(module, "DESCRIPTION", None),
+            epilog=getattr(module, "EPILOG", None),
+            formatter_class=getattr(module, "FORMATTER", argparse.HelpFormatter),
+        )
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
-
-
-def _add_operation_parsers(sub: Any) -> None:
-    """Commands defined next to their operations (SVD family, merges, benchmarks)."""
-    from streamvec.cli.merge import add_parsers as add_merge
-    from streamvec.cli.stats import add_parser as add_stats
-    from streamvec.cli.svd import add_parsers as add_svd
-    from streamvec.tools.benchmark import add_parser as add_bench
-
-    add_svd(sub)
-    add_stats(sub)
-    add_merge(sub)
-    add_bench(sub)
 
 
 def _read_policy(args: argparse.Namespace) -> ReadPolicy:
@@ -326,9 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return 128 + signal.SIGPIPE  # `streamvec info ... | head`: quiet, as the shell's tools
     except KeyboardInterrupt as exc:
-        resumable = " (rerun with --resume to continue)" if _kept_partial(args) else ""
         how = "terminated (SIGTERM)" if isinstance(exc, signals.Terminated) else "interrupted"
-        print(f"streamvec: {how}; no output was finished{resumable}", file=sys.stderr)
+        output = getattr(args, "output", None)
+        if output and finished(output):
+            # the signal came during the final rename, which completes before it is raised
+            print(f"streamvec: {how} after {output} was finished; it is complete", file=sys.stderr)
+        else:
+            resumable = " (rerun with --resume to continue)" if _kept_partial(args) else ""
+            print(f"streamvec: {how}; no output was finished{resumable}", file=sys.stderr)
         # 128 + the signal's number, as a shell reports a process the signal killed
         return 128 + (signal.SIGTERM if isinstance(exc, signals.Terminated) else signal.SIGINT)
     except Exception as exc:

@@ -1,14 +1,13 @@
 """``streamvec merge``: run a mergekit-style recipe.
 
-:func:`add_parsers` registers the command on the ``streamvec`` subparsers. Bad recipes and
-inputs raise :class:`~streamvec.errors.StreamvecError`, which the CLI prints as one line with
-exit code 2.
+Bad recipes and inputs raise :class:`~streamvec.errors.StreamvecError`, which the CLI prints
+as one line with exit code 2.
 
 Example:
     >>> import argparse
-    >>> parser = argparse.ArgumentParser(prog="streamvec")
-    >>> add_parsers(parser.add_subparsers(dest="command"))
-    >>> parser.parse_args(["merge", "ties.yaml", "-o", "out", "--seed", "3"]).seed
+    >>> parser = argparse.ArgumentParser(prog="streamvec merge")
+    >>> add_arguments(parser)
+    >>> parser.parse_args(["ties.yaml", "-o", "out", "--seed", "3"]).seed
     3
 """
 
@@ -20,7 +19,7 @@ from typing import Any
 
 from streamvec.errors import StreamvecError
 
-__all__ = ["add_parsers", "cmd_merge", "format_methods"]
+__all__ = ["add_arguments", "format_methods", "run"]
 
 EPILOG = """examples:
   streamvec merge ties.yaml -o merged
@@ -33,21 +32,21 @@ dtype, out_dtype); model paths are local checkpoints. See docs/from-mergekit.md.
 """
 
 
-def add_parsers(subparsers: Any) -> None:
-    """Register ``merge`` on the ``streamvec`` subparsers."""
+HELP = "run a mergekit-style recipe (ties, dare, breadcrumbs, della, ...)"
+DESCRIPTION = (
+    "Merge fine-tuned models of one base by a recipe in mergekit's YAML "
+    "format: TIES, DARE, Model Breadcrumbs, DELLA and task arithmetic with mergekit's "
+    "parameters and defaults, the papers' own variants (ties_paper, dare_paper, "
+    "breadcrumbs_paper) and the SVD merges (tsv, iso_c). Streams block by block in "
+    "bounded memory; writes sharded safetensors in the Hugging Face layout."
+)
+FORMATTER = argparse.RawDescriptionHelpFormatter  # the examples' line breaks stay
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's arguments and flags."""
     from streamvec.cli.common import add_run_options, add_shard_size_option, add_vocab_option
 
-    p = subparsers.add_parser(
-        "merge",
-        help="run a mergekit-style recipe (ties, dare, breadcrumbs, della, ...)",
-        description="Merge fine-tuned models of one base by a recipe in mergekit's YAML "
-        "format: TIES, DARE, Model Breadcrumbs, DELLA and task arithmetic with mergekit's "
-        "parameters and defaults, the papers' own variants (ties_paper, dare_paper, "
-        "breadcrumbs_paper) and the SVD merges (tsv, iso_c). Streams block by block in "
-        "bounded memory; writes sharded safetensors in the Hugging Face layout.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
     p.add_argument("recipe", nargs="?", metavar="RECIPE", help="the YAML recipe")
     p.add_argument("-o", "--output", metavar="OUT", help="the merged checkpoint directory")
     p.add_argument(
@@ -67,10 +66,9 @@ def add_parsers(subparsers: Any) -> None:
     )
     add_vocab_option(p)
     add_run_options(p)
-    p.set_defaults(func=cmd_merge)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run (or check, or list) a merge; returns the exit code."""
     from streamvec.cli.common import run_kwargs
     from streamvec.ops.merge.api import merge, request_for

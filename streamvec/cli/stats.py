@@ -4,32 +4,32 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from streamvec.engine.settings import Settings, add_arguments
+from streamvec.engine.settings import Settings
+from streamvec.engine.settings import add_arguments as add_setting_flags
 from streamvec.errors import OutputError
 
 # The run settings stats honours (it reads and writes no model: no output settings).
 STATS_SETTINGS = ("workers", "scheduler", "memory_limit", "block_size", "verify_inputs")
 
+HELP = "task-vector analytics: norms, cosines, sign conflicts, spectra, plots"
+DESCRIPTION = (
+    "Look before you merge: per tensor, layer and module kind, the size of "
+    "each task vector (L2 norm, ||tau||/||base|| with --base, max |tau|, exact zeros), "
+    "their cosine similarities (Gram matrix in float64), magnitude-weighted sign "
+    "agreement, the overlap of their top-density magnitudes and, with --spectrum K, "
+    "singular values, effective ranks, subspace overlaps and the LoRA rank each module "
+    "needs. One streaming pass. TERM is a task-vector store, "
+    "an SVD store, or a fine-tuned checkpoint with --base. Writes stats.json and PNG "
+    "plots to -o DIR."
+)
 
-def add_parser(sub: Any) -> None:
-    """Register ``streamvec stats``."""
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's arguments and flags."""
     from streamvec.cli.common import add_filter_options, add_vocab_option
     from streamvec.ops.stats.defaults import DEFAULT_DENSITY, DEFAULT_RESIDUAL
 
-    p = sub.add_parser(
-        "stats",
-        help="task-vector analytics: norms, cosines, sign conflicts, spectra, plots",
-        description="Look before you merge: per tensor, layer and module kind, the size of "
-        "each task vector (L2 norm, ||tau||/||base|| with --base, max |tau|, exact zeros), "
-        "their cosine similarities (Gram matrix in float64), magnitude-weighted sign "
-        "agreement, the overlap of their top-density magnitudes and, with --spectrum K, "
-        "singular values, effective ranks, subspace overlaps and the LoRA rank each module "
-        "needs. One streaming pass. TERM is a task-vector store, "
-        "an SVD store, or a fine-tuned checkpoint with --base. Writes stats.json and PNG "
-        "plots to -o DIR.",
-    )
     p.add_argument("terms", nargs="*", metavar="TERM")
     p.add_argument("--base", metavar="BASE", help="base checkpoint (checkpoint terms, sizes)")
     p.add_argument("-o", "--output", type=Path, metavar="DIR", help="write stats.json and PNGs")
@@ -73,14 +73,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-plots", action="store_true", help="with -o: stats.json only")
     g = p.add_argument_group("running")
     # The run settings stats honours, with the flags every command has (one definition each).
-    add_arguments(g, STATS_SETTINGS)
+    add_setting_flags(g, STATS_SETTINGS)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     add_filter_options(p)
     add_vocab_option(p)
-    p.set_defaults(func=cmd_stats)
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Compute the figures; print the table, or the JSON; write stats.json and the plots."""
     from streamvec.ops.stats.api import StatsOptions, stats
     from streamvec.ops.stats.report import format_stats, write_json
 

@@ -41,6 +41,7 @@ import numpy as np
 import xxhash
 
 from streamvec.errors import StreamvecError
+from streamvec.units import format_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -436,8 +437,29 @@ class Job:
         return recorded.budget
 
     def budgeted(self, run: S) -> S:
-        """``run`` with the memory limit, workers and block size of :attr:`budget`."""
-        return run.with_budget(self.budget)
+        """``run`` with the memory limit, workers and block size of :attr:`budget`.
+
+        Raises:
+            ResumeError: a resumed run was given one of them with another value than the
+                unfinished run's: its tensors left to factor would be planned differently
+                (say, a lower limit after running out of memory), and its output would be
+                neither run's. The message says how to go on.
+        """
+        budget = self.budget
+        if self.resumed:
+            given, resolved = run.given(), run.plan_budget()
+            for key in ("memory_limit", "workers", "block_size"):
+                if key in given and resolved[key] != budget[key]:
+                    flag, was = "--" + key.replace("_", "-"), budget[key]
+                    size = "" if key == "workers" else f" ({format_bytes(was)})"
+                    raise ResumeError(
+                        f"cannot resume with {flag} {given[key]}: the unfinished run in "
+                        f"{self.out.partial} planned its factorizations with {flag} "
+                        f"{was}{size}, and the tensors left must be planned the same; rerun "
+                        f"with {flag} {was} (or without {flag}), or without --resume to start "
+                        "over with the new value"
+                    )
+        return run.with_budget(budget)
 
     def done_tensors(self) -> set[str]:
         """Tensors an unfinished run logged as done (whole-tensor jobs)."""

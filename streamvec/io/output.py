@@ -34,6 +34,16 @@ def _fsync_dir(path: Path) -> None:
 
 # Temporary files of writes cut short: zarr's LocalStore and the chunk writer write
 # NAME.<32 hex>.partial and rename it; the safetensors index goes through .NAME.<random>.tmp.
+# The last output this process gave its final name: a signal that arrives during the final
+# rename is raised once the output is complete, and the command line then says so.
+_last_finished: list[Path] = []
+
+
+def finished(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is the output this process finished last (see :meth:`OutputDir.commit`)."""
+    return bool(_last_finished) and _last_finished[0] == Path(path).absolute()
+
+
 _STRAY = re.compile(r"(\.[0-9a-f]{32}\.partial|^\.model\.safetensors\.index\.json\..+\.tmp)$")
 
 
@@ -281,19 +291,22 @@ class OutputDir:
     def commit(self) -> Path:
         """Make the partial output durable, then rename it to the final path."""
         os.sync()  # one call flushes every file of the partial output before the rename
-        trash = None
         # An --overwrite moves the old output aside before the new one takes its name: a
-        # signal between the two renames would leave neither under the final name.
+        # signal between the two renames would leave neither under the final name, and one
+        # raised after them would leave the old output and the lock behind. A signal is
+        # raised when all of it is done, with the output complete and recorded as finished.
         with deferred():
+            trash = None
             if self.final.exists():
                 trash = self.final.parent / f".{self.final.name}.old"
                 shutil.rmtree(trash, ignore_errors=True)
                 os.replace(self.final, trash)
             os.replace(self.partial, self.final)
-        _fsync_dir(self.final.parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        self.release()
+            _fsync_dir(self.final.parent)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+            self.release()
+            _last_finished[:] = [self.final.absolute()]
         return self.final
 
     def abort(self) -> None:

@@ -43,7 +43,7 @@ from streamvec.engine.execute import RunReport
 from streamvec.engine.jobs import Job, JobPlan, whole_tensor_digests
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
-from streamvec.io.output import OutputDir, check_destination, input_paths
+from streamvec.io.output import check_destination, finished, input_paths
 from streamvec.io.zarr.lowrank import SVDStoreWriter, is_factored_shape
 from streamvec.model.sources import open as open_model
 from streamvec.ops.factorize import factor_budget
@@ -371,7 +371,7 @@ def merge_svd(
         except KeyboardInterrupt:
             # A signal during the output's final rename is raised once the output is
             # complete: its factors are then not needed by any --resume.
-            if out_path.is_dir() and not OutputDir(out_path, inputs=[]).partial.exists():
+            if finished(out_path):
                 factors.discard()
             raise
         factors.discard()  # the output is complete: the factors are no longer needed

@@ -1,15 +1,23 @@
-"""The writing operations, in one table: name -> what it computes, its paper, its settings.
+"""Every operation in one table: name -> what it computes, its paper, its settings, its command.
 
-Every command that writes an output is one :class:`Operation` here. The CLI refuses, in one
-place (:func:`check_settings`), any :class:`~streamvec.engine.settings.Settings` a command was given
-but does not support, naming the flag and the command; the Python functions of the operations
-call the same check, so the CLI, the API and recipes agree. Merge methods are the entries of
-:mod:`streamvec.ops.merge.registry` and run under the ``merge`` entry's settings. Every
-writing operation resumes (``--resume``) through the one job lifecycle,
+:data:`OPERATIONS` holds each command that writes an output (``diff``, ``combine``, ``svd``,
+``lora``, ``decompose``, ``merge-svd``, ``merge``) and each merge method a ``merge`` recipe
+names (``ties``, ``dare_ties``, ..., ``tsv``, ``iso_c``, ``shared_unique``). The command line
+builds its commands from it (:mod:`streamvec.cli.main`), recipes find their method in it
+(:func:`streamvec.ops.merge.registry.get_method`), and the Python functions of the operations
+check their settings against it, so the three agree. Entries name modules, which are imported
+only when used: a command's start-up imports its own operation, not every operation's.
+
+The CLI refuses, in one place (:func:`check_settings`), any
+:class:`~streamvec.engine.settings.Settings` a command was given but does not support, naming
+the flag and the command. Merge methods run under the ``merge`` entry's settings. Every writing
+operation resumes (``--resume``) through the one job lifecycle,
 :class:`streamvec.engine.jobs.Job`.
 
-Adding an operation: write its module, add one entry to :data:`OPERATIONS`, and register its
-command in the CLI.
+Adding a command: its module under ``streamvec/ops/``, its command-line module under
+``streamvec/cli/`` (``HELP``, ``DESCRIPTION``, ``add_arguments``, ``run``), and one
+:class:`Operation` below. Adding a merge method: its module under
+``streamvec/ops/merge/methods/`` (defining ``METHOD``) and one :func:`_method` line below.
 
 Example:
     >>> from streamvec.engine.settings import Settings
@@ -19,16 +27,31 @@ Example:
     ...
     streamvec.errors.StreamvecError: --compression is not supported by `streamvec lora`; \
 rerun without it
+    >>> OPERATIONS["ties"].load().paper[:21]
+    'Yadav et al., TIES-Me'
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
 
-__all__ = ["OPERATIONS", "Operation", "check_settings"]
+if TYPE_CHECKING:
+    from streamvec.ops.merge.method import MergeMethod
+
+__all__ = [
+    "OPERATIONS",
+    "MergeMethodEntry",
+    "Operation",
+    "check_settings",
+    "commands",
+    "operation",
+]
 
 # What every streaming command honours.
 _RUN = frozenset(
@@ -52,11 +75,13 @@ _RESUME = frozenset({"resume"})
 
 @dataclass(frozen=True)
 class Operation:
-    """One writing operation.
+    """One command that writes an output.
 
     Attributes:
         name: the command name (``streamvec NAME``).
         module: the module that implements it.
+        cli: its command-line module: ``HELP``, ``DESCRIPTION`` (and optionally ``EPILOG``,
+            ``FORMATTER``), ``add_arguments(parser)`` and ``run(args) -> exit code``.
         summary: one line: what it computes.
         paper: the papers it implements.
         settings: the :class:`~streamvec.engine.settings.Settings` fields it honours.
@@ -64,17 +89,47 @@ class Operation:
 
     name: str
     module: str
+    cli: str
     summary: str
     paper: str
     settings: frozenset[str]
 
+    def command(self) -> ModuleType:
+        """The command-line module (imported on first use)."""
+        return importlib.import_module(self.cli)
 
-OPERATIONS: dict[str, Operation] = {
+
+@dataclass(frozen=True)
+class MergeMethodEntry:
+    """One merge method of ``merge`` recipes; its summary, paper and parameters are the
+    :class:`~streamvec.ops.merge.method.MergeMethod` its module defines as ``METHOD``.
+
+    Attributes:
+        name: the recipe's ``merge_method``.
+        module: the module defining ``METHOD``.
+    """
+
+    name: str
+    module: str
+
+    def load(self) -> MergeMethod:
+        """The method (its module imported on first use)."""
+        method: MergeMethod = importlib.import_module(self.module).METHOD
+        return method
+
+
+def _method(name: str) -> MergeMethodEntry:
+    """The merge method ``name``, defined in ``streamvec/ops/merge/methods/<name>.py``."""
+    return MergeMethodEntry(name, f"streamvec.ops.merge.methods.{name}")
+
+
+OPERATIONS: dict[str, Operation | MergeMethodEntry] = {
     op.name: op
     for op in (
         Operation(
             "diff",
             "streamvec.ops.task_vector",
+            "streamvec.cli.diff",
             "task vector tau = theta_ft - theta_base",
             "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
             _RUN | _ZARR | _RESUME | {"vocab", "int_tensors", "strict"},
@@ -82,6 +137,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "combine",
             "streamvec.ops.combine",
+            "streamvec.cli.combine",
             "theta_base + lambda * sum_i w_i tau_i (negation, addition, analogies)",
             "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
             _RUN | _ZARR | _SAFETENSORS | _RESUME | {"vocab", "int_tensors", "strict"},
@@ -89,6 +145,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "svd",
             "streamvec.ops.svd",
+            "streamvec.cli.svd",
             "truncated SVD U diag(S) Vh of every matrix (randomized subspace iteration over "
             "row blocks, or exact LAPACK where it fits), stored as a low-rank task vector",
             "Halko, Martinsson & Tropp, Finding Structure with Randomness: Probabilistic "
@@ -99,6 +156,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "lora",
             "streamvec.ops.lora",
+            "streamvec.cli.lora",
             "PEFT LoRA adapter from a fine-tune: B = U sqrt(S), A = sqrt(S) Vh per linear layer",
             "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 "
             "(arXiv:2106.09685, 2021)",
@@ -108,6 +166,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "decompose",
             "streamvec.ops.decompose",
+            "streamvec.cli.decompose",
             "shared_i = C C^T tau_i over the common left singular subspace C of the tasks, "
             "unique_i = tau_i - shared_i",
             "Damirchi, Abbasnejad, Zhang & Shi, Decomposing Task Vectors for Refined Model "
@@ -118,6 +177,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "merge-svd",
             "streamvec.ops.merge_svd",
+            "streamvec.cli.merge_svd",
             "tsv (TSV-M): per-task top singular triplets, orthogonalised bases, "
             "U_perp diag(S) V_perp^T; iso-c (Iso-C): SVD of sum tau_i with a flat spectrum, "
             "mean(S) U V^T (also merge_method tsv / iso_c of `streamvec merge`)",
@@ -129,15 +189,53 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "merge",
             "streamvec.ops.merge",
+            "streamvec.cli.merge",
             "mergekit-style recipes: TIES, DARE, breadcrumbs, DELLA, the papers' variants and "
-            "the SVD merges; the methods and their papers are listed in "
-            "streamvec.ops.merge.registry (`streamvec merge --list`)",
+            "the SVD merges; the methods, each with its paper and parameters, are the entries "
+            "below (`streamvec merge --list`)",
             "Yadav et al. NeurIPS 2023; Yu et al. ICML 2024; Davari & Belilovsky 2024; "
-            "Deep et al. 2024; per method: streamvec.ops.merge.registry",
+            "Deep et al. 2024; per method: the entries below",
             _RUN | _SAFETENSORS | _RESUME | {"vocab", "strict"},
         ),
+        # The merge methods of `merge` recipes. mergekit 0.1.5's generalized task
+        # arithmetic, same names, parameters and defaults:
+        _method("task_arithmetic"),
+        _method("ties"),
+        _method("dare_ties"),
+        _method("dare_linear"),
+        _method("breadcrumbs"),
+        _method("breadcrumbs_ties"),
+        _method("della"),
+        _method("della_linear"),
+        # the papers' own definitions where they differ from mergekit's
+        _method("ties_paper"),
+        _method("dare_paper"),
+        _method("breadcrumbs_paper"),
+        # SVD-based merges (streamvec.ops.merge_svd)
+        _method("tsv"),
+        _method("iso_c"),
+        # shared/unique components of the task vectors (streamvec.ops.decompose)
+        _method("shared_unique"),
     )
 }
+
+
+def commands() -> list[Operation]:
+    """The entries that are commands, in the table's order."""
+    return [op for op in OPERATIONS.values() if isinstance(op, Operation)]
+
+
+def operation(command: str) -> Operation:
+    """The entry of the command ``command``.
+
+    Raises:
+        StreamvecError: no command of that name (a merge method is not one).
+    """
+    op = OPERATIONS.get(command)
+    if not isinstance(op, Operation):
+        names = ", ".join(op.name for op in commands())
+        raise StreamvecError(f"unknown command {command!r}; commands: {names}")
+    return op
 
 
 def check_settings(command: str, settings: Settings) -> None:
@@ -150,7 +248,4 @@ def check_settings(command: str, settings: Settings) -> None:
     Raises:
         StreamvecError: naming the flag and the command.
     """
-    op = OPERATIONS.get(command)
-    if op is None:
-        raise StreamvecError(f"unknown operation {command!r}; operations: {', '.join(OPERATIONS)}")
-    settings.check_supported(command, op.settings)
+    settings.check_supported(command, operation(command).settings)

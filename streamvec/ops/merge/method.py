@@ -48,16 +48,16 @@ class RunSettings(Settings):
         Raises:
             StreamvecError: a setting the method does not support was given.
         """
-        from streamvec.ops.registry import OPERATIONS
+        from streamvec.ops.registry import operation
 
-        self.check_supported("merge", OPERATIONS["merge"].settings, f" with merge_method {method}")
+        self.check_supported("merge", operation("merge").settings, f" with merge_method {method}")
         settings = Settings.from_kwargs({f.name: getattr(self, f.name) for f in fields(Settings)})
         if intermediate:
             settings = settings.replace(overwrite=True)
         # Settings the merge honours in its own output pass (shard size...) are not the SVD
         # command's to refuse.
         command = "decompose" if intermediate else "merge-svd"
-        return settings.only(OPERATIONS[command].settings)
+        return settings.only(operation(command).settings)
 
 
 Builder = Callable[["MergeRequest", RunSettings], "Model"]

@@ -1,53 +1,44 @@
-"""The merge methods, in one explicit table: recipe name -> :class:`MergeMethod`.
+"""The merge methods of ``merge`` recipes, by name: the merge-method entries of the one
+operations table, :data:`streamvec.ops.registry.OPERATIONS`.
 
-Adding a method: write ``streamvec/merge/methods/<name>.py`` defining ``METHOD`` and add one
-line below.
+:data:`METHODS` reads like a dict (``METHODS["ties"]``, ``for name in METHODS``) and imports a
+method's module when the method is first asked for, so resolving a recipe imports its own
+method only. Adding a method: ``streamvec/ops/merge/methods/<name>.py`` defining ``METHOD``,
+and one line in the table.
+
+Example:
+    >>> get_method("dare-ties").name  # `-` and `_` are interchangeable
+    'dare_ties'
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from streamvec.errors import StreamvecError
 from streamvec.ops.merge.method import MergeMethod
-from streamvec.ops.merge.methods import (
-    breadcrumbs,
-    breadcrumbs_paper,
-    breadcrumbs_ties,
-    dare_linear,
-    dare_paper,
-    dare_ties,
-    della,
-    della_linear,
-    iso_c,
-    shared_unique,
-    task_arithmetic,
-    ties,
-    ties_paper,
-    tsv,
-)
+from streamvec.ops.registry import OPERATIONS, MergeMethodEntry
 
-METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        # mergekit 0.1.5's generalized task arithmetic, same names, parameters and defaults
-        task_arithmetic.METHOD,
-        ties.METHOD,
-        dare_ties.METHOD,
-        dare_linear.METHOD,
-        breadcrumbs.METHOD,
-        breadcrumbs_ties.METHOD,
-        della.METHOD,
-        della_linear.METHOD,
-        # the papers' own definitions where they differ from mergekit's
-        ties_paper.METHOD,
-        dare_paper.METHOD,
-        breadcrumbs_paper.METHOD,
-        # SVD-based merges (streamvec.ops.merge_svd)
-        tsv.METHOD,
-        iso_c.METHOD,
-        # shared/unique components of the task vectors (streamvec.ops.decompose)
-        shared_unique.METHOD,
-    )
-}
+__all__ = ["METHODS", "get_method"]
+
+
+class _Methods(Mapping[str, MergeMethod]):
+    """The table's merge methods, in its order, each loaded on first access."""
+
+    def _entries(self) -> dict[str, MergeMethodEntry]:
+        return {n: e for n, e in OPERATIONS.items() if isinstance(e, MergeMethodEntry)}
+
+    def __getitem__(self, name: str) -> MergeMethod:
+        return self._entries()[name].load()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+
+METHODS: Mapping[str, MergeMethod] = _Methods()
 
 
 def get_method(name: str) -> MergeMethod:
@@ -56,10 +47,10 @@ def get_method(name: str) -> MergeMethod:
     Raises:
         StreamvecError: no such method (the message lists them).
     """
-    method = METHODS.get(name) or METHODS.get(name.replace("-", "_"))
-    if method is None:
-        raise StreamvecError(
-            f"unknown merge_method {name!r}; streamvec merges: {', '.join(METHODS)} "
-            "(`streamvec merge --list` describes them)"
-        )
-    return method
+    for candidate in (name, name.replace("-", "_")):
+        if candidate in METHODS:
+            return METHODS[candidate]
+    raise StreamvecError(
+        f"unknown merge_method {name!r}; streamvec merges: {', '.join(METHODS)} "
+        "(`streamvec merge --list` describes them)"
+    )

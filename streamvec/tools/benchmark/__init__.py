@@ -18,7 +18,7 @@ One job per module:
   (:func:`run_bench`);
 - :mod:`~streamvec.tools.benchmark.report`: the table, the results JSON, the plots;
 - :mod:`~streamvec.tools.benchmark.plots`: the PNGs, drawn from the results JSON (matplotlib);
-- :mod:`~streamvec.cli.bench`: the ``streamvec bench`` command.
+- :mod:`streamvec.cli.bench`: the ``streamvec bench`` command (its flags and ``--help``).
 
 The names below are re-exported for the callers that import them from here. Module-level
 settings read at call time (such as ``cache.DROP_CACHES``) are not: patch them where they live.
@@ -26,7 +26,6 @@ settings read at call time (such as ``cache.DROP_CACHES``) are not: patch them w
 
 from __future__ import annotations
 
-from streamvec.cli.bench import add_parser, cmd_bench
 from streamvec.tools.benchmark.cache import PageCache, resident_fraction
 from streamvec.tools.benchmark.inputs import (
     ensure_pair,
@@ -79,10 +78,8 @@ __all__ = [
     "StepPlan",
     "StepResult",
     "StepRun",
-    "add_parser",
     "bench_data",
     "bench_size",
-    "cmd_bench",
     "ensure_pair",
     "format_table",
     "machine_info",
