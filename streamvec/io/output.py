@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamvec.errors import OutputError, StreamvecError
+from streamvec.io.zarr.inflight import wait_for_zarr_writes
 from streamvec.signals import deferred
 
 if TYPE_CHECKING:
@@ -318,6 +319,7 @@ class OutputDir:
         with deferred():
             if self._lock_fd is None:
                 return
+            wait_for_zarr_writes()  # a write still in flight would make its folders again
             shutil.rmtree(self.partial, ignore_errors=True)
             self.release()
 
