@@ -45,6 +45,38 @@ OUTPUT_DTYPES: dict[str, np.dtype] = {
 FLOAT_TAGS = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 
 
+def round_once(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` correctly rounded to ``dtype`` (round to nearest, ties to even), in one rounding.
+
+    ml_dtypes before 0.7.0 converts float64 to bfloat16 through float32, rounding twice: a
+    value just above a bfloat16 tie can become the tie in float32 and then round the wrong way
+    (about one element in 65,000 of a random float64 array). Rounding to float32 *to odd*
+    first (an inexact result keeps an odd last bit) makes the following round-to-nearest-even
+    the correct single rounding, whatever the ml_dtypes version. The torch kernel does the
+    same (``streamvec.compute.torch_kernel``).
+
+    Example:
+        >>> x = np.array([1 + 2.0**-8 + 2.0**-30])  # just above the tie 1 + 2**-8
+        >>> int(round_once(x, BFLOAT16).view(np.uint16)[0])  # rounds up, to 1 + 2**-7
+        16257
+    """
+    dtype = np.dtype(dtype)
+    x = np.asarray(x)
+    if x.dtype != np.float64 or dtype != BFLOAT16:
+        return x.astype(dtype)  # numpy's float64 -> float16 already rounds once
+    r = x.astype(np.float32)
+    bits = r.view(np.uint32)
+    with np.errstate(invalid="ignore"):
+        back = r.astype(np.float64)
+        # inexact, finite in float32 and even: move one float32 step toward x (NaN != NaN, but
+        # a NaN's float32 is not finite)
+        fix = (back != x) & np.isfinite(r) & ((bits & 1) == 0)
+    if fix.any():
+        step = np.where(np.abs(x[fix]) > np.abs(back[fix]), 1, -1).astype(np.int64)
+        bits[fix] = (bits[fix].astype(np.int64) + step).astype(np.uint32)
+    return r.astype(dtype)
+
+
 def safetensors_tag(dtype: np.dtype) -> str:
     """The safetensors tag (``"BF16"``...) of a numpy dtype."""
     try:

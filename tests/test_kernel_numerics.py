@@ -18,7 +18,7 @@ import safetensors.numpy
 import streamvec as sv
 from streamvec.compute.kernel import SLAB_ELEMENTS, combine_blocks
 from streamvec.ops.combine import TermSpec, combine_terms
-from tests.conftest import BF16, write_checkpoint
+from tests.conftest import BF16, rounded_once, write_checkpoint
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -49,7 +49,7 @@ def ulp_of(want: np.ndarray) -> np.ndarray:
 def near_tie(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Where the float64 formula's own rounding decides the result: within float64 noise
     of a tie of ``dtype``, or of 0 (terms of ~0.02 that cancel leave ~1e-18 either way)."""
-    want = exact.astype(dtype)
+    want = rounded_once(exact, dtype)
     dist = np.abs(exact - want.astype(np.float64)) / ulp_of(want)
     return (np.abs(dist - 0.5) < 1e-6) | (np.abs(exact) < 1e-15)
 
@@ -61,7 +61,7 @@ def assert_formula_rounded_once(got: np.ndarray, exact: np.ndarray) -> None:
     side, and a sum evaluated in another order is as right on the other side: there, within
     half an ulp (+ float64 noise) is asked.
     """
-    want = exact.astype(got.dtype)
+    want = rounded_once(exact, got.dtype)
     bits = BITS[got.dtype.itemsize]
     tie = near_tie(exact, got.dtype)
     assert np.array_equal(got.view(bits)[~tie], want.view(bits)[~tie])
@@ -114,7 +114,7 @@ def test_exact_cancellation_matches_the_float64_formula(dtype, weights, lam) -> 
     exact = float64_formula(base, fts, weights, lam)
     bits = BITS[dtype.itemsize]
     # the cancellations equal the float64 formula rounded once, bit for bit
-    assert np.array_equal(got[:128].view(bits), exact[:128].astype(dtype).view(bits))
+    assert np.array_equal(got[:128].view(bits), rounded_once(exact[:128], dtype).view(bits))
     assert_formula_rounded_once(got, exact)  # and so does every other element
     if weights[0] == 1.0 and lam == 1.0:
         # fine-tune 0 set the weight to zero and nothing else moved it: exactly 0
@@ -138,7 +138,7 @@ def test_equals_the_old_kernel_wherever_it_was_within_half_an_ulp(dtype, spread)
     exact = float64_formula(base, fts, weights, lam)
     bits = BITS[dtype.itemsize]
     # the old kernel within half an ulp (off the float64 formula's own near-ties)
-    correct = (old.view(bits) == exact.astype(dtype).view(bits)) & ~near_tie(exact, dtype)
+    correct = (old.view(bits) == rounded_once(exact, dtype).view(bits)) & ~near_tie(exact, dtype)
     assert correct.mean() > 0.9  # the comparison covers most elements
     assert np.array_equal(got.view(bits)[correct], old.view(bits)[correct])
     # and everywhere else the float64 formula rounded once
@@ -152,12 +152,12 @@ def test_store_only_sums_and_single_terms_are_correctly_rounded() -> None:
     exact = sum(c * x.astype(np.float64) for c, x in zip(coefs, xs, strict=True))
     for out in (BF16, F16, F32):
         got = combine_blocks(list(zip(coefs, xs, strict=True)), out)
-        assert np.array_equal(got.astype(np.float64), exact.astype(out).astype(np.float64))
+        assert np.array_equal(got.astype(np.float64), rounded_once(exact, out).astype(np.float64))
     # one term scaled: float64 product, one rounding (no float32 product rounded again)
     b = xs[0].astype(BF16)
     got = combine_blocks([(0.3, b)], BF16)
     assert np.array_equal(
-        got.view(np.uint16), (0.3 * b.astype(np.float64)).astype(BF16).view(np.uint16)
+        got.view(np.uint16), rounded_once(0.3 * b.astype(np.float64), BF16).view(np.uint16)
     )
 
 
@@ -180,7 +180,7 @@ def test_rounding_of_inexact_16_bit_ties_and_specials() -> None:
         # 0.5 * (2x): an exact float64 product, so the sum is x itself
         with np.errstate(invalid="ignore"):
             got = combine_blocks([(0.5, 2.0 * x)], out)
-        want = x.astype(out)
+        want = rounded_once(x, out)
         nan = np.isnan(want.astype(np.float64))
         assert np.array_equal(np.isnan(got.astype(np.float64)), nan)
         bits = BITS[out.itemsize]
@@ -241,5 +241,26 @@ def test_slabs_of_many_or_few_ties_round_like_a_direct_conversion(dtype, tie_sha
     x[nudge] += np.where(rng.random(nudge.sum()) < 0.5, 1.0, -1.0) * 1e-12 * np.abs(x[nudge])
     x = x.reshape(16, -1)
     got = combine_blocks([(0.5, 2.0 * x)], dtype)  # an exact product: the sum is x
-    want = x.astype(dtype)  # one direct rounding (ml_dtypes / numpy)
+    want = rounded_once(x, dtype)  # one direct rounding
     assert np.array_equal(got.view(BITS[2]), want.view(BITS[2]))
+
+
+def test_float64_to_bfloat16_is_rounded_once_whatever_the_ml_dtypes_version() -> None:
+    # ml_dtypes before 0.7.0 converts float64 -> bfloat16 through float32: a value a little
+    # above or below a bf16 tie becomes the tie in float32, then rounds to even (wrongly).
+    from streamvec.dtypes import round_once
+
+    rng = np.random.default_rng(3)
+    lo = rng.standard_normal(50_000).astype(BF16)
+    up = (lo.view(np.uint16) + 1).view(BF16)
+    mid = 0.5 * (lo.astype(np.float64) + up.astype(np.float64))  # exact bf16 ties
+    x = np.concatenate(
+        [mid, mid * (1 + 1e-12), mid * (1 - 1e-12), rng.standard_normal(10_000), [0.0, -0.0]]
+    )
+    x = np.concatenate([x, 1e-38 * x[:1000], [np.inf, -np.inf, np.nan]])
+    got = round_once(x, BF16)
+    want = rounded_once(x, BF16)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    # the nudged ties are where a conversion through float32 goes wrong
+    through32 = x.astype(np.float32).astype(BF16)
+    assert np.count_nonzero(through32.view(np.uint16) != want.view(np.uint16)) >= 50_000

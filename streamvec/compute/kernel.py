@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from streamvec.compute import delta_bf16
-from streamvec.dtypes import BFLOAT16
+from streamvec.dtypes import BFLOAT16, round_once
 
 SLAB_ELEMENTS = 1 << 16  # 512 KiB of float64: fits L2 with room for the operands
 _EPS = 1e-9  # point weights within this of 1 (0) are a model (a task vector), as in algebra
@@ -174,7 +174,7 @@ def apply_op(
     """A non-linear operation over operand rows already read, rounded once."""
     blocks = [upcast32(x) for _, x in operands]  # upcast first
     result = op(name, blocks, [float(c) for c, _ in operands], r0, r1)
-    return np.asarray(result).astype(out_dtype)
+    return round_once(np.asarray(result), out_dtype)
 
 
 def combine_blocks(
@@ -317,7 +317,8 @@ class _Rounder:
     float32 -> bf16 is done on the bits, 2x faster than ml_dtypes). That double rounding
     differs from the direct one only where the float32 value is inexact and exactly a 16-bit
     tie (or, for float16, in its subnormal range); those few elements, and NaNs, are
-    converted directly.
+    converted directly (:func:`streamvec.dtypes.round_once`: ml_dtypes before 0.7.0 rounds
+    float64 -> bf16 twice as well).
 
     Exact ties are common (``0.5 * (b + f)`` of two bf16 values is a bf16 tie about half the
     time, exactly), so which ties are inexact is found for the whole slab at once, by
@@ -370,4 +371,4 @@ class _Rounder:
             # an exact tie is rounded right already; NaNs are converted directly
             where = where[(acc[where] != r32[where]) | np.isnan(r32[where])]
         if where.size:
-            out[where] = acc[where].astype(self.out_dtype)
+            out[where] = round_once(acc[where], self.out_dtype)

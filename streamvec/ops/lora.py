@@ -64,7 +64,7 @@ import numpy as np
 
 from streamvec.compute.linalg.factors import stacked_lowrank_svd
 from streamvec.compute.linalg.rsvd import SVDResult, sum_of_squares
-from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float
+from streamvec.dtypes import OUTPUT_DTYPES, dtype_name, is_float, round_once
 from streamvec.engine.jobs import Job, JobPlan
 from streamvec.errors import MismatchError, StreamvecError
 from streamvec.io.blocks import matrix_shape
@@ -251,7 +251,7 @@ def _split(
     else:
         b = u * root  # (rows, r)
         a = root[:, None] * vh  # (r, cols)
-    return a.astype(out_dtype), b.astype(out_dtype)
+    return round_once(a, out_dtype), round_once(b, out_dtype)
 
 
 def _export_layer(
