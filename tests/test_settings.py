@@ -156,3 +156,23 @@ def test_stats_takes_its_run_flags_from_the_settings(capsys: pytest.CaptureFixtu
     assert "local:N" in capsys.readouterr().err
     assert main(["stats", "T", "--workers", "-1"]) == 2
     assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_an_api_keyword_and_the_settings_hold_one_value(tmp_path: Path) -> None:
+    # svd(..., vocab=) and run=Settings(vocab=) say the same; given both, they must agree
+    assert Settings().with_keywords(vocab="base").vocab == "base"
+    assert Settings(vocab="base").with_keywords(vocab=None).vocab == "base"
+    assert Settings(strict=True).with_keywords(strict=False).strict is True
+    assert Settings(vocab="base").with_keywords(vocab="base").vocab == "base"
+    with pytest.raises(StreamvecError, match="vocab='union' is given twice"):
+        Settings(vocab="base").with_keywords(vocab="union")
+    from streamvec.ops.svd import SVDOptions, svd
+
+    with pytest.raises(StreamvecError, match="given twice"):
+        svd(
+            tmp_path / "in.zarr",
+            tmp_path / "out.zarr",
+            options=SVDOptions(rank=2),
+            run=Settings(vocab="union"),
+            vocab="base",
+        )

@@ -402,6 +402,30 @@ class Settings:
         """A copy with some settings changed (validated again)."""
         return replace(self, **changes)
 
+    def with_keywords(self: S, **keywords: Any) -> S:
+        """A copy holding the settings an API function also takes as its own keywords.
+
+        ``svd(..., vocab="base")`` and ``svd(..., run=Settings(vocab="base"))`` say the same;
+        the function folds the keyword in here once and reads only the settings from then on,
+        so the job identity, the checks and the run all see one value. A keyword left at its
+        default (None, False) is not given.
+
+        Raises:
+            StreamvecError: a keyword and the settings give a setting two different values.
+        """
+        changes = {}
+        for name, value in keywords.items():
+            if value is None or value is False:
+                continue
+            held = getattr(self, name)
+            if held not in (None, False) and held != value:
+                raise StreamvecError(
+                    f"{name}={value!r} is given twice, as a keyword and as {name}={held!r} in "
+                    "the settings; give it once"
+                )
+            changes[name] = value
+        return replace(self, **changes) if changes else self
+
     # -- views for the layers below ----------------------------------------------------------
 
     def engine_kwargs(self) -> dict[str, Any]:

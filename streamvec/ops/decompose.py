@@ -195,10 +195,9 @@ def decompose(
     from streamvec.engine.execute import run as run_engine
 
     started = time.perf_counter()
-    run = run or RunOptions()
+    run = (run or RunOptions()).with_keywords(vocab=vocab)  # one value: run.vocab
     # the same check as the CLI's: a setting this command cannot honour is refused
     check_settings("decompose", run)
-    vocab = vocab if vocab is not None else run.vocab  # the keyword, or the run's --vocab
     if len(terms) < 2:
         raise StreamvecError("decompose needs at least two task vectors (TV1 TV2 ...)")
     if not 0.0 < threshold <= 1.0:
@@ -211,7 +210,7 @@ def decompose(
             include=include,
             exclude=exclude,
             base_for_stores="ignore",
-            vocab=vocab,
+            vocab=run.vocab,
             strict=run.strict,
         )
         for t in terms
@@ -243,7 +242,7 @@ def decompose(
         **common,
         "sources": [[s.info for s in tau.sources()] for tau in taus],
         "tensors": [[n, [list(t[n].shape) if n in t else None for t in per_task]] for n in names],
-        "settings": {**run.output_identity(), "vocab": vocab},
+        "settings": run.output_identity(),
     }
     job = Job(
         output,

@@ -357,7 +357,7 @@ def lora(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    run = run or RunOptions()
+    run = (run or RunOptions()).with_keywords(strict=strict)  # one value: run.strict
     # the same check as the CLI's: a setting this command cannot honour is refused
     check_settings("lora", run)
     if not (0.0 <= rank_tol < 1.0):
@@ -382,7 +382,7 @@ def lora(
             include=include,
             exclude=exclude,
             base_for_stores="ignore",
-            strict=strict or run.strict,  # the keyword, or the run's --strict
+            strict=run.strict,
             vocab=run.vocab,
         )
         tv = spec.weight * tau if tv is None else tv + spec.weight * tau

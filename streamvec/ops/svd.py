@@ -209,11 +209,10 @@ def svd(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    run = run or RunOptions()
+    run = (run or RunOptions()).with_keywords(vocab=vocab)  # one value: run.vocab
     check_settings("svd", run)  # the same check as the CLI's
-    vocab = vocab if vocab is not None else run.vocab  # the keyword, or the run's --vocab
     tv = task_vector_of(
-        source, base, include=include, exclude=exclude, vocab=vocab, strict=run.strict
+        source, base, include=include, exclude=exclude, vocab=run.vocab, strict=run.strict
     )
     resolved = tv.resolved()
     root_attrs = {

@@ -72,16 +72,21 @@ def build_model(
         >>> model = build_model("ties.yaml")  # doctest: +SKIP
         >>> model["model.layers.0.mlp.up_proj.weight"].compute()  # doctest: +SKIP
     """
-    strict = settings.strict if settings is not None else False
+    settings = (settings or RunSettings()).with_keywords(vocab=vocab)  # one value each
     request = request_for(
-        recipe, seed=seed, include=include, exclude=exclude, vocab=vocab, strict=strict
+        recipe,
+        seed=seed,
+        include=include,
+        exclude=exclude,
+        vocab=settings.vocab,
+        strict=settings.strict,
     )
     if request.method.build is None:
         raise StreamvecError(
             f"{request.method.name} factors matrices before streaming and is not a lazy "
             "model; run it with streamvec.ops.merge.merge(recipe, output)"
         )
-    return request.method.build(request, settings or RunSettings())
+    return request.method.build(request, settings)
 
 
 def merge(
@@ -110,9 +115,14 @@ def merge(
     Example:
         >>> merge("dare.yaml", "merged", seed=1)  # doctest: +SKIP
     """
-    settings = settings or RunSettings()
+    settings = (settings or RunSettings()).with_keywords(vocab=vocab)  # one value each
     request = request_for(
-        recipe, seed=seed, include=include, exclude=exclude, vocab=vocab, strict=settings.strict
+        recipe,
+        seed=seed,
+        include=include,
+        exclude=exclude,
+        vocab=settings.vocab,
+        strict=settings.strict,
     )
     method = request.method
     # Every recipe kind, including those that write intermediates beside the output first
