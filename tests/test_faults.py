@@ -320,14 +320,16 @@ def test_hostile_recipe_is_refused(family: dict[str, Path], tmp_path: Path, case
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 64 kB tmpfs (needs root; skipped where mounting is not permitted)."""
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest):
+    """A 64 kB tmpfs, or of the size given by indirect parametrization (needs root; skipped
+    where mounting is not permitted)."""
     import subprocess
 
     where = tmp_path / "disk"
     where.mkdir()
+    size = getattr(request, "param", "64k")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
@@ -347,6 +349,20 @@ def test_disk_full(family: dict[str, Path], tmp_path: Path, small_disk: Path, wh
     assert "free" in proc.stderr and ("needs" in proc.stderr or "No space" in proc.stderr)
     _assert_nothing_left(out)
     assert snapshot(*family.values()) == before
+
+
+@pytest.mark.parametrize("small_disk", ["160k"], indirect=True)  # room for the job files
+def test_a_disk_that_fills_during_the_writes_is_named_as_the_output(
+    family: dict[str, Path], tmp_path: Path, small_disk: Path
+) -> None:
+    # --resume skips the free-space check made before a run: the disk fills while the blocks
+    # are written, and the error (raised in a block task) used to name the unfinished copy
+    # (.result.partial), not the output asked for
+    out = small_disk / "result"
+    proc = run_cli_subprocess("diff", family["base"], family["a"], "-o", out, "-q", "--resume")
+    assert_refused(proc, f"cannot write {out}: disk full", "free disk space")
+    assert ".partial" not in proc.stderr
+    _assert_nothing_left(out)
 
 
 @pytest.mark.parametrize(

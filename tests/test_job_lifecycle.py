@@ -265,3 +265,16 @@ def test_a_zarr_write_in_flight_does_not_bring_a_removed_output_back(
     out.abort()
     writer.join()
     assert not out.partial.exists()
+
+
+def test_errors_name_the_output_the_user_asked_for() -> None:
+    from streamvec.io.output import shown_output
+
+    assert shown_output(Path("/d/out")) == Path("/d/out")
+    assert shown_output(Path("/d/.out")) == Path("/d/.out")  # a user's own hidden output
+    # a part of another run's unfinished output (decompose's unique stores)
+    assert shown_output(Path("/d/.out.partial/a.unique.zarr")) == Path("/d/out")
+    assert shown_output(Path("/d/.out.partial/.a.zarr.partial/x")) == Path("/d/out")
+    # the hidden sibling of merge-svd's factors, of shared_unique's components
+    assert shown_output(Path("/d/.out.factors"), intermediate=True) == Path("/d/out")
+    assert shown_output(Path("/d/.o.u.t.components"), intermediate=True) == Path("/d/o.u.t")

@@ -34,7 +34,7 @@ from streamvec.engine.sinks import BlockWriter, PlannedTensor, SafetensorsSink, 
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import companions_for, write_model_card
-from streamvec.io.output import input_paths, output_error
+from streamvec.io.output import input_paths
 from streamvec.io.read_buffers import BufferLease, ReadBuffers
 from streamvec.io.safetensors.requantize import aligned_rows
 from streamvec.memory import anon_bytes
@@ -225,11 +225,9 @@ def _run_block(
             paths = [str(getattr(r, "path", getattr(r, "store", "?"))) for _, r in t.terms]
             culprits = nonfinite_inputs(paths, [x for _, x in operands])
     del operands
-    try:
-        encoding = writer.write(r0, block) or 0.0
-    except OSError as exc:  # disk full, quota, I/O error: say what and where
-        where = getattr(writer, "path", getattr(writer, "store", "output"))
-        raise output_error("write", Path(str(where)), exc) from None
+    # A disk full, quota or I/O error goes up as it is: the job names the output the user
+    # asked for (not the unfinished copy being written) and the space it needs.
+    encoding = writer.write(r0, block) or 0.0
     written = clock()
     digest = block_digest(block)
     seconds = (

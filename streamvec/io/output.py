@@ -180,6 +180,26 @@ def check_destination(final: Path, *, overwrite: bool, inputs: InputPaths) -> No
             raise OutputError(f"{final}: already exists; choose another path or pass --overwrite")
 
 
+_PARTIAL = re.compile(r"^\.(.+)\.partial$")
+
+
+def shown_output(final: Path, intermediate: bool = False) -> Path:
+    """The output the user asked for, of which ``final`` may be a part.
+
+    ``final`` itself; or, when it lies inside another run's unfinished output
+    (``/d/.OUT.partial/a.unique.zarr``), that output (``/d/OUT``); or, for an intermediate
+    (``/d/.OUT.factors``, named so by the command writing OUT), OUT.
+    """
+    parts = final.parts
+    for i, part in enumerate(parts[:-1]):
+        hit = _PARTIAL.match(part)
+        if hit:
+            return Path(*parts[:i], hit.group(1))
+    if intermediate:
+        return final.with_name(final.name[1:].rsplit(".", 1)[0])
+    return final
+
+
 class OutputDir:
     """A temporary sibling of ``final`` that becomes ``final`` on :meth:`commit`.
 
@@ -213,6 +233,9 @@ class OutputDir:
         # files outside the ``.OUT.`` names of the run that writes OUT.
         hidden = self.final.name if intermediate else f".{self.final.name}"
         self.partial = parent / f"{hidden}.partial"
+        # The output the user asked for, which errors name: this one, or the one whose
+        # unfinished copy (``.OUT.partial/...``) or hidden sibling (``.OUT.factors``) it is.
+        self.shown = shown_output(self.final, intermediate)
         self.lock_path = parent / f"{hidden}.lock"
         self._lock_fd: int | None = None
 
@@ -233,13 +256,15 @@ class OutputDir:
 
     def write_error(self, exc: OSError) -> OutputError:
         """An error writing the output, in words: disk full says the space needed and free."""
-        err = output_error("write", self.final, exc)
+        err = output_error("write", self.shown, exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             free = free_bytes(self.final.parent)
-            need = f"up to {self.expected_bytes} bytes" if self.expected_bytes else "more space"
+            # the size of a part (an intermediate) is not what the output needs
+            whole = self.expected_bytes and self.shown == self.final
+            need = f"up to {self.expected_bytes} bytes" if whole else "more space"
             have = f" ({free} free now)" if free is not None else ""
             err = OutputError(
-                f"cannot write {self.final}: disk full; the output needs {need}{have}; free "
+                f"cannot write {self.shown}: disk full; the output needs {need}{have}; free "
                 "disk space or write to another directory (nothing was kept)"
             )
         return err
