@@ -21,6 +21,9 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
   (:class:`GatheredTiesRounder`);
 * ``float64-path``: one bf16 fine-tune with weight 1, -1 or 1/2 evaluated on the general
   float64 path, as before the float32 path of :mod:`streamvec.compute.delta_bf16`.
+* ``zarr-decode``: store chunks read into fresh memory and decoded through zarr's codec
+  pipeline (a fresh buffer per decode, copied again when read-only), as before they were
+  decoded straight into the block's reused read buffer (:func:`old_chunk_rows`).
 
 ``--cold`` evicts the inputs from the page cache before every run (``streamvec bench``'s
 method: drop_caches where permitted, else fadvise).
@@ -32,7 +35,7 @@ from a store written by ``diff`` first).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
         [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch,expanded,
-                    fresh-read-buffers,gathered-ties,float64-path]
+                    fresh-read-buffers,gathered-ties,float64-path,zarr-decode]
         [--cold]
         [--workdir DIR]
 """
@@ -61,6 +64,7 @@ VARIANTS = (
     "fresh-read-buffers",
     "gathered-ties",
     "float64-path",
+    "zarr-decode",
 )
 
 
@@ -191,12 +195,66 @@ class FreshReadBuffers:
         return BufferLease(Fresh())
 
 
+def old_chunk_rows(check, r0: int, r1: int, lease=None):  # -> np.ndarray
+    """Store rows as read before chunks were decoded into the block's buffer (``lease``
+    ignored): the file read into a fresh bytearray, decoded by zarr's codec pipeline into
+    fresh bytes, and the rows copied out when the decode is read-only (it is, for blosc)."""
+    from streamvec.io.zarr import chunks
+
+    _meta, codecs, spec = chunks._layout(check)
+    if not check.shape:
+        return _old_chunk(check, codecs, spec, 0)
+    rows_per_chunk = check.chunk_rows
+    if r1 > r0 and r0 // rows_per_chunk == (r1 - 1) // rows_per_chunk:
+        c0 = (r0 // rows_per_chunk) * rows_per_chunk
+        chunk = _old_chunk(check, codecs, spec, r0 // rows_per_chunk)
+        rows = chunk[r0 - c0 : r1 - c0]
+        keep = chunk.flags.writeable and 2 * (r1 - r0) >= chunk.shape[0]
+        return rows if keep else rows.copy()
+    out = np.empty((r1 - r0, *check.shape[1:]), check.dtype)
+    for ci in range(r0 // rows_per_chunk, (r1 - 1) // rows_per_chunk + 1 if r1 > r0 else 0):
+        c0 = ci * rows_per_chunk
+        chunk = _old_chunk(check, codecs, spec, ci)
+        lo, hi = max(r0, c0), min(r1, c0 + rows_per_chunk)
+        out[lo - r0 : hi - r0] = chunk[lo - c0 : hi - c0]
+    return out
+
+
+def _old_chunk(check, codecs, spec, index: int):  # -> np.ndarray
+    import xxhash
+
+    from streamvec.io.zarr import chunks
+
+    fd = chunks.open_chunk(check, index)
+    if fd is None:
+        chunk = np.zeros(spec.shape, dtype=spec.dtype.to_native_dtype())
+    else:
+        try:
+            data = bytearray(os.fstat(fd).st_size)
+            view = memoryview(data)
+            got = 0
+            while got < len(data):
+                got += os.preadv(fd, [view[got:]], got)
+        finally:
+            os.close(fd)
+        buf = spec.prototype.buffer.from_bytes(data)
+        for codec in reversed(codecs):
+            buf = codec._decode_sync(buf, spec)
+        chunk = np.asarray(buf.as_numpy_array()).reshape(spec.shape)
+    if check.verify and check.digests is not None:
+        rows = check.shape[0] - index * check.chunk_rows if check.shape else 1
+        valid = np.ascontiguousarray(chunk[:rows] if check.shape else chunk)
+        assert xxhash.xxh3_128_digest(valid.reshape(-1).view(np.uint8).data) == check.digests[index]
+    return chunk
+
+
 @contextmanager
 def variant(name: str) -> Iterator[None]:
     from streamvec.compute import delta_bf16, kernel
     from streamvec.engine import execute as engine
     from streamvec.io import writeback
     from streamvec.io.zarr import access as store_check
+    from streamvec.io.zarr import chunks as zarr_chunks
     from streamvec.io.zarr import store as zarr_store
     from streamvec.model import tensor
 
@@ -208,6 +266,7 @@ def variant(name: str) -> Iterator[None]:
         engine.ReadBuffers,
         kernel._Rounder,
         delta_bf16.applies,
+        zarr_chunks._read_checked_rows,
     )
     policy = store_check.using_read_policy(
         store_check.ReadPolicy(verify=name != "no-verify-inputs")
@@ -226,6 +285,8 @@ def variant(name: str) -> Iterator[None]:
         kernel._Rounder = GatheredTiesRounder  # type: ignore[misc,assignment]
     elif name == "float64-path":
         delta_bf16.applies = lambda *a, **k: False  # type: ignore[assignment]
+    elif name == "zarr-decode":
+        zarr_chunks._read_checked_rows = old_chunk_rows
     try:
         with policy:
             yield
@@ -238,6 +299,7 @@ def variant(name: str) -> Iterator[None]:
             engine.ReadBuffers,
             kernel._Rounder,
             delta_bf16.applies,
+            zarr_chunks._read_checked_rows,
         ) = saved
 
 

@@ -38,7 +38,8 @@ import numpy as np
 import pytest
 
 from streamvec.errors import InputChangedError, StreamvecError
-from streamvec.io.blocks import BlockReader, matrix_shape
+from streamvec.io.blocks import BlockReader, matrix_shape, read_block
+from streamvec.io.read_buffers import ReadBuffers
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
@@ -188,6 +189,21 @@ class ReaderTests:
             last = case.reader.read(start, rows)
             assert last.shape[0] == rows - start
             assert last.tobytes() == whole[start:].tobytes()
+
+    def test_reads_into_a_run_s_reused_buffers_give_the_same_bytes(self, case: ReaderCase) -> None:
+        # The engine reads blocks into maps it reuses from block to block (read_block with a
+        # lease); whatever the last block left in them must not show through.
+        rows, _ = matrix_shape(case.shape)
+        whole = self.whole(case)
+        pool = ReadBuffers()
+        for split in splits(rows):
+            for r0, r1 in split:
+                with pool.lease() as lease:
+                    area = lease.take(1 << 16)
+                    area[:] = b"\xab" * len(area)  # a dirty map for the next read
+                with pool.lease() as lease:
+                    got = read_block(case.reader, r0, r1, lease).tobytes()
+                assert got == whole[r0:r1].tobytes(), (r0, r1)
 
     def test_a_range_outside_the_tensor_is_refused(self, case: ReaderCase) -> None:
         rows, _ = matrix_shape(case.shape)

@@ -89,3 +89,30 @@ def test_bf16_rows_through_a_lease(tmp_path: Path) -> None:
     reader = SafetensorsReader(str(path), 8 + header, w.shape, BF16)
     with ReadBuffers().lease() as lease:
         assert np.array_equal(reader.read(2, 7, lease).view(np.uint16), w[2:7].view(np.uint16))
+
+
+def test_a_run_reuses_its_read_buffers_from_block_to_block(tmp_path: Path, monkeypatch) -> None:
+    # The engine's pool must keep the maps its block tasks give back: a run of many blocks
+    # makes one map per operand read at once, not one per operand per block.
+    import streamvec as sv
+    from streamvec.io import read_buffers
+    from tests.conftest import rounded_once, write_checkpoint
+
+    rng = np.random.default_rng(3)
+    b = (rng.standard_normal((64, 256)) * 0.02).astype(BF16)
+    f = (b.astype(np.float32) + rng.standard_normal((64, 256)).astype(np.float32) * 1e-3).astype(
+        BF16
+    )
+    base = write_checkpoint(tmp_path / "base", {"w": b})
+    ft = write_checkpoint(tmp_path / "ft", {"w": f})
+    made = []
+    real = read_buffers.anonymous_map
+    monkeypatch.setattr(read_buffers, "anonymous_map", lambda n: made.append(n) or real(n))
+    model = sv.open(base) + 0.3 * (sv.open(ft) - sv.open(base))
+    model.save(tmp_path / "out", progress=False, workers=1, block_size=8 * 256 * 4)  # 8 blocks
+    assert len(made) == 2, made  # base and fine-tune rows, each map reused by all 8 blocks
+    from safetensors.numpy import load_file
+
+    got = load_file(str(tmp_path / "out" / "model-00001-of-00001.safetensors"))["w"]
+    want = b.astype(np.float64) + 0.3 * (f.astype(np.float64) - b.astype(np.float64))
+    assert got.view(np.uint16).tobytes() == rounded_once(want, BF16).view(np.uint16).tobytes()

@@ -194,7 +194,9 @@ def _block_task(
     following: tuple[LazyTensor, int, int] | None = None,
     buffers: ReadBuffers | None = None,
 ) -> BlockResult:
-    with (buffers or ReadBuffers()).lease() as lease:  # operands die with the lease
+    # `is None`, not `or`: a pool with no free map is falsy (len 0), and every run's starts so
+    pool = ReadBuffers() if buffers is None else buffers
+    with pool.lease() as lease:  # operands die with the lease
         return _run_block(t, r0, r1, writer, check_finite, device, following, lease)
 
 

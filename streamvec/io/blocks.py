@@ -160,7 +160,7 @@ class SafetensorsReader:
 
 
 def read_block(reader: BlockReader, r0: int, r1: int, lease: BufferLease | None) -> np.ndarray:
-    """Rows ``[r0, r1)`` of any reader; safetensors rows go into a map borrowed from ``lease``.
+    """Rows ``[r0, r1)`` of any reader; safetensors and store rows go into maps from ``lease``.
 
     Args:
         reader: the tensor's reader.
@@ -171,7 +171,7 @@ def read_block(reader: BlockReader, r0: int, r1: int, lease: BufferLease | None)
     Returns:
         The rows; where they were read into the lease, valid until it is closed.
     """
-    if lease is not None and isinstance(reader, SafetensorsReader):
+    if lease is not None and isinstance(reader, (SafetensorsReader, ZarrReader)):
         return reader.read(r0, r1, lease)
     return reader.read(r0, r1)
 
@@ -212,7 +212,18 @@ class ZarrReader:
     dtype: np.dtype
     check: ArrayCheck | None = field(default=None, repr=False, compare=False)
 
-    def read(self, r0: int, r1: int) -> np.ndarray:
+    def read(self, r0: int, r1: int, lease: BufferLease | None = None) -> np.ndarray:
+        """Rows ``[r0, r1)`` as a ``(r1 - r0, cols)`` array.
+
+        Args:
+            r0: first row.
+            r1: end row (exclusive).
+            lease: read and decode the chunks into maps borrowed from a run's pool (valid
+                until the lease is closed); None: into fresh memory that the array owns.
+
+        Returns:
+            The rows, in the array's dtype (bf16 from its stored uint16 bits).
+        """
         from streamvec.io.zarr.chunks import read_rows
 
         rows, cols = matrix_shape(self.shape)
@@ -223,7 +234,7 @@ class ZarrReader:
         if r1 == r0 or cols == 0:
             # Nothing to read; an array with a zero-size axis has no chunk files at all.
             return np.empty((r1 - r0, cols), self.dtype)
-        data = read_rows(self.store, self.array_path, r0, r1, self.check)
+        data = read_rows(self.store, self.array_path, r0, r1, self.check, lease)
         if data.dtype != self.dtype:
             data = data.view(self.dtype)  # raw bf16 bits stored as uint16
         return data.reshape(r1 - r0, cols)

@@ -19,6 +19,7 @@ file is the fill value only when the array records it as empty.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from functools import lru_cache
@@ -29,6 +30,7 @@ import numpy as np
 import xxhash
 
 from streamvec.errors import StoreError
+from streamvec.io.read_buffers import BufferLease
 from streamvec.io.zarr.access import (
     BLOSC_HEADER,
     ArrayCheck,
@@ -40,7 +42,12 @@ from streamvec.io.zarr.validate import array_check
 
 
 def read_rows(
-    store: str, array_path: str, r0: int, r1: int, check: ArrayCheck | None = None
+    store: str,
+    array_path: str,
+    r0: int,
+    r1: int,
+    check: ArrayCheck | None = None,
+    lease: BufferLease | None = None,
 ) -> np.ndarray:
     """Rows ``[r0, r1)`` of the array at ``store/array_path`` in its storage dtype.
 
@@ -51,6 +58,8 @@ def read_rows(
         r1: one past the last row.
         check: what the array's chunks must be (from a validated store); None checks the
             array's own metadata now.
+        lease: read and decode into maps borrowed from a run's pool (the rows are valid until
+            the lease is closed); None: into fresh memory that the result owns.
 
     Returns:
         A ``(r1 - r0, *shape[1:])`` array (the 0-d array for a 0-d tensor).
@@ -63,7 +72,7 @@ def read_rows(
         check = array_check(store, array_path)
     if check.legacy_digest is not None:
         _confirm_legacy_gaps(check)
-    return _read_checked_rows(check, r0, r1)
+    return _read_checked_rows(check, r0, r1, lease)
 
 
 @lru_cache(maxsize=256)
@@ -91,28 +100,72 @@ def _confirm_legacy_gaps(check: ArrayCheck) -> None:
         )
 
 
-def _read_checked_rows(check: ArrayCheck, r0: int, r1: int) -> np.ndarray:
+def _read_checked_rows(
+    check: ArrayCheck, r0: int, r1: int, lease: BufferLease | None = None
+) -> np.ndarray:
     meta, codecs, spec = _layout(check)
     shape = check.shape
+    buffers = _ChunkBuffers(lease)
     if not shape:
-        return _chunk(check, meta, codecs, spec, 0)
+        return _chunk(check, meta, codecs, spec, 0, buffers)
     rows_per_chunk = check.chunk_rows
     if r1 > r0 and r0 // rows_per_chunk == (r1 - 1) // rows_per_chunk:
-        # Rows of one chunk (the usual block): the decoded chunk's rows as they are, with no
-        # copy; nothing else holds the chunk. Copied as before when the decode is read-only,
-        # or when the rows are less than half the chunk (the view would keep it all alive).
+        # Rows of one chunk (the usual block): decoded straight into the block's buffer and
+        # returned as they are. Without a lease, copied when the rows are less than half the
+        # chunk (the view would keep it all alive).
         c0 = (r0 // rows_per_chunk) * rows_per_chunk
-        chunk = _chunk(check, meta, codecs, spec, r0 // rows_per_chunk)
+        chunk = _chunk(check, meta, codecs, spec, r0 // rows_per_chunk, buffers)
         rows = chunk[r0 - c0 : r1 - c0]
-        keep = chunk.flags.writeable and 2 * (r1 - r0) >= chunk.shape[0]
+        keep = lease is not None or 2 * (r1 - r0) >= chunk.shape[0]
         return rows if keep else rows.copy()
-    out = np.empty((r1 - r0, *shape[1:]), check.dtype)
+    out = np.frombuffer(
+        buffers.block((r1 - r0) * check.chunk_bytes // max(rows_per_chunk, 1)),
+        check.dtype,
+        count=(r1 - r0) * math.prod(shape[1:]),
+    )
+    out = out.reshape((r1 - r0, *shape[1:]))
     for ci in range(r0 // rows_per_chunk, (r1 - 1) // rows_per_chunk + 1 if r1 > r0 else 0):
         c0 = ci * rows_per_chunk
-        chunk = _chunk(check, meta, codecs, spec, ci)
+        # Each chunk decoded into one scratch buffer, reused for the next.
+        chunk = _chunk(check, meta, codecs, spec, ci, buffers, scratch=True)
         lo, hi = max(r0, c0), min(r1, c0 + rows_per_chunk)
         out[lo - r0 : hi - r0] = chunk[lo - c0 : hi - c0]
     return out
+
+
+class _ChunkBuffers:
+    """Where one read puts its bytes: maps borrowed from a lease, or fresh memory.
+
+    A read holds at most three: the block it returns (or the one chunk it is), one decoded
+    chunk reused from chunk to chunk when a block spans several, and one compressed file's
+    bytes reused likewise.
+    """
+
+    def __init__(self, lease: BufferLease | None) -> None:
+        self.lease = lease
+        self._decoded: Any = None
+        self._compressed: Any = None
+
+    def _get(self, nbytes: int) -> Any:
+        if self.lease is not None:
+            return self.lease.take(nbytes)
+        return np.empty(max(nbytes, 1), np.uint8)
+
+    def block(self, nbytes: int) -> Any:
+        """A buffer of at least ``nbytes`` the caller keeps (the result)."""
+        return self._get(nbytes)
+
+    def decoded(self, nbytes: int) -> Any:
+        """A buffer of at least ``nbytes`` for one decoded chunk, reused by the next."""
+        if self._decoded is None or len(self._decoded) < nbytes:
+            self._decoded = self._get(nbytes)
+        return self._decoded
+
+    def compressed(self, nbytes: int) -> Any:
+        """A buffer of at least ``nbytes`` for one chunk file's bytes, reused by the next."""
+        if self._compressed is None or len(self._compressed) < nbytes:
+            self._compressed = self._get(nbytes)
+        return self._compressed
 
 
 @lru_cache(maxsize=1024)
@@ -139,7 +192,13 @@ def _layout(check: ArrayCheck) -> tuple[Any, tuple[Any, ...], Any]:
     # Keyed on the metadata file's identity: a store rewritten in place is read afresh.
     meta = _parsed(check.store, check.array_path, st.st_mtime_ns, st.st_size)
     chunks = tuple(meta.chunks)
-    if tuple(meta.shape) != check.shape or (check.shape and chunks[0] != check.chunk_rows):
+    # The chunks are decoded by the codec list validated when the store was opened (see _chunk).
+    codecs_now = (2 if check.compressed else 1) == len(meta.codecs)
+    if (
+        tuple(meta.shape) != check.shape
+        or (check.shape and chunks[0] != check.chunk_rows)
+        or not codecs_now
+    ):
         raise StoreError(f"{check.where()}: its metadata changed since the store was opened")
     spec = meta.get_chunk_spec(
         (0,) * len(meta.shape),
@@ -149,8 +208,10 @@ def _layout(check: ArrayCheck) -> tuple[Any, tuple[Any, ...], Any]:
     return meta, tuple(meta.codecs), spec
 
 
-def _read_bounded(fd: int, check: ArrayCheck, index: int) -> bytearray:
-    """The chunk file's bytes, refused before reading when its size cannot be right."""
+def _read_bounded(fd: int, check: ArrayCheck, index: int, into: Any) -> memoryview:
+    """The chunk file's bytes, read into ``into``; refused before reading when its size
+    cannot be right.
+    """
     size = os.fstat(fd).st_size
     if not check.compressed:
         if size != check.chunk_bytes:
@@ -169,41 +230,55 @@ def _read_bounded(fd: int, check: ArrayCheck, index: int) -> bytearray:
                 f"expected {check.chunk_bytes} bytes in a file of {size}; the store is "
                 "damaged: rewrite it"
             )
-    data = bytearray(size)
-    view = memoryview(data)
+    view = memoryview(into(size)).cast("B")[:size]
     got = 0
     while got < size:
         n = os.preadv(fd, [view[got:]], got)
         if n == 0:
             raise StoreError(f"{check.where(index)} shrank while it was read")
         got += n
-    return data
+    return view
 
 
-def _chunk(check: ArrayCheck, meta: Any, codecs: tuple[Any, ...], spec: Any, index: int) -> Any:
-    """One whole chunk, decoded and checked (or the fill value where it is recorded empty)."""
+def _chunk(
+    check: ArrayCheck,
+    meta: Any,
+    codecs: tuple[Any, ...],
+    spec: Any,
+    index: int,
+    buffers: _ChunkBuffers,
+    scratch: bool = False,
+) -> Any:
+    """One whole chunk, decoded and checked (or the fill value where it is recorded empty).
+
+    The chunk is decoded straight into a buffer from ``buffers`` (its block's, or with
+    ``scratch`` the one reused from chunk to chunk): an uncompressed chunk is read there, a
+    blosc chunk decompressed there by the array's own codec object, which is what zarr's
+    codec pipeline does for the codecs a validated store may have (little-endian bytes, then
+    blosc), less a fresh allocation and a copy per chunk.
+    """
     fd = open_chunk(check, index)
     native = spec.dtype.to_native_dtype()
+    area = (buffers.decoded if scratch else buffers.block)(check.chunk_bytes)
+    flat = np.frombuffer(area, np.uint8, count=check.chunk_bytes)
     if fd is None:
-        chunk = np.zeros(spec.shape, dtype=native)
+        flat.fill(0)
     else:
         try:
-            data = _read_bounded(fd, check, index)
+            if check.compressed:
+                data = _read_bounded(fd, check, index, buffers.compressed)
+            else:
+                _read_bounded(fd, check, index, lambda n: flat)
         finally:
             os.close(fd)
-        buf: Any = spec.prototype.buffer.from_bytes(data)
-        try:
-            for codec in reversed(codecs):
-                buf = codec._decode_sync(buf, spec)
-            chunk = np.asarray(buf.as_numpy_array())
-        except (ValueError, RuntimeError, TypeError) as exc:
-            raise StoreError(f"{check.where(index)} does not decode ({exc})") from None
-        if chunk.nbytes != check.chunk_bytes:
-            raise StoreError(
-                f"{check.where(index)} decodes to {chunk.nbytes} bytes, not "
-                f"{check.chunk_bytes}; the store is damaged: rewrite it"
-            )
-        chunk = chunk.reshape(spec.shape)
+        if check.compressed:
+            try:
+                # The header's decoded size was checked against chunk_bytes before this, and
+                # blosc refuses to write past the buffer, so the decode fills it exactly.
+                codecs[-1]._blosc_codec.decode(data, out=flat)
+            except (ValueError, RuntimeError, TypeError) as exc:
+                raise StoreError(f"{check.where(index)} does not decode ({exc})") from None
+    chunk = flat.view(native).reshape(spec.shape)
     if check.verify and check.digests is not None:
         rows = check.shape[0] - index * check.chunk_rows if check.shape else 1
         valid = np.ascontiguousarray(chunk[:rows] if check.shape else chunk)
