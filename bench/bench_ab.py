@@ -23,7 +23,11 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
   float64 path, as before the float32 path of :mod:`streamvec.compute.delta_bf16`.
 * ``zarr-decode``: store chunks read into fresh memory and decoded through zarr's codec
   pipeline (a fresh buffer per decode, copied again when read-only), as before they were
-  decoded straight into the block's reused read buffer (:func:`old_chunk_rows`).
+  decoded straight into the block's reused read buffer (:func:`old_chunk_rows`);
+* ``fresh-upcasts``: the float32 copies of a merge's operands (its first passes and its output
+  pass) made in fresh arrays, as before they went into the block's reused buffers.
+
+Variants combine with ``+`` (``fresh-read-buffers+zarr-decode``: both changes undone).
 
 ``--cold`` evicts the inputs from the page cache before every run (``streamvec bench``'s
 method: drop_caches where permitted, else fadvise).
@@ -31,7 +35,10 @@ method: drop_caches where permitted, else fadvise).
 Operations: ``diff`` (float32 task vector into Zarr, lz4), ``diff-none`` (the same without
 compression) and ``combine`` (the edited model ``base + 0.5 (ft - base)`` straight from the
 checkpoints, bf16 safetensors) and ``combine-store`` (the same edit with the task vector read
-from a store written by ``diff`` first).
+from a store written by ``diff`` first), and ``merge`` (``streamvec bench``'s TIES recipe:
+density 0.5, its first passes included). Besides the run's seconds, the summary gives the
+medians of the engine's ``read`` and ``compute`` stages (worker-seconds; for ``merge``, of its
+output pass).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
         [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch,expanded,
@@ -47,13 +54,14 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-OPS = ("diff", "diff-none", "combine", "combine-store")
+OPS = ("diff", "diff-none", "combine", "combine-store", "merge")
 VARIANTS = (
     "current",
     "no-writeback",
@@ -65,6 +73,7 @@ VARIANTS = (
     "gathered-ties",
     "float64-path",
     "zarr-decode",
+    "fresh-upcasts",
 )
 
 
@@ -250,6 +259,12 @@ def _old_chunk(check, codecs, spec, index: int):  # -> np.ndarray
 
 @contextmanager
 def variant(name: str) -> Iterator[None]:
+    """The engine with the changes ``name`` names undone (``a+b``: both)."""
+    if "+" in name:
+        first, rest = name.split("+", 1)
+        with variant(first), variant(rest):
+            yield
+        return
     from streamvec.compute import delta_bf16, kernel
     from streamvec.engine import execute as engine
     from streamvec.io import writeback
@@ -257,6 +272,7 @@ def variant(name: str) -> Iterator[None]:
     from streamvec.io.zarr import chunks as zarr_chunks
     from streamvec.io.zarr import store as zarr_store
     from streamvec.model import tensor
+    from streamvec.ops.merge import passes
 
     saved = (
         writeback.start_writeback,
@@ -267,6 +283,8 @@ def variant(name: str) -> Iterator[None]:
         kernel._Rounder,
         delta_bf16.applies,
         zarr_chunks._read_checked_rows,
+        kernel.upcast32,
+        passes.upcast32,
     )
     policy = store_check.using_read_policy(
         store_check.ReadPolicy(verify=name != "no-verify-inputs")
@@ -287,6 +305,11 @@ def variant(name: str) -> Iterator[None]:
         delta_bf16.applies = lambda *a, **k: False  # type: ignore[assignment]
     elif name == "zarr-decode":
         zarr_chunks._read_checked_rows = old_chunk_rows
+    elif name == "fresh-upcasts":
+        fresh = saved[8]
+        kernel.upcast32 = passes.upcast32 = lambda x, out=None: fresh(x)  # type: ignore[misc]
+    elif name != "current" and name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}")
     try:
         with policy:
             yield
@@ -300,13 +323,27 @@ def variant(name: str) -> Iterator[None]:
             kernel._Rounder,
             delta_bf16.applies,
             zarr_chunks._read_checked_rows,
+            kernel.upcast32,
+            passes.upcast32,
         ) = saved
 
 
-def run_op(op: str, base: str, ft: str, out: Path, store: Path) -> float:
+def run_op(op: str, base: str, ft: str, out: Path, store: Path) -> tuple[float, dict]:
+    """Run ``op`` into ``out``; its seconds and the engine's stage seconds."""
     import streamvec as sv
     from streamvec.ops.task_vector import task_vector
 
+    if op == "merge":
+        from streamvec.ops.merge.api import merge
+
+        recipe = out.parent / "ties.yaml"
+        recipe.write_text(
+            f"merge_method: ties\nbase_model: {base}\nmodels:\n- model: {ft}\n"
+            "  parameters: {weight: 1.0, density: 0.5}\nparameters: {normalize: true}\n"
+        )
+        clock = time.perf_counter()
+        run = merge(recipe, out).run
+        return time.perf_counter() - clock, run.stage_seconds
     if op == "combine":
         b = sv.open(base)
         report = (b + 0.5 * (sv.open(ft) - b)).save(out, progress=False)
@@ -315,7 +352,7 @@ def run_op(op: str, base: str, ft: str, out: Path, store: Path) -> float:
     else:
         compression = "none" if op == "diff-none" else "lz4"
         report = task_vector(base, ft).save(out, progress=False, compression=compression)
-    return report.seconds
+    return report.seconds, report.stage_seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,11 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="streamvec-ab-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     times: dict[tuple[str, str], list[float]] = {(o, v): [] for o in ops for v in variants}
+    stages: dict[tuple[str, str], list[dict]] = {(o, v): [] for o in ops for v in variants}
     store = workdir / "tau.zarr"
     if "combine-store" in ops and not store.exists():
         from streamvec.ops.task_vector import task_vector
 
         task_vector(args.base, args.ft).save(store, progress=False)
+    for op in ops:  # warm-up, not timed: imports, first-use costs, the page cache
+        out = workdir / f"{op}-warmup"
+        with variant(variants[0]):
+            run_op(op, args.base, args.ft, out, store)
+        shutil.rmtree(out, ignore_errors=True)
     for r in range(args.rounds):
         for op in ops:
             for v in variants if r % 2 == 0 else variants[::-1]:  # alternate who goes first
@@ -354,18 +397,30 @@ def main(argv: list[str] | None = None) -> int:
                 if cache is not None:
                     cache.drop(inputs)
                 with variant(v):
-                    seconds = run_op(op, args.base, args.ft, out, store)
+                    seconds, stage = run_op(op, args.base, args.ft, out, store)
                 times[(op, v)].append(seconds)
+                stages[(op, v)].append(stage)
                 shutil.rmtree(out, ignore_errors=True)
                 load = os.getloadavg()[0]
-                print(f"round {r + 1} {op:9s} {v:18s} {seconds:6.2f} s  load {load:.1f}")
-    print(f"\n{'op':9s} {'variant':18s} {'median s':>9s} {'vs current':>11s}  all")
+                print(
+                    f"round {r + 1} {op:9s} {v:18s} {seconds:6.2f} s  read "
+                    f"{stage.get('read', 0):5.2f}  compute {stage.get('compute', 0):5.2f}  "
+                    f"load {load:.1f}"
+                )
+    print(
+        f"\n{'op':9s} {'variant':18s} {'median s':>9s} {'vs current':>11s} {'read':>6s} "
+        f"{'compute':>8s}  all"
+    )
     for op in ops:
         ref = statistics.median(times[(op, variants[0])])
         for v in variants:
             med = statistics.median(times[(op, v)])
             runs = " ".join(f"{t:.2f}" for t in times[(op, v)])
-            print(f"{op:9s} {v:18s} {med:9.2f} {med / ref:10.2f}x  {runs}")
+            read = statistics.median(s.get("read", 0.0) for s in stages[(op, v)])
+            compute = statistics.median(s.get("compute", 0.0) for s in stages[(op, v)])
+            print(
+                f"{op:9s} {v:18s} {med:9.2f} {med / ref:10.2f}x {read:6.2f} {compute:8.2f}  {runs}"
+            )
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -116,3 +116,20 @@ def test_a_run_reuses_its_read_buffers_from_block_to_block(tmp_path: Path, monke
     got = load_file(str(tmp_path / "out" / "model-00001-of-00001.safetensors"))["w"]
     want = b.astype(np.float64) + 0.3 * (f.astype(np.float64) - b.astype(np.float64))
     assert got.view(np.uint16).tobytes() == rounded_once(want, BF16).view(np.uint16).tobytes()
+
+
+def test_float32_copies_into_a_lease_equal_fresh_ones() -> None:
+    # Merges upcast their operands into the block task's maps (kernel.upcast32 with out=).
+    from streamvec.compute.kernel import upcast32
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, 7)).astype(np.float32)
+    pool = ReadBuffers()
+    for block in (x.astype(BF16), x.astype(np.float16), x, x.astype(BF16)[:, ::2]):
+        with pool.lease() as lease:
+            area = lease.array(block.shape, np.float32)
+            assert area.flags.c_contiguous and area.flags.writeable
+            area[...] = np.nan  # whatever the last block left
+            got = upcast32(block, area)
+            assert got is area
+            assert got.tobytes() == block.astype(np.float64).astype(np.float32).tobytes()

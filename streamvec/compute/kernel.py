@@ -31,12 +31,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from streamvec.compute import delta_bf16
 from streamvec.dtypes import BFLOAT16, round_once
+
+if TYPE_CHECKING:
+    from streamvec.io.read_buffers import BufferLease
 
 SLAB_ELEMENTS = 1 << 16  # 512 KiB of float64: fits L2 with room for the operands
 _EPS = 1e-9  # point weights within this of 1 (0) are a model (a task vector), as in algebra
@@ -145,17 +148,21 @@ class BlockOp(Protocol):
     ) -> np.ndarray: ...
 
 
-def upcast32(x: np.ndarray) -> np.ndarray:
+def upcast32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``x`` as a new float32 array; bf16 by shifting its bits (2x faster than ml_dtypes).
 
     Args:
         x: rows as read (any float dtype).
+        out: a C-contiguous float32 array of ``x``'s shape to write into (a block task's
+            reused buffer: a fresh array's pages are faulted in on every block); None: a new
+            one.
 
     Returns:
-        A float32 copy (bf16 and float16 upcast exactly).
+        A float32 copy (bf16 and float16 upcast exactly): ``out`` when given.
     """
     x = np.asarray(x)
-    out = np.empty(x.shape, np.float32)
+    if out is None:
+        out = np.empty(x.shape, np.float32)
     if x.dtype == BFLOAT16 and x.flags.c_contiguous:
         np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     else:
@@ -170,9 +177,17 @@ def apply_op(
     r0: int,
     r1: int,
     out_dtype: np.dtype,
+    lease: BufferLease | None = None,
 ) -> np.ndarray:
-    """A non-linear operation over operand rows already read, rounded once."""
-    blocks = [upcast32(x) for _, x in operands]  # upcast first
+    """A non-linear operation over operand rows already read, rounded once.
+
+    ``lease``: the block task's read buffers; the float32 copies of the operands go into maps
+    borrowed from it (valid until it is closed) instead of fresh memory.
+    """
+    blocks = [  # upcast first
+        upcast32(x, None if lease is None else lease.array(np.shape(x), np.float32))
+        for _, x in operands
+    ]
     result = op(name, blocks, [float(c) for c, _ in operands], r0, r1)
     return round_once(np.asarray(result), out_dtype)
 

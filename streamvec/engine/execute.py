@@ -217,7 +217,7 @@ def _run_block(
     inputs = tuple(digest_operands(operands))
     read = clock()
     with np.errstate(over="ignore", invalid="ignore"):  # the finite check reports these
-        block = t.evaluate(operands, r0, r1, block_kernel(device))
+        block = t.evaluate(operands, r0, r1, block_kernel(device), lease)
     computed = clock()
     bad, first, culprits = 0, -1, ""
     if check_finite:

@@ -13,9 +13,12 @@ another process or a cluster worker) it arrives empty, so each process has its o
 
 from __future__ import annotations
 
+import math
 import mmap
 import threading
 from types import TracebackType
+
+import numpy as np
 
 _ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
 
@@ -95,6 +98,20 @@ class BufferLease:
         area = self._pool._take(nbytes)
         self._taken.append(area)
         return area
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype`` in a map from :meth:`take`.
+
+        Args:
+            shape: the array's shape.
+            dtype: its dtype.
+
+        Returns:
+            A writable C-contiguous array, valid until the lease is closed.
+        """
+        dtype = np.dtype(dtype)
+        count = math.prod(shape)
+        return np.frombuffer(self.take(count * dtype.itemsize), dtype, count=count).reshape(shape)
 
     def close(self) -> None:
         """Give every map taken back to the pool."""

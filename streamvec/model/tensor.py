@@ -94,14 +94,16 @@ class LazyTensor:
         r0: int,
         r1: int,
         kernel: Kernel | None = None,
+        lease: BufferLease | None = None,
     ) -> np.ndarray:
         """Rows ``[r0, r1)`` from operands read by :meth:`read_operands` (the compute stage).
 
         ``kernel`` runs the weighted sum elsewhere (``--device cuda``); non-linear operations
-        (merge methods) always run here on the CPU.
+        (merge methods) always run here on the CPU, upcasting their operands into maps
+        borrowed from ``lease`` when given (the result is then valid until it is closed).
         """
         if self.op is not None:
-            return apply_op(self.op, self.name, operands, r0, r1, self.dtype)
+            return apply_op(self.op, self.name, operands, r0, r1, self.dtype, lease)
         if kernel is not None:
             return kernel(operands, self.dtype, self.points)
         return combine_blocks(operands, self.dtype, self.points)

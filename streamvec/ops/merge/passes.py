@@ -81,9 +81,14 @@ class _Job:
     buffers: ReadBuffers = field(default_factory=ReadBuffers, compare=False, repr=False)
 
     def run(self, r0: int, r1: int) -> np.ndarray:
-        with self.buffers.lease() as lease:  # the upcast copies: done with the reads after it
-            blocks = [upcast32(read_block(r, r0, r1, lease)) for _, r in self.item.terms]
-        return self.item.stat(self.item.name, self.item.shape, blocks, r0, r1)
+        # The reads and their float32 copies both go into maps reused from block to block (a
+        # fresh copy's pages were faulted in on every block); the statistic is small and new.
+        with self.buffers.lease() as lease:
+            blocks = []
+            for _, r in self.item.terms:
+                x = read_block(r, r0, r1, lease)
+                blocks.append(upcast32(x, lease.array(x.shape, np.float32)))
+            return self.item.stat(self.item.name, self.item.shape, blocks, r0, r1)
 
 
 def _block(job: _Job, r0: int, r1: int) -> np.ndarray:
