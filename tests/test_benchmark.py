@@ -396,3 +396,18 @@ def test_unknown_compression_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError, match="compression"):
         zs.create_store(tmp_path, {}, [], "brotli")
+
+
+def test_a_workdir_of_the_users_files_is_refused_and_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the benchmark deletes what it writes in its work directory (base-0.1B, ft-0.1B, ...):
+    # a folder of the user's that happens to have those names must never be among them
+    mine = tmp_path / "models"
+    (mine / "base-0.1B").mkdir(parents=True)
+    (mine / "base-0.1B" / "weights.bin").write_bytes(b"mine")
+    code = run_cli("bench", "--quick", "--steps", "diff", "--workdir", mine, "--out", tmp_path)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--workdir {mine}: holds files that streamvec bench did not write" in err
+    assert (mine / "base-0.1B" / "weights.bin").read_bytes() == b"mine"

@@ -17,7 +17,9 @@ Each test here failed on the first version of the lifecycle:
   than the unfinished run's silently used the recorded one;
 * a zarr chunk write still in flight in zarr's event loop when a failed run removed its
   partial output made the output's folders again (``test_disk_full[diff]`` left
-  ``.OUT.partial`` behind about one run in six).
+  ``.OUT.partial`` behind about one run in six);
+* a folder of the user's named as an intermediate (``.OUT.components``) was deleted by a
+  ``shared_unique`` merge, whatever happened (the removal ran in a ``finally``).
 """
 
 from __future__ import annotations
@@ -278,3 +280,23 @@ def test_errors_name_the_output_the_user_asked_for() -> None:
     # the hidden sibling of merge-svd's factors, of shared_unique's components
     assert shown_output(Path("/d/.out.factors"), intermediate=True) == Path("/d/out")
     assert shown_output(Path("/d/.o.u.t.components"), intermediate=True) == Path("/d/o.u.t")
+
+
+@pytest.mark.parametrize(
+    ("method", "hidden"), [("shared_unique", "components"), ("tsv", "factors")]
+)
+def test_a_users_folder_under_an_intermediates_name_is_never_replaced(
+    synth_family: dict[str, Path], tmp_path: Path, method: str, hidden: str
+) -> None:
+    from .faults import recipe
+
+    mine = tmp_path / f".out.{hidden}"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    params = "rank: 2, threshold: 0.5" if method == "shared_unique" else "rank: 2"
+    path = recipe(tmp_path / "r.yaml", method, synth_family, params)
+    proc = run_cli_subprocess("merge", path, "-o", tmp_path / "out", "-q", *SMALL)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{mine} exists and was not written by streamvec" in proc.stderr
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "out").exists()

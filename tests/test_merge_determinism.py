@@ -131,8 +131,8 @@ def test_seed_changes_the_draws_and_overrides_the_recipe(
 
 def test_radix_selection_is_exact_with_ties_and_tiny_blocks(tmp_path: Path) -> None:
     """rank_cuts against a full stable sort, blocks of a few rows (deep reduction trees)."""
+    from streamvec.engine.settings import Settings
     from streamvec.ops.merge.masks import RankWindow, SlabContext
-    from streamvec.ops.merge.passes import PassOptions
     from streamvec.ops.merge.select import TensorInput, model_wide_floors, rank_cuts
     from tests.conftest import write_checkpoint
 
@@ -146,7 +146,7 @@ def test_radix_selection_is_exact_with_ties_and_tiny_blocks(tmp_path: Path) -> N
     flat = np.abs(tau).ravel()
     order = np.lexsort((np.arange(flat.size), flat))
     ranks = [1, 7, 100, 500, 631, flat.size - 1]
-    opts = PassOptions(workers=2, block_size=13 * 4 * 3)  # 3 rows per block
+    opts = Settings(workers=2, block_size=13 * 4 * 3, progress=False)  # 3 rows per block
     cuts = rank_cuts({"w": (inp, [(0, r) for r in ranks])}, opts)
     for r in ranks:
         v, idx = cuts[("w", 0, r)]

@@ -423,8 +423,8 @@ def test_memory_stays_flat(tmp_path) -> None:
 @pytest.mark.parametrize("how", ["rewritten", "truncated"])
 def test_input_changed_during_the_pass_is_an_error(tmp_path, how) -> None:
     """The slab reader keeps the reader's promise: a changed input stops the pass."""
+    from streamvec.engine.settings import Settings
     from streamvec.errors import InputChangedError
-    from streamvec.ops.merge.passes import PassOptions
     from streamvec.ops.stats.inputs import open_inputs
     from streamvec.ops.stats.runner import TopSets, run_stats_pass
 
@@ -438,7 +438,7 @@ def test_input_changed_during_the_pass_is_an_error(tmp_path, how) -> None:
     else:
         with open(path, "r+b") as fh:
             fh.truncate(path.stat().st_size - 1024)
-    run = PassOptions(workers=1, scheduler="sync")
+    run = Settings(progress=False, workers=1, scheduler="sync")
     with pytest.raises(InputChangedError, match=str(path)):
         run_stats_pass(inputs.tensors, run)
     with pytest.raises(InputChangedError, match=str(path)):

@@ -83,8 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--workdir",
         type=Path,
         metavar="DIR",
-        help="checkpoints and outputs (default: a temporary directory under /tmp); "
-        "checkpoints left there by --keep are reused",
+        help="checkpoints and outputs (default: a temporary directory under /tmp); an empty "
+        "or new directory, or one an earlier run used (checkpoints it left with --keep are "
+        "reused)",
     )
     p.add_argument(
         "--repeat", type=int, default=None, metavar="N", help="runs per step (default 3; 1 quick)"

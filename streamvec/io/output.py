@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -180,6 +181,18 @@ def check_destination(final: Path, *, overwrite: bool, inputs: InputPaths) -> No
             raise OutputError(f"{final}: already exists; choose another path or pass --overwrite")
 
 
+def made_by_streamvec(path: Path) -> bool:
+    """Whether ``path`` is an output streamvec wrote: a store with its root attrs, a
+    checkpoint or adapter with its manifest, or a ``decompose`` directory."""
+    if (path / "streamvec.json").is_file() or (path / "decomposition.json").is_file():
+        return True
+    try:
+        root = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(root, dict) and "streamvec" in (root.get("attributes") or {})
+
+
 _PARTIAL = re.compile(r"^\.(.+)\.partial$")
 
 
@@ -236,6 +249,7 @@ class OutputDir:
         # The output the user asked for, which errors name: this one, or the one whose
         # unfinished copy (``.OUT.partial/...``) or hidden sibling (``.OUT.factors``) it is.
         self.shown = shown_output(self.final, intermediate)
+        self.intermediate = intermediate
         self.lock_path = parent / f"{hidden}.lock"
         self._lock_fd: int | None = None
 
@@ -279,6 +293,13 @@ class OutputDir:
             True when an earlier partial output was kept.
         """
         parent = self.final.parent
+        if self.intermediate and self.final.exists() and not made_by_streamvec(self.final):
+            # an intermediate left by an earlier run is replaced; a folder of the user's is not
+            raise OutputError(
+                f"{self.final} exists and was not written by streamvec, which keeps the "
+                f"intermediate results of {self.shown} under that name; move it away, or "
+                "choose another output name"
+            )
         check_destination(self.final, overwrite=self.overwrite, inputs=self.inputs)
         if not os.access(parent, os.W_OK):
             raise OutputError(f"{self.final}: directory {parent} is not writable")

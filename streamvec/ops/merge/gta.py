@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
 from streamvec.model.algebra import Model
 from streamvec.ops.merge.method import MergeMethod, RunSettings
@@ -44,7 +45,6 @@ from streamvec.ops.merge.model import (
     TensorPlan,
 )
 from streamvec.ops.merge.params import REQUIRED, ParamSpec
-from streamvec.ops.merge.passes import PassOptions
 from streamvec.ops.merge.recipe import MergeRequest, TensorParams
 
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
@@ -63,15 +63,9 @@ INT8_MASK = ParamSpec(
 )
 
 
-def pass_options(settings: RunSettings) -> PassOptions:
-    """The first passes run with the output pass's scheduler, workers and budget."""
-    return PassOptions(
-        workers=settings.workers,
-        scheduler=settings.scheduler,
-        memory_limit=settings.memory_limit,
-        progress=settings.progress,
-        block_size=settings.block_size,
-    )
+def pass_options(settings: RunSettings) -> Settings:
+    """The first passes run with the output pass's scheduler, workers, budget and progress."""
+    return settings.only(("workers", "scheduler", "memory_limit", "block_size"))
 
 
 def check_density(value: float, where: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from streamvec.dtypes import is_float
+from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import BlockReader
 from streamvec.model.algebra import Combination, Model, Resolved, Source, Term, tensor_of
@@ -40,7 +41,6 @@ from streamvec.ops.merge.masks import (
     RankWindow,
     ranks_1d,
 )
-from streamvec.ops.merge.passes import PassOptions
 from streamvec.ops.merge.recipe import MergeRequest, TensorParams
 from streamvec.ops.merge.rng import keep_threshold
 from streamvec.ops.merge.select import TensorInput, l1_factors, model_wide_floors, rank_cuts
@@ -145,11 +145,11 @@ class MergeModel(Model):
     """
 
     def __init__(
-        self, request: MergeRequest, planner: Planner, options: PassOptions | None = None
+        self, request: MergeRequest, planner: Planner, options: Settings | None = None
     ) -> None:
         self.request = request
         self.planner = planner
-        self.options = options or PassOptions()
+        self.options = options or Settings(progress=False)
         self._resolved: Resolved | None = None
         self.stats: dict[str, Any] = {}
 

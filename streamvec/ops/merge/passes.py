@@ -66,14 +66,6 @@ class PassItem:
 
 
 @dataclass(frozen=True)
-class PassOptions(Settings):
-    """Scheduler, workers and memory budget of the first passes: the run settings, with no
-    progress bar unless asked for."""
-
-    progress: bool = False
-
-
-@dataclass(frozen=True)
 class _Job:
     # Opaque to dask (a dataclass, not a tuple), so its contents are never taken for keys.
     item: PassItem
@@ -112,7 +104,7 @@ def _apply(finish: Callable[[np.ndarray], Any] | None, value: np.ndarray) -> Any
 
 def run_pass(
     items: Sequence[PassItem],
-    options: PassOptions,
+    options: Settings,
     finish: Mapping[str, Callable[[np.ndarray], Any]] | None = None,
     desc: str = "first pass",
 ) -> dict[str, Any]:
@@ -193,7 +185,7 @@ class _Marker:
 def _execute(
     graph: dict[Any, Any],
     keys: list[Any],
-    options: PassOptions,
+    options: Settings,
     workers: int,
     nblocks: int,
     desc: str,

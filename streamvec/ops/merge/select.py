@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamvec.engine.settings import Settings
 from streamvec.io.blocks import BlockReader, matrix_shape
 from streamvec.ops.merge.blockop import task_vector32
 from streamvec.ops.merge.masks import Cut, Mask, SlabContext, magnitude_bits
-from streamvec.ops.merge.passes import PassItem, PassOptions, run_pass
+from streamvec.ops.merge.passes import PassItem, run_pass
 
 HI_BINS = 1 << 15  # |x| bits < 2^31: the top 15 of them
 LO_BINS = 1 << 16
@@ -195,7 +196,7 @@ class TensorInput:
 
 
 def rank_cuts(
-    requests: dict[str, tuple[TensorInput, list[tuple[int, int]]]], options: PassOptions
+    requests: dict[str, tuple[TensorInput, list[tuple[int, int]]]], options: Settings
 ) -> dict[tuple[str, int, int], Cut]:
     """Exact cuts at the given ascending ranks of per-tensor magnitude orders.
 
@@ -250,7 +251,7 @@ def rank_cuts(
 def _tie_cuts(
     requests: dict[str, tuple[TensorInput, list[tuple[int, int]]]],
     ties: dict[str, list[tuple[int, int, int, int]]],
-    options: PassOptions,
+    options: Settings,
 ) -> dict[tuple[str, int, int], Cut]:
     items = []
     for name, wanted in ties.items():
@@ -278,7 +279,7 @@ def _tie_cuts(
 def model_wide_floors(
     tensors: Sequence[TensorInput],
     ranks: dict[int, int],
-    options: PassOptions,
+    options: Settings,
     exact: bool = True,
 ) -> dict[int, int]:
     """Per model, the magnitude bits at an ascending rank of *all* its listed tensors at once.
@@ -323,7 +324,7 @@ def model_wide_floors(
 
 def l1_factors(
     requests: dict[str, tuple[TensorInput, list[tuple[int, Mask]]]],
-    options: PassOptions,
+    options: Settings,
     eps: float = 1e-7,
 ) -> dict[tuple[str, int], float]:
     """mergekit's L1 rescale: ``sum |tau| / sum |kept tau|`` per tensor and model.

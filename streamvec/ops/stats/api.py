@@ -9,8 +9,8 @@ import numpy as np
 
 from streamvec.compute.linalg.blas import limit_blas_threads
 from streamvec.compute.linalg.rsvd import DEFAULT_POWER_ITERS
+from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
-from streamvec.ops.merge.passes import PassOptions
 from streamvec.ops.stats.accumulate import TensorMoments
 from streamvec.ops.stats.defaults import DEFAULT_DENSITY, DEFAULT_RESIDUAL
 from streamvec.ops.stats.grouping import layer_of, module_kind
@@ -117,7 +117,7 @@ def stats(
         labels=labels,
         vocab=vocab,
     )
-    run = PassOptions(
+    run = Settings(
         workers=workers,
         scheduler=scheduler,
         memory_limit=memory_limit,
@@ -154,7 +154,7 @@ def stats(
     )
 
 
-def _moments(inputs: StatsInputs, run: PassOptions, opts: StatsOptions) -> dict[str, TensorMoments]:
+def _moments(inputs: StatsInputs, run: Settings, opts: StatsOptions) -> dict[str, TensorMoments]:
     if opts.density == 0:
         return run_stats_pass(inputs.tensors, run)
     sample = opts.topk_sample

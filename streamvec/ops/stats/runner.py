@@ -17,10 +17,10 @@ import numpy as np
 
 from streamvec.engine.execute import plan_blocks
 from streamvec.engine.schedule import execute_graph
+from streamvec.engine.settings import Settings
 from streamvec.io.blocks import matrix_shape
 from streamvec.memory import anon_bytes
 from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges
-from streamvec.ops.merge.passes import PassOptions
 from streamvec.ops.stats.accumulate import BlockSums, FinishMoments, TensorMoments
 from streamvec.ops.stats.fused import FusedStat
 from streamvec.ops.stats.inputs import TensorTerms
@@ -85,7 +85,7 @@ class _Marker:
 
 def run_stats_pass(
     tensors: Sequence[TensorTerms],
-    options: PassOptions,
+    options: Settings,
     *,
     moments: bool = True,
     histogram: bool = False,

@@ -47,6 +47,35 @@ def ensure_pair(
     return base, ft
 
 
+# Written into every work directory the benchmark uses: what is in one is the benchmark's to
+# delete (checkpoints, outputs), and nothing else ever is.
+WORKDIR_MARKER = ".streamvec-bench"
+
+
+def claim_workdir(workdir: Path) -> None:
+    """Make ``workdir`` the benchmark's, or refuse one that holds anything else.
+
+    The benchmark deletes the checkpoints and outputs it writes there; a directory of the
+    user's own files (a ``--workdir`` pointed at a models folder, with a ``base-1B`` in it)
+    must not lose any of them.
+
+    Raises:
+        OutputError: ``workdir`` holds files and no benchmark has used it.
+    """
+    from streamvec.errors import OutputError
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker = workdir / WORKDIR_MARKER
+    # a work directory of a benchmark before the marker existed has its pairs' markers
+    ours = marker.is_file() or any(workdir.glob(".pair-*.done"))
+    if not ours and any(workdir.iterdir()):
+        raise OutputError(
+            f"--workdir {workdir}: holds files that streamvec bench did not write there; it "
+            "deletes what it writes in its work directory, so give it an empty or new one"
+        )
+    marker.touch()
+
+
 def weight_files(*checkpoints: Path) -> list[Path]:
     """The tensor files of checkpoints (what a step reads)."""
     files: list[Path] = []

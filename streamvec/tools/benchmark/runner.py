@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from streamvec.tools.benchmark.cache import PageCache
-from streamvec.tools.benchmark.inputs import ensure_pair, remove_pair, size_label
+from streamvec.tools.benchmark.inputs import (
+    WORKDIR_MARKER,
+    claim_workdir,
+    ensure_pair,
+    remove_pair,
+    size_label,
+)
 from streamvec.tools.benchmark.measure import StepRun, measured_run
 from streamvec.tools.benchmark.peers import (
     PeerRun,
@@ -157,7 +163,7 @@ def run_bench(
     cache = PageCache.cold() if cold else PageCache()
     temporary = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="streamvec-bench-", dir="/tmp"))
-    wd.mkdir(parents=True, exist_ok=True)
+    claim_workdir(wd)
     limit = parse_size(memory_limit) if memory_limit is not None else default_memory_limit()
     json_path = Path(json_path or "bench.json")
     results: list[StepResult] = []
@@ -208,4 +214,7 @@ def run_bench(
     finally:
         if temporary and not keep:
             shutil.rmtree(wd, ignore_errors=True)
+        elif not keep:
+            # what the run wrote is gone; pairs an earlier --keep left carry their own markers
+            (wd / WORKDIR_MARKER).unlink(missing_ok=True)
     return results

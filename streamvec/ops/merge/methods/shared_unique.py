@@ -53,6 +53,7 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
     # (decompose replaces one left by an earlier run, and continues an unfinished one with
     # --resume).
     work = Path(output).absolute().parent / f".{Path(output).name}.components"
+    report = None
     try:
         report = decompose(
             [str(e.path) for e in request.entries],
@@ -88,8 +89,9 @@ def run(request: MergeRequest, output: str | os.PathLike[str], settings: RunSett
         )
         return model.save(output, description="merge shared_unique", **settings.engine_kwargs())
     finally:
-        with deferred():  # a signal must not cut the removal short
-            shutil.rmtree(work, ignore_errors=True)
+        if report is not None:  # this run's components; never what it refused to replace
+            with deferred():  # a signal must not cut the removal short
+                shutil.rmtree(work, ignore_errors=True)
 
 
 METHOD = MergeMethod(
