@@ -11,11 +11,14 @@
    rounding (every 16-bit tie of a slab checked one by
    one: ``bench_ab.GatheredTiesRounder``). GB/s of input per CPU second of the thread.
 2. Reading row blocks of a task-vector store (``--store``): the synchronous chunk reader
-   (``streamvec.io.zarr.chunks``) against itself copying the rows out of a single chunk (as
-   it did before) and ``zarr.open_array`` + ``__getitem__`` per block. GB/s of decoded
-   float32 per CPU second of the process.
+   (``streamvec.io.zarr.chunks``) as the engine runs it (each chunk decoded straight into a
+   buffer a run reuses from block to block), the same into fresh memory, the reader before
+   that (the chunk decoded by zarr's codec pipeline into fresh bytes and copied out:
+   ``bench_ab.old_chunk_rows``), the one before (copying the rows out of a single chunk) and
+   ``zarr.open_array`` + ``__getitem__`` per block. GB/s of decoded float32 per CPU second of
+   the process.
 
-    PYTHONPATH=. python bench/bench_kernel_io.py [--store TAU.zarr] [--rounds 5]
+    PYTHONPATH=. python bench/bench_kernel_io.py [--store TAU.zarr] [--no-kernel] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import bench_ab
 
 from streamvec.compute.kernel import combine_blocks
 from streamvec.dtypes import BFLOAT16
+from streamvec.io.read_buffers import ReadBuffers
 
 
 def best_rate(
@@ -143,6 +147,22 @@ def reader_variants(store: Path, rounds: int) -> dict[str, list[float]]:
         return read_all(zarr_getitem)
 
     direct = zarr_chunks._read_checked_rows
+    pool = ReadBuffers()
+
+    def engine_reader() -> int:
+        # as a run reads: one lease per block, its maps reused by the next block
+        def one(path: str, r0: int, r1: int) -> np.ndarray:
+            with pool.lease() as lease:  # only its size is used once the lease is closed
+                return zarr_chunks.read_rows(str(store), path, r0, r1, lease=lease)
+
+        return read_all(one)
+
+    def fresh_decode_reader() -> int:
+        zarr_chunks._read_checked_rows = bench_ab.old_chunk_rows
+        try:
+            return chunk_reader()
+        finally:
+            zarr_chunks._read_checked_rows = direct
 
     def copying_reader() -> int:
         # the chunk reader as it was: the rows of a single chunk copied out of it
@@ -153,13 +173,17 @@ def reader_variants(store: Path, rounds: int) -> dict[str, list[float]]:
             zarr_chunks._read_checked_rows = direct
 
     rates: dict[str, list[float]] = {
-        "chunk reader (current)": [],
-        "chunk reader, copy (before)": [],
+        "into reused buffers (engine)": [],
+        "chunk reader (fresh memory)": [],
+        "zarr decode + copy (before)": [],
+        "chunk reader, copy (earlier)": [],
         "zarr getitem (earlier)": [],
     }
     for _ in range(rounds):
-        rates["chunk reader (current)"] += best_rate(chunk_reader, 1, time.process_time)
-        rates["chunk reader, copy (before)"] += best_rate(copying_reader, 1, time.process_time)
+        rates["into reused buffers (engine)"] += best_rate(engine_reader, 1, time.process_time)
+        rates["chunk reader (fresh memory)"] += best_rate(chunk_reader, 1, time.process_time)
+        rates["zarr decode + copy (before)"] += best_rate(fresh_decode_reader, 1, time.process_time)
+        rates["chunk reader, copy (earlier)"] += best_rate(copying_reader, 1, time.process_time)
         rates["zarr getitem (earlier)"] += best_rate(through_zarr, 1, time.process_time)
     return rates
 
@@ -178,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, help="a task-vector store written by streamvec diff")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-kernel", action="store_true", help="only the store reads")
     args = ap.parse_args(argv)
-    for title, rates in kernel_variants(args.rounds).items():
+    for title, rates in ({} if args.no_kernel else kernel_variants(args.rounds)).items():
         report(f"kernel, {title}, bf16 -> bf16, 4096 x 4096 blocks:", rates)
     if args.store is not None:
         report(f"row blocks of {args.store}, one thread:", reader_variants(args.store, args.rounds))
