@@ -1,12 +1,14 @@
 """Reading row blocks of a Zarr array chunk file by chunk file, in the calling thread.
 
 The mirror of the engine's chunk writer (:class:`streamvec.io.zarr.store.ZarrBlockWriter`):
-each chunk a block needs is read as a file and decoded with the array's own zarr codec
-objects (``_decode_sync``), so the values are exactly what ``zarr.Array.__getitem__``
-returns. ``zarr.open_array`` plus ``__getitem__`` per block re-parsed the metadata and sent
-every chunk through zarr's single event-loop thread: single-threaded this reader is only a
-little faster (0.54 against 0.48 GB/s of decoded float32, ``bench/bench_kernel_io.py``), but
-with two engine workers ``combine`` from a 1B store took 5.60 s instead of 7.55 s
+each chunk a block needs is read as a file and decoded with the array's own blosc codec
+object, so the values are exactly what ``zarr.Array.__getitem__`` returns. In a run the file
+is read into, and decompressed straight into, maps of the block task's read buffers
+(:mod:`streamvec.io.read_buffers`), reused from block to block: decoding through zarr's codec
+pipeline made fresh bytes per chunk and copied the rows out again (1.7x the CPU time,
+``bench/bench_kernel_io.py --store``). ``zarr.open_array`` plus ``__getitem__`` per block
+re-parsed the metadata and sent every chunk through zarr's single event-loop thread: with two
+engine workers ``combine`` from a 1B store took 5.60 s instead of 7.55 s
 (``bench/bench_ab.py``, docs/benchmarks.md).
 
 Every chunk is read as :mod:`streamvec.io.zarr.access` allows: the file opened without
