@@ -480,7 +480,10 @@ def _run_blocks(
     graph: dict[Any, Any] = {}
     sizes: dict[Any, int] = {}
     blocks: list[tuple[LazyTensor, int, int, BlockWriter]] = []
-    buffers = ReadBuffers()  # read buffers reused from block to block (io/read_buffers.py)
+    # Read buffers reused from block to block (io/read_buffers.py), in this process only: a
+    # dask.distributed worker counts maps kept between tasks as its memory, and pauses (or
+    # restarts) above its limit; elsewhere each block task reads into maps of its own.
+    buffers = ReadBuffers() if scheduler in IN_PROCESS_SCHEDULERS else None
     for p in plan:
         t = p.tensor
         writer = sink.writer(t.name)

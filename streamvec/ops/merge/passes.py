@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamvec.compute.kernel import upcast32
-from streamvec.engine.execute import plan_blocks
+from streamvec.engine.execute import IN_PROCESS_SCHEDULERS, plan_blocks
 from streamvec.engine.schedule import execute_graph
 from streamvec.engine.settings import Settings
 from streamvec.io.blocks import BlockReader, matrix_shape, read_block
@@ -69,13 +69,15 @@ class PassItem:
 class _Job:
     # Opaque to dask (a dataclass, not a tuple), so its contents are never taken for keys.
     item: PassItem
-    # The pass's read buffers, reused from block to block (streamvec.io.read_buffers).
-    buffers: ReadBuffers = field(default_factory=ReadBuffers, compare=False, repr=False)
+    # The pass's read buffers, reused from block to block (streamvec.io.read_buffers); None
+    # (other processes): each block task reads into maps of its own, freed when it ends.
+    buffers: ReadBuffers | None = field(default=None, compare=False, repr=False)
 
     def run(self, r0: int, r1: int) -> np.ndarray:
         # The reads and their float32 copies both go into maps reused from block to block (a
         # fresh copy's pages were faulted in on every block); the statistic is small and new.
-        with self.buffers.lease() as lease:
+        pool = ReadBuffers() if self.buffers is None else self.buffers
+        with pool.lease() as lease:
             blocks = []
             for _, r in self.item.terms:
                 x = read_block(r, r0, r1, lease)
@@ -135,7 +137,8 @@ def run_pass(
     finals: dict[str, Any] = {}
     token = id(graph)  # distinct key names for concurrent passes in one distributed cluster
     nblocks = 0
-    buffers = ReadBuffers()
+    # Kept between tasks in this process only (see streamvec.engine.execute._run_blocks).
+    buffers = ReadBuffers() if options.scheduler in IN_PROCESS_SCHEDULERS else None
     for idx, (it, p) in enumerate(zip(items, plan, strict=True)):
         job = _Job(it, buffers)
         rows, _ = matrix_shape(it.shape)
