@@ -195,7 +195,10 @@ def test_disk_full_is_reported_and_cleaned_up(
     out = tmp_path / "out"
     assert run_cli(*command(kind, family, out)) == 2
     err = capsys.readouterr().err
-    assert "No space left" in err and "free disk space" in err
+    # the zarr block writes fail in block tasks, and the job names the output ("disk full");
+    # the safetensors writer names its shard with the system's words
+    said = f"cannot write {out}: disk full" if kind == "diff" else "No space left"
+    assert said in err and "free disk space" in err, err
     assert calls["n"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
