@@ -270,7 +270,11 @@ def test_a_zarr_write_in_flight_does_not_bring_a_removed_output_back(
 
 
 def test_errors_name_the_output_the_user_asked_for() -> None:
-    from streamvec.io.output import shown_output
+    from streamvec.engine.sinks import MANIFEST_NAME
+    from streamvec.io.output import OUTPUT_MANIFESTS, shown_output
+    from streamvec.ops.decompose import MANIFEST
+
+    assert set(OUTPUT_MANIFESTS) == {MANIFEST_NAME, MANIFEST}  # what marks streamvec's outputs
 
     assert shown_output(Path("/d/out")) == Path("/d/out")
     assert shown_output(Path("/d/.out")) == Path("/d/.out")  # a user's own hidden output
@@ -300,3 +304,18 @@ def test_a_users_folder_under_an_intermediates_name_is_never_replaced(
     assert f"{mine} exists and was not written by streamvec" in proc.stderr
     assert (mine / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_is_finished_until_it_is_written_anew(tmp_path: Path) -> None:
+    # what the CLI and merge-svd ask after a signal: a second run writing the same output in
+    # one process (the Python API) is not "finished" because the first one was
+    from streamvec.io.output import finished
+
+    out = OutputDir(tmp_path / "o", inputs=[])
+    out.open()
+    out.commit()
+    assert finished(tmp_path / "o")
+    again = OutputDir(tmp_path / "o", inputs=[], overwrite=True)
+    again.open()
+    assert not finished(tmp_path / "o")
+    again.abort()

@@ -181,10 +181,16 @@ def check_destination(final: Path, *, overwrite: bool, inputs: InputPaths) -> No
             raise OutputError(f"{final}: already exists; choose another path or pass --overwrite")
 
 
+# The manifests streamvec writes beside its outputs' files: a safetensors checkpoint's or
+# adapter's (streamvec.engine.sinks.MANIFEST_NAME) and a decompose directory's
+# (streamvec.ops.decompose.MANIFEST); named here, below both, which import this module.
+OUTPUT_MANIFESTS = ("streamvec.json", "decomposition.json")
+
+
 def made_by_streamvec(path: Path) -> bool:
     """Whether ``path`` is an output streamvec wrote: a store with its root attrs, a
     checkpoint or adapter with its manifest, or a ``decompose`` directory."""
-    if (path / "streamvec.json").is_file() or (path / "decomposition.json").is_file():
+    if any((path / name).is_file() for name in OUTPUT_MANIFESTS):
         return True
     try:
         root = json.loads((path / "zarr.json").read_text())
@@ -293,6 +299,8 @@ class OutputDir:
             True when an earlier partial output was kept.
         """
         parent = self.final.parent
+        if finished(self.final):
+            _last_finished.clear()  # written anew: no longer the output this process finished
         if self.intermediate and self.final.exists() and not made_by_streamvec(self.final):
             # an intermediate left by an earlier run is replaced; a folder of the user's is not
             raise OutputError(

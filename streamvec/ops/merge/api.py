@@ -51,6 +51,28 @@ def request_for(
     )
 
 
+def _bound(
+    recipe: Recipe | str | os.PathLike[str],
+    seed: int | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    settings: RunSettings | None,
+    vocab: str | None,
+) -> tuple[RunSettings, MergeRequest]:
+    """The run's settings, holding the ``vocab=`` keyword (one value each), and the recipe
+    bound with them."""
+    settings = (settings or RunSettings()).with_keywords(vocab=vocab)
+    request = request_for(
+        recipe,
+        seed=seed,
+        include=include,
+        exclude=exclude,
+        vocab=settings.vocab,
+        strict=settings.strict,
+    )
+    return settings, request
+
+
 def build_model(
     recipe: Recipe | str | os.PathLike[str],
     *,
@@ -72,15 +94,7 @@ def build_model(
         >>> model = build_model("ties.yaml")  # doctest: +SKIP
         >>> model["model.layers.0.mlp.up_proj.weight"].compute()  # doctest: +SKIP
     """
-    settings = (settings or RunSettings()).with_keywords(vocab=vocab)  # one value each
-    request = request_for(
-        recipe,
-        seed=seed,
-        include=include,
-        exclude=exclude,
-        vocab=settings.vocab,
-        strict=settings.strict,
-    )
+    settings, request = _bound(recipe, seed, include, exclude, settings, vocab)
     if request.method.build is None:
         raise StreamvecError(
             f"{request.method.name} factors matrices before streaming and is not a lazy "
@@ -115,15 +129,7 @@ def merge(
     Example:
         >>> merge("dare.yaml", "merged", seed=1)  # doctest: +SKIP
     """
-    settings = (settings or RunSettings()).with_keywords(vocab=vocab)  # one value each
-    request = request_for(
-        recipe,
-        seed=seed,
-        include=include,
-        exclude=exclude,
-        vocab=settings.vocab,
-        strict=settings.strict,
-    )
+    settings, request = _bound(recipe, seed, include, exclude, settings, vocab)
     method = request.method
     # Every recipe kind, including those that write intermediates beside the output first
     # (tsv, iso_c, shared_unique): never over the base or a model of the recipe.
