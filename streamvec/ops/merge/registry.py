@@ -22,20 +22,23 @@ from streamvec.ops.registry import OPERATIONS, MergeMethodEntry
 __all__ = ["METHODS", "get_method"]
 
 
+_ENTRIES = {n: e for n, e in OPERATIONS.items() if isinstance(e, MergeMethodEntry)}
+
+
 class _Methods(Mapping[str, MergeMethod]):
     """The table's merge methods, in its order, each loaded on first access."""
 
-    def _entries(self) -> dict[str, MergeMethodEntry]:
-        return {n: e for n, e in OPERATIONS.items() if isinstance(e, MergeMethodEntry)}
-
     def __getitem__(self, name: str) -> MergeMethod:
-        return self._entries()[name].load()
+        return _ENTRIES[name].load()
+
+    def __contains__(self, name: object) -> bool:
+        return name in _ENTRIES  # without importing the method's module
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries())
+        return iter(_ENTRIES)
 
     def __len__(self) -> int:
-        return len(self._entries())
+        return len(_ENTRIES)
 
 
 METHODS: Mapping[str, MergeMethod] = _Methods()
