@@ -27,7 +27,7 @@ baseline of the process before the run. The optimal residual there comes from th
 
 ``--peers``: the in-memory comparison of the issue, methods interleaved round by round on
 4096 x 4096, 11008 x 4096 and 32000 x 4096 at ranks 16 and 64 (``--shapes``, ``--ranks``):
-streamvec's held path (auto and one power iteration) and its streamed path (row blocks as
+streamvec's held path (auto, one and two power iterations) and its streamed path (row blocks as
 dask tasks, as ``streamvec svd`` runs a matrix larger than its memory limit),
 ``torch.svd_lowrank``, scikit-learn's ``randomized_svd`` and dask's
 ``svd_compressed(iterator="QR")``, each at one and two power iterations. Residuals are shown
@@ -259,6 +259,7 @@ def peer_methods(rank: int, oversample: int) -> dict[str, Any]:
     return {
         "streamvec held, auto q": sv(None),
         "streamvec held, q=1": sv(1),
+        "streamvec held, q=2": sv(2),
         "streamvec streamed, auto q": streamed,
         "torch.svd_lowrank niter=1": torch_lowrank(1),
         "torch.svd_lowrank niter=2": torch_lowrank(2),

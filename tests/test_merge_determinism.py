@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,12 +130,33 @@ def test_seed_changes_the_draws_and_overrides_the_recipe(
     assert b == c
 
 
-def test_radix_selection_is_exact_with_ties_and_tiny_blocks(tmp_path: Path) -> None:
-    """rank_cuts against a full stable sort, blocks of a few rows (deep reduction trees)."""
+@pytest.mark.parametrize(
+    "row_count_values", [16, 3, 0], ids=["counts-in-pass-2", "some-blocks-without", "tie-pass"]
+)
+def test_radix_selection_is_exact_with_ties_and_tiny_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_count_values: int
+) -> None:
+    """rank_cuts against a full stable sort, blocks of a few rows (deep reduction trees).
+
+    Ties are broken from the per-row counts kept by pass 2 and, where a block holds too many
+    distinct values for them (forced here: with 3 for some blocks, with 0 for all), by the
+    third pass.
+    """
     from streamvec.engine.settings import Settings
+    from streamvec.ops.merge import select
     from streamvec.ops.merge.masks import RankWindow, SlabContext
     from streamvec.ops.merge.select import TensorInput, model_wide_floors, rank_cuts
     from tests.conftest import write_checkpoint
+
+    monkeypatch.setattr(select, "ROW_COUNT_VALUES", row_count_values)
+    passes: list[str] = []
+    real_run_pass = select.run_pass
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes.append(kwargs["desc"])
+        return real_run_pass(*args, **kwargs)
+
+    monkeypatch.setattr(select, "run_pass", counted)
 
     rng = np.random.default_rng(3)
     base = {"w": rng.integers(-8, 8, (97, 13)).astype(np.float32) / 64}
@@ -155,5 +177,8 @@ def test_radix_selection_is_exact_with_ties_and_tiny_blocks(tmp_path: Path) -> N
         keep = RankWindow((v, idx), None).keep(tau, SlabContext("w", (97, 13), 0, 97, 13))
         assert keep is not None and int(keep.sum()) == flat.size - r
         assert keep.ravel()[order[r]] and (r == 0 or not keep.ravel()[order[r - 1]])
+    assert passes[:2] == ["ranks (1/2)", "ranks (2/2)"]
+    if row_count_values != 3:
+        assert passes[2:] == ["ranks (ties)"] * (row_count_values == 0)
     floors = model_wide_floors([inp], {0: 631}, opts)
     assert np.uint32(floors[0]).view(np.float32) == np.sort(flat)[631]

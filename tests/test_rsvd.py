@@ -350,3 +350,47 @@ def test_sum_of_squares_does_not_depend_on_blas_threads() -> None:
         two = sum_of_squares(a)
     assert one == two
     assert one == pytest.approx(math.fsum((a * a).ravel()), rel=1e-13)
+
+
+@pytest.mark.parametrize("case", ["well-conditioned", "graded", "rank-deficient", "zero"])
+def test_orthonormal_basis_spans_the_sketch(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CholeskyQR2 (or Householder where it cannot) gives an orthonormal Q with Y's span."""
+    from streamvec.compute.linalg.rsvd import _orthonormal
+
+    householder_calls: list[int] = []
+    real_qr = np.linalg.qr
+
+    def counted_qr(a: np.ndarray) -> Any:
+        householder_calls.append(1)
+        return real_qr(a)
+
+    monkeypatch.setattr(np.linalg, "qr", counted_qr)
+
+    rng = np.random.default_rng(11)
+    y = rng.standard_normal((3000, 30))
+    if case == "graded":
+        y *= 0.6 ** np.arange(30)  # condition number ~ 4e6: CholeskyQR2 still applies
+    elif case == "rank-deficient":
+        y = y[:, :5] @ rng.standard_normal((5, 30))  # rank 5 < 30 columns
+    elif case == "zero":
+        y = np.zeros_like(y)
+    q = _orthonormal(y)
+    assert q.shape == y.shape
+    assert bool(householder_calls) == (case in ("rank-deficient", "zero"))
+    np.testing.assert_allclose(q.T @ q, np.eye(30), atol=1e-12)
+    # Y lies in Q's span: the projection leaves it unchanged (Householder's Q as reference).
+    np.testing.assert_allclose(q @ (q.T @ y), y, atol=1e-10 * max(1.0, np.abs(y).max()))
+    if case in ("well-conditioned", "graded"):
+        householder, _ = real_qr(y)
+        np.testing.assert_allclose(np.abs(q.T @ householder), np.eye(30), atol=1e-10)
+
+
+def test_in_memory_variant_on_a_matrix_of_lower_rank_than_its_sketch() -> None:
+    """An exact rank-3 task vector (sketch of 15 columns): the Householder fallback, exact."""
+    rng = np.random.default_rng(12)
+    a = (rng.standard_normal((400, 3)) @ rng.standard_normal((3, 300))).astype(np.float32)
+    r = randomized_svd_in_memory(a, 5, oversample=10, power_iters=1)
+    exact = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(r.S[:3], exact[:3], rtol=1e-5)
+    assert np.all(r.S[3:] <= 1e-4 * exact[0])
+    assert direct_residual(a, r) <= 1e-5

@@ -11,7 +11,10 @@ each holding only a fixed-size histogram:
    float32 value ``v`` at rank ``r``, and how many elements are below it;
 3. only when several elements equal ``v`` and the rank falls among them: per-row counts of
    ``v`` find the row, and one row read finds the element, so the selection keeps exactly
-   ``k`` elements, breaking ties by flat index.
+   ``k`` elements, breaking ties by flat index. Pass 2 of a per-tensor rank keeps those
+   counts for every value of its bin that a block holds few of (:class:`LoRows`): a bin of
+   bf16 differences holds one to a few values, and a third pass over the inputs (which
+   every bf16 tensor needed) is left only for a bin of many distinct values.
 
 Non-negative float32 bit patterns are ordered like the values, so the result is exact, not a
 sketch: it equals ``np.sort(|tau|)[r]``. After pass 1 alone the value is known to within one
@@ -93,6 +96,65 @@ class LoHist:
                 hi, bits = split[m]
                 out[j] += np.bincount(bits[hi == h] & np.uint32(0xFFFF), minlength=LO_BINS)
         return out
+
+
+# Pass 2 of a per-tensor rank keeps per-row counts of a block's values in its bin when the
+# block holds at most this many distinct ones (memory: rows x this many counts, at most).
+ROW_COUNT_VALUES = 16
+
+
+@dataclass(frozen=True)
+class LoRows:
+    """Pass 2 with the counts that break ties: per target, ``(value, row, count)`` entries.
+
+    For each target ``(model, hi bin)`` the block's elements in that bin are counted per
+    (row, low 16 bits). A block holding more than :data:`ROW_COUNT_VALUES` distinct values
+    in the bin gives its histogram only, with row -1: the counts then come from a third pass
+    (:class:`TieRows`) if the rank falls among equal values.
+
+    Returns an ``(entries, 4)`` int64 array of ``(target, row, low bits, count)``, rows
+    absolute and ascending within a target, so block results concatenate in row order.
+    """
+
+    deltas: tuple[bool, ...]
+    targets: tuple[tuple[int, int], ...]
+
+    def __call__(
+        self, name: str, shape: tuple[int, ...], blocks: Sequence[np.ndarray], r0: int, r1: int
+    ) -> np.ndarray:
+        parts: list[np.ndarray] = []
+        for s0, s1 in _slabs(blocks):
+            b = blocks[0][s0:s1]
+            bits_of: dict[int, np.ndarray] = {}
+            for j, (m, h) in enumerate(self.targets):
+                if m not in bits_of:
+                    tau32 = task_vector32(blocks[m + 1][s0:s1], b, self.deltas[m])
+                    bits_of[m] = magnitude_bits(tau32)
+                parts.append(_row_counts(j, bits_of[m], h, r0 + s0))
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, 4), np.int64)
+
+
+def _row_counts(target: int, bits: np.ndarray, h: int, row0: int) -> np.ndarray:
+    """``(target, row, low bits, count)`` for the elements of rows ``bits`` in bin ``h``."""
+    in_bin = (bits >> np.uint32(16)) == np.uint32(h)
+    per_row = in_bin.sum(axis=1)
+    lo = (bits[in_bin] & np.uint32(0xFFFF)).astype(np.int64)
+    if lo.size == 0:
+        return np.zeros((0, 4), np.int64)
+    values = np.unique(lo)
+    if values.size > ROW_COUNT_VALUES:
+        counts = np.bincount(lo, minlength=LO_BINS)[values]
+        rows = np.full(values.size, -1, np.int64)
+    else:
+        index = np.searchsorted(values, lo)  # each element's value, numbered 0..d-1
+        row = np.repeat(np.arange(bits.shape[0], dtype=np.int64), per_row)
+        grid = np.bincount(row * values.size + index, minlength=bits.shape[0] * values.size)
+        where = np.flatnonzero(grid)
+        rows, counts = row0 + where // values.size, grid[where]
+        values = values[where % values.size]
+    out = np.empty((values.size, 4), np.int64)
+    out[:, 0], out[:, 1], out[:, 2], out[:, 3] = target, rows, values, counts
+    return out
 
 
 @dataclass(frozen=True)
@@ -177,6 +239,34 @@ class LocateLo:
 
 
 @dataclass(frozen=True)
+class LocateLoRows:
+    """Finish of pass 2 with :class:`LoRows`: per target, :class:`LocateLo`'s triple, then the
+    row holding the element at the rank and how many equal elements precede that row
+    (``(-1, 0)`` when the rank is not among ties or the counts were not kept)."""
+
+    his: tuple[int, ...]
+    ranks: tuple[int, ...]
+    belows: tuple[int, ...]
+
+    def __call__(self, entries: np.ndarray) -> tuple[tuple[int, int, int, int, int], ...]:
+        out = []
+        for j, (h, r, below) in enumerate(zip(self.his, self.ranks, self.belows, strict=True)):
+            mine = entries[entries[:, 0] == j]
+            hist = np.bincount(mine[:, 2], weights=mine[:, 3], minlength=LO_BINS).astype(np.int64)
+            cum = np.cumsum(hist)
+            lo = int(np.searchsorted(cum, r - below, side="right"))
+            lt = below + (int(cum[lo - 1]) if lo else 0)
+            row, before = -1, 0
+            equal = mine[mine[:, 2] == lo]  # one entry per row, ascending
+            if r != lt and not (equal[:, 1] < 0).any():
+                run = np.cumsum(equal[:, 3])
+                k = int(np.searchsorted(run, r - lt, side="right"))
+                row, before = int(equal[k, 1]), int(run[k - 1]) if k else 0
+            out.append(((h << 16) | lo, lt, int(hist[lo]), row, before))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
 class L1Total:
     """Finish of the L1 pass: per model ``(sum |tau|, sum |kept tau|)``, in a fixed order."""
 
@@ -231,16 +321,19 @@ def rank_cuts(
                 keys.append((m, r))
         order[name] = keys
         p2_items.append(
-            PassItem(name, inp.shape, inp.terms, LoHist(inp.deltas, tuple(targets)), name)
+            PassItem(name, inp.shape, inp.terms, LoRows(inp.deltas, tuple(targets)), name, True)
         )
-        p2_finish[name] = LocateLo(tuple(his), tuple(rks), tuple(belows))
+        p2_finish[name] = LocateLoRows(tuple(his), tuple(rks), tuple(belows))
     lo = run_pass(p2_items, options, p2_finish, desc="ranks (2/2)")
     cuts: dict[tuple[str, int, int], Cut] = {}
     ties: dict[str, list[tuple[int, int, int, int]]] = {}
     for name, keys in order.items():
-        for (m, r), (v, lt, _) in zip(keys, lo[name], strict=True):
+        inp = requests[name][0]
+        for (m, r), (v, lt, _, row, before) in zip(keys, lo[name], strict=True):
             if r == lt:
                 cuts[(name, m, r)] = (v, 0)
+            elif row >= 0:
+                cuts[(name, m, r)] = (v, _index_in_row(inp, m, v, row, r - lt - before))
             else:
                 ties.setdefault(name, []).append((m, r, v, r - lt))
     if ties:
@@ -262,18 +355,23 @@ def _tie_cuts(
     cuts: dict[tuple[str, int, int], Cut] = {}
     for name, wanted in ties.items():
         inp = requests[name][0]
-        _, cols = matrix_shape(inp.shape)
         counts = per_rows[name]
         for j, (m, r, v, skip) in enumerate(wanted):
             cum = np.cumsum(counts[:, j])
             row = int(np.searchsorted(cum, skip, side="right"))
             before = int(cum[row - 1]) if row else 0
-            base = inp.terms[0][1].read(row, row + 1).astype(np.float32)
-            x = inp.terms[m + 1][1].read(row, row + 1).astype(np.float32)
-            tau32 = task_vector32(x, base, inp.deltas[m])
-            cols_eq = np.flatnonzero(magnitude_bits(tau32).ravel() == np.uint32(v))
-            cuts[(name, m, r)] = (v, row * cols + int(cols_eq[skip - before]))
+            cuts[(name, m, r)] = (v, _index_in_row(inp, m, v, row, skip - before))
     return cuts
+
+
+def _index_in_row(inp: TensorInput, m: int, v: int, row: int, skip: int) -> int:
+    """Flat index of the element after ``skip`` others equal to ``v`` in ``row`` of model m."""
+    _, cols = matrix_shape(inp.shape)
+    base = inp.terms[0][1].read(row, row + 1).astype(np.float32)
+    x = inp.terms[m + 1][1].read(row, row + 1).astype(np.float32)
+    tau32 = task_vector32(x, base, inp.deltas[m])
+    cols_eq = np.flatnonzero(magnitude_bits(tau32).ravel() == np.uint32(v))
+    return row * cols + int(cols_eq[skip])
 
 
 def model_wide_floors(
