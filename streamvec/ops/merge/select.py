@@ -98,8 +98,8 @@ class LoHist:
         return out
 
 
-# Pass 2 of a per-tensor rank keeps per-row counts of a block's values in its bin when the
-# block holds at most this many distinct ones (memory: rows x this many counts, at most).
+# Pass 2 of a per-tensor rank keeps per-row counts of this many of a block's values in its
+# bin, the most frequent (memory: rows x this many counts, at most).
 ROW_COUNT_VALUES = 16
 
 
@@ -108,9 +108,9 @@ class LoRows:
     """Pass 2 with the counts that break ties: per target, ``(value, row, count)`` entries.
 
     For each target ``(model, hi bin)`` the block's elements in that bin are counted per
-    (row, low 16 bits). A block holding more than :data:`ROW_COUNT_VALUES` distinct values
-    in the bin gives its histogram only, with row -1: the counts then come from a third pass
-    (:class:`TieRows`) if the rank falls among equal values.
+    (row, low 16 bits) for the :data:`ROW_COUNT_VALUES` values the block holds most often,
+    and per block (row -1) for the others: if the rank falls among equal values of which a
+    block kept no per-row counts, they come from a third pass (:class:`TieRows`).
 
     Returns an ``(entries, 4)`` int64 array of ``(target, row, low bits, count)``, rows
     absolute and ascending within a target, so block results concatenate in row order.
@@ -135,25 +135,40 @@ class LoRows:
 
 
 def _row_counts(target: int, bits: np.ndarray, h: int, row0: int) -> np.ndarray:
-    """``(target, row, low bits, count)`` for the elements of rows ``bits`` in bin ``h``."""
+    """``(target, row, low bits, count)`` for the elements of rows ``bits`` in bin ``h``.
+
+    Per row for the :data:`ROW_COUNT_VALUES` values the rows hold most often (the values
+    a rank can fall among); per block, with row -1, for the others.
+    """
+    rows = bits.shape[0]
     in_bin = (bits >> np.uint32(16)) == np.uint32(h)
-    per_row = in_bin.sum(axis=1)
-    lo = (bits[in_bin] & np.uint32(0xFFFF)).astype(np.int64)
+    lo = (bits[in_bin] & np.uint32(0xFFFF)).astype(np.intp)
     if lo.size == 0:
         return np.zeros((0, 4), np.int64)
-    values = np.unique(lo)
+    hist = np.bincount(lo, minlength=LO_BINS)
+    values = np.flatnonzero(hist)
+    tracked = values
     if values.size > ROW_COUNT_VALUES:
-        counts = np.bincount(lo, minlength=LO_BINS)[values]
-        rows = np.full(values.size, -1, np.int64)
-    else:
-        index = np.searchsorted(values, lo)  # each element's value, numbered 0..d-1
-        row = np.repeat(np.arange(bits.shape[0], dtype=np.int64), per_row)
-        grid = np.bincount(row * values.size + index, minlength=bits.shape[0] * values.size)
-        where = np.flatnonzero(grid)
-        rows, counts = row0 + where // values.size, grid[where]
-        values = values[where % values.size]
-    out = np.empty((values.size, 4), np.int64)
-    out[:, 0], out[:, 1], out[:, 2], out[:, 3] = target, rows, values, counts
+        skipped = values.size - ROW_COUNT_VALUES  # the least frequent, partitioned first
+        tracked = np.sort(values[np.argpartition(hist[values], skipped - 1)[skipped:]])
+    slot = np.full(LO_BINS, -1, np.intp)
+    slot[tracked] = np.arange(tracked.size)
+    element_slot = slot[lo]
+    element_row = np.repeat(np.arange(rows, dtype=np.intp), in_bin.sum(axis=1))
+    mine = element_slot >= 0
+    grid = np.bincount(
+        element_row[mine] * tracked.size + element_slot[mine], minlength=rows * tracked.size
+    )
+    where = np.flatnonzero(grid)
+    rest = values[slot[values] < 0]
+    out = np.empty((where.size + rest.size, 4), np.int64)
+    out[:, 0] = target
+    out[: where.size, 1] = row0 + where // max(tracked.size, 1)
+    out[: where.size, 2] = tracked[where % max(tracked.size, 1)]
+    out[: where.size, 3] = grid[where]
+    out[where.size :, 1] = -1
+    out[where.size :, 2] = rest
+    out[where.size :, 3] = hist[rest]
     return out
 
 
