@@ -27,8 +27,9 @@ baseline of the process before the run. The optimal residual there comes from th
 
 ``--peers``: the in-memory comparison of the issue, methods interleaved round by round on
 4096 x 4096, 11008 x 4096 and 32000 x 4096 at ranks 16 and 64 (``--shapes``, ``--ranks``):
-streamvec's held path (auto, one and two power iterations) and its streamed path (row blocks as
-dask tasks, as ``streamvec svd`` runs a matrix larger than its memory limit),
+streamvec's held path (auto, one and two power iterations; two with the Householder QR it used
+before CholeskyQR2) and its streamed path (row blocks as dask tasks, as ``streamvec svd`` runs
+a matrix larger than its memory limit),
 ``torch.svd_lowrank``, scikit-learn's ``randomized_svd`` and dask's
 ``svd_compressed(iterator="QR")``, each at one and two power iterations. Residuals are shown
 against the exact truncated SVD's (from the float64 Gram matrix's eigenvalues); times are
@@ -200,6 +201,24 @@ def peer_methods(rank: int, oversample: int) -> dict[str, Any]:
 
         return run
 
+    def householder(q: int) -> Any:
+        # The held path as it was before CholeskyQR2: its sketches orthonormalised by LAPACK.
+        from streamvec.compute.linalg import rsvd
+        from streamvec.compute.linalg.blas import limit_blas_threads
+
+        def orthonormal(y: np.ndarray) -> np.ndarray:
+            with limit_blas_threads(1):
+                return np.linalg.qr(y)[0]
+
+        def run(a: np.ndarray) -> tuple[Any, ...]:
+            current, rsvd._orthonormal = rsvd._orthonormal, orthonormal
+            try:
+                return sv(q)(a)
+            finally:
+                rsvd._orthonormal = current
+
+        return run
+
     def torch_lowrank(q: int) -> Any:
         def run(a: np.ndarray) -> tuple[Any, ...]:
             torch.manual_seed(0)
@@ -260,6 +279,7 @@ def peer_methods(rank: int, oversample: int) -> dict[str, Any]:
         "streamvec held, auto q": sv(None),
         "streamvec held, q=1": sv(1),
         "streamvec held, q=2": sv(2),
+        "streamvec held, q=2, Householder QR": householder(2),
         "streamvec streamed, auto q": streamed,
         "torch.svd_lowrank niter=1": torch_lowrank(1),
         "torch.svd_lowrank niter=2": torch_lowrank(2),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,12 +287,9 @@ def read_svd_store(path: str | os.PathLike[str]) -> SVDStoreInfo:
     return SVDStoreInfo(p, attrs, entries)
 
 
-def _compressors() -> list[Any]:
-    from streamvec.io.zarr.store import compressors
-
-    # Same codec as task-vector stores (lz4 + bitshuffle): singular vectors are dense noise-like
-    # floats and barely compress, but lz4 costs little and keeps the two layouts uniform.
-    return compressors("lz4")
+# Same codec as task-vector stores (lz4 + bitshuffle): singular vectors are dense noise-like
+# floats and barely compress, but lz4 costs little and keeps the two layouts uniform.
+FACTOR_COMPRESSION = "lz4"
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -415,36 +413,27 @@ class SVDStoreWriter:
             "S": np.ascontiguousarray(s, dtype=np.float64),
             "Vh": np.ascontiguousarray(vh, dtype=np.float32),
         }
-        # Zarr writes through its own event-loop thread: a Ctrl-C that cut this call short
-        # would leave the write going on after the caller removed the folder.
-        with deferred():
-            # overwrite: a resumed job rewrites a tensor whose group an interrupted run created
-            # but did not finish (it is not in the job's log of finished tensors).
-            group = self._root.create_group(
-                encode_array_path(name),
-                overwrite=True,
-                attributes={
-                    "name": name,
-                    "shape": list(shape),
-                    "dtype": "float32",
-                    "source_dtype": source_dtype,
-                    "svd": svd_attrs,
-                    **(extra_attrs or {}),
-                },
+        from zarr.core.group import GroupMetadata
+
+        from streamvec.io.zarr.store import write_node
+
+        with deferred():  # a tensor's nodes are written whole or, on resume, written again
+            folder = self._fresh(name)
+            write_node(
+                folder,
+                GroupMetadata(
+                    attributes={
+                        "name": name,
+                        "shape": list(shape),
+                        "dtype": "float32",
+                        "source_dtype": source_dtype,
+                        "svd": svd_attrs,
+                        **(extra_attrs or {}),
+                    }
+                ),
             )
             for key, arr in data.items():
-                chunks = _chunks(arr.shape, arr.dtype.itemsize)
-                a = group.create_array(
-                    key,
-                    shape=arr.shape,
-                    chunks=chunks,
-                    dtype=arr.dtype,
-                    compressors=_compressors(),
-                    fill_value=0,
-                    attributes=array_checksum(arr, chunks[0] if chunks else None),
-                )
-                if arr.size:
-                    a[...] = arr
+                self._write_array(folder / key, arr, {})
 
     def write_dense(
         self,
@@ -463,25 +452,41 @@ class SVDStoreWriter:
         """
         with deferred():  # as in write_factors
             arr = np.asarray(data, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
-            chunks = _chunks(arr.shape, arr.dtype.itemsize)
-            a = self._root.create_array(
-                encode_array_path(name),
-                overwrite=True,  # as in write_factors: a resumed job redoes unfinished tensors
-                shape=arr.shape,
-                chunks=chunks,
-                dtype=arr.dtype,
-                compressors=_compressors(),
-                fill_value=0,
-                attributes={
-                    "name": name,
-                    "dtype": dtype_name(arr.dtype),
-                    "source_dtype": source_dtype,
-                    **array_checksum(arr, chunks[0] if chunks else None),
-                    **(extra_attrs or {}),
-                },
-            )
-            if arr.size:
-                a[...] = arr
+            attrs = {"name": name, "dtype": dtype_name(arr.dtype), "source_dtype": source_dtype}
+            self._write_array(self._fresh(name), arr, {**attrs, **(extra_attrs or {})})
+
+    def _fresh(self, name: str) -> Path:
+        """The folder of tensor ``name``, emptied: a resumed job rewrites a tensor that an
+        interrupted run began but did not finish (it is not in the job's log of finished
+        tensors)."""
+        folder = self.path / encode_array_path(name)  # one level: names hold no "/"
+        if folder.exists():
+            shutil.rmtree(folder)
+        return folder
+
+    def _write_array(self, folder: Path, arr: np.ndarray, attrs: dict[str, Any]) -> None:
+        """One array, metadata then chunks, as zarr writes it (checksums in its attrs).
+
+        Written directly (:func:`~streamvec.io.zarr.store.write_node` and the task-vector
+        store's chunk writer) rather than through zarr's API, whose event loop cost 6 ms per
+        call here, seven calls per factored tensor: 2.3 s of a 0.1B `svd`'s 4.7 s.
+        """
+        from streamvec.io.zarr.store import ZarrBlockWriter, array_template, write_node
+
+        chunks = _chunks(arr.shape, arr.dtype.itemsize)
+        checksum = array_checksum(arr, chunks[0] if chunks else None)
+        meta = array_template(arr.shape, chunks, arr.dtype.str, FACTOR_COMPRESSION)
+        meta = meta.update_attributes({**attrs, **checksum})
+        write_node(folder, meta)
+        if not arr.size:
+            return
+        array_path = folder.relative_to(self.path).as_posix()
+        writer = ZarrBlockWriter(str(self.path), array_path, arr.shape, meta)
+        if not arr.shape:
+            writer.write(0, arr)
+            return
+        for r0 in range(0, arr.shape[0], chunks[0]):
+            writer.write(r0, arr[r0 : r0 + chunks[0]])
 
     def finish(self) -> None:
         """Consolidate the metadata (readers list the store from the root ``zarr.json``)."""

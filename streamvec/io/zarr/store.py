@@ -18,6 +18,7 @@ metadata is consolidated. ``zarr.open`` reads the store like any other.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -118,29 +119,17 @@ def create_store(
     from zarr.core.group import GroupMetadata
     from zarr.storage import LocalStore
 
-    # Metadata is built once per distinct (shape, chunks, dtype) by zarr itself (in memory, so
-    # codecs are configured for the dtype exactly as zarr does), then copied with each array's
-    # attrs; zarr.create_hierarchy writes every node concurrently in one call. Creating arrays
-    # one by one and adding attrs after cost two metadata writes through zarr's event loop per
-    # array: 1.95 s for 200 arrays here, against 0.31 s (bench/bench_store_write.py).
-    codecs = compressors(compression)  # fails on a bad name before anything is written
-    templates: dict[tuple[Any, ...], ArrayV3Metadata] = {}
+    # Metadata comes from array_template, copied with each array's attrs; zarr.create_hierarchy
+    # writes every node concurrently in one call. Creating arrays one by one and adding attrs
+    # after cost two metadata writes through zarr's event loop per array: 1.95 s for 200
+    # arrays here, against 0.31 s (bench/bench_store_write.py).
+    compressors(compression)  # fails on a bad name before anything is written
     nodes: dict[str, Any] = {"": GroupMetadata(attributes={"streamvec": root_attrs})}
     out: dict[str, ArrayV3Metadata] = {}
     for spec in arrays:
         chunks = _chunk_shape(spec.shape, spec.chunk_rows)
-        stored = storage_dtype(spec.dtype)
-        key = (spec.shape, chunks, stored.str)
-        if key not in templates:
-            templates[key] = zarr.create_array(
-                zarr.storage.MemoryStore(),
-                shape=spec.shape,
-                chunks=chunks,
-                dtype=stored,
-                compressors=codecs,
-                fill_value=0,
-            ).metadata  # type: ignore[assignment]
-        meta = templates[key].update_attributes(
+        meta = array_template(spec.shape, chunks, storage_dtype(spec.dtype).str, compression)
+        meta = meta.update_attributes(
             {"name": spec.name, "dtype": dtype_name(spec.dtype), **spec.attrs}
         )
         nodes[encode_array_path(spec.name)] = meta
@@ -148,6 +137,38 @@ def create_store(
     for _ in zarr.create_hierarchy(store=LocalStore(str(path)), nodes=nodes):
         pass  # a generator: nodes are written as it is consumed
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def array_template(
+    shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, compression: str
+) -> ArrayV3Metadata:
+    """The metadata zarr makes for such an array, without attributes.
+
+    Made by zarr itself, in memory, so the codecs are configured for the dtype exactly as
+    zarr does, once per distinct geometry; callers add each array's attrs
+    (``update_attributes`` returns a copy).
+    """
+    import zarr
+
+    return zarr.create_array(  # type: ignore[return-value]
+        zarr.storage.MemoryStore(),
+        shape=shape,
+        chunks=chunks,
+        dtype=np.dtype(dtype),
+        compressors=compressors(compression),
+        fill_value=0,
+    ).metadata
+
+
+def write_node(folder: Path, meta: Any) -> None:
+    """Write a group's or an array's ``zarr.json`` into ``folder`` (made if missing), as
+    zarr serializes it, through a temporary file."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    folder.mkdir(parents=True, exist_ok=True)
+    document = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+    _write_file(folder / "zarr.json", document.as_buffer_like())
 
 
 def _is_all_zero(data: np.ndarray) -> bool:
@@ -350,15 +371,12 @@ def set_array_attrs(path: Path, updates: dict[str, dict[str, Any]]) -> None:
 
 def _set_attrs_by_path(path: Path, updates: dict[str, dict[str, Any]]) -> None:
     """:func:`set_array_attrs` by array path (nested factor arrays included)."""
-    from zarr.core.buffer import default_buffer_prototype
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
-    prototype = default_buffer_prototype()
     for array_path, attrs in updates.items():
-        file = path / array_path / "zarr.json"
-        meta = ArrayV3Metadata.from_dict(json.loads(file.read_bytes()))
-        meta = meta.update_attributes({**meta.attributes, **attrs})
-        _write_file(file, meta.to_buffer_dict(prototype)["zarr.json"].as_buffer_like())
+        folder = path / array_path
+        meta = ArrayV3Metadata.from_dict(json.loads((folder / "zarr.json").read_bytes()))
+        write_node(folder, meta.update_attributes({**meta.attributes, **attrs}))
 
 
 def update_root_attrs(path: Path, updates: dict[str, Any]) -> None:

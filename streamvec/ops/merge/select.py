@@ -112,7 +112,7 @@ class LoRows:
     and per block (row -1) for the others: if the rank falls among equal values of which a
     block kept no per-row counts, they come from a third pass (:class:`TieRows`).
 
-    Returns an ``(entries, 4)`` int64 array of ``(target, row, low bits, count)``, rows
+    Returns an ``(entries, 4)`` int32 array of ``(target, row, low bits, count)``, rows
     absolute and ascending within a target, so block results concatenate in row order.
     """
 
@@ -131,7 +131,7 @@ class LoRows:
                     tau32 = task_vector32(blocks[m + 1][s0:s1], b, self.deltas[m])
                     bits_of[m] = magnitude_bits(tau32)
                 parts.append(_row_counts(j, bits_of[m], h, r0 + s0))
-        return np.concatenate(parts, axis=0) if parts else np.zeros((0, 4), np.int64)
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, 4), np.int32)
 
 
 def _row_counts(target: int, bits: np.ndarray, h: int, row0: int) -> np.ndarray:
@@ -144,7 +144,7 @@ def _row_counts(target: int, bits: np.ndarray, h: int, row0: int) -> np.ndarray:
     in_bin = (bits >> np.uint32(16)) == np.uint32(h)
     lo = (bits[in_bin] & np.uint32(0xFFFF)).astype(np.intp)
     if lo.size == 0:
-        return np.zeros((0, 4), np.int64)
+        return np.zeros((0, 4), np.int32)
     hist = np.bincount(lo, minlength=LO_BINS)
     values = np.flatnonzero(hist)
     tracked = values
@@ -161,7 +161,7 @@ def _row_counts(target: int, bits: np.ndarray, h: int, row0: int) -> np.ndarray:
     )
     where = np.flatnonzero(grid)
     rest = values[slot[values] < 0]
-    out = np.empty((where.size + rest.size, 4), np.int64)
+    out = np.empty((where.size + rest.size, 4), np.int32)  # rows and counts fit 31 bits
     out[:, 0] = target
     out[: where.size, 1] = row0 + where // max(tracked.size, 1)
     out[: where.size, 2] = tracked[where % max(tracked.size, 1)]
@@ -244,13 +244,17 @@ class LocateLo:
     belows: tuple[int, ...]
 
     def __call__(self, hist: np.ndarray) -> tuple[tuple[int, int, int], ...]:
-        out = []
-        for j, (h, r, below) in enumerate(zip(self.his, self.ranks, self.belows, strict=True)):
-            cum = np.cumsum(hist[j])
-            lo = int(np.searchsorted(cum, r - below, side="right"))
-            lt = below + (int(cum[lo - 1]) if lo else 0)
-            out.append(((h << 16) | lo, lt, int(hist[j][lo])))
-        return tuple(out)
+        targets = zip(self.his, self.ranks, self.belows, strict=True)
+        return tuple(_locate_lo(hist[j], h, r, below) for j, (h, r, below) in enumerate(targets))
+
+
+def _locate_lo(hist: np.ndarray, h: int, r: int, below: int) -> tuple[int, int, int]:
+    """``(value bits, elements below it, elements equal)`` at rank ``r`` from bin ``h``'s
+    histogram of low bits, ``below`` elements lying in lower bins."""
+    cum = np.cumsum(hist)
+    lo = int(np.searchsorted(cum, r - below, side="right"))
+    lt = below + (int(cum[lo - 1]) if lo else 0)
+    return (h << 16) | lo, lt, int(hist[lo])
 
 
 @dataclass(frozen=True)
@@ -268,16 +272,14 @@ class LocateLoRows:
         for j, (h, r, below) in enumerate(zip(self.his, self.ranks, self.belows, strict=True)):
             mine = entries[entries[:, 0] == j]
             hist = np.bincount(mine[:, 2], weights=mine[:, 3], minlength=LO_BINS).astype(np.int64)
-            cum = np.cumsum(hist)
-            lo = int(np.searchsorted(cum, r - below, side="right"))
-            lt = below + (int(cum[lo - 1]) if lo else 0)
+            v, lt, equals = _locate_lo(hist, h, r, below)
             row, before = -1, 0
-            equal = mine[mine[:, 2] == lo]  # one entry per row, ascending
+            equal = mine[mine[:, 2] == (v & 0xFFFF)]  # one entry per row, ascending
             if r != lt and not (equal[:, 1] < 0).any():
-                run = np.cumsum(equal[:, 3])
+                run = np.cumsum(equal[:, 3], dtype=np.int64)
                 k = int(np.searchsorted(run, r - lt, side="right"))
                 row, before = int(equal[k, 1]), int(run[k - 1]) if k else 0
-            out.append(((h << 16) | lo, lt, int(hist[lo]), row, before))
+            out.append((v, lt, equals, row, before))
         return tuple(out)
 
 
