@@ -319,6 +319,55 @@ class TestSVDStoreWriter:
                 got = zarr.open_array(str(store), path=path, mode="r")[...]
                 assert got.shape == shape and got.tobytes() == data[0].tobytes(), name
 
+    def test_files_are_those_zarr_writes(self, tmp_path: Path) -> None:
+        """The writer makes the files itself; zarr's own API, given the same nodes, makes
+        the same bytes (the reference: how the writer worked before)."""
+        from streamvec.io.zarr.lowrank import SVDStoreWriter, _chunks, array_checksum
+        from streamvec.io.zarr.store import compressors
+
+        from .sink_contract import assert_same_tree
+
+        ours = self._finished(tmp_path / "ours", self.NAMES)
+        reference = tmp_path / "zarr"
+        reference.mkdir()
+        SVDStoreWriter(reference, {"operation": "svd", "sources": []})
+        root = zarr.open_group(str(reference), mode="r+")
+
+        def put(group: Any, key: str, arr: np.ndarray, attrs: dict[str, Any]) -> None:
+            chunks = _chunks(arr.shape, arr.dtype.itemsize)
+            checksum = array_checksum(arr, chunks[0] if chunks else None)
+            a = group.create_array(
+                key,
+                shape=arr.shape,
+                chunks=chunks,
+                dtype=arr.dtype,
+                compressors=compressors("lz4"),
+                fill_value=0,
+                attributes={**attrs, **checksum},
+            )
+            if arr.size:
+                a[...] = arr
+
+        for name, shape, data in _svd_tensors():
+            if len(data) == 3:
+                group = root.create_group(
+                    encode_array_path(name),
+                    attributes={
+                        "name": name,
+                        "shape": list(shape),
+                        "dtype": "float32",
+                        "source_dtype": "bfloat16",
+                        "svd": {"rank": len(data[1])},
+                    },
+                )
+                for key, arr in zip(("U", "S", "Vh"), data, strict=True):
+                    put(group, key, arr, {})
+            else:
+                attrs = {"name": name, "dtype": "float32", "source_dtype": "bfloat16"}
+                put(root, encode_array_path(name), np.asarray(data[0], order="C"), attrs)
+        SVDStoreWriter(reference, {}, reopen=True).finish()
+        assert_same_tree(ours, reference)
+
     def test_verify_passes(self, tmp_path: Path) -> None:
         from streamvec.tools.verify import verify
 

@@ -162,11 +162,12 @@ def array_template(
 
 
 def write_node(folder: Path, meta: Any) -> None:
-    """Write a group's or an array's ``zarr.json`` into ``folder`` (made if missing), as
-    zarr serializes it, through a temporary file."""
+    """Write a group's or an array's ``zarr.json`` into ``folder``, as zarr serializes it,
+    through a temporary file. ``folder`` is made if missing, its parent never: an output
+    removed by a failed run's cleanup is not made again by a write still in flight."""
     from zarr.core.buffer import default_buffer_prototype
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)
     document = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"]
     _write_file(folder / "zarr.json", document.as_buffer_like())
 
