@@ -12,9 +12,10 @@ each holding only a fixed-size histogram:
 3. only when several elements equal ``v`` and the rank falls among them: per-row counts of
    ``v`` find the row, and one row read finds the element, so the selection keeps exactly
    ``k`` elements, breaking ties by flat index. Pass 2 of a per-tensor rank keeps those
-   counts for every value of its bin that a block holds few of (:class:`LoRows`): a bin of
-   bf16 differences holds one to a few values, and a third pass over the inputs (which
-   every bf16 tensor needed) is left only for a bin of many distinct values.
+   counts itself for the values each block holds most often in its bin (:class:`LoRows`),
+   which is where a rank falls among equal values; a third pass over the inputs (which
+   every bf16 tensor needed before) counts the value per row only where some block held it
+   among too many others.
 
 Non-negative float32 bit patterns are ordered like the values, so the result is exact, not a
 sketch: it equals ``np.sort(|tau|)[r]``. After pass 1 alone the value is known to within one
