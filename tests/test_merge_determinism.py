@@ -182,3 +182,37 @@ def test_radix_selection_is_exact_with_ties_and_tiny_blocks(
         assert passes[2:] == ["ranks (ties)"] * (row_count_values == 0)
     floors = model_wide_floors([inp], {0: 631}, opts)
     assert np.uint32(floors[0]).view(np.float32) == np.sort(flat)[631]
+
+
+@pytest.mark.parametrize("shape", [(64, 300), (200_000, 1)], ids=["wide", "tall-narrow"])
+def test_pass_2_row_counts_equal_a_direct_count(shape: tuple[int, int]) -> None:
+    """Pass 2's tie counts against counting each (row, value) directly: a grid of counts
+    for wide slabs, sorted cells for tall narrow ones (where a rows x 16 grid would be
+    mostly empty and far larger than the elements)."""
+    from streamvec.ops.merge.select import ROW_COUNT_VALUES, _row_counts
+
+    rng = np.random.default_rng(5)
+    h = 0x3F80
+    hi = np.where(rng.random(shape) < 0.3, h, rng.integers(0x3000, 0x3F00, shape))
+    lo = rng.geometric(0.08, shape).clip(max=60) * 7  # 40-60 values, a few of them frequent
+    bits = ((hi.astype(np.uint32) << 16) | lo.astype(np.uint32)).astype(np.uint32)
+    entries = _row_counts(3, bits, h, 1000)
+    assert (entries[:, 0] == 3).all()
+    in_bin = (bits >> 16) == h
+    values, counts = np.unique(bits[in_bin] & 0xFFFF, return_counts=True)
+    totals = dict(zip(values.tolist(), counts.tolist(), strict=True))
+    per_row = entries[entries[:, 1] >= 0]
+    tracked = set(per_row[:, 2].tolist())
+    assert len(tracked) == min(ROW_COUNT_VALUES, len(totals))
+    untracked = entries[entries[:, 1] < 0]
+    assert sorted(untracked[:, 2].tolist()) == sorted(set(totals) - tracked)
+    for v, c in untracked[:, 2:].tolist():
+        assert c == totals[v]
+    # the most frequent values are the ones counted per row
+    assert min(totals[v] for v in tracked) >= max([totals[v] for v in set(totals) - tracked] or [0])
+    for v in tracked:
+        mine = per_row[per_row[:, 2] == v]
+        direct = np.bincount(np.nonzero(((bits & 0xFFFF) == v) & in_bin)[0], minlength=shape[0])
+        assert direct.sum() == totals[v]
+        np.testing.assert_array_equal(mine[:, 1] - 1000, np.flatnonzero(direct))
+        np.testing.assert_array_equal(mine[:, 3], direct[direct > 0])

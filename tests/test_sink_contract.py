@@ -8,6 +8,7 @@ real consumers: zarr for stores, transformers ``from_pretrained`` for models, an
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,7 @@ def _write_svd(directory: Path, names: Sequence[str], reopen: bool = False) -> N
         if len(data) == 3:
             writer.write_factors(name, shape, "bfloat16", *data, {"rank": len(data[1])})
         else:
-            writer.write_dense(name, data[0], "bfloat16")
+            writer.write_dense(name, data[0], "bfloat16", {"note": "extra"})
 
 
 class TestSVDStoreWriter:
@@ -333,7 +334,9 @@ class TestSVDStoreWriter:
         SVDStoreWriter(reference, {"operation": "svd", "sources": []})
         root = zarr.open_group(str(reference), mode="r+")
 
-        def put(group: Any, key: str, arr: np.ndarray, attrs: dict[str, Any]) -> None:
+        def put(
+            group: Any, key: str, arr: np.ndarray, attrs: dict[str, Any], extra: dict[str, Any]
+        ) -> None:
             chunks = _chunks(arr.shape, arr.dtype.itemsize)
             checksum = array_checksum(arr, chunks[0] if chunks else None)
             a = group.create_array(
@@ -343,7 +346,7 @@ class TestSVDStoreWriter:
                 dtype=arr.dtype,
                 compressors=compressors("lz4"),
                 fill_value=0,
-                attributes={**attrs, **checksum},
+                attributes={**attrs, **checksum, **extra},
             )
             if arr.size:
                 a[...] = arr
@@ -361,12 +364,38 @@ class TestSVDStoreWriter:
                     },
                 )
                 for key, arr in zip(("U", "S", "Vh"), data, strict=True):
-                    put(group, key, arr, {})
+                    put(group, key, arr, {}, {})
             else:
                 attrs = {"name": name, "dtype": "float32", "source_dtype": "bfloat16"}
-                put(root, encode_array_path(name), np.asarray(data[0], order="C"), attrs)
+                arr = np.asarray(data[0], order="C")
+                put(root, encode_array_path(name), arr, attrs, {"note": "extra"})
         SVDStoreWriter(reference, {}, reopen=True).finish()
         assert_same_tree(ours, reference)
+
+    def test_a_metadata_write_never_makes_a_removed_output_again(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A failed run's cleanup removes the output between a node's folder and its file:
+        the write fails, and the output stays removed."""
+        from zarr.core.group import GroupMetadata
+
+        from streamvec.io.zarr.store import write_node
+
+        out = tmp_path / "out"
+        out.mkdir()
+        real_mkdir = Path.mkdir
+        removed: list[bool] = []
+
+        def mkdir_then_cleanup(self: Path, *args: Any, **kwargs: Any) -> None:
+            real_mkdir(self, *args, **kwargs)
+            if not removed:
+                removed.append(True)
+                shutil.rmtree(out)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir_then_cleanup)
+        with pytest.raises(FileNotFoundError):
+            write_node(out / "tensor", GroupMetadata(attributes={}))
+        assert removed and not out.exists()
 
     def test_verify_passes(self, tmp_path: Path) -> None:
         from streamvec.tools.verify import verify

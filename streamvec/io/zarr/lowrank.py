@@ -453,7 +453,7 @@ class SVDStoreWriter:
         with deferred():  # as in write_factors
             arr = np.asarray(data, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
             attrs = {"name": name, "dtype": dtype_name(arr.dtype), "source_dtype": source_dtype}
-            self._write_array(self._fresh(name), arr, {**attrs, **(extra_attrs or {})})
+            self._write_array(self._fresh(name), arr, attrs, extra_attrs)
 
     def _fresh(self, name: str) -> Path:
         """The folder of tensor ``name``, emptied: a resumed job rewrites a tensor that an
@@ -464,8 +464,14 @@ class SVDStoreWriter:
             shutil.rmtree(folder)
         return folder
 
-    def _write_array(self, folder: Path, arr: np.ndarray, attrs: dict[str, Any]) -> None:
-        """One array, metadata then chunks, as zarr writes it (checksums in its attrs).
+    def _write_array(
+        self,
+        folder: Path,
+        arr: np.ndarray,
+        attrs: dict[str, Any],
+        extra_attrs: dict[str, Any] | None = None,
+    ) -> None:
+        """One array, metadata then chunks, as zarr writes it: attrs, its checksums, extras.
 
         Written directly (:func:`~streamvec.io.zarr.store.write_node` and the task-vector
         store's chunk writer) rather than through zarr's API, whose event loop cost 6 ms per
@@ -476,7 +482,7 @@ class SVDStoreWriter:
         chunks = _chunks(arr.shape, arr.dtype.itemsize)
         checksum = array_checksum(arr, chunks[0] if chunks else None)
         meta = array_template(arr.shape, chunks, arr.dtype.str, FACTOR_COMPRESSION)
-        meta = meta.update_attributes({**attrs, **checksum})
+        meta = meta.update_attributes({**attrs, **checksum, **(extra_attrs or {})})
         write_node(folder, meta)
         if not arr.size:
             return

@@ -169,7 +169,7 @@ def write_node(folder: Path, meta: Any) -> None:
 
     folder.mkdir(exist_ok=True)
     document = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"]
-    _write_file(folder / "zarr.json", document.as_buffer_like())
+    _write_file(folder / "zarr.json", document.as_buffer_like(), inside=folder)
 
 
 def _is_all_zero(data: np.ndarray) -> bool:

@@ -21,7 +21,8 @@ Non-negative float32 bit patterns are ordered like the values, so the result is 
 sketch: it equals ``np.sort(|tau|)[r]``. After pass 1 alone the value is known to within one
 bin, a relative error below 2^-7 (0.8%): the TIES paper variant offers that as a one-pass
 approximation (``exact_threshold: false``), keeping at most the bin's count of extra elements.
-Memory: the histograms, whatever the tensor or model size.
+Memory: the histograms, whatever the tensor or model size, and for a per-tensor rank the
+counts that break ties (at most 16 entries per row of that tensor, while its pass 2 lasts).
 """
 
 from __future__ import annotations
@@ -106,15 +107,17 @@ ROW_COUNT_VALUES = 16
 
 @dataclass(frozen=True)
 class LoRows:
-    """Pass 2 with the counts that break ties: per target, ``(value, row, count)`` entries.
+    """Pass 2 with the counts that break ties: ``(target, row, low bits, count)`` entries.
 
     For each target ``(model, hi bin)`` the block's elements in that bin are counted per
     (row, low 16 bits) for the :data:`ROW_COUNT_VALUES` values the block holds most often,
     and per block (row -1) for the others: if the rank falls among equal values of which a
     block kept no per-row counts, they come from a third pass (:class:`TieRows`).
 
-    Returns an ``(entries, 4)`` int32 array of ``(target, row, low bits, count)``, rows
-    absolute and ascending within a target, so block results concatenate in row order.
+    Returns an ``(entries, 4)`` int32 array. Rows are absolute; within a target the per-row
+    entries ascend (block results concatenate in row order), with each slab's totals (row
+    -1) among them. Size: at most one entry per (row, tracked value) present, and one per
+    other value per slab.
     """
 
     deltas: tuple[bool, ...]
@@ -157,16 +160,21 @@ def _row_counts(target: int, bits: np.ndarray, h: int, row0: int) -> np.ndarray:
     element_slot = slot[lo]
     element_row = np.repeat(np.arange(rows, dtype=np.intp), in_bin.sum(axis=1))
     mine = element_slot >= 0
-    grid = np.bincount(
-        element_row[mine] * tracked.size + element_slot[mine], minlength=rows * tracked.size
-    )
-    where = np.flatnonzero(grid)
+    cells = element_row[mine] * tracked.size + element_slot[mine]  # (row, value) of each
+    if rows * tracked.size <= 4 * cells.size + LO_BINS:
+        grid = np.bincount(cells, minlength=rows * tracked.size)  # a grid no larger than that
+        where = np.flatnonzero(grid)
+        counts = grid[where]
+    else:
+        # Tall narrow slabs (a bias-like tensor of 1M rows): a rows x 16 grid would dwarf the
+        # elements in the bin, so the few (row, value) cells present are sorted instead.
+        where, counts = np.unique(cells, return_counts=True)
     rest = values[slot[values] < 0]
     out = np.empty((where.size + rest.size, 4), np.int32)  # rows and counts fit 31 bits
     out[:, 0] = target
     out[: where.size, 1] = row0 + where // max(tracked.size, 1)
     out[: where.size, 2] = tracked[where % max(tracked.size, 1)]
-    out[: where.size, 3] = grid[where]
+    out[: where.size, 3] = counts
     out[where.size :, 1] = -1
     out[where.size :, 2] = rest
     out[where.size :, 3] = hist[rest]
