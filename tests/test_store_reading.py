@@ -123,6 +123,24 @@ def test_chunk_reads_equal_zarr_and_each_is_checked(store: Path) -> None:
         sv.open(store)["a"].compute()
 
 
+def test_a_codec_swapped_after_opening_is_refused(tmp_path: Path) -> None:
+    """An array whose blosc codec is replaced by another one after the store was opened
+    (same number of codecs) is refused by name, not decoded with the wrong codec."""
+    ft = {"a": np.random.default_rng(4).standard_normal((16, 4)).astype(np.float32)}
+    base = write_checkpoint(tmp_path / "base", {"a": np.zeros((16, 4), np.float32)})
+    fine = write_checkpoint(tmp_path / "ft", ft)
+    store = tmp_path / "tau.zarr"
+    assert run_cli("diff", base, fine, "-o", store, "-q") == 0  # lz4 by default
+    tensor = sv.open(store)["a"]  # validated now: bytes, then blosc
+    meta_file = store / "a" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]
+    meta["codecs"][1] = {"name": "zstd", "configuration": {"level": 1, "checksum": False}}
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(sv.errors.StoreError, match="metadata changed since the store was opened"):
+        tensor.compute()
+
+
 RACE = textwrap.dedent(
     """
     import json, sys, threading

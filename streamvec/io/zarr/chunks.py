@@ -1,12 +1,12 @@
 """Reading row blocks of a Zarr array chunk file by chunk file, in the calling thread.
 
 The mirror of the engine's chunk writer (:class:`streamvec.io.zarr.store.ZarrBlockWriter`):
-each chunk a block needs is read as a file and decoded with the array's own blosc codec
-object, so the values are exactly what ``zarr.Array.__getitem__`` returns. In a run the file
-is read into, and decompressed straight into, maps of the block task's read buffers
-(:mod:`streamvec.io.read_buffers`), reused from block to block: decoding through zarr's codec
-pipeline made fresh bytes per chunk and copied the rows out again (1.7x the CPU time,
-``bench/bench_kernel_io.py --store``). ``zarr.open_array`` plus ``__getitem__`` per block
+each chunk a block needs is read as a file and decoded by numcodecs' blosc (what zarr's
+blosc codec calls), so the values are exactly what ``zarr.Array.__getitem__`` returns. In a
+run the file is read into, and decompressed straight into, maps of the block task's read
+buffers (:mod:`streamvec.io.read_buffers`), reused from block to block: decoding through
+zarr's codec pipeline made fresh bytes per chunk and copied the rows out again (1.7x the CPU
+time, ``bench/bench_kernel_io.py --store``). ``zarr.open_array`` plus ``__getitem__`` per block
 re-parsed the metadata and sent every chunk through zarr's single event-loop thread: with two
 engine workers ``combine`` from a 1B store took 5.60 s instead of 7.55 s
 (``bench/bench_ab.py``, docs/benchmarks.md).
@@ -105,18 +105,18 @@ def _confirm_legacy_gaps(check: ArrayCheck) -> None:
 def _read_checked_rows(
     check: ArrayCheck, r0: int, r1: int, lease: BufferLease | None = None
 ) -> np.ndarray:
-    meta, codecs, spec = _layout(check)
+    spec = _layout(check)
     shape = check.shape
     buffers = _ChunkBuffers(lease)
     if not shape:
-        return _chunk(check, meta, codecs, spec, 0, buffers)
+        return _chunk(check, spec, 0, buffers)
     rows_per_chunk = check.chunk_rows
     if r1 > r0 and r0 // rows_per_chunk == (r1 - 1) // rows_per_chunk:
         # Rows of one chunk (the usual block): decoded straight into the block's buffer and
         # returned as they are. Without a lease, copied when the rows are less than half the
         # chunk (the view would keep it all alive).
         c0 = (r0 // rows_per_chunk) * rows_per_chunk
-        chunk = _chunk(check, meta, codecs, spec, r0 // rows_per_chunk, buffers)
+        chunk = _chunk(check, spec, r0 // rows_per_chunk, buffers)
         rows = chunk[r0 - c0 : r1 - c0]
         keep = lease is not None or 2 * (r1 - r0) >= chunk.shape[0]
         return rows if keep else rows.copy()
@@ -129,7 +129,7 @@ def _read_checked_rows(
     for ci in range(r0 // rows_per_chunk, (r1 - 1) // rows_per_chunk + 1 if r1 > r0 else 0):
         c0 = ci * rows_per_chunk
         # Each chunk decoded into one scratch buffer, reused for the next.
-        chunk = _chunk(check, meta, codecs, spec, ci, buffers, scratch=True)
+        chunk = _chunk(check, spec, ci, buffers, scratch=True)
         lo, hi = max(r0, c0), min(r1, c0 + rows_per_chunk)
         out[lo - r0 : hi - r0] = chunk[lo - c0 : hi - c0]
     return out
@@ -180,8 +180,8 @@ def _parsed(store: str, array_path: str, mtime_ns: int, size: int) -> Any:
     return ArrayV3Metadata.from_dict(raw)
 
 
-def _layout(check: ArrayCheck) -> tuple[Any, tuple[Any, ...], Any]:
-    """Parsed metadata, codecs and chunk spec of a checked array."""
+def _layout(check: ArrayCheck) -> Any:
+    """The chunk spec of a checked array, its metadata confirmed unchanged since then."""
     from zarr.core.array_spec import ArrayConfig
     from zarr.core.buffer import default_buffer_prototype
 
@@ -194,12 +194,10 @@ def _layout(check: ArrayCheck) -> tuple[Any, tuple[Any, ...], Any]:
     # Keyed on the metadata file's identity: a store rewritten in place is read afresh.
     meta = _parsed(check.store, check.array_path, st.st_mtime_ns, st.st_size)
     chunks = tuple(meta.chunks)
-    # The chunks are decoded by the codec list validated when the store was opened (see _chunk).
-    codecs_now = (2 if check.compressed else 1) == len(meta.codecs)
     if (
         tuple(meta.shape) != check.shape
         or (check.shape and chunks[0] != check.chunk_rows)
-        or not codecs_now
+        or not _codecs_as_validated(tuple(meta.codecs), check.compressed)
     ):
         raise StoreError(f"{check.where()}: its metadata changed since the store was opened")
     spec = meta.get_chunk_spec(
@@ -207,7 +205,21 @@ def _layout(check: ArrayCheck) -> tuple[Any, tuple[Any, ...], Any]:
         ArrayConfig(order="C", write_empty_chunks=True),
         default_buffer_prototype(),
     )
-    return meta, tuple(meta.codecs), spec
+    return spec
+
+
+def _codecs_as_validated(codecs: tuple[Any, ...], compressed: bool) -> bool:
+    """Whether the codecs are still those validated when the store was opened (little-endian
+    bytes, then blosc when compressed): :func:`_chunk` decodes with exactly those."""
+    from zarr.codecs import BloscCodec, BytesCodec
+    from zarr.codecs.bytes import Endian
+
+    kinds = (BytesCodec, BloscCodec) if compressed else (BytesCodec,)
+    return (
+        len(codecs) == len(kinds)
+        and all(isinstance(c, kind) for c, kind in zip(codecs, kinds, strict=True))
+        and codecs[0].endian in (None, Endian.little)
+    )
 
 
 def _read_bounded(fd: int, check: ArrayCheck, index: int, into: Any) -> memoryview:
@@ -244,8 +256,6 @@ def _read_bounded(fd: int, check: ArrayCheck, index: int, into: Any) -> memoryvi
 
 def _chunk(
     check: ArrayCheck,
-    meta: Any,
-    codecs: tuple[Any, ...],
     spec: Any,
     index: int,
     buffers: _ChunkBuffers,
@@ -255,10 +265,12 @@ def _chunk(
 
     The chunk is decoded straight into a buffer from ``buffers`` (its block's, or with
     ``scratch`` the one reused from chunk to chunk): an uncompressed chunk is read there, a
-    blosc chunk decompressed there by the array's own codec object, which is what zarr's
-    codec pipeline does for the codecs a validated store may have (little-endian bytes, then
-    blosc), less a fresh allocation and a copy per chunk.
+    blosc chunk decompressed there by numcodecs' blosc, which is what zarr's codec pipeline
+    runs for the codecs a validated store may have (little-endian bytes, then blosc), less a
+    fresh allocation and a copy per chunk.
     """
+    from numcodecs import blosc  # zarr's own blosc; loaded with zarr before any worker
+
     fd = open_chunk(check, index)
     native = spec.dtype.to_native_dtype()
     area = (buffers.decoded if scratch else buffers.block)(check.chunk_bytes)
@@ -277,7 +289,7 @@ def _chunk(
             try:
                 # The header's decoded size was checked against chunk_bytes before this, and
                 # blosc refuses to write past the buffer, so the decode fills it exactly.
-                codecs[-1]._blosc_codec.decode(data, out=flat)
+                blosc.decompress(data, flat)
             except (ValueError, RuntimeError, TypeError) as exc:
                 raise StoreError(f"{check.where(index)} does not decode ({exc})") from None
     chunk = flat.view(native).reshape(spec.shape)
