@@ -210,7 +210,9 @@ def old_chunk_rows(check, r0: int, r1: int, lease=None):  # -> np.ndarray
     fresh bytes, and the rows copied out when the decode is read-only (it is, for blosc)."""
     from streamvec.io.zarr import chunks
 
-    _meta, codecs, spec = chunks._layout(check)
+    spec = chunks._layout(check)
+    st = (Path(check.store) / check.array_path / "zarr.json").stat()
+    codecs = tuple(chunks._parsed(check.store, check.array_path, st.st_mtime_ns, st.st_size).codecs)
     if not check.shape:
         return _old_chunk(check, codecs, spec, 0)
     rows_per_chunk = check.chunk_rows
