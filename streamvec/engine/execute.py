@@ -35,7 +35,7 @@ from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
 from streamvec.io.companions import companions_for, write_model_card
 from streamvec.io.output import input_paths
-from streamvec.io.read_buffers import BufferLease, ReadBuffers
+from streamvec.io.read_buffers import BufferLease, ReadBuffers, lease_from
 from streamvec.io.safetensors.requantize import aligned_rows
 from streamvec.memory import anon_bytes
 from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
@@ -49,6 +49,14 @@ CHECKSUM_ALGO = "xxh3_128"
 IN_PROCESS_SCHEDULERS = ("threads", "sync", "synchronous")
 # Headroom for the interpreter, dask, zarr's event loop and codec buffers beyond the blocks.
 RUNTIME_OVERHEAD = 256 << 20
+
+
+def run_read_buffers(scheduler: str) -> ReadBuffers | None:
+    """A run's read buffers, reused from block task to block task (io/read_buffers.py), for
+    the in-process schedulers only: a dask.distributed worker counts maps kept between tasks
+    as its memory, and pauses (or restarts) above its limit; there each task's are its own
+    (None, see :func:`~streamvec.io.read_buffers.lease_from`)."""
+    return ReadBuffers() if scheduler in IN_PROCESS_SCHEDULERS else None
 
 
 @dataclass
@@ -194,9 +202,7 @@ def _block_task(
     following: tuple[LazyTensor, int, int] | None = None,
     buffers: ReadBuffers | None = None,
 ) -> BlockResult:
-    # `is None`, not `or`: a pool with no free map is falsy (len 0), and every run's starts so
-    pool = ReadBuffers() if buffers is None else buffers
-    with pool.lease() as lease:  # operands die with the lease
+    with lease_from(buffers) as lease:  # operands die with the lease
         return _run_block(t, r0, r1, writer, check_finite, device, following, lease)
 
 
@@ -480,10 +486,7 @@ def _run_blocks(
     graph: dict[Any, Any] = {}
     sizes: dict[Any, int] = {}
     blocks: list[tuple[LazyTensor, int, int, BlockWriter]] = []
-    # Read buffers reused from block to block (io/read_buffers.py), in this process only: a
-    # dask.distributed worker counts maps kept between tasks as its memory, and pauses (or
-    # restarts) above its limit; elsewhere each block task reads into maps of its own.
-    buffers = ReadBuffers() if scheduler in IN_PROCESS_SCHEDULERS else None
+    buffers = run_read_buffers(scheduler)
     for p in plan:
         t = p.tensor
         writer = sink.writer(t.name)

@@ -82,6 +82,12 @@ class ReadBuffers:
             self._free.extend(areas)
 
 
+def lease_from(pool: ReadBuffers | None) -> BufferLease:
+    """A block task's lease on its run's pool, or, with None (a run whose tasks go to other
+    processes), on a pool of its own whose maps are freed with it."""
+    return (ReadBuffers() if pool is None else pool).lease()  # `is None`: an empty pool is falsy
+
+
 class BufferLease:
     """The maps one block task borrowed; a context manager that gives them back on exit.
 

@@ -25,11 +25,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamvec.compute.kernel import upcast32
-from streamvec.engine.execute import IN_PROCESS_SCHEDULERS, plan_blocks
+from streamvec.engine.execute import plan_blocks, run_read_buffers
 from streamvec.engine.schedule import execute_graph
 from streamvec.engine.settings import Settings
 from streamvec.io.blocks import BlockReader, matrix_shape, read_block
-from streamvec.io.read_buffers import ReadBuffers
+from streamvec.io.read_buffers import ReadBuffers, lease_from
 from streamvec.memory import anon_bytes
 from streamvec.model.tensor import LazyTensor, row_ranges
 
@@ -76,8 +76,7 @@ class _Job:
     def run(self, r0: int, r1: int) -> np.ndarray:
         # The reads and their float32 copies both go into maps reused from block to block (a
         # fresh copy's pages were faulted in on every block); the statistic is small and new.
-        pool = ReadBuffers() if self.buffers is None else self.buffers
-        with pool.lease() as lease:
+        with lease_from(self.buffers) as lease:
             blocks = []
             for _, r in self.item.terms:
                 x = read_block(r, r0, r1, lease)
@@ -137,8 +136,7 @@ def run_pass(
     finals: dict[str, Any] = {}
     token = id(graph)  # distinct key names for concurrent passes in one distributed cluster
     nblocks = 0
-    # Kept between tasks in this process only (see streamvec.engine.execute._run_blocks).
-    buffers = ReadBuffers() if options.scheduler in IN_PROCESS_SCHEDULERS else None
+    buffers = run_read_buffers(options.scheduler)
     for idx, (it, p) in enumerate(zip(items, plan, strict=True)):
         job = _Job(it, buffers)
         rows, _ = matrix_shape(it.shape)
