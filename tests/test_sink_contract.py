@@ -8,7 +8,9 @@ real consumers: zarr for stores, transformers ``from_pretrained`` for models, an
 
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,24 @@ class TestZarrSink(SinkTests):
             {"format": "zarr", "compression": compression, "block_size": BLOCK_SIZE},
         )
 
+    def test_consolidated_metadata_is_the_document_zarr_writes(
+        self, case: SinkCase, tmp_path: Path
+    ) -> None:
+        """The store's root ``zarr.json`` (consolidated by streamvec's own walk) is the one
+        ``zarr.consolidate_metadata`` writes for the same nodes, byte for byte."""
+        from .sink_contract import write_output
+
+        ours = tmp_path / "ours"
+        write_output(case, ours)
+        reference = tmp_path / "zarr"
+        shutil.copytree(ours, reference)
+        with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet
+            warnings.simplefilter("ignore", UserWarning)
+            zarr.consolidate_metadata(str(reference))
+        assert (ours / "zarr.json").read_bytes() == (reference / "zarr.json").read_bytes()
+        consolidated = json.loads((ours / "zarr.json").read_bytes())["consolidated_metadata"]
+        assert len(consolidated["metadata"]) == len(case.plan())
+
 
 def _load_transformers(out: Path) -> dict[str, np.ndarray]:
     loaded = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
@@ -274,6 +294,9 @@ def _svd_tensors() -> list[tuple[str, tuple[int, ...], tuple[np.ndarray, ...]]]:
         ("model.conv.weight", (6, 2, 3), factors(6, 6, 2)),
         ("model.norm.weight", (8,), (rng.standard_normal(8).astype(np.float32),)),
         ("model.scale", (), (np.asarray(rng.standard_normal(), np.float32),)),
+        # all zero: no chunk file, listed in the array's empty chunks
+        ("model.zero.bias", (8,), (np.zeros(8, np.float32),)),
+        ("model.zero_scale", (), (np.zeros((), np.float32),)),
     ]
 
 
@@ -324,7 +347,7 @@ class TestSVDStoreWriter:
         """The writer makes the files itself; zarr's own API, given the same nodes, makes
         the same bytes (the reference: how the writer worked before)."""
         from streamvec.io.zarr.lowrank import SVDStoreWriter, _chunks, array_checksum
-        from streamvec.io.zarr.store import compressors
+        from streamvec.io.zarr.store import compressors, record_empty_chunks
 
         from .sink_contract import assert_same_tree
 
@@ -369,7 +392,10 @@ class TestSVDStoreWriter:
                 attrs = {"name": name, "dtype": "float32", "source_dtype": "bfloat16"}
                 arr = np.asarray(data[0], order="C")
                 put(root, encode_array_path(name), arr, attrs, {"note": "extra"})
-        SVDStoreWriter(reference, {}, reopen=True).finish()
+        record_empty_chunks(reference)
+        with warnings.catch_warnings():  # consolidated metadata is not in the v3 spec yet
+            warnings.simplefilter("ignore", UserWarning)
+            zarr.consolidate_metadata(str(reference))
         assert_same_tree(ours, reference)
 
     def test_a_metadata_write_never_makes_a_removed_output_again(
@@ -401,7 +427,7 @@ class TestSVDStoreWriter:
         from streamvec.tools.verify import verify
 
         store = self._finished(tmp_path / "svd", self.NAMES)
-        assert verify(store).checked == 2 * 3 + 2  # U, S, Vh of two tensors; two dense
+        assert verify(store).checked == 2 * 3 + 4  # U, S, Vh of two tensors; four dense
 
     def test_reopened_after_a_stop_gives_the_same_bytes(self, tmp_path: Path) -> None:
         from streamvec.io.zarr.lowrank import SVDStoreWriter

@@ -389,12 +389,23 @@ def update_root_attrs(path: Path, updates: dict[str, Any]) -> None:
     group.attrs["streamvec"] = attrs
 
 
+def missing_chunks(folder: Path, shape: tuple[int, ...], chunk_rows: int) -> list[int]:
+    """The row chunks of the array in ``folder`` that have no file (``[0]`` for a 0-d array
+    whose only chunk has none): what :func:`record_empty_chunks` records."""
+    if not shape:
+        return [] if (folder / "c").is_file() else [0]
+    n = -(-shape[0] // chunk_rows) if all(shape) else 0
+    tail = "/".join(["0"] * (len(shape) - 1))
+    return [i for i in range(n) if not (folder / "c" / str(i) / tail).is_file()]
+
+
 def record_empty_chunks(path: Path, more: dict[str, dict[str, Any]] | None = None) -> None:
     """Record in each array's attrs which chunks have no file (all zero, skipped when written).
 
     Readers then know a missing chunk file from a deleted one
     (:mod:`streamvec.io.zarr.access`). Arrays are found by their ``zarr.json``; each array's
-    metadata is rewritten at most once, with ``more`` attrs (by array path) merged in.
+    metadata is rewritten at most once, with ``more`` attrs (by array path) merged in, and not
+    at all when it already holds the right list and nothing more.
 
     Args:
         path: the store.
@@ -403,39 +414,66 @@ def record_empty_chunks(path: Path, more: dict[str, dict[str, Any]] | None = Non
     from streamvec.io.zarr.access import EMPTY_CHUNKS_ATTR
 
     updates: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (more or {}).items()}
-    for meta_file in sorted(path.glob("**/zarr.json")):
-        folder = meta_file.parent
-        if folder == path or "c" in folder.relative_to(path).parts:
-            continue
-        raw = json.loads(meta_file.read_bytes())
+    for key, raw in _nodes(path).items():
         if raw.get("node_type") != "array":
             continue
         shape = tuple(raw["shape"])
-        if not shape:
-            empty = [] if (folder / "c").is_file() else [0]
-        else:
-            rows = raw["chunk_grid"]["configuration"]["chunk_shape"][0]
-            n = -(-shape[0] // rows) if all(shape) else 0
-            tail = "/".join(["0"] * (len(shape) - 1))
-            empty = [i for i in range(n) if not (folder / "c" / str(i) / tail).is_file()]
-        key = folder.relative_to(path).as_posix()
+        rows = raw["chunk_grid"]["configuration"]["chunk_shape"][0] if shape else 1
+        empty = missing_chunks(path / key, shape, rows)
         if raw.get("attributes", {}).get(EMPTY_CHUNKS_ATTR) != empty or key in updates:
             updates.setdefault(key, {})[EMPTY_CHUNKS_ATTR] = empty
     _set_attrs_by_path(path, updates)
 
 
-def consolidate(path: Path) -> None:
-    import warnings
+def _nodes(path: Path) -> dict[str, dict[str, Any]]:
+    """Every node below the group at ``path``, by path: its parsed ``zarr.json``.
 
-    import zarr
+    A folder is a node when it holds a ``zarr.json`` (as zarr lists members); arrays are not
+    descended into (their folders hold only chunks).
+    """
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.is_dir():
+                    continue
+                try:
+                    raw = json.loads(Path(entry.path, "zarr.json").read_bytes())
+                except FileNotFoundError:
+                    continue
+                key = prefix + entry.name
+                found[key] = raw
+                if raw.get("node_type") == "group":
+                    walk(entry.path, key + "/")
+
+    walk(str(path), "")
+    return found
+
+
+def consolidate(path: Path) -> None:
+    """Record empty chunks, then write the consolidated metadata into the root ``zarr.json``:
+    the document ``zarr.consolidate_metadata`` writes (built by zarr's metadata classes), from
+    one walk of the folders instead of zarr's member listing through its event loop (0.15 s
+    against 0.05 s for the 230 nodes of a 0.1B SVD store here)."""
+    import dataclasses
+
+    from zarr.core.group import ConsolidatedMetadata, GroupMetadata
+    from zarr.core.metadata.v3 import ArrayV3Metadata
 
     record_empty_chunks(path)
-
-    with warnings.catch_warnings():
-        # zarr warns that consolidated metadata is not in the v3 spec yet; zarr-python reads
-        # it, and it turns listing a store of thousands of arrays into one file read.
-        warnings.simplefilter("ignore", UserWarning)
-        zarr.consolidate_metadata(str(path))
+    members: dict[str, Any] = {}
+    for key, raw in _nodes(path).items():
+        if raw.get("node_type") == "array":
+            members[key] = ArrayV3Metadata.from_dict(raw)
+            continue
+        group = GroupMetadata.from_dict(raw)
+        if group.consolidated_metadata is None:  # as zarr: a child group's listing is explicit
+            group = dataclasses.replace(group, consolidated_metadata=ConsolidatedMetadata({}))
+        members[key] = group
+    ConsolidatedMetadata._flat_to_nested(members)
+    root = GroupMetadata.from_dict(json.loads((path / "zarr.json").read_bytes()))
+    write_node(path, dataclasses.replace(root, consolidated_metadata=ConsolidatedMetadata(members)))
 
 
 @dataclass(frozen=True)
