@@ -9,7 +9,8 @@ parameters and their task-vector store (``streamvec diff``), then, in interleave
   ``torch.svd_lowrank(torch.from_numpy(zarr_array[...]), q=K + 10, niter=Q)`` (Q = 1 and 2),
   factors kept in memory, nothing written.
 
-Each run reports its wall time and peak anonymous memory (``PeakSampler``, sampled every
+Each run is its own process, timed after one warm-up run in it, and reports its wall time
+and peak anonymous memory (``PeakSampler``, sampled every
 10 ms, minus the process before the run), and the mean relative residual over the matrices.
 The time leaves out what only the benchmark does: the loop's float64 residuals and the read
 back of the residuals ``streamvec svd`` recorded.
@@ -135,8 +136,36 @@ def compare_trees(args: argparse.Namespace, store: Path) -> None:
         )
 
 
-def main() -> None:
+RUNS = ("streamvec svd", "torch loop niter=1", "torch loop niter=2")
+
+
+def one_run(args: argparse.Namespace, store: Path) -> None:
+    """``--one NAME``: one run in this process; prints its figures as one JSON line."""
+    import json
+
     from streamvec.memory import PeakSampler, anon_bytes
+
+    out = args.workdir / "svd.zarr"
+    runs: dict[str, Any] = {
+        "streamvec svd": lambda: streamvec_svd(store, out, args.rank),
+        "torch loop niter=1": lambda: torch_loop(store, args.rank, 1),
+        "torch loop niter=2": lambda: torch_loop(store, args.rank, 2),
+    }
+    fn = runs[args.one]
+    fn()  # warm: imports, thread pools, the page cache
+    before = anon_bytes()
+    with PeakSampler() as sampler:
+        sec, residuals = fn()
+    shutil.rmtree(out, ignore_errors=True)
+    peak = sampler.peak - before
+    print(json.dumps({"seconds": sec, "residual": float(np.mean(residuals)), "peak": peak}))
+
+
+def main() -> None:
+    import json
+    import subprocess
+    import sys
+
     from streamvec.units import format_bytes
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,40 +178,39 @@ def main() -> None:
         help="NAME=DIR,...: instead, time the `streamvec svd` CLI of each checkout "
         "(e.g. before=/tmp/old,after=.) in interleaved rounds, with its peak anonymous memory",
     )
+    p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     store = ensure_store(args.workdir, args.params)
+    if args.one:
+        one_run(args, store)
+        return
     if args.trees:
         compare_trees(args, store)
         return
-    out = args.workdir / "svd.zarr"
-    runs: dict[str, Any] = {
-        "streamvec svd": lambda: streamvec_svd(store, out, args.rank),
-        "torch loop niter=1": lambda: torch_loop(store, args.rank, 1),
-        "torch loop niter=2": lambda: torch_loop(store, args.rank, 2),
-    }
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    peaks: dict[str, int] = {k: 0 for k in runs}
+    times: dict[str, list[float]] = {k: [] for k in RUNS}
+    peaks: dict[str, int] = {k: 0 for k in RUNS}
     res: dict[str, float] = {}
+    base = [sys.executable, __file__, "--params", args.params, "--rank", str(args.rank)]
     for r in range(args.rounds):
-        for name, fn in runs.items():  # interleaved
-            before = anon_bytes()
-            with PeakSampler() as sampler:
-                sec, residuals = fn()
-            times[name].append(sec)
-            peaks[name] = max(peaks[name], sampler.peak - before)
-            res[name] = float(np.mean(residuals))
+        for name in RUNS:  # interleaved, each in its own process: torch's thread pool and
+            # numpy's OpenBLAS threads in one process slowed whichever ran second
+            cmd = [*base, "--workdir", str(args.workdir), "--one", name]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            got = json.loads(line.strip().splitlines()[-1])
+            times[name].append(got["seconds"])
+            peaks[name] = max(peaks[name], got["peak"])
+            res[name] = got["residual"]
             load = os.getloadavg()[0]
-            print(f"round {r + 1} {name:20s} {sec:7.2f} s  load {load:.1f}", flush=True)
+            print(f"round {r + 1} {name:20s} {got['seconds']:7.2f} s  load {load:.1f}", flush=True)
     ref = statistics.median(times["torch loop niter=2"])
     print(f"\n{args.params} task vector, rank {args.rank}:")
-    for name in runs:
+    for name in RUNS:
         med = statistics.median(times[name])
         print(
             f"  {name:20s} median {med:7.2f} s ({med / ref:4.2f}x torch niter=2) | mean "
             f"residual {res[name]:.5f} | peak anon growth {format_bytes(peaks[name])}"
         )
-    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
