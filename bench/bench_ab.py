@@ -35,12 +35,15 @@ method: drop_caches where permitted, else fadvise).
 Operations: ``diff`` (float32 task vector into Zarr, lz4), ``diff-none`` (the same without
 compression) and ``combine`` (the edited model ``base + 0.5 (ft - base)`` straight from the
 checkpoints, bf16 safetensors) and ``combine-store`` (the same edit with the task vector read
-from a store written by ``diff`` first), and ``merge`` (``streamvec bench``'s TIES recipe:
+from a store written by ``diff`` first), ``combine-3`` (``base + sum_i w_i (ft_i - base)``
+with weights ``1.0, -0.5, 0.3``: FT and the two ``--more-fts``, on the delta form's float64
+path), and ``merge`` (``streamvec bench``'s TIES recipe:
 density 0.5, its first passes included). Besides the run's seconds, the summary gives the
 medians of the engine's ``read`` and ``compute`` stages (worker-seconds; for ``merge``, of its
 output pass).
 
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
+        [--more-fts FT2,FT3]
         [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch,expanded,
                     fresh-read-buffers,gathered-ties,float64-path,zarr-decode]
         [--cold]
@@ -61,7 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
-OPS = ("diff", "diff-none", "combine", "combine-store", "merge")
+OPS = ("diff", "diff-none", "combine", "combine-store", "combine-3", "merge")
+COMBINE_3_WEIGHTS = (1.0, -0.5, 0.3)
 VARIANTS = (
     "current",
     "no-writeback",
@@ -330,7 +334,9 @@ def variant(name: str) -> Iterator[None]:
         ) = saved
 
 
-def run_op(op: str, base: str, ft: str, out: Path, store: Path) -> tuple[float, dict]:
+def run_op(
+    op: str, base: str, ft: str, out: Path, store: Path, more_fts: Sequence[str] = ()
+) -> tuple[float, dict]:
     """Run ``op`` into ``out``; its seconds and the engine's stage seconds."""
     import streamvec as sv
     from streamvec.ops.task_vector import task_vector
@@ -351,6 +357,15 @@ def run_op(op: str, base: str, ft: str, out: Path, store: Path) -> tuple[float, 
         report = (b + 0.5 * (sv.open(ft) - b)).save(out, progress=False)
     elif op == "combine-store":
         report = (sv.open(base) + 0.5 * sv.open(store)).save(out, progress=False)
+    elif op == "combine-3":
+        if len(more_fts) != 2:
+            raise SystemExit("combine-3 needs --more-fts FT2,FT3")
+        b = sv.open(base)
+        fts = [sv.open(f) for f in (ft, *more_fts)]
+        edit = b
+        for w, f in zip(COMBINE_3_WEIGHTS, fts, strict=True):
+            edit = edit + w * (f - b)
+        report = edit.save(out, progress=False)
     else:
         compression = "none" if op == "diff-none" else "lz4"
         report = task_vector(base, ft).save(out, progress=False, compression=compression)
@@ -365,15 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--more-fts", default="", help="FT2,FT3: the other fine-tunes of combine-3")
     ap.add_argument("--cold", action="store_true", help="evict the inputs before every run")
     args = ap.parse_args(argv)
+    more_fts = [f for f in args.more_fts.split(",") if f]
     cache = None
     if args.cold:
         from streamvec.tools.benchmark.cache import PageCache
         from streamvec.tools.benchmark.inputs import weight_files
 
         cache = PageCache.cold()
-        inputs = weight_files(Path(args.base), Path(args.ft))
+        inputs = weight_files(Path(args.base), Path(args.ft), *map(Path, more_fts))
     ops = args.ops.split(",")
     variants = args.variants.split(",")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="streamvec-ab-", dir="/tmp"))
@@ -388,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     for op in ops:  # warm-up, not timed: imports, first-use costs, the page cache
         out = workdir / f"{op}-warmup"
         with variant(variants[0]):
-            run_op(op, args.base, args.ft, out, store)
+            run_op(op, args.base, args.ft, out, store, more_fts)
         shutil.rmtree(out, ignore_errors=True)
     for r in range(args.rounds):
         for op in ops:
@@ -399,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cache is not None:
                     cache.drop(inputs)
                 with variant(v):
-                    seconds, stage = run_op(op, args.base, args.ft, out, store)
+                    seconds, stage = run_op(op, args.base, args.ft, out, store, more_fts)
                 times[(op, v)].append(seconds)
                 stages[(op, v)].append(stage)
                 shutil.rmtree(out, ignore_errors=True)

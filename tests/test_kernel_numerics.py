@@ -48,10 +48,23 @@ def ulp_of(want: np.ndarray) -> np.ndarray:
 
 def near_tie(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Where the float64 formula's own rounding decides the result: within float64 noise
-    of a tie of ``dtype``, or of 0 (terms of ~0.02 that cancel leave ~1e-18 either way)."""
+    of a tie of ``dtype``, or of 0 (terms of ~0.02 that cancel leave ~1e-18 either way).
+
+    A tie is the midpoint between the rounded value and either neighbour: at a power of two
+    the neighbour toward zero is half as far as the one away from it (measuring both sides
+    with the spacing away from zero missed the ties just below each power of two).
+    """
     want = rounded_once(exact, dtype)
-    dist = np.abs(exact - want.astype(np.float64)) / ulp_of(want)
-    return (np.abs(dist - 0.5) < 1e-6) | (np.abs(exact) < 1e-15)
+    bits = BITS[want.dtype.itemsize]
+    w = want.astype(np.float64)
+    near = np.abs(exact) < 1e-15
+    with np.errstate(invalid="ignore", over="ignore"):
+        for step in (1, -1):  # away from zero, toward zero (NaN next to a zero: no tie)
+            neighbour = (want.view(bits) + np.array(step).astype(bits)).view(want.dtype)
+            n = neighbour.astype(np.float64)
+            mid = (w + n) / 2  # exact in float64
+            near |= np.abs(exact - mid) < 1e-6 * np.abs(n - w)
+    return near
 
 
 def assert_formula_rounded_once(got: np.ndarray, exact: np.ndarray) -> None:

@@ -41,7 +41,11 @@ from streamvec.dtypes import BFLOAT16, round_once
 if TYPE_CHECKING:
     from streamvec.io.read_buffers import BufferLease
 
-SLAB_ELEMENTS = 1 << 16  # 512 KiB of float64: fits L2 with room for the operands
+# 1 MiB of float64 per slab buffer. 2^16 kept the accumulator in the 1 MiB L2 but paid the
+# ~27 numpy calls of a slab twice as often: with two workers, 2^17 ran the three-fine-tune
+# kernel at 1.2x the throughput and took 0.68-0.92x the engine's compute seconds for
+# `combine` (2^15 and below, and 2^18 and above, were slower; docs/benchmarks.md).
+SLAB_ELEMENTS = 1 << 17
 _EPS = 1e-9  # point weights within this of 1 (0) are a model (a task vector), as in algebra
 
 # 16-bit output -> (mask of the float32 bits below its last place, the tie pattern, and the
