@@ -25,7 +25,9 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
   pipeline (a fresh buffer per decode, copied again when read-only), as before they were
   decoded straight into the block's reused read buffer (:func:`old_chunk_rows`);
 * ``fresh-upcasts``: the float32 copies of a merge's operands (its first passes and its output
-  pass) made in fresh arrays, as before they went into the block's reused buffers.
+  pass) made in fresh arrays, as before they went into the block's reused buffers;
+* ``small-slabs``: the kernel's and the merge block operations' slabs of 2^16 elements, as
+  before they were 2^17 (``streamvec.compute.kernel.SLAB_ELEMENTS``).
 
 Variants combine with ``+`` (``fresh-read-buffers+zarr-decode``: both changes undone).
 
@@ -45,7 +47,7 @@ output pass).
     PYTHONPATH=. python bench/bench_ab.py BASE FT [--rounds 3] [--ops diff,diff-none,combine]
         [--more-fts FT2,FT3]
         [--variants current,no-writeback,block-accumulator,no-verify-inputs,no-prefetch,expanded,
-                    fresh-read-buffers,gathered-ties,float64-path,zarr-decode]
+                    fresh-read-buffers,gathered-ties,float64-path,zarr-decode,small-slabs]
         [--cold]
         [--workdir DIR]
 """
@@ -78,6 +80,7 @@ VARIANTS = (
     "float64-path",
     "zarr-decode",
     "fresh-upcasts",
+    "small-slabs",
 )
 
 
@@ -208,11 +211,17 @@ class FreshReadBuffers:
         return BufferLease(Fresh())
 
 
-def old_chunk_rows(check, r0: int, r1: int, lease=None):  # -> np.ndarray
+def old_chunk_rows(check, r0: int, r1: int, lease=None, into=None):  # -> np.ndarray
     """Store rows as read before chunks were decoded into the block's buffer (``lease``
     ignored): the file read into a fresh bytearray, decoded by zarr's codec pipeline into
-    fresh bytes, and the rows copied out when the decode is read-only (it is, for blosc)."""
+    fresh bytes, and the rows copied out when the decode is read-only (it is, for blosc).
+    With ``into`` (a held matrix's rows), the rows are copied there."""
     from streamvec.io.zarr import chunks
+
+    if into is not None:
+        rows = old_chunk_rows(check, r0, r1)
+        into.reshape(-1).view(np.uint8)[:] = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
+        return into
 
     spec = chunks._layout(check)
     st = (Path(check.store) / check.array_path / "zarr.json").stat()
@@ -278,7 +287,7 @@ def variant(name: str) -> Iterator[None]:
     from streamvec.io.zarr import chunks as zarr_chunks
     from streamvec.io.zarr import store as zarr_store
     from streamvec.model import tensor
-    from streamvec.ops.merge import passes
+    from streamvec.ops.merge import blockop, passes
 
     saved = (
         writeback.start_writeback,
@@ -291,6 +300,8 @@ def variant(name: str) -> Iterator[None]:
         zarr_chunks._read_checked_rows,
         kernel.upcast32,
         passes.upcast32,
+        kernel.SLAB_ELEMENTS,
+        blockop.SLAB_ELEMENTS,
     )
     policy = store_check.using_read_policy(
         store_check.ReadPolicy(verify=name != "no-verify-inputs")
@@ -314,6 +325,8 @@ def variant(name: str) -> Iterator[None]:
     elif name == "fresh-upcasts":
         fresh = saved[8]
         kernel.upcast32 = passes.upcast32 = lambda x, out=None: fresh(x)  # type: ignore[misc]
+    elif name == "small-slabs":
+        kernel.SLAB_ELEMENTS = blockop.SLAB_ELEMENTS = 1 << 16
     elif name != "current" and name not in VARIANTS:
         raise SystemExit(f"unknown variant {name!r}")
     try:
@@ -331,6 +344,8 @@ def variant(name: str) -> Iterator[None]:
             zarr_chunks._read_checked_rows,
             kernel.upcast32,
             passes.upcast32,
+            kernel.SLAB_ELEMENTS,
+            blockop.SLAB_ELEMENTS,
         ) = saved
 
 

@@ -18,7 +18,12 @@
    ``zarr.open_array`` + ``__getitem__`` per block. GB/s of decoded float32 per CPU second of
    the process.
 
+3. ``--slabs 16,17``: the current kernel with slabs of 2^16 and 2^17 elements
+   (``streamvec.compute.kernel.SLAB_ELEMENTS``), on two threads at once as the engine's two
+   workers run it; GB/s of input per wall second.
+
     PYTHONPATH=. python bench/bench_kernel_io.py [--store TAU.zarr] [--no-kernel] [--rounds 5]
+        [--slabs 15,16,17,18]
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ def float64_path(operands, points):  # -> np.ndarray
         delta_bf16.applies = saved  # type: ignore[assignment]
 
 
-def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
+def kernel_cases() -> dict[str, tuple[list, tuple[bool, ...]]]:
+    """The two edits measured: (operands, points) by title."""
     rng = np.random.default_rng(0)
     base32 = rng.standard_normal((4096, 4096), dtype=np.float32)
     base = base32.astype(BFLOAT16)
@@ -88,15 +94,18 @@ def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
         for _ in range(3)
     ]
     weights = (1.0, -0.5, 0.3)
-    cases = {
+    return {
         "base + 0.5 (ft - base)": ([(0.5, base), (0.5, fts[0])], (True, True)),
         "base + sum w_i (ft_i - base), 3 fine-tunes": (
             [(1.0 - sum(weights), base), *zip(weights, fts, strict=True)],
             (True,) * 4,
         ),
     }
+
+
+def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
-    for title, (operands, points) in cases.items():
+    for title, (operands, points) in kernel_cases().items():
         nbytes = sum(x.nbytes for _, x in operands)
         variants: dict[str, Callable[[], object]] = {
             "delta form (current)": lambda o=operands, p=points: combine_blocks(o, BFLOAT16, p),
@@ -112,6 +121,41 @@ def kernel_variants(rounds: int) -> dict[str, dict[str, list[float]]]:
         for _ in range(rounds):  # interleaved
             for name, fn in variants.items():
                 rates[name] += best_rate(lambda fn=fn, n=nbytes: (fn(), n)[1], 1)
+        out[title] = rates
+    return out
+
+
+def slab_variants(rounds: int, exponents: list[int]) -> dict[str, dict[str, list[float]]]:
+    """The current kernel at several slab sizes, on two threads at once as the engine's two
+    workers run it: GB/s of input (both threads') per wall second, sizes interleaved."""
+    import threading
+
+    from streamvec.compute import kernel
+
+    saved = kernel.SLAB_ELEMENTS
+    out: dict[str, dict[str, list[float]]] = {}
+    for title, (operands, points) in kernel_cases().items():
+        nbytes = sum(x.nbytes for _, x in operands)
+        rates: dict[str, list[float]] = {f"2^{e} elements": [] for e in exponents}
+
+        def twice(o: list = operands, p: tuple[bool, ...] = points) -> None:
+            for _ in range(2):
+                combine_blocks(o, BFLOAT16, p)
+
+        try:
+            for _ in range(rounds):
+                for e in exponents:
+                    kernel.SLAB_ELEMENTS = 1 << e
+                    threads = [threading.Thread(target=twice) for _ in range(2)]
+                    start = time.perf_counter()
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    seconds = time.perf_counter() - start
+                    rates[f"2^{e} elements"].append(4 * nbytes / seconds / 1e9)
+        finally:
+            kernel.SLAB_ELEMENTS = saved
         out[title] = rates
     return out
 
@@ -203,7 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", type=Path, help="a task-vector store written by streamvec diff")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-kernel", action="store_true", help="only the store reads")
+    ap.add_argument(
+        "--slabs",
+        help="E1,E2,...: instead, the current kernel with slabs of 2^E elements, two threads",
+    )
     args = ap.parse_args(argv)
+    if args.slabs:
+        exponents = [int(e) for e in args.slabs.split(",")]
+        for title, rates in slab_variants(args.rounds, exponents).items():
+            report(f"kernel, {title}, two threads, GB/s per wall second:", rates)
+        return 0
     for title, rates in ({} if args.no_kernel else kernel_variants(args.rounds)).items():
         report(f"kernel, {title}, bf16 -> bf16, 4096 x 4096 blocks:", rates)
     if args.store is not None:

@@ -56,6 +56,53 @@ def test_read_matrix_is_one_read_with_the_digests(pair: dict[str, Path]) -> None
         assert held.name == "a.weight"
 
 
+def test_a_store_matrix_is_decoded_in_place_with_the_digests(
+    pair: dict[str, Path], tmp_path: Path
+) -> None:
+    """A store's task vector is decoded straight into the matrix (into the caller's memory
+    when given): the values and the digests are those of reading it in blocks."""
+    from streamvec.ops.task_vector import task_vector
+
+    store = tmp_path / "tau.zarr"
+    task_vector(pair["base"], pair["ft"]).save(store, progress=False, block_size="16kB")
+    t = sv.open(store).resolved().tensors["a.weight"]  # several chunks, a padded last one
+    rows = t.shape[0]
+    want = t.read_rows(0, rows)
+    held = read_matrix(t)
+    assert np.array_equal(held.values, want)
+    assert held.digests == tensor_input_digests(t, 0, rows, 7)
+    space = np.full(t.shape, np.nan, np.float32)
+    into = read_matrix(t, out=space)
+    assert into.values is space and np.array_equal(space, want)
+    assert into.digests == held.digests
+
+
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+def test_held_memory_is_reused_without_changing_a_result(
+    pair: dict[str, Path], method: str
+) -> None:
+    """One factorizer holds each matrix in the memory the previous one used (the larger one
+    first, then a smaller one, then the larger again): results equal a fresh factorizer's."""
+    from streamvec.ops.factorize import Factorizer
+
+    tensors = (sv.open(pair["ft"]) - sv.open(pair["base"])).resolved().tensors
+    a, b = tensors["a.weight"], tensors["b.weight"]
+    options = SVDOptions(rank=8, method=method)
+    run = RunOptions(progress=False)
+    shared = Factorizer(options, run, {})
+    results = []
+    for t in (a, b, a):
+        got, plan = shared.factor(t, 8, seed=5)
+        assert plan.method == method and (plan.held or method == "exact")
+        results.append((t, got))
+    # compared after all three: no result may live in the memory the next matrix took
+    for t, got in results:
+        want, _ = Factorizer(options, run, {}).factor(t, 8, seed=5)
+        for x, y in zip((got.U, got.S, got.Vh), (want.U, want.S, want.Vh), strict=True):
+            assert np.array_equal(x, y)
+    assert shared._held_bytes is not None and shared._held_bytes.nbytes == 300 * 96 * 4
+
+
 def test_svd_reads_each_held_matrix_once(
     pair: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,6 +82,55 @@ def test_rows_decoded_into_reused_buffers_match_zarr(
             assert np.array_equal(got, want[r0:r1]), (r0, r1)
 
 
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_rows_decoded_into_the_callers_array_match_zarr(tmp_path: Path, codec: str) -> None:
+    """``out=``: whole chunks decoded straight into it, partial ones (a range's ends, the padded
+    last chunk) through scratch; a recorded-empty chunk is zeros there too."""
+    rng = np.random.default_rng(1)
+    data = (rng.standard_normal((37, 3, 5)) * 100).astype(np.float32)
+    data[8:16] = 0  # a whole chunk of fill value: no file
+    make_array(tmp_path, "w", data, chunk_rows=8, codec=codec)
+    want = zarr.open_array(str(tmp_path), path="w", mode="r")
+    for r0, r1 in [(0, 37), (0, 8), (8, 16), (5, 30), (16, 32), (32, 37), (3, 3)]:
+        out = np.full((r1 - r0, 3, 5), np.nan, np.float32)  # no stale value can pass
+        got = read_rows(str(tmp_path), "w", r0, r1, out=out)
+        assert np.shares_memory(got, out) or out.size == 0
+        assert np.array_equal(out, want[r0:r1]), (r0, r1)
+    with pytest.raises(ValueError, match="C-contiguous array of"):
+        read_rows(str(tmp_path), "w", 0, 8, out=np.empty((7, 3, 5), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous array of"):
+        read_rows(str(tmp_path), "w", 0, 8, out=np.empty((8, 5, 3), np.float32).swapaxes(1, 2))
+    make_array(tmp_path, "s", np.array(2.5, np.float32), chunk_rows=1, codec=codec)
+    scalar = np.zeros((), np.float32)
+    read_rows(str(tmp_path), "s", 0, 1, out=scalar)
+    assert scalar == 2.5
+
+
+def test_a_chunk_changed_after_opening_is_refused_when_read_into_an_array(
+    tmp_path: Path,
+) -> None:
+    """The in-place decode keeps the reader's checks: the recorded digest of each chunk."""
+    from streamvec.io.zarr.store import read_store
+    from streamvec.ops.task_vector import task_vector
+
+    from .conftest import write_checkpoint
+
+    data = np.arange(32 * 4, dtype=np.float32).reshape(32, 4)
+    base = write_checkpoint(tmp_path / "base", {"w": np.zeros_like(data)})
+    ft = write_checkpoint(tmp_path / "ft", {"w": data})
+    task_vector(base, ft).save(tmp_path / "s.zarr", progress=False)  # digests recorded
+    reader = read_store(tmp_path / "s.zarr").arrays["w"].reader(tmp_path / "s.zarr")
+    out = np.empty((32, 4), np.float32)
+    reader.read_into(0, 32, out)
+    assert np.array_equal(out, data)
+    chunk = next(p for p in (tmp_path / "s.zarr" / "w" / "c").rglob("*") if p.is_file())
+    raw = bytearray(chunk.read_bytes())
+    raw[-1] ^= 0xFF  # one byte of the compressed data
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError):
+        reader.read_into(0, 32, out)
+
+
 def test_zero_dim_and_one_dim(tmp_path: Path) -> None:
     make_array(tmp_path, "s", np.array(2.5, np.float32), chunk_rows=1, codec="lz4")
     make_array(tmp_path, "v", np.arange(10, dtype=np.float32), chunk_rows=4, codec="lz4")

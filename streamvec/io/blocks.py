@@ -238,3 +238,18 @@ class ZarrReader:
         if data.dtype != self.dtype:
             data = data.view(self.dtype)  # raw bf16 bits stored as uint16
         return data.reshape(r1 - r0, cols)
+
+    def read_into(self, r0: int, r1: int, out: np.ndarray) -> None:
+        """Rows ``[r0, r1)`` decoded straight into ``out``, a C-contiguous ``(r1 - r0, cols)``
+        array of this reader's dtype: a held matrix is filled chunk by chunk, with no block
+        buffer between the files and it (the same checks as :meth:`read`)."""
+        from streamvec.io.zarr.chunks import read_rows
+
+        rows, cols = matrix_shape(self.shape)
+        if not 0 <= r0 <= r1 <= rows:
+            raise IndexError(f"rows [{r0}, {r1}) outside 0..{rows}")
+        if out.shape != (r1 - r0, cols) or out.dtype != self.dtype:
+            raise ValueError(f"out: a ({r1 - r0}, {cols}) {self.dtype} array is needed")
+        if r1 == r0 or cols == 0:
+            return
+        read_rows(self.store, self.array_path, r0, r1, self.check, out=out)

@@ -12,11 +12,12 @@ are read and decoded once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 import xxhash
 
-from streamvec.io.blocks import matrix_shape
+from streamvec.io.blocks import ZarrReader, matrix_shape
 from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 
 __all__ = ["HeldMatrix", "read_matrix"]
@@ -38,7 +39,9 @@ class HeldMatrix:
     digests: list[str]
 
 
-def read_matrix(t: LazyTensor, block_bytes: int = DEFAULT_BLOCK_BYTES) -> HeldMatrix:
+def read_matrix(
+    t: LazyTensor, block_bytes: int = DEFAULT_BLOCK_BYTES, out: np.ndarray | None = None
+) -> HeldMatrix:
     """Read ``t``'s matrix view whole, in row blocks, digesting its inputs as they are read.
 
     Each block is evaluated by the tensor's own kernel into its rows of the result, so the
@@ -49,6 +52,8 @@ def read_matrix(t: LazyTensor, block_bytes: int = DEFAULT_BLOCK_BYTES) -> HeldMa
     Args:
         t: the tensor (>= 2 axes).
         block_bytes: target float32 bytes of a block of rows.
+        out: a C-contiguous ``(m, n)`` array of ``t.dtype`` to fill (memory the caller
+            reuses from matrix to matrix); None: fresh memory.
 
     Returns:
         The :class:`HeldMatrix`.
@@ -59,23 +64,33 @@ def read_matrix(t: LazyTensor, block_bytes: int = DEFAULT_BLOCK_BYTES) -> HeldMa
         ((2752, 1024), 1)
     """
     rows, cols = matrix_shape(t.shape)
+    (coef, reader), *more = t.terms
+    if t.op is None and not more and coef == 1.0 and _decodes_in_place(reader, t.dtype):
+        # A store's task vector as stored: each chunk decoded straight into the matrix. Read
+        # in blocks, every block went to fresh memory (its pages faulted in) and was copied
+        # into the matrix: about half of a 1B store's `svd` read time.
+        matrix = np.empty((rows, cols), t.dtype) if out is None else out
+        reader.read_into(0, rows, matrix)
+        whole = xxhash.xxh3_128(matrix.reshape(-1).view(np.uint8).data)
+        return HeldMatrix(t.name, matrix, [whole.hexdigest()])
     ranges = row_ranges(rows, rows_per_block(t.shape, block_bytes))
     hashes = [xxhash.xxh3_128() for _ in t.terms]
-    values: np.ndarray | None = None  # (m, n), allocated only when there are several blocks
+    # (m, n): ``out``, else allocated only when there are several blocks
+    values: np.ndarray | None = out
     for r0, r1 in ranges:
         operands = t.read_operands(r0, r1)
         for h, (_, block) in zip(hashes, operands, strict=True):
             h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
         (c0, first), *others = operands
         if t.op is None and not others and c0 == 1.0 and first.dtype == t.dtype:
-            # The rows as stored (a store's task vector): read without a lease, they are this
-            # call's own memory, so the kernel's pass-through copy is skipped (0.35 s of a
-            # 0.1B store's 3.3 s `svd`, most of it faulting in the copy's pages).
+            # The rows as read (another reader's, e.g. an SVD store's): read without a lease,
+            # they are this call's own memory, so the kernel's pass-through copy is skipped
+            # (0.35 s of a 0.1B store's 3.3 s `svd` before stores were decoded in place).
             rows_i = first.reshape(r1 - r0, cols)
         else:
             rows_i = t.evaluate(operands, r0, r1).reshape(r1 - r0, cols)
         del operands
-        if len(ranges) == 1:
+        if len(ranges) == 1 and values is None:
             values = rows_i  # one block: the kernel's result is the matrix, no copy
         else:
             if values is None:
@@ -83,3 +98,7 @@ def read_matrix(t: LazyTensor, block_bytes: int = DEFAULT_BLOCK_BYTES) -> HeldMa
             values[r0:r1] = rows_i
     assert values is not None
     return HeldMatrix(t.name, values, [h.hexdigest() for h in hashes])
+
+
+def _decodes_in_place(reader: object, dtype: np.dtype) -> TypeGuard[ZarrReader]:
+    return isinstance(reader, ZarrReader) and reader.dtype == dtype

@@ -50,6 +50,7 @@ def read_rows(
     r1: int,
     check: ArrayCheck | None = None,
     lease: BufferLease | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rows ``[r0, r1)`` of the array at ``store/array_path`` in its storage dtype.
 
@@ -62,6 +63,9 @@ def read_rows(
             array's own metadata now.
         lease: read and decode into maps borrowed from a run's pool (the rows are valid until
             the lease is closed); None: into fresh memory that the result owns.
+        out: decode into this C-contiguous array of exactly the rows' bytes instead (whole
+            chunks straight into it, a partial one through a scratch buffer); it is returned,
+            viewed as the rows.
 
     Returns:
         A ``(r1 - r0, *shape[1:])`` array (the 0-d array for a 0-d tensor).
@@ -74,7 +78,7 @@ def read_rows(
         check = array_check(store, array_path)
     if check.legacy_digest is not None:
         _confirm_legacy_gaps(check)
-    return _read_checked_rows(check, r0, r1, lease)
+    return _read_checked_rows(check, r0, r1, lease, out)
 
 
 @lru_cache(maxsize=256)
@@ -103,15 +107,23 @@ def _confirm_legacy_gaps(check: ArrayCheck) -> None:
 
 
 def _read_checked_rows(
-    check: ArrayCheck, r0: int, r1: int, lease: BufferLease | None = None
+    check: ArrayCheck,
+    r0: int,
+    r1: int,
+    lease: BufferLease | None = None,
+    into: np.ndarray | None = None,
 ) -> np.ndarray:
     spec = _layout(check)
     shape = check.shape
     buffers = _ChunkBuffers(lease)
     if not shape:
-        return _chunk(check, spec, 0, buffers)
+        chunk = _chunk(check, spec, 0, buffers)
+        if into is None:
+            return chunk
+        _bytes_of(into, chunk.nbytes)[:] = chunk.reshape(-1).view(np.uint8)
+        return into.reshape(-1).view(chunk.dtype).reshape(())
     rows_per_chunk = check.chunk_rows
-    if r1 > r0 and r0 // rows_per_chunk == (r1 - 1) // rows_per_chunk:
+    if into is None and r1 > r0 and r0 // rows_per_chunk == (r1 - 1) // rows_per_chunk:
         # Rows of one chunk (the usual block): decoded straight into the block's buffer and
         # returned as they are. Without a lease, copied when the rows are less than half the
         # chunk (the view would keep it all alive).
@@ -120,19 +132,28 @@ def _read_checked_rows(
         rows = chunk[r0 - c0 : r1 - c0]
         keep = lease is not None or 2 * (r1 - r0) >= chunk.shape[0]
         return rows if keep else rows.copy()
-    out = np.frombuffer(
-        buffers.block((r1 - r0) * check.chunk_bytes // max(rows_per_chunk, 1)),
-        check.dtype,
-        count=(r1 - r0) * math.prod(shape[1:]),
-    )
+    nbytes = (r1 - r0) * check.chunk_bytes // max(rows_per_chunk, 1)
+    area = buffers.block(nbytes) if into is None else _bytes_of(into, nbytes)
+    out = np.frombuffer(area, check.dtype, count=(r1 - r0) * math.prod(shape[1:]))
     out = out.reshape((r1 - r0, *shape[1:]))
     for ci in range(r0 // rows_per_chunk, (r1 - 1) // rows_per_chunk + 1 if r1 > r0 else 0):
         c0 = ci * rows_per_chunk
-        # Each chunk decoded into one scratch buffer, reused for the next.
-        chunk = _chunk(check, spec, ci, buffers, scratch=True)
         lo, hi = max(r0, c0), min(r1, c0 + rows_per_chunk)
+        if lo == c0 and hi == c0 + rows_per_chunk:
+            # A whole chunk (not a padded last one): decoded straight into its rows.
+            _chunk(check, spec, ci, buffers, target=out[lo - r0 : hi - r0])
+            continue
+        # Part of a chunk: decoded into one scratch buffer, reused for the next.
+        chunk = _chunk(check, spec, ci, buffers, scratch=True)
         out[lo - r0 : hi - r0] = chunk[lo - c0 : hi - c0]
     return out
+
+
+def _bytes_of(array: np.ndarray, nbytes: int) -> np.ndarray:
+    """``array``'s memory as ``nbytes`` bytes (refused unless exactly that, contiguous)."""
+    if not array.flags.c_contiguous or array.nbytes != nbytes:
+        raise ValueError(f"out: a C-contiguous array of {nbytes} bytes is needed")
+    return array.reshape(-1).view(np.uint8)
 
 
 class _ChunkBuffers:
@@ -260,11 +281,13 @@ def _chunk(
     index: int,
     buffers: _ChunkBuffers,
     scratch: bool = False,
+    target: np.ndarray | None = None,
 ) -> Any:
     """One whole chunk, decoded and checked (or the fill value where it is recorded empty).
 
-    The chunk is decoded straight into a buffer from ``buffers`` (its block's, or with
-    ``scratch`` the one reused from chunk to chunk): an uncompressed chunk is read there, a
+    The chunk is decoded straight into ``target`` (rows of the caller's result, exactly the
+    chunk's bytes) or a buffer from ``buffers`` (its block's, or with ``scratch`` the one
+    reused from chunk to chunk): an uncompressed chunk is read there, a
     blosc chunk decompressed there by numcodecs' blosc, which is what zarr's codec pipeline
     runs for the codecs a validated store may have (little-endian bytes, then blosc), less a
     fresh allocation and a copy per chunk.
@@ -273,8 +296,11 @@ def _chunk(
 
     fd = open_chunk(check, index)
     native = spec.dtype.to_native_dtype()
-    area = (buffers.decoded if scratch else buffers.block)(check.chunk_bytes)
-    flat = np.frombuffer(area, np.uint8, count=check.chunk_bytes)
+    if target is not None:
+        flat = _bytes_of(target, check.chunk_bytes)
+    else:
+        area = (buffers.decoded if scratch else buffers.block)(check.chunk_bytes)
+        flat = np.frombuffer(area, np.uint8, count=check.chunk_bytes)
     if fd is None:
         flat.fill(0)
     else:
