@@ -420,7 +420,10 @@ class Factorizer:
         if self.device != CPU:
             return self._factor_on_device(t, plan, seed), plan
         if plan.method == "exact":
-            return exact_svd(self._hold(t), plan.rank), plan
+            # LAPACK's memory comes on top of the matrix, up to the whole budget: no held
+            # matrix's memory is kept beside it.
+            self._held_bytes = None
+            return exact_svd(self._hold(t, reuse=False), plan.rank), plan
         if self._can_hold(t, plan):
             # Read the files once and run every pass over the matrix in memory, each product
             # one multi-threaded BLAS call: no re-reading and re-decoding the inputs 2 + 2q
@@ -447,17 +450,21 @@ class Factorizer:
             )
         return result, plan
 
-    def _hold(self, t: LazyTensor) -> np.ndarray:
+    def _hold(self, t: LazyTensor, reuse: bool = True) -> np.ndarray:
         """``t``'s matrix read once; its inputs' digests are kept for :meth:`input_digests`.
 
-        The matrix is valid until the next call: it lives in memory reused from matrix to
-        matrix, whose pages are faulted in once per run instead of once per matrix (fresh
-        pages cost about 0.75 s per GB on the development machine: 3 of the 6.5 s a 1B
-        store's matrices took to read).
+        With ``reuse``, the matrix is valid until the next call: it lives in memory reused
+        from matrix to matrix, whose pages are faulted in once per run instead of once per
+        matrix (fresh pages cost about 0.75 s per GB on the development machine: 3 of the
+        6.5 s a 1B store's matrices took to read). That memory is at most the largest matrix
+        held, which passed the same half-of-the-limit test as the one beside it now.
         """
-        rows, cols = matrix_shape(t.shape)
-        dtype = np.dtype(t.dtype)
-        space = self._held_space(rows * cols * dtype.itemsize).view(dtype).reshape(rows, cols)
+        space = None
+        if reuse:
+            rows, cols = matrix_shape(t.shape)
+            dtype = np.dtype(t.dtype)
+            nbytes = rows * cols * dtype.itemsize
+            space = self._held_space(nbytes).view(dtype).reshape(rows, cols)
         held = read_matrix(t, self.block_bytes, out=space)
         self._digests = (held.name, held.digests)
         return held.values
