@@ -16,10 +16,12 @@ The time leaves out what only the benchmark does: the loop's float64 residuals a
 back of the residuals ``streamvec svd`` recorded.
 
     PYTHONPATH=. python bench/bench_svd_model.py [--params 0.1B] [--rank 16] [--rounds 3]
-        [--workdir /tmp/bsvdm] [--trees before=/tmp/old,after=.]
+        [--workdir /tmp/bsvdm] [--trees before=/tmp/old,after=. [--calls]]
 
 ``--trees``: the ``streamvec svd`` command of several checkouts (``git worktree add /tmp/old
-COMMIT``) on the same store, as subprocesses, interleaved, with their peak anonymous memory.
+COMMIT``) on the same store, as subprocesses, interleaved, with their peak anonymous memory;
+with ``--calls``, each tree's ``svd(...)`` call timed in a process of its own after a warm-up
+call (no interpreter start-up in the figure).
 """
 
 from __future__ import annotations
@@ -112,8 +114,24 @@ def cli_svd(tree: str, store: Path, out: Path, rank: int) -> tuple[float, int]:
     return seconds, sampler.peak
 
 
+def call_svd(tree: str, args: argparse.Namespace) -> tuple[float, int]:
+    """``svd(...)`` of the checkout ``tree``, timed in a process of its own after a warm-up
+    call (this script's ``--one``, run against that tree): seconds, peak anon growth."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--params", args.params, "--rank", str(args.rank)]
+    cmd += ["--workdir", str(args.workdir), "--one", "streamvec svd"]
+    env = dict(os.environ, PYTHONPATH=tree)
+    line = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    got = json.loads(line.strip().splitlines()[-1])
+    return got["seconds"], got["peak"]
+
+
 def compare_trees(args: argparse.Namespace, store: Path) -> None:
-    """``--trees before=DIR,after=DIR``: the CLI of each checkout, interleaved rounds."""
+    """``--trees before=DIR,after=DIR``: the CLI of each checkout (or with ``--calls`` its
+    ``svd(...)`` call), interleaved rounds."""
     from streamvec.units import format_bytes
 
     trees = dict(item.split("=", 1) for item in args.trees.split(","))
@@ -121,13 +139,17 @@ def compare_trees(args: argparse.Namespace, store: Path) -> None:
     peaks: dict[str, int] = {k: 0 for k in trees}
     for r in range(args.rounds):
         for name, tree in trees.items():
-            sec, peak = cli_svd(tree, store, args.workdir / "svd-tree.zarr", args.rank)
+            if args.calls:
+                sec, peak = call_svd(tree, args)
+            else:
+                sec, peak = cli_svd(tree, store, args.workdir / "svd-tree.zarr", args.rank)
             times[name].append(sec)
             peaks[name] = max(peaks[name], peak)
             load = os.getloadavg()[0]
             print(f"round {r + 1} {name:12s} {sec:7.2f} s  load {load:.1f}", flush=True)
     first = statistics.median(times[next(iter(trees))])
-    print(f"\n{args.params} task vector, `streamvec svd --rank {args.rank}` (subprocess):")
+    what = "svd(...) calls, after a warm-up" if args.calls else "subprocess"
+    print(f"\n{args.params} task vector, `streamvec svd --rank {args.rank}` ({what}):")
     for name in trees:
         med = statistics.median(times[name])
         print(
@@ -177,6 +199,12 @@ def main() -> None:
         "--trees",
         help="NAME=DIR,...: instead, time the `streamvec svd` CLI of each checkout "
         "(e.g. before=/tmp/old,after=.) in interleaved rounds, with its peak anonymous memory",
+    )
+    p.add_argument(
+        "--calls",
+        action="store_true",
+        help="with --trees: time each tree's svd(...) call in a process of its own, after a "
+        "warm-up call, instead of its CLI (no interpreter start-up)",
     )
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)
     args = p.parse_args()
