@@ -471,7 +471,8 @@ def consolidate(path: Path) -> None:
         if group.consolidated_metadata is None:  # as zarr: a child group's listing is explicit
             group = dataclasses.replace(group, consolidated_metadata=ConsolidatedMetadata({}))
         members[key] = group
-    ConsolidatedMetadata._flat_to_nested(members)
+    # Left flat (every path a key, each group's own listing empty): zarr nests the listing
+    # by group and flattens it again to write it, to the same document.
     root = GroupMetadata.from_dict(json.loads((path / "zarr.json").read_bytes()))
     write_node(path, dataclasses.replace(root, consolidated_metadata=ConsolidatedMetadata(members)))
 
