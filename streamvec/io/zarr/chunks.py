@@ -6,7 +6,8 @@ blosc codec calls), so the values are exactly what ``zarr.Array.__getitem__`` re
 run the file is read into, and decompressed straight into, maps of the block task's read
 buffers (:mod:`streamvec.io.read_buffers`), reused from block to block: decoding through
 zarr's codec pipeline made fresh bytes per chunk and copied the rows out again (1.7x the CPU
-time, ``bench/bench_kernel_io.py --store``). ``zarr.open_array`` plus ``__getitem__`` per block
+time, ``bench/bench_kernel_io.py --store``). A held matrix (``read_rows(out=)``) has each
+whole chunk decoded straight into its rows. ``zarr.open_array`` plus ``__getitem__`` per block
 re-parsed the metadata and sent every chunk through zarr's single event-loop thread: with two
 engine workers ``combine`` from a 1B store took 5.60 s instead of 7.55 s
 (``bench/bench_ab.py``, docs/benchmarks.md).
