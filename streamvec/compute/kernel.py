@@ -42,9 +42,10 @@ if TYPE_CHECKING:
     from streamvec.io.read_buffers import BufferLease
 
 # 1 MiB of float64 per slab buffer. 2^16 kept the accumulator in the 1 MiB L2 but paid the
-# ~27 numpy calls of a slab twice as often: with two workers, 2^17 ran the three-fine-tune
-# kernel at 1.2x the throughput and took 0.68-0.92x the engine's compute seconds for
-# `combine` (2^15 and below, and 2^18 and above, were slower; docs/benchmarks.md).
+# ~27 numpy calls of a slab twice as often: with two workers, 2^17 ran the kernel at 1.2-1.36x
+# the throughput, and `combine`, a three-fine-tune `combine` and a TIES merge took 0.77-0.97x
+# the engine's compute seconds (2^15 was slower, 2^18 slower for three fine-tunes;
+# docs/benchmarks.md, "Kernel slabs of 2^17 elements").
 SLAB_ELEMENTS = 1 << 17
 _EPS = 1e-9  # point weights within this of 1 (0) are a model (a task vector), as in algebra
 
