@@ -84,8 +84,11 @@ VARIANTS = (
 )
 
 
-def block_accumulator_combine(operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype):
-    """The previous kernel: the float32 accumulator of a 16-bit output was block-sized."""
+def block_accumulator_combine(
+    operands: Sequence[tuple[float, np.ndarray]], out_dtype: np.dtype, points: object = ()
+):  # -> np.ndarray
+    """The previous kernel: the float32 accumulator of a 16-bit output was block-sized
+    (``points`` ignored: the expanded form)."""
     # the module's own combine_blocks: variant() patches tensor's
     from streamvec.compute import kernel
 
