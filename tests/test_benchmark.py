@@ -332,8 +332,7 @@ def _write_store(
     zs.set_array_attrs(
         path, {k: {"xxh3_128": "0", "checksum_block_rows": c[2]} for k, c in cases.items()}
     )
-    zs.update_root_attrs(path, {"kind": "task_vector"})
-    zs.consolidate(path)
+    zs.consolidate(path, root_attrs={"kind": "task_vector"})
 
 
 @pytest.mark.parametrize("compression", ["lz4", "zstd", "none"])

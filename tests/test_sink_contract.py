@@ -163,8 +163,12 @@ class TestZarrSink(SinkTests):
             warnings.simplefilter("ignore", UserWarning)
             zarr.consolidate_metadata(str(reference))
         assert (ours / "zarr.json").read_bytes() == (reference / "zarr.json").read_bytes()
-        consolidated = json.loads((ours / "zarr.json").read_bytes())["consolidated_metadata"]
-        assert len(consolidated["metadata"]) == len(case.plan())
+        root = json.loads((ours / "zarr.json").read_bytes())
+        assert len(root["consolidated_metadata"]["metadata"]) == len(case.plan())
+        # the run's attrs, written with the consolidated metadata in the root's one rewrite
+        recorded = root["attributes"]["streamvec"]
+        for key, value in case.attrs().items():
+            assert recorded[key] == json.loads(json.dumps(value)), key
 
 
 def _load_transformers(out: Path) -> dict[str, np.ndarray]:

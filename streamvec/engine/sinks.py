@@ -158,11 +158,10 @@ class ZarrSink:
         assert self.path is not None
         from streamvec.names import encode_array_path
 
-        # Checksums and the record of empty chunks in one rewrite of each array's metadata.
+        # Checksums and the record of empty chunks in one rewrite of each array's metadata, the
+        # root attrs with the consolidated metadata in one of the root's.
         by_path = {encode_array_path(n): a for n, a in checksums.items()}
-        zarr_store.record_empty_chunks(self.path, by_path)
-        zarr_store.update_root_attrs(self.path, attrs)
-        zarr_store.consolidate(self.path)
+        zarr_store.consolidate(self.path, by_path, attrs)
 
     def close(self) -> None:
         pass
