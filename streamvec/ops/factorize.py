@@ -38,6 +38,7 @@ from streamvec.engine.schedule import awaited_threads
 from streamvec.engine.settings import Settings, distributed_client
 from streamvec.errors import StreamvecError
 from streamvec.io.blocks import matrix_shape
+from streamvec.io.read_buffers import BufferLease, ReadBuffers
 from streamvec.memory import anon_bytes
 from streamvec.model.tensor import DEFAULT_BLOCK_BYTES, LazyTensor, row_ranges, rows_per_block
 from streamvec.ops.held import read_matrix
@@ -394,8 +395,8 @@ class Factorizer:
         # rows) of the last one streamed: input_digests reuses them.
         self._digests: tuple[str, list[str]] | None = None
         self._streamed_rows: tuple[str, int] | None = None
-        # The memory of the last matrix held, reused for the next one (see _held_space).
-        self._held_bytes: np.ndarray | None = None
+        # The memory of the matrices held, reused from one to the next (see _hold).
+        self._held = ReadBuffers()
 
     def plan(self, t: LazyTensor, rank: int) -> SVDPlan:
         """The plan for ``t`` at ``rank`` (see :func:`plan_svd`)."""
@@ -421,23 +422,24 @@ class Factorizer:
             return self._factor_on_device(t, plan, seed), plan
         if plan.method == "exact":
             # LAPACK's memory comes on top of the matrix, up to the whole budget: no held
-            # matrix's memory is kept beside it.
-            self._held_bytes = None
-            return exact_svd(self._hold(t, reuse=False), plan.rank), plan
+            # matrix's memory is kept beside it, and this one is read into fresh memory.
+            self._held = ReadBuffers()
+            return exact_svd(self._hold(t), plan.rank), plan
         if self._can_hold(t, plan):
             # Read the files once and run every pass over the matrix in memory, each product
             # one multi-threaded BLAS call: no re-reading and re-decoding the inputs 2 + 2q
             # times, no per-block task overhead per pass.
-            result = randomized_svd_in_memory(
-                self._hold(t),
-                plan.rank,
-                oversample=self.options.oversample,
-                power_iters=self.options.power_iters,
-                seed=seed,
-            )
+            with self._held.lease() as lease:
+                result = randomized_svd_in_memory(
+                    self._hold(t, lease),
+                    plan.rank,
+                    oversample=self.options.oversample,
+                    power_iters=self.options.power_iters,
+                    seed=seed,
+                )
             return result, replace(plan, held=True)
         self._streamed_rows = (t.name, plan.block_rows)
-        self._held_bytes = None  # a streamed matrix's plan counts no held one beside it
+        self._held = ReadBuffers()  # a streamed matrix's plan counts no held one beside it
         a = matrix_dask(t, plan.block_rows)
         with self.blas_limit():
             result = randomized_svd(
@@ -450,32 +452,23 @@ class Factorizer:
             )
         return result, plan
 
-    def _hold(self, t: LazyTensor, reuse: bool = True) -> np.ndarray:
+    def _hold(self, t: LazyTensor, lease: BufferLease | None = None) -> np.ndarray:
         """``t``'s matrix read once; its inputs' digests are kept for :meth:`input_digests`.
 
-        With ``reuse``, the matrix is valid until the next call: it lives in memory reused
-        from matrix to matrix, whose pages are faulted in once per run instead of once per
-        matrix (fresh pages cost about 0.75 s per GB on the development machine: 3 of the
-        6.5 s a 1B store's matrices took to read). That memory is at most the largest matrix
-        held, which passed the same half-of-the-limit test as the one beside it now.
+        With ``lease`` (on the factorizer's pool of held-matrix memory), the matrix lives in a
+        map borrowed from it, valid until the lease is closed: the pool keeps the map for the
+        next matrix, so its pages are faulted in once per run instead of once per matrix
+        (fresh pages cost about 0.75 s per GB on the development machine: 3 of the 6.5 s a
+        1B store's matrices took to read). The pool drops its map before making a larger
+        one, so it holds at most the largest matrix held, which passed the same
+        half-of-the-limit test as the one beside it now.
         """
         space = None
-        if reuse:
-            rows, cols = matrix_shape(t.shape)
-            dtype = np.dtype(t.dtype)
-            nbytes = rows * cols * dtype.itemsize
-            space = self._held_space(nbytes).view(dtype).reshape(rows, cols)
+        if lease is not None:
+            space = lease.array(matrix_shape(t.shape), t.dtype)
         held = read_matrix(t, self.block_bytes, out=space)
         self._digests = (held.name, held.digests)
         return held.values
-
-    def _held_space(self, nbytes: int) -> np.ndarray:
-        """``nbytes`` of the memory kept for held matrices, grown (never two at once) when a
-        larger matrix comes."""
-        if self._held_bytes is None or self._held_bytes.nbytes < nbytes:
-            self._held_bytes = None  # the smaller one goes before the larger one is made
-            self._held_bytes = np.empty(max(nbytes, 1), np.uint8)
-        return self._held_bytes[:nbytes]
 
     def input_digests(self, t: LazyTensor) -> list[str]:
         """Digests of ``t``'s inputs (for ``--resume``), from the factorization's own read.
