@@ -9,6 +9,13 @@ parameters and their task-vector store (``streamvec diff``), then, in interleave
   ``torch.svd_lowrank(torch.from_numpy(zarr_array[...]), q=K + 10, niter=Q)`` (Q = 1 and 2),
   factors kept in memory, nothing written.
 
+Every ``streamvec svd`` run writes a store of its own under ``WORKDIR/outputs``, removed only
+when the benchmark ends: on an ext4 without a journal (this development machine's disk),
+creating a file or folder checks every inode freed in the last half minute or so before
+reusing one (the kernel's ``recently_deleted``), so removing the previous round's output
+(~700 files and folders at 0.1B) just before a run made that run's folders cost 10x, a
+cost of the benchmark, not of the command (``--remove-between`` measures it).
+
 Each run is its own process, timed after one warm-up run in it, and reports its wall time
 and peak anonymous memory (``PeakSampler``, sampled every
 10 ms, minus the process before the run), and the mean relative residual over the matrices.
@@ -78,13 +85,25 @@ def torch_loop(store: Path, rank: int, niter: int) -> tuple[float, list[float]]:
     return seconds, residuals
 
 
+def fresh_output(workdir: Path, remove_between: bool) -> Path:
+    """A path for one run's output store: new under ``workdir/outputs`` (kept until the
+    benchmark ends), or with ``remove_between`` the same path each time, removed first."""
+    import uuid
+
+    if remove_between:
+        out = workdir / "svd.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        return out
+    (workdir / "outputs").mkdir(exist_ok=True)
+    return workdir / "outputs" / f"svd-{uuid.uuid4().hex}.zarr"
+
+
 def streamvec_svd(store: Path, out: Path, rank: int) -> tuple[float, list[float]]:
-    """Seconds of the call (which writes its store) and the residuals it
-    recorded (read back afterwards)."""
+    """Seconds of the call (which writes its store at ``out``, a path not taken) and the
+    residuals it recorded (read back afterwards)."""
     from streamvec.io.zarr.lowrank import read_svd_store
     from streamvec.ops.svd import RunOptions, SVDOptions, svd
 
-    shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     svd(store, out, options=SVDOptions(rank=rank), run=RunOptions(progress=False))
     seconds = time.perf_counter() - start
@@ -99,7 +118,6 @@ def cli_svd(tree: str, store: Path, out: Path, rank: int) -> tuple[float, int]:
 
     from streamvec.memory import PeakSampler
 
-    shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=tree)
     cmd = [sys.executable, "-m", "streamvec.cli", "svd", str(store), "-o", str(out)]
     start = time.perf_counter()
@@ -108,7 +126,6 @@ def cli_svd(tree: str, store: Path, out: Path, rank: int) -> tuple[float, int]:
     with PeakSampler(proc.pid, interval=0.01) as sampler:
         proc.wait()
     seconds = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"streamvec svd from {tree} exited {proc.returncode}")
     return seconds, sampler.peak
@@ -123,6 +140,7 @@ def call_svd(tree: str, args: argparse.Namespace) -> tuple[float, int]:
 
     cmd = [sys.executable, __file__, "--params", args.params, "--rank", str(args.rank)]
     cmd += ["--workdir", str(args.workdir), "--one", "streamvec svd"]
+    cmd += ["--remove-between"] if args.remove_between else []
     env = dict(os.environ, PYTHONPATH=tree)
     line = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     got = json.loads(line.strip().splitlines()[-1])
@@ -142,7 +160,8 @@ def compare_trees(args: argparse.Namespace, store: Path) -> None:
             if args.calls:
                 sec, peak = call_svd(tree, args)
             else:
-                sec, peak = cli_svd(tree, store, args.workdir / "svd-tree.zarr", args.rank)
+                out = fresh_output(args.workdir, args.remove_between)
+                sec, peak = cli_svd(tree, store, out, args.rank)
             times[name].append(sec)
             peaks[name] = max(peaks[name], peak)
             load = os.getloadavg()[0]
@@ -167,9 +186,11 @@ def one_run(args: argparse.Namespace, store: Path) -> None:
 
     from streamvec.memory import PeakSampler, anon_bytes
 
-    out = args.workdir / "svd.zarr"
+    def svd_run() -> tuple[float, list[float]]:
+        return streamvec_svd(store, fresh_output(args.workdir, args.remove_between), args.rank)
+
     runs: dict[str, Any] = {
-        "streamvec svd": lambda: streamvec_svd(store, out, args.rank),
+        "streamvec svd": svd_run,
         "torch loop niter=1": lambda: torch_loop(store, args.rank, 1),
         "torch loop niter=2": lambda: torch_loop(store, args.rank, 2),
     }
@@ -178,18 +199,11 @@ def one_run(args: argparse.Namespace, store: Path) -> None:
     before = anon_bytes()
     with PeakSampler() as sampler:
         sec, residuals = fn()
-    shutil.rmtree(out, ignore_errors=True)
     peak = sampler.peak - before
     print(json.dumps({"seconds": sec, "residual": float(np.mean(residuals)), "peak": peak}))
 
 
 def main() -> None:
-    import json
-    import subprocess
-    import sys
-
-    from streamvec.units import format_bytes
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", default="0.1B")
     p.add_argument("--rank", type=int, default=16)
@@ -206,6 +220,13 @@ def main() -> None:
         help="with --trees: time each tree's svd(...) call in a process of its own, after a "
         "warm-up call, instead of its CLI (no interpreter start-up)",
     )
+    p.add_argument(
+        "--remove-between",
+        action="store_true",
+        help="remove each run's output just before the next run writes the same path (what "
+        "the benchmark did before; see the module's docstring) instead of keeping them all "
+        "until the end",
+    )
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -213,9 +234,24 @@ def main() -> None:
     if args.one:
         one_run(args, store)
         return
-    if args.trees:
-        compare_trees(args, store)
-        return
+    try:
+        if args.trees:
+            compare_trees(args, store)
+        else:
+            compare_runs(args)
+    finally:
+        shutil.rmtree(args.workdir / "outputs", ignore_errors=True)
+        shutil.rmtree(args.workdir / "svd.zarr", ignore_errors=True)
+
+
+def compare_runs(args: argparse.Namespace) -> None:
+    """``streamvec svd`` and the torch loops, interleaved rounds, each run in its own process."""
+    import json
+    import subprocess
+    import sys
+
+    from streamvec.units import format_bytes
+
     times: dict[str, list[float]] = {k: [] for k in RUNS}
     peaks: dict[str, int] = {k: 0 for k in RUNS}
     res: dict[str, float] = {}
@@ -224,6 +260,7 @@ def main() -> None:
         for name in RUNS:  # interleaved, each in its own process: torch's thread pool and
             # numpy's OpenBLAS threads in one process slowed whichever ran second
             cmd = [*base, "--workdir", str(args.workdir), "--one", name]
+            cmd += ["--remove-between"] if args.remove_between else []
             line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             got = json.loads(line.strip().splitlines()[-1])
             times[name].append(got["seconds"])
