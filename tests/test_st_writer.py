@@ -472,3 +472,25 @@ def test_missing_rows_tracks_any_write_pattern(writes: list[tuple[int, int]]) ->
         assert {r for a, b in holes for r in range(a, b)} == set(range(26)) - done
         assert all(b < c for (_, b), (c, _) in itertools.pairwise(holes))  # merged
         writer.close()
+
+
+def test_writeback_is_started_for_large_writes_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each block written starts its writeback, except blocks too small to be worth a call
+    (metadata, small factor chunks): those are left to the final sync. The bytes land either
+    way."""
+    from streamvec.io import writeback
+
+    advised: list[tuple[int, int]] = []
+    monkeypatch.setattr(writeback, "_FADVISE", lambda fd, off, n, how: advised.append((off, n)))
+    small = writeback.SMALL_WRITE_BYTES
+    path = tmp_path / "out.bin"
+    path.write_bytes(bytes(2 * small))
+    rng = np.random.default_rng(0)
+    little = rng.integers(0, 256, small - 1, dtype=np.uint8)
+    large = rng.integers(0, 256, small, dtype=np.uint8)
+    writeback.write_at(str(path), 0, little)
+    writeback.write_at(str(path), small, large)
+    assert advised == [(small, small)]
+    assert path.read_bytes() == little.tobytes() + b"\0" + large.tobytes()

@@ -18,16 +18,22 @@ from streamvec.errors import OutputError
 _FADVISE = getattr(os, "posix_fadvise", None)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
+# Writes smaller than this are left to the final sync: the advice cost 0.12 ms a call on the
+# development machine, about what writing a small file costs (an SVD store's metadata and
+# factor chunks: 0.04 s of a 0.1B `svd`'s 1.8 s), and a small file's pages weigh on neither
+# the page cache nor the final sync's wait. A task-vector store's chunks are ~2 MB.
+SMALL_WRITE_BYTES = 256 << 10
+
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Begin asynchronous writeback of ``[offset, offset + length)`` of ``fd``.
 
     On Linux, ``POSIX_FADV_DONTNEED`` starts writeback of the range's dirty pages (it does not
     wait for it) and drops the range's clean pages from the page cache, which output pages
-    do not need to occupy. Elsewhere this does nothing: the final sync still makes the data
-    durable, only later.
+    do not need to occupy. Elsewhere, and for a range under :data:`SMALL_WRITE_BYTES`, this
+    does nothing: the final sync still makes the data durable, only later.
     """
-    if _FADVISE is None or _DONTNEED is None or length <= 0:
+    if _FADVISE is None or _DONTNEED is None or length < SMALL_WRITE_BYTES:
         return
     try:
         _FADVISE(fd, offset, length, _DONTNEED)
