@@ -36,6 +36,46 @@ def default_memory_limit() -> int:
     return int(psutil.virtual_memory().available * DEFAULT_SHARE_OF_AVAILABLE)
 
 
+def _children_files() -> bool:
+    """Whether the kernel lists each thread's children (``/proc/PID/task/TID/children``)."""
+    return os.path.exists(f"/proc/self/task/{threading.get_native_id()}/children")
+
+
+_CHILDREN_FILES = _children_files()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, theirs, ...); those that ended are left out.
+
+    Read from ``/proc/PID/task/TID/children`` where the kernel has it: a few reads. psutil's
+    walk reads every process on the machine, 1.2 ms with the GIL held for 70 processes: a
+    sampler every 10 ms took 12% of a core, and the interpreter lock, from the process it
+    measured.
+    """
+    if not _CHILDREN_FILES:
+        try:
+            return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            threads = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue  # ended
+        for tid in threads:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue  # the thread ended
+            found += kids
+            todo += kids
+    return found
+
+
 class PeakSampler:
     """Samples :func:`anon_bytes` of a process (and its children) every ``interval`` seconds.
 
@@ -53,13 +93,7 @@ class PeakSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> int:
-        total = anon_bytes(self.pid)
-        try:
-            for child in psutil.Process(self.pid).children(recursive=True):
-                total += anon_bytes(child.pid)
-        except psutil.Error:
-            pass
-        return total
+        return anon_bytes(self.pid) + sum(anon_bytes(pid) for pid in descendants(self.pid))
 
     def _loop(self) -> None:
         while not self._stop.is_set():

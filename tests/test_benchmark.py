@@ -410,3 +410,40 @@ def test_a_workdir_of_the_users_files_is_refused_and_kept(
     err = capsys.readouterr().err
     assert f"--workdir {mine}: holds files that streamvec bench did not write" in err
     assert (mine / "base-0.1B" / "weights.bin").read_bytes() == b"mine"
+
+
+def test_peak_sampler_counts_the_process_tree_as_psutil_finds_it() -> None:
+    """The sampler's descendants (read from /proc/PID/task/TID/children where the kernel has
+    them) are psutil's, grandchildren included, and their memory counts in the peak."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from streamvec.memory import PeakSampler, anon_bytes, descendants
+
+    hold = "import numpy as n, time; a = n.ones(48 << 20, n.uint8); time.sleep(60)"
+    spawn = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', {!r}]); time.sleep(60)"
+    )
+    top = subprocess.Popen([sys.executable, "-c", spawn.format(spawn.format(hold))])
+    try:
+        deadline = time.monotonic() + 60
+        while len(tree := psutil.Process(top.pid).children(recursive=True)) < 2:
+            assert time.monotonic() < deadline, "the grandchild did not start"
+            time.sleep(0.05)
+        assert sorted(descendants(top.pid)) == sorted(c.pid for c in tree)
+        while max(anon_bytes(c.pid) for c in tree) < 48 << 20:
+            assert time.monotonic() < deadline, "the grandchild did not allocate"
+            time.sleep(0.05)
+        with PeakSampler(top.pid) as sampler:
+            time.sleep(0.05)
+        assert sampler.peak >= 48 << 20
+    finally:
+        for c in psutil.Process(top.pid).children(recursive=True):
+            c.kill()
+        top.kill()
+        top.wait()
+    assert descendants(top.pid) == []
