@@ -424,7 +424,7 @@ class TestSVDStoreWriter:
 
         monkeypatch.setattr(Path, "mkdir", mkdir_then_cleanup)
         with pytest.raises(FileNotFoundError):
-            write_node(out / "tensor", GroupMetadata(attributes={}))
+            write_node(out / "tensor", GroupMetadata(attributes={}).to_dict())
         assert removed and not out.exists()
 
     def test_verify_passes(self, tmp_path: Path) -> None:

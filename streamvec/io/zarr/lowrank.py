@@ -430,7 +430,7 @@ class SVDStoreWriter:
                         "svd": svd_attrs,
                         **(extra_attrs or {}),
                     }
-                ),
+                ).to_dict(),
             )
             for key, arr in data.items():
                 self._write_array(folder / key, arr, {})
@@ -483,6 +483,7 @@ class SVDStoreWriter:
         from streamvec.io.zarr.access import EMPTY_CHUNKS_ATTR
         from streamvec.io.zarr.store import (
             ZarrBlockWriter,
+            array_document,
             array_template,
             missing_chunks,
             write_node,
@@ -490,7 +491,8 @@ class SVDStoreWriter:
 
         chunks = _chunks(arr.shape, arr.dtype.itemsize)
         checksum = array_checksum(arr, chunks[0] if chunks else None)
-        meta = array_template(arr.shape, chunks, arr.dtype.str, FACTOR_COMPRESSION)
+        geometry = (arr.shape, chunks, arr.dtype.str, FACTOR_COMPRESSION)
+        meta = array_template(*geometry)
         folder.mkdir(exist_ok=True)
         if arr.size:
             array_path = folder.relative_to(self.path).as_posix()
@@ -502,7 +504,7 @@ class SVDStoreWriter:
                     writer.write(r0, arr[r0 : r0 + chunks[0]])
         empty = missing_chunks(folder, arr.shape, chunks[0] if chunks else 1)
         attrs = {**attrs, **checksum, **(extra_attrs or {}), EMPTY_CHUNKS_ATTR: empty}
-        write_node(folder, meta.update_attributes(attrs))
+        write_node(folder, array_document(*geometry, attrs))
 
     def finish(self) -> None:
         """Consolidate the metadata (readers list the store from the root ``zarr.json``)."""
