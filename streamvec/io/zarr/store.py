@@ -179,7 +179,7 @@ def array_document(
 
     Zarr's own document for the geometry, made once, with the attributes put in its place:
     what ``update_attributes(attrs).to_dict()`` gives, without re-validating every field per
-    array (zarr's fill-value checks alone cost 0.15 ms an array). Shared: not to be mutated.
+    array (0.15 ms an array through zarr's classes, 0.04 ms so). Shared: not to be mutated.
     """
     return {**_array_document(shape, chunks, dtype, compression), "attributes": attrs}
 
@@ -489,10 +489,11 @@ def consolidate(
     and the consolidated metadata.
 
     The document is the one ``zarr.consolidate_metadata`` writes, from one walk of the folders
-    instead of zarr's member listing through its event loop (0.15 s against 0.05 s for the 230
-    nodes of a 0.1B SVD store here). Each member is its ``zarr.json`` as read: every node of a
-    store streamvec writes was serialized from zarr's ``to_dict()``, which is what zarr lists
-    (parsing every array's metadata only to serialize it again cost 0.1 s at 0.1B).
+    instead of zarr's member listing through its event loop. Each array is listed as its
+    ``zarr.json`` reads: every node of a store streamvec writes was serialized from zarr's
+    ``to_dict()``, which is what zarr lists. For the 230 nodes of a 0.1B SVD store here: 0.15
+    s through zarr, 50-85 ms with each array's metadata parsed and serialized again, 31-37 ms
+    so.
     """
     import unicodedata
 
