@@ -97,6 +97,9 @@ def test_quick_bench_every_step_as_subprocesses(tmp_path: Path) -> None:
     peer = by_step["svd"]["notes"]["peers"]["torch.svd_lowrank"]
     assert len(peer["seconds_all"]) == data["settings"]["repeat"]
     assert math.isclose(peer["ratio"], by_step["svd"]["seconds"] / peer["seconds"])
+    # the peer's whole process (start-up included) is longer than its timed loop
+    assert peer["process_seconds"] > peer["seconds"] > 0
+    assert math.isclose(peer["process_ratio"], by_step["svd"]["seconds"] / peer["process_seconds"])
     assert 0 < peer["mean_residual"] < 1 and 0 < peer["step_mean_residual"] < 1
     assert [r for r in data["results"] if r["step"] != "svd" and "peers" in r["notes"]] == []
     if plots.available():

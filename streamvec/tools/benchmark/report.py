@@ -87,9 +87,16 @@ def format_peers(results: Sequence[StepResult]) -> list[str]:
                 if peer.get("niter") is not None
                 else f"{name} on the same checkpoints"
             )
+            whole = peer.get("process_seconds")
+            started = (
+                f" (the loop alone, after its imports; with its process start-up, as the "
+                f"step's time has streamvec's: {whole:.2f} s = {peer['process_ratio']:.2f}x)"
+                if whole is not None and peer.get("niter") is not None
+                else ""
+            )
             lines.append(
                 f"{r.size} {r.step}: {r.seconds:.2f} s vs {peer['seconds']:.2f} s for "
-                f"{what} = {peer['ratio']:.2f}x its time{accuracy}"
+                f"{what} = {peer['ratio']:.2f}x its time{started}{accuracy}"
             )
     return ["", *lines] if lines else []
 
