@@ -9,12 +9,13 @@ parameters and their task-vector store (``streamvec diff``), then, in interleave
   ``torch.svd_lowrank(torch.from_numpy(zarr_array[...]), q=K + 10, niter=Q)`` (Q = 1 and 2),
   factors kept in memory, nothing written.
 
-Every ``streamvec svd`` run writes a store of its own under ``WORKDIR/outputs``, removed only
-when the benchmark ends: on an ext4 without a journal (this development machine's disk),
-creating a file or folder checks every inode freed in the last half minute or so before
-reusing one (the kernel's ``recently_deleted``), so removing the previous round's output
-(~700 files and folders at 0.1B) just before a run made that run's folders cost 10x, a
-cost of the benchmark, not of the command (``--remove-between`` measures it).
+Every ``streamvec svd`` run writes a store of its own into a folder this benchmark makes in
+``WORKDIR`` (``svd-outputs-*``), removed, with nothing else, when the benchmark ends: on an
+ext4 without a journal (this development machine's disk), creating a file or folder checks
+every inode freed in the last half minute or so before reusing one (the kernel's
+``recently_deleted``), so removing the previous round's output (~700 files and folders at
+0.1B) just before a run made that run's folders cost 10x, a cost of the benchmark, not of
+the command (``--remove-between`` measures it).
 
 Each run is its own process, timed after one warm-up run in it, and reports its wall time
 and peak anonymous memory (``PeakSampler``, sampled every
@@ -85,17 +86,26 @@ def torch_loop(store: Path, rank: int, niter: int) -> tuple[float, list[float]]:
     return seconds, residuals
 
 
-def fresh_output(workdir: Path, remove_between: bool) -> Path:
-    """A path for one run's output store: new under ``workdir/outputs`` (kept until the
-    benchmark ends), or with ``remove_between`` the same path each time, removed first."""
+def fresh_output(outputs: Path, remove_between: bool) -> Path:
+    """A path for one run's output store in the benchmark's own ``outputs`` folder: a new one
+    (kept until the benchmark ends), or with ``remove_between`` the same each time, removed
+    first."""
     import uuid
 
     if remove_between:
-        out = workdir / "svd.zarr"
+        out = outputs / "svd.zarr"
         shutil.rmtree(out, ignore_errors=True)
         return out
-    (workdir / "outputs").mkdir(exist_ok=True)
-    return workdir / "outputs" / f"svd-{uuid.uuid4().hex}.zarr"
+    return outputs / f"svd-{uuid.uuid4().hex}.zarr"
+
+
+def one_command(args: argparse.Namespace, name: str) -> list[str]:
+    """The command line of this script's ``--one NAME`` with the run's settings."""
+    import sys
+
+    cmd = [sys.executable, __file__, "--params", args.params, "--rank", str(args.rank)]
+    cmd += ["--workdir", str(args.workdir), "--outputs", str(args.outputs), "--one", name]
+    return cmd + (["--remove-between"] if args.remove_between else [])
 
 
 def streamvec_svd(store: Path, out: Path, rank: int) -> tuple[float, list[float]]:
@@ -136,12 +146,9 @@ def call_svd(tree: str, args: argparse.Namespace) -> tuple[float, int]:
     call (this script's ``--one``, run against that tree): seconds, peak anon growth."""
     import json
     import subprocess
-    import sys
 
-    cmd = [sys.executable, __file__, "--params", args.params, "--rank", str(args.rank)]
-    cmd += ["--workdir", str(args.workdir), "--one", "streamvec svd"]
-    cmd += ["--remove-between"] if args.remove_between else []
     env = dict(os.environ, PYTHONPATH=tree)
+    cmd = one_command(args, "streamvec svd")
     line = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     got = json.loads(line.strip().splitlines()[-1])
     return got["seconds"], got["peak"]
@@ -160,7 +167,7 @@ def compare_trees(args: argparse.Namespace, store: Path) -> None:
             if args.calls:
                 sec, peak = call_svd(tree, args)
             else:
-                out = fresh_output(args.workdir, args.remove_between)
+                out = fresh_output(args.outputs, args.remove_between)
                 sec, peak = cli_svd(tree, store, out, args.rank)
             times[name].append(sec)
             peaks[name] = max(peaks[name], peak)
@@ -187,7 +194,7 @@ def one_run(args: argparse.Namespace, store: Path) -> None:
     from streamvec.memory import PeakSampler, anon_bytes
 
     def svd_run() -> tuple[float, list[float]]:
-        return streamvec_svd(store, fresh_output(args.workdir, args.remove_between), args.rank)
+        return streamvec_svd(store, fresh_output(args.outputs, args.remove_between), args.rank)
 
     runs: dict[str, Any] = {
         "streamvec svd": svd_run,
@@ -228,39 +235,42 @@ def main() -> None:
         "until the end",
     )
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)
+    p.add_argument("--outputs", type=Path, help=argparse.SUPPRESS)  # with --one: the run's
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     store = ensure_store(args.workdir, args.params)
     if args.one:
+        if args.outputs is None:
+            p.error("--one needs --outputs (the folder the benchmark made for its outputs)")
         one_run(args, store)
         return
+    import tempfile
+
+    # A folder of its own: nothing the benchmark did not write is removed with it.
+    args.outputs = Path(tempfile.mkdtemp(prefix="svd-outputs-", dir=args.workdir))
     try:
         if args.trees:
             compare_trees(args, store)
         else:
             compare_runs(args)
     finally:
-        shutil.rmtree(args.workdir / "outputs", ignore_errors=True)
-        shutil.rmtree(args.workdir / "svd.zarr", ignore_errors=True)
+        shutil.rmtree(args.outputs, ignore_errors=True)
 
 
 def compare_runs(args: argparse.Namespace) -> None:
     """``streamvec svd`` and the torch loops, interleaved rounds, each run in its own process."""
     import json
     import subprocess
-    import sys
 
     from streamvec.units import format_bytes
 
     times: dict[str, list[float]] = {k: [] for k in RUNS}
     peaks: dict[str, int] = {k: 0 for k in RUNS}
     res: dict[str, float] = {}
-    base = [sys.executable, __file__, "--params", args.params, "--rank", str(args.rank)]
     for r in range(args.rounds):
         for name in RUNS:  # interleaved, each in its own process: torch's thread pool and
             # numpy's OpenBLAS threads in one process slowed whichever ran second
-            cmd = [*base, "--workdir", str(args.workdir), "--one", name]
-            cmd += ["--remove-between"] if args.remove_between else []
+            cmd = one_command(args, name)
             line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             got = json.loads(line.strip().splitlines()[-1])
             times[name].append(got["seconds"])
