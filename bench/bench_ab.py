@@ -12,6 +12,9 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
   (``--no-verify-inputs``; see :mod:`streamvec.io.zarr.access`);
 * ``no-prefetch``: without each block task asking the kernel to read the next planned block
   ahead (``SafetensorsReader.prefetch``); matters from a cold cache (``--cold``);
+* ``window-prefetch``: the read-ahead as it was first written, one ``POSIX_FADV_WILLNEED``
+  call per block, of which Linux reads one read-ahead window (8 MB of a 32 MB block here);
+  now the range is advised in pieces (``streamvec.io.blocks.WILLNEED_PIECE``);
 * ``expanded``: the kernel before the delta form, ``sum c_i x_i`` with float32 accumulation
   for 16-bit outputs (reproduced in :func:`expanded_combine`);
 * ``fresh-read-buffers``: every safetensors block read into a fresh anonymous map, as before
@@ -74,6 +77,7 @@ VARIANTS = (
     "block-accumulator",
     "no-verify-inputs",
     "no-prefetch",
+    "window-prefetch",
     "expanded",
     "fresh-read-buffers",
     "gathered-ties",
@@ -285,7 +289,7 @@ def variant(name: str) -> Iterator[None]:
         return
     from streamvec.compute import delta_bf16, kernel
     from streamvec.engine import execute as engine
-    from streamvec.io import writeback
+    from streamvec.io import blocks, writeback
     from streamvec.io.zarr import access as store_check
     from streamvec.io.zarr import chunks as zarr_chunks
     from streamvec.io.zarr import store as zarr_store
@@ -305,6 +309,7 @@ def variant(name: str) -> Iterator[None]:
         passes.upcast32,
         kernel.SLAB_ELEMENTS,
         blockop.SLAB_ELEMENTS,
+        blocks.WILLNEED_PIECE,
     )
     policy = store_check.using_read_policy(
         store_check.ReadPolicy(verify=name != "no-verify-inputs")
@@ -315,6 +320,8 @@ def variant(name: str) -> Iterator[None]:
         tensor.combine_blocks = block_accumulator_combine
     elif name == "no-prefetch":
         engine._prefetch = lambda following: None
+    elif name == "window-prefetch":
+        blocks.WILLNEED_PIECE = 1 << 62  # one call per block
     elif name == "expanded":
         tensor.combine_blocks = expanded_combine
     elif name == "fresh-read-buffers":
@@ -349,6 +356,7 @@ def variant(name: str) -> Iterator[None]:
             passes.upcast32,
             kernel.SLAB_ELEMENTS,
             blockop.SLAB_ELEMENTS,
+            blocks.WILLNEED_PIECE,
         ) = saved
 
 

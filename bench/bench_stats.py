@@ -14,11 +14,14 @@ alike:
   with ``--density 0`` and with the default settings, timed inside a subprocess (imports
   excluded);
 
-and prints each one's median seconds and its ratio to ``cat`` and to ``read``, and its median
+With ``--cold`` every variant starts with the inputs evicted from the page cache
+(``streamvec bench --cold``'s method) and ``read`` is left out (it times the page cache).
+
+It prints each one's median seconds and its ratio to ``cat`` and to ``read``, and its median
 CPU seconds (every thread of the process; ``cat``'s and ``before``'s own) and their ratio to
 ``cat``'s: on a shared machine CPU time moves less with the load than wall time does.
 
-    PYTHONPATH=. python bench/bench_stats.py BASE FT [FT...] [--rounds 3] [--workers N]
+    PYTHONPATH=. python bench/bench_stats.py BASE FT [FT...] [--rounds 3] [--workers N] [--cold]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from streamvec.ops.stats import StatsOptions, stats
 from streamvec.ops.stats.fused import SLAB
 from streamvec.ops.stats.inputs import open_inputs
 from streamvec.ops.stats.slabs import SlabReader
+from streamvec.tools.benchmark.cache import PageCache
 
 _BEFORE = """
 import sys, time
@@ -58,7 +62,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--before", type=Path, help="a checkout of an earlier streamvec")
+    p.add_argument("--cold", action="store_true", help="evict the inputs before every run")
     args = p.parse_args()
+    cache = PageCache.cold() if args.cold else PageCache()
     files = [f for d in (args.base, *args.fts) for f in sorted(d.glob("*.safetensors"))]
     size = sum(f.stat().st_size for f in files)
     inputs = open_inputs([str(f) for f in args.fts], base=args.base)
@@ -112,11 +118,17 @@ def main() -> None:
     if args.before is not None:
         variants["before --density 0"] = lambda: before(0.0)
         variants["before (default)"] = lambda: before(0.2)
-    variants["cat"]()  # warm the page cache
+    if cache.is_cold:
+        del variants["read"]  # it times reading out of the page cache
+    else:
+        variants["cat"]()  # warm the page cache
+    resident: list[float] = []
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpus: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for name, fn in variants.items():
+            if cache.is_cold:
+                resident.append(cache.drop(files) or 0.0)
             kids = resource.getrusage(resource.RUSAGE_CHILDREN)
             start, cpu = time.perf_counter(), time.process_time()
             inner = fn()
@@ -134,8 +146,9 @@ def main() -> None:
     print(
         f"inputs {size / 1e9:.2f} GB ({len(args.fts)} fine-tune(s) and the base), "
         f"{len(inputs.tensors)} tensors, {workers} workers, rounds {args.rounds}, "
-        f"load {os.getloadavg()[0]:.1f}"
+        f"load {os.getloadavg()[0]:.1f}, {cache.label(max(resident, default=None))} cache"
     )
+    floor = med.get("read", float("nan"))
     print(
         f"{'variant':<20} {'median s':>9} {'x cat':>7} {'x read':>7} {'cpu s':>7} "
         f"{'cpu x cat':>9}  runs (s)"
@@ -144,7 +157,7 @@ def main() -> None:
         runs = " ".join(f"{x:.2f}" for x in times[k])
         c = mcpu[k]
         print(
-            f"{k:<20} {s:>9.2f} {s / med['cat']:>7.2f} {s / med['read']:>7.2f} {c:>7.2f} "
+            f"{k:<20} {s:>9.2f} {s / med['cat']:>7.2f} {s / floor:>7.2f} {c:>7.2f} "
             f"{c / mcpu['cat']:>9.2f}  {runs}"
         )
 

@@ -118,3 +118,27 @@ def test_sampled_runs_of_a_truncated_file_are_an_error(ckpts, tmp_path) -> None:
     r2 = replace(r, stamp=None)  # no stamp to compare: the short read is what says it
     with pytest.raises(InputChangedError, match="ended while reading"):
         slabs.read_runs(r2, starts, 32)  # type: ignore[arg-type]
+
+
+def test_a_sampled_tensor_is_read_ahead_whole(ckpts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a cold cache, each of the sample's scattered runs is one disk request: the sample
+    asks for its whole tensor first, in order (the pass's blocks then find it cached)."""
+    import streamvec as sv
+    from streamvec.io.blocks import SafetensorsReader
+    from streamvec.ops.stats import StatsOptions
+
+    advised: list[tuple[str, int, int]] = []
+    real_prefetch = SafetensorsReader.prefetch
+
+    def record_prefetch(self, r0, r1):  # type: ignore[no-untyped-def]
+        advised.append((Path(self.path).parent.name, r0, r1))
+        real_prefetch(self, r0, r1)  # and really advise the kernel: must not fail
+
+    monkeypatch.setattr(SafetensorsReader, "prefetch", record_prefetch)
+    options = StatsOptions(topk_sample=1024)  # SHAPE's 155617 elements are sampled
+    sv.stats([ckpts["bf16"], ckpts["bf16b"]], base=ckpts["base"], options=options)
+    rows = SHAPE[0]
+    assert sorted(advised) == [("base", 0, rows), ("bf16", 0, rows), ("bf16b", 0, rows)]
+    advised.clear()
+    sv.stats([ckpts["bf16"]], base=ckpts["base"], options=replace(options, density=0.0))
+    assert advised == []  # no sample, nothing asked for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -63,7 +64,7 @@ class StatsOptions:
 
 
 def stats(
-    terms: list[str | os.PathLike[str]],
+    terms: Sequence[str | os.PathLike[str]],
     *,
     base: str | os.PathLike[str] | None = None,
     include: list[str] | None = None,
