@@ -152,7 +152,10 @@ class SafetensorsReader:
         """Ask the kernel to start reading rows ``[r0, r1)`` into the page cache, and return.
 
         The engine calls it for the block after the one a worker starts, so that from a cold
-        cache the disk reads ahead while blocks are computed. Advice only: errors are ignored.
+        cache the disk reads ahead while blocks are computed; ``stats`` for a tensor it
+        samples. The range is advised in pieces of :data:`WILLNEED_PIECE`, spans already
+        cached skipped. Advice only: errors are ignored, and under memory pressure the kernel
+        may read less.
         """
         _, cols = matrix_shape(self.shape)
         row_bytes = cols * self.dtype.itemsize
