@@ -14,7 +14,7 @@ Variants, interleaved round by round on the same inputs (in-process, threads sch
   ahead (``SafetensorsReader.prefetch``); matters from a cold cache (``--cold``);
 * ``window-prefetch``: the read-ahead as it was first written, one ``POSIX_FADV_WILLNEED``
   call per block, of which Linux reads one read-ahead window (8 MB of a 32 MB block here);
-  now the range is advised in pieces (``streamvec.io.blocks.WILLNEED_PIECE``);
+  now the range is advised in pieces (``streamvec.io.readahead.WILLNEED_PIECE``);
 * ``expanded``: the kernel before the delta form, ``sum c_i x_i`` with float32 accumulation
   for 16-bit outputs (reproduced in :func:`expanded_combine`);
 * ``fresh-read-buffers``: every safetensors block read into a fresh anonymous map, as before
@@ -289,7 +289,7 @@ def variant(name: str) -> Iterator[None]:
         return
     from streamvec.compute import delta_bf16, kernel
     from streamvec.engine import execute as engine
-    from streamvec.io import blocks, writeback
+    from streamvec.io import readahead, writeback
     from streamvec.io.zarr import access as store_check
     from streamvec.io.zarr import chunks as zarr_chunks
     from streamvec.io.zarr import store as zarr_store
@@ -309,7 +309,7 @@ def variant(name: str) -> Iterator[None]:
         passes.upcast32,
         kernel.SLAB_ELEMENTS,
         blockop.SLAB_ELEMENTS,
-        blocks.WILLNEED_PIECE,
+        readahead.WILLNEED_PIECE,
     )
     policy = store_check.using_read_policy(
         store_check.ReadPolicy(verify=name != "no-verify-inputs")
@@ -321,7 +321,7 @@ def variant(name: str) -> Iterator[None]:
     elif name == "no-prefetch":
         engine._prefetch = lambda following: None
     elif name == "window-prefetch":
-        blocks.WILLNEED_PIECE = 1 << 62  # one call per block
+        readahead.WILLNEED_PIECE = 1 << 62  # one call per block
     elif name == "expanded":
         tensor.combine_blocks = expanded_combine
     elif name == "fresh-read-buffers":
@@ -356,7 +356,7 @@ def variant(name: str) -> Iterator[None]:
             passes.upcast32,
             kernel.SLAB_ELEMENTS,
             blockop.SLAB_ELEMENTS,
-            blocks.WILLNEED_PIECE,
+            readahead.WILLNEED_PIECE,
         ) = saved
 
 

@@ -368,7 +368,7 @@ def test_prefetch_advises_every_piece_of_the_range_not_cached(
     most ``WILLNEED_PIECE``, except spans already cached (a cached file costs no advice)."""
     import os
 
-    from streamvec.io import blocks
+    from streamvec.io import readahead
     from streamvec.io.blocks import SafetensorsReader
 
     name = "model.embed.weight"
@@ -381,15 +381,15 @@ def test_prefetch_advises_every_piece_of_the_range_not_cached(
         assert advice == os.POSIX_FADV_WILLNEED
         advised.append((offset, length))
 
-    monkeypatch.setattr(os, "posix_fadvise", record)
-    monkeypatch.setattr(blocks, "_cached", lambda fd, pos: False)
+    monkeypatch.setattr(readahead, "_FADVISE", record)
+    monkeypatch.setattr(readahead, "_cached", lambda fd, pos: False)
     row = 4096 * 2
     reader.prefetch(100, 1900)
     start, end = reader.offset + 100 * row, reader.offset + 1900 * row
-    assert all(0 < length <= blocks.WILLNEED_PIECE for _, length in advised)
+    assert all(0 < length <= readahead.WILLNEED_PIECE for _, length in advised)
     assert advised[0][0] == start and sum(length for _, length in advised) == end - start
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(advised))
     advised.clear()
-    monkeypatch.setattr(blocks, "_cached", lambda fd, pos: True)
+    monkeypatch.setattr(readahead, "_cached", lambda fd, pos: True)
     reader.prefetch(0, 2048)
     assert advised == []

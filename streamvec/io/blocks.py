@@ -17,18 +17,7 @@ import numpy as np
 
 from streamvec.errors import InputChangedError
 from streamvec.io.read_buffers import BufferLease, anonymous_map
-
-# Linux reads at most one read-ahead window per ``POSIX_FADV_WILLNEED`` call (the larger of
-# the device's ``read_ahead_kb`` and its largest request), whatever the length asked: one
-# call for 1 GB here read 8 MB of it. So a range is advised in pieces of the smallest such
-# window (the kernel's default, 128 KB). Measured on a 1 GB file: 8 MB pieces and 128 KB
-# pieces both read all of it.
-WILLNEED_PIECE = 128 << 10
-# On a cached file those calls cost 17-23 ms per GB, which slowed a warm ``stats`` pass by
-# 7-10%; so each span of this size is advised only when its last byte is not cached (one
-# ``RWF_NOWAIT`` read: 2 ms per GB).
-CACHED_PROBE_SPAN = 8 << 20
-_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+from streamvec.io.readahead import start_readahead
 
 if TYPE_CHECKING:
     from streamvec.io.zarr.access import ArrayCheck
@@ -153,41 +142,12 @@ class SafetensorsReader:
 
         The engine calls it for the block after the one a worker starts, so that from a cold
         cache the disk reads ahead while blocks are computed; ``stats`` for a tensor it
-        samples. The range is advised in pieces of :data:`WILLNEED_PIECE`, spans already
-        cached skipped. Advice only: errors are ignored, and under memory pressure the kernel
-        may read less.
+        samples (:func:`~streamvec.io.readahead.start_readahead`: spans already cached are
+        skipped). Advice only.
         """
         _, cols = matrix_shape(self.shape)
         row_bytes = cols * self.dtype.itemsize
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None or r1 <= r0:
-            return
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            end = self.offset + r1 * row_bytes
-            for span in range(self.offset + r0 * row_bytes, end, CACHED_PROBE_SPAN):
-                span_end = min(end, span + CACHED_PROBE_SPAN)
-                if _cached(fd, span_end - 1):
-                    continue
-                for at in range(span, span_end, WILLNEED_PIECE):
-                    advise(fd, at, min(WILLNEED_PIECE, span_end - at), os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def _cached(fd: int, pos: int) -> bool:
-    """Whether byte ``pos`` of ``fd`` is in the page cache (False where it cannot be told)."""
-    if _NOWAIT is None:
-        return False
-    try:
-        return os.preadv(fd, [bytearray(1)], pos, _NOWAIT) == 1
-    except OSError:  # BlockingIOError: not cached; EOPNOTSUPP: cannot tell
-        return False
+        start_readahead(self.path, self.offset + r0 * row_bytes, self.offset + r1 * row_bytes)
 
 
 def read_block(reader: BlockReader, r0: int, r1: int, lease: BufferLease | None) -> np.ndarray:
