@@ -3,17 +3,14 @@
 Measurements on a base and fine-tune(s) (``streamvec synth``), each printing figures
 measured side by side in one run, in interleaved rounds:
 
-- ``ops``: the numpy slab loop of :mod:`streamvec.ops.stats.fused` taken apart call by call
-  on one tensor (one thread, BLAS on one thread), in CPU ns per element of the tensor (the
-  thread's CPU time, each step's fastest round); the same
-  operations in torch; and, when numba is importable, the fused numba kernel of
-  ``bench/stats_numba_kernel.py`` on the same slabs;
+- ``ops``: the numpy slab loop that :mod:`streamvec.ops.stats.kernel` replaced, taken apart
+  call by call on one tensor (one thread, BLAS on one thread), in CPU ns per element of the
+  tensor (the thread's CPU time, each step's fastest round); the same operations in torch;
+  and the compiled loop as it runs (:class:`~streamvec.ops.stats.fused.FusedStat`);
 - ``alternatives``: other numpy routes to the float64 sums (BLAS ``dsdot``, ``einsum``,
   ``vecdot``, ...) and to the bf16 widening, with the error of each sum;
-- ``e2e``: ``sv.stats`` with the numpy slab loop against the same pass with the numba kernel
-  swapped in (bf16 inputs), next to ``cat`` of the inputs; figures are checked equal first;
-- ``jit``: the cost numba adds to each run (import, loading the cached kernel, first call),
-  in fresh processes, the first without numba's cache (compiling);
+- ``jit``: what the compiled loop costs each run (``import numba``, loading its cached code,
+  the first call), in fresh processes, the first without numba's cache (compiling);
 - ``slabs``: ``sv.stats`` on one thread with slabs of 2^14 to 2^18 elements per operand;
 - ``sample``: CPU of the top-set thresholds of every tensor, against ``--before OLD``, and
   per tensor size one ``pread`` per run against one ``pread`` of the runs' whole span;
@@ -25,8 +22,7 @@ measured side by side in one run, in interleaved rounds:
 
     PYTHONPATH=. python bench/bench_stats_kernels.py ops BASE FT [FT...] [--rounds 5]
 
-numba is not a dependency of streamvec; for the numba figures run from a separate
-environment that has it (see ``bench/stats_numba_kernel.py``).
+``bench/bench_stats.py --before OLD`` times the whole pass against an earlier tree.
 """
 
 from __future__ import annotations
@@ -50,82 +46,12 @@ import numpy as np
 from streamvec.compute.linalg.blas import limit_blas_threads
 from streamvec.dtypes import BFLOAT16
 from streamvec.io.blocks import matrix_shape
-from streamvec.ops.stats import StatsOptions, fused, stats
-from streamvec.ops.stats.accumulate import BlockSums
+from streamvec.ops.stats import fused, kernel, stats
 from streamvec.ops.stats.inputs import TensorTerms, open_inputs
-from streamvec.ops.stats.slabs import SlabReader, pread_into, preadable, read_runs
+from streamvec.ops.stats.slabs import SlabReader, pread_into, read_runs
 
 _ABS = np.uint32(0x7FFFFFFF)
 _HERE = Path(__file__).resolve().parent
-
-
-def _numba_kernel() -> Any:
-    try:
-        sys.path.insert(0, str(_HERE))
-        import stats_numba_kernel  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    finally:
-        sys.path.remove(str(_HERE))
-    return stats_numba_kernel
-
-
-class _Kernel:
-    """A tensor's terms as the numba kernel takes them, and its pass over rows [r0, r1)."""
-
-    def __init__(self, kernel: Any, t: TensorTerms | fused.FusedStat) -> None:
-        self.k = kernel
-        self.t = t
-        n, r = len(t.coefs), len(t.readers)
-        self.idx = np.zeros((n, r), np.int64)
-        self.coef = np.zeros((n, r), np.float32)
-        self.nterms = np.zeros(n, np.int64)
-        self.sub = np.zeros(n, np.bool_)
-        for i, terms in enumerate(fused.plan_vectors(t.coefs)):
-            self.nterms[i] = len(terms)
-            for q, (c, op) in enumerate(terms):
-                self.idx[i, q], self.coef[i, q] = op, c
-            self.sub[i] = len(terms) == 2 and terms[0][0] == 1.0 and terms[1][0] == -1.0
-
-    def __call__(
-        self, r0: int, r1: int, thresholds: np.ndarray | None, moments: bool = True
-    ) -> BlockSums:
-        n, t = len(self.t.coefs), self.t
-        _, cols = matrix_shape(t.shape)
-        size = (r1 - r0) * cols
-        width = max(1, min(fused.SLAB, size))
-        gram, absgram = np.zeros((n, n)), np.zeros((n, n))
-        maxbits, nonzero = np.zeros(n, np.uint32), np.zeros(n, np.int64)
-        both, base_sq = np.zeros((n, n), np.int64), np.zeros(1)
-        top = thresholds is not None
-        floor = np.maximum(thresholds, 1).astype(np.uint32) if top else np.zeros(n, np.uint32)
-        raw = np.empty((len(t.readers), width), np.uint16)
-        with SlabReader(t.readers, r0, r1, 1) as rd:
-            for s0 in range(0, size, width):
-                w = min(size, s0 + width) - s0
-                for r, op in enumerate(rd._ops):
-                    os.preadv(op.fd, [raw[r, :w].view(np.uint8).data], op.start + 2 * s0)  # type: ignore[union-attr]
-                self.k.slab_sums(
-                    raw, w, self.idx, self.coef, self.nterms, self.sub, t.base, floor, top,
-                    moments, gram, absgram, maxbits, nonzero, both, base_sq,
-                )  # fmt: skip
-        iu = np.triu_indices(n, 1)
-        for a in (gram, absgram, both):
-            a[(iu[1], iu[0])] = a[iu]
-        absgram[np.diag_indices(n)] = np.diag(gram)
-        return BlockSums(
-            gram,
-            absgram,
-            maxbits.view(np.float32).astype(np.float64),
-            size - nonzero,
-            float(base_sq[0]),
-            None,
-            both if top else None,
-        )
-
-
-def _bf16(t: TensorTerms | fused.FusedStat) -> bool:
-    return all(preadable(r) and r.dtype == BFLOAT16 for r in t.readers)
 
 
 def _tensor(args: argparse.Namespace) -> TensorTerms:
@@ -134,7 +60,8 @@ def _tensor(args: argparse.Namespace) -> TensorTerms:
 
 
 def ops(args: argparse.Namespace) -> None:
-    """Per call of the numpy slab loop, torch's equivalents, and the numba kernel."""
+    """Per call of the numpy slab loop the compiled one replaced, torch's equivalents, and the
+    compiled loop as it runs."""
     import torch
 
     torch.set_num_threads(1)
@@ -202,11 +129,9 @@ def ops(args: argparse.Namespace) -> None:
                 fn()
             tt[name] += clock() - c
 
-    kernel = _numba_kernel()
     nk: dict[str, float] = defaultdict(float)
-    run_kernel = _Kernel(kernel, t) if kernel is not None and _bf16(t) else None
-    if run_kernel is not None:
-        run_kernel(0, min(rows, 8), thr)  # compile or load the cache
+    stat = fused.FusedStat(t.shape, t.readers, t.coefs, t.base)
+    stat(0, min(rows, 8), thr)  # import numba, load (or compile) the compiled loop
 
     # per step, the least disturbed round (the machine is shared)
     best: list[dict[str, float]] = [{}, {}, {}]
@@ -217,12 +142,8 @@ def ops(args: argparse.Namespace) -> None:
             numpy_loop()
             torch_ops()
             c = clock()
-            fused.FusedStat(t.shape, t.readers, t.coefs, t.base)(0, rows, thr)
-            nk["numpy: the slab loop as it runs"] += clock() - c
-            if run_kernel is not None:
-                c = clock()
-                run_kernel(0, rows, thr)
-                nk["numba: everything, pread included"] += clock() - c
+            stat(0, rows, thr)
+            nk["compiled loop (FusedStat), pread included"] += clock() - c
             for b, d in zip(best, (acc, tt, nk), strict=True):
                 for k, v in d.items():
                     b[k] = min(b.get(k, v), v)
@@ -243,63 +164,29 @@ def ops(args: argparse.Namespace) -> None:
         print(f"{name:<34} {s * scale:7.3f}")
 
 
-def e2e(args: argparse.Namespace) -> None:
-    """``sv.stats`` with the numpy slab loop and with the numba kernel, next to ``cat``."""
-    kernel = _numba_kernel()
-    if kernel is None:
-        raise SystemExit("e2e needs numba (see bench/stats_numba_kernel.py)")
-    use = [False]
-    numpy_call = fused.FusedStat.__call__
-
-    def call(self: fused.FusedStat, r0: int, r1: int, thr: np.ndarray | None = None) -> BlockSums:
-        if not use[0] or self.histogram or not _bf16(self):
-            return numpy_call(self, r0, r1, thr)
-        return _Kernel(kernel, self)(r0, r1, thr, self.moments)
-
-    fused.FusedStat.__call__ = call  # type: ignore[method-assign]
-    base, fts = str(args.base), [str(f) for f in args.fts]
-    files = [f for d in (args.base, *args.fts) for f in sorted(d.glob("*.safetensors"))]
-    workers = args.workers or os.cpu_count() or 1
-
-    def run(numba: bool, density: float) -> Any:
-        use[0] = numba
-        return stats(fts, base=base, workers=workers, options=StatsOptions(density=density))
-
-    a, b = run(True, 0.2).per_tensor, run(False, 0.2).per_tensor
-    for k in ("gram", "absgram", "base_sq"):
-        x, y = getattr(a, k), getattr(b, k)
-        print(f"{k}: numba vs numpy, max relative difference {np.max(abs(x - y) / abs(y)):.1e}")
-    for k in ("maxabs", "zeros", "top_both"):
-        print(f"{k}: identical {np.array_equal(getattr(a, k), getattr(b, k))}")
-    variants: dict[str, Callable[[], object]] = {
-        "cat": lambda: subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL),
-        "numpy --density 0": lambda: run(False, 0.0),
-        "numba --density 0": lambda: run(True, 0.0),
-        "numpy (default)": lambda: run(False, 0.2),
-        "numba (default)": lambda: run(True, 0.2),
-    }
-    _interleave(variants, args.rounds, f"{workers} workers")
-
-
 def jit(args: argparse.Namespace) -> None:
-    """What numba costs each run: import, cached kernel load, first call (fresh processes)."""
+    """What the compiled loop costs each run: ``import numba``, then loading the cached
+    code and the first call (fresh processes; the first run without numba's cache: compiling)."""
     code = (
         "import sys, time; s = time.perf_counter(); import numba; a = time.perf_counter(); "
-        f"sys.path.insert(0, {str(_HERE)!r}); import numpy as np, stats_numba_kernel as k; "
-        "o = np.zeros((2, 1 << 16), np.uint16); z = np.zeros; "
-        "k.slab_sums(o, 1 << 16, np.array([[1, 0]]), np.array([[1, -1]], np.float32), "
-        "np.array([2]), np.array([True]), 0, z(1, np.uint32), True, True, z((1, 1)), "
+        "import numpy as np; from streamvec.ops.stats import kernel as k; "
+        "z = np.zeros; k.slab_sums(z((2, 64), np.uint16), np.uint32(16), 64, "
+        "np.array([[1, 0]]), np.array([[1, -1]], np.float32), np.array([2]), "
+        "np.array([True]), 0, True, z(1, np.uint32), z((0, 0), np.int64), z((1, 1)), "
         "z((1, 1)), z(1, np.uint32), z(1, np.int64), z((1, 1), np.int64), z(1)); "
         "b = time.perf_counter(); print(a - s, b - a)"
     )
+    cache = Path(kernel.__file__).parent / "__pycache__"
     for r in range(args.rounds):
-        cold = r == 0  # the first run compiles: numba's cache of the kernel removed
+        cold = r == 0  # the first run compiles: numba's cache of the loop removed
         if cold:
-            for f in (_HERE / "__pycache__").glob("stats_numba_kernel.*.nb[ic]"):
+            for f in cache.glob("kernel.*.nb[ic]"):
                 f.unlink()
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr)
         imp, first = map(float, out.stdout.split())
-        what = "compile (no cache)" if cold else "cached kernel load"
+        what = "compile (no cache)" if cold else "cached code load"
         print(f"run {r + 1}: import numba {imp:.2f} s, {what} + first call {first:.2f} s")
 
 
@@ -569,7 +456,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument(
         "what",
-        choices=("ops", "alternatives", "e2e", "jit", "slabs", "sample", "glue", "gil", "overlap"),
+        choices=("ops", "alternatives", "jit", "slabs", "sample", "glue", "gil", "overlap"),
     )
     p.add_argument("base", type=Path)
     p.add_argument("fts", type=Path, nargs="+")
@@ -578,7 +465,7 @@ def main() -> None:
     p.add_argument("--tensor", default="model.layers.0.mlp.gate_proj.weight")
     p.add_argument("--before", type=Path, help="sample: a checkout of an earlier streamvec")
     args = p.parse_args()
-    modes = {"ops": ops, "e2e": e2e, "jit": jit, "slabs": slabs, "glue": glue, "gil": gil}
+    modes = {"ops": ops, "jit": jit, "slabs": slabs, "glue": glue, "gil": gil}
     modes.update(overlap=overlap, alternatives=alternatives, sample=sample)
     modes[args.what](args)
 

@@ -50,7 +50,7 @@ def test_import_streamvec_stays_light() -> None:
     # optional heavy libraries.
     code = (
         "import sys, streamvec, streamvec.ops.merge; "
-        "print(sorted(m for m in ('torch', 'matplotlib', 'transformers', 'peft') "
+        "print(sorted(m for m in ('torch', 'matplotlib', 'transformers', 'peft', 'numba') "
         "if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -60,10 +60,11 @@ def test_import_streamvec_stays_light() -> None:
 
 def test_commands_start_without_the_svd_stack() -> None:
     # Every command builds the whole parser first: the randomized SVD's imports (dask.array,
-    # scipy; about half a second) are for the commands that factor, not for every start.
+    # scipy; about half a second) are for the commands that factor, and numba's (stats'
+    # compiled loop, about a second with its cached code) for stats, not for every start.
     code = (
         "import sys, streamvec; from streamvec.cli.main import build_parser; build_parser(); "
-        "print(sorted(m for m in ('dask.array', 'scipy') if m in sys.modules))"
+        "print(sorted(m for m in ('dask.array', 'scipy', 'numba') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -142,3 +142,45 @@ def test_a_sampled_tensor_is_read_ahead_whole(ckpts, monkeypatch: pytest.MonkeyP
     advised.clear()
     sv.stats([ckpts["bf16"]], base=ckpts["base"], options=replace(options, density=0.0))
     assert advised == []  # no sample, nothing asked for
+
+
+@pytest.mark.parametrize("terms", [["bf16", "bf16b"], ["bf16", "f32", "f16"]])
+def test_any_combination_histogram_and_counts_only_match_numpy(ckpts, terms) -> None:
+    """The compiled loop forms each vector with numpy's float32 steps, in order (multiply,
+    then add: its bits, so maxima, zeros, counts and histograms are numpy's exactly), for any
+    coefficients, with a histogram (``--exact-topk``'s first pass) and without the moments
+    (its second pass)."""
+    t = open_inputs([ckpts[k] for k in terms], base=ckpts["base"]).tensors[0]
+    ops = [whole(Path(r.path).parent) for r in t.readers]  # type: ignore[attr-defined]
+    rng = np.random.default_rng(11)
+    coefs = (
+        tuple(rng.choice([0.5, -1.5, 0.3, 1.0, -1.0], len(ops))),  # an analogy, scaled
+        tuple(-1.0 if i == t.base else 0.0 for i in range(len(ops))),  # a negated base
+        tuple(0.0 for _ in ops),  # no terms: all zeros
+    )
+    taus = []
+    for row in coefs:
+        acc = np.zeros_like(ops[0])
+        for i, (c, x) in enumerate((c, x) for c, x in zip(row, ops, strict=True) if c != 0.0):
+            term = x if c == 1.0 else x * np.float32(c)  # float32, rounded, like numpy's path
+            acc = term.copy() if i == 0 else (acc - x if c == -1.0 else acc + term)
+        taus.append(acc)
+    bits = [x.view(np.uint32) & np.uint32(0x7FFFFFFF) for x in taus]
+    thr = np.array([np.quantile(b, 0.9) for b in bits], np.uint32)
+    stat = FusedStat(t.shape, t.readers, coefs, t.base, histogram=True)
+    got = stat(0, SHAPE[0], thr)
+    t64 = [x.astype(np.float64) for x in taus]
+    want_gram = np.array([[np.dot(a, b) for b in t64] for a in t64])
+    np.testing.assert_allclose(got.gram, want_gram, rtol=1e-12, atol=1e-300)
+    np.testing.assert_array_equal(got.maxabs, [b.max().view(np.float32) for b in bits])
+    np.testing.assert_array_equal(got.zeros, [int((b == 0).sum()) for b in bits])
+    assert got.zeros[2] == SHAPE[0] * SHAPE[1]
+    assert got.hist is not None
+    for h, b in zip(got.hist, bits, strict=True):
+        np.testing.assert_array_equal(h, np.bincount(b >> 16, minlength=h.size))
+    tops = [(b >= max(h, 1)) for b, h in zip(bits, thr, strict=True)]
+    want_both = np.array([[int((a & b).sum()) for b in tops] for a in tops])
+    np.testing.assert_array_equal(got.top_both, want_both)
+    counts_only = replace(stat, moments=False, histogram=False)(0, SHAPE[0], thr)
+    np.testing.assert_array_equal(counts_only.top_both, want_both)
+    assert counts_only.hist is None and not counts_only.gram.any()

@@ -1,19 +1,21 @@
 """The per-block work of ``stats``: every figure of a row block in one sweep over its slabs.
 
-For each slab of about :data:`SLAB` elements (per operand; in the CPU cache), the operands
-are read and upcast (:mod:`streamvec.ops.stats.slabs`), each float32 task vector ``t_i`` is
-formed (upcast before subtracting, as ``diff``), and then, on that cache-resident data:
+A block is read a slab of about :data:`SLAB` elements per operand at a time
+(:mod:`streamvec.ops.stats.slabs`: ``pread`` into buffers reused for the whole block), and
+each slab goes through one compiled loop (:mod:`streamvec.ops.stats.kernel`) that forms the
+float32 task vectors ``t_i`` (upcast before subtracting, as ``diff``) and adds:
 
-* ``bits_i = float32 bits of |t_i|``: their maximum is ``max |t_i|`` (the order of
-  non-negative floats is the order of their bits), their non-zero count the zeros;
-* ``t_i`` copied to float64 (products of float32 values are exact there) and the Gram
-  matrix ``sum t_i t_j`` and ``sum |t_i| |t_j|`` as one ``dot`` per pair (BLAS ``ddot``
-  measured 15-30x faster than one ``(N, s) @ (s, N)`` product for these shapes), and
-  ``||base||^2`` the same way;
-* with top-set thresholds: the mask ``bits_i >= threshold_i`` (non-zero entries only) and
-  per pair the count of entries in both masks;
+* from the float32 bits of ``|t_i|``: ``max |t_i|`` (the order of non-negative floats is
+  the order of their bits) and the count of non-zero entries;
+* the Gram matrix ``sum t_i t_j`` and ``sum |t_i| |t_j|`` in float64 (products of float32
+  values are exact there), and ``||base||^2``;
+* with top-set thresholds: per pair, the entries at or above both thresholds (non-zero
+  entries only);
 * with ``histogram``: the histogram of the top 15 bits of ``|t_i|`` (the exact top-k mode's
   first pass, as :mod:`streamvec.ops.merge.select`).
+
+:func:`task_vectors` is the same float32 arithmetic in numpy, for the sampled thresholds
+(:mod:`streamvec.ops.stats.sample`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from streamvec.ops.merge.select import HI_BINS
 from streamvec.ops.stats.accumulate import BlockSums
 from streamvec.ops.stats.slabs import SlabReader
 
-# Elements per operand per slab: a slab's buffers (operands, task vectors, their float64
-# copies, masks) stay in L2/L3, and the ~20 numpy calls per slab cost little next to the
-# arithmetic (1 << 14 measured 1.5-2x slower; 1 << 15 to 1 << 17 within noise).
+# Elements per operand per slab (one pread each): the raw buffers stay in L2, and the
+# Python between slabs (a pread per operand, one call of the loop) costs little next to
+# them.
 SLAB = 1 << 16
 _ABS = np.uint32(0x7FFFFFFF)
 
@@ -67,6 +69,8 @@ class FusedStat:
         Returns:
             The block's :class:`~streamvec.ops.stats.accumulate.BlockSums`.
         """
+        from streamvec.ops.stats import kernel  # numba: import and cache load ~1 s, here only
+
         n = len(self.coefs)
         _, cols = matrix_shape(self.shape)
         size = (r1 - r0) * cols
@@ -75,72 +79,34 @@ class FusedStat:
         absgram = np.zeros((n, n))
         maxbits = np.zeros(n, np.uint32)
         nonzero = np.zeros(n, np.int64)
-        base_sq = 0.0
-        hist = np.zeros((n, HI_BINS), np.int64) if self.histogram else None
-        both = np.zeros((n, n), np.int64) if thresholds is not None else None
-        t32 = np.empty((n, width), np.float32)
-        bits = np.empty((n, width), np.uint32)
-        t64 = np.empty((n, width)) if self.moments else None
-        a64 = np.empty((n, width)) if self.moments and n > 1 else None
-        b64 = np.empty(width) if self.moments and self.base >= 0 else None
-        masks = np.empty((n, width), np.bool_) if thresholds is not None else None
-        pair = np.empty(width, np.bool_) if thresholds is not None and n > 1 else None
-        floor = None if thresholds is None else np.maximum(thresholds, 1).astype(np.uint32)
-        plan = plan_vectors(self.coefs)
+        base_sq = np.zeros(1)
+        hist = np.zeros((n, HI_BINS) if self.histogram else (0, 0), np.int64)
+        both = np.zeros((n, n), np.int64)
+        # floor >= 1 leaves exact zeros out of every top set (frozen tensors)
+        floor = np.maximum(np.zeros(0) if thresholds is None else thresholds, 1).astype(np.uint32)
+        idx, coef, nterms, sub = _plan_arrays(plan_vectors(self.coefs), len(self.readers))
         with SlabReader(self.readers, r0, r1, width) as rd:
             for s0 in range(0, size, width):
                 s1 = min(size, s0 + width)
-                w = s1 - s0
-                ops = rd.load(s0, s1)
-                t = task_vectors(ops, plan, t32[:, :w])
-                b = bits[:, :w]
-                np.bitwise_and(t.view(np.uint32), _ABS, out=b)
-                if t64 is not None:
-                    np.maximum(maxbits, b.max(axis=1), out=maxbits)
-                    for i in range(n):  # with axis=, count_nonzero measured 10x slower
-                        nonzero[i] += np.count_nonzero(b[i])
-                    x = t64[:, :w]
-                    np.copyto(x, t)  # exact
-                    for i in range(n):
-                        for j in range(i, n):
-                            gram[i, j] += np.dot(x[i], x[j])
-                    if a64 is not None:
-                        a = a64[:, :w]
-                        np.abs(x, out=a)
-                        for i in range(n):
-                            for j in range(i + 1, n):
-                                absgram[i, j] += np.dot(a[i], a[j])
-                    if b64 is not None:
-                        bb = b64[:w]
-                        np.copyto(bb, ops[self.base])
-                        base_sq += float(np.dot(bb, bb))
-                if hist is not None:
-                    for i in range(n):
-                        hist[i] += np.bincount(b[i] >> np.uint32(16), minlength=HI_BINS)
-                if masks is not None and floor is not None and both is not None:
-                    m = masks[:, :w]
-                    # floor >= 1 leaves exact zeros out of every top set (frozen tensors)
-                    np.greater_equal(b, floor[:, None], out=m)
-                    for i in range(n):
-                        both[i, i] += np.count_nonzero(m[i])
-                        for j in range(i + 1, n):
-                            assert pair is not None
-                            np.logical_and(m[i], m[j], out=pair[:w])
-                            both[i, j] += np.count_nonzero(pair[:w])
+                raw, shift = rd.load_bits(s0, s1)
+                kernel.slab_sums(
+                    raw, shift, s1 - s0, idx, coef, nterms, sub, self.base, self.moments,
+                    floor, hist, gram, absgram, maxbits, nonzero, both,
+                    base_sq,
+                )  # fmt: skip
         iu = np.triu_indices(n, 1)
         gram[(iu[1], iu[0])] = gram[iu]
         absgram[(iu[1], iu[0])] = absgram[iu]
         absgram[np.diag_indices(n)] = np.diag(gram)  # |t|.|t| is t.t
-        if both is not None:
-            both[(iu[1], iu[0])] = both[iu]
+        both[(iu[1], iu[0])] = both[iu]
         return BlockSums(
             gram,
             absgram,
             maxbits.view(np.float32).astype(np.float64),
             size - nonzero,
-            base_sq,
-            hist,
-            both,
+            float(base_sq[0]),
+            hist if self.histogram else None,
+            both if thresholds is not None else None,
         )
 
 
@@ -157,6 +123,24 @@ def plan_vectors(coefs: tuple[tuple[float, ...], ...]) -> Plan:
             terms.sort(key=lambda x: -x[0])
         out.append(tuple(terms))
     return tuple(out)
+
+
+def _plan_arrays(
+    plan: Plan, operands: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The plan as :func:`streamvec.ops.stats.kernel.slab_sums` takes it: per vector its
+    operands, float32 coefficients, number of terms, and whether it is one ``a - b``."""
+    n = len(plan)
+    idx = np.zeros((n, max(operands, 1)), np.int64)
+    coef = np.zeros((n, max(operands, 1)), np.float32)
+    nterms = np.zeros(n, np.int64)
+    sub = np.zeros(n, np.bool_)
+    for i, terms in enumerate(plan):
+        nterms[i] = len(terms)
+        for q, (c, r) in enumerate(terms):
+            idx[i, q], coef[i, q] = r, c
+        sub[i] = len(terms) == 2 and terms[0][0] == 1.0 and terms[1][0] == -1.0
+    return idx, coef, nterms, sub
 
 
 def task_vectors(ops: Sequence[np.ndarray], plan: Plan, out: np.ndarray) -> np.ndarray:

@@ -204,3 +204,25 @@ class SlabReader:
             np.left_shift(bits, np.uint32(16), out=bits)
             return list(self._bufs[:, :w])
         return [op.load(s0, s1, self._bufs[i, :w]) for i, op in enumerate(self._ops)]
+
+    def load_bits(self, s0: int, s1: int) -> tuple[np.ndarray, np.uint32]:
+        """Flat elements ``[s0, s1)`` of every operand, unwidened, for a compiled loop.
+
+        Returns:
+            ``(bits, shift)``: ``bits`` is the whole ``(R, width)`` C-contiguous buffer
+            (columns ``[0, s1 - s0)`` hold the slab, valid until the next load), bf16 as
+            uint16 with ``shift`` 16 when every operand is a bf16 safetensors tensor
+            (widened by the loop itself), else float32 as uint32 with ``shift`` 0.
+        """
+        w = s1 - s0
+        if self._raw is not None:
+            for i, op in enumerate(self._ops):
+                assert isinstance(op, _Pread)
+                op.fill(s0, s1, self._raw[i, :w])
+            return self._raw, np.uint32(16)
+        for i, op in enumerate(self._ops):
+            dest = self._bufs[i, :w]
+            got = op.load(s0, s1, dest)
+            if got.ctypes.data != dest.ctypes.data:
+                np.copyto(dest, got)
+        return self._bufs.view(np.uint32), np.uint32(0)
