@@ -24,7 +24,7 @@ from streamvec.ops.stats.slabs import SlabReader
 from tests.conftest import BF16, write_checkpoint
 
 NAME = "model.layers.0.mlp.up_proj.weight"
-SHAPE = (301, 517)  # 155617 elements: two whole slabs of 2^16 and a partial one
+SHAPE = (601, 517)  # 310717 elements: two whole slabs of 2^17 and a partial one
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def whole(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("terms", [["bf16", "bf16b"], ["bf16", "f32", "f16"]])
-@pytest.mark.parametrize("rows", [(0, SHAPE[0]), (7, 290)])
+@pytest.mark.parametrize("rows", [(0, SHAPE[0]), (7, 590)])
 def test_slabs_equal_the_whole_tensor(ckpts, terms, rows) -> None:
     t = open_inputs([ckpts[k] for k in terms], base=ckpts["base"]).tensors[0]
     paths = [Path(r.path).parent for r in t.readers]  # type: ignore[attr-defined]
@@ -135,7 +135,7 @@ def test_a_sampled_tensor_is_read_ahead_whole(ckpts, monkeypatch: pytest.MonkeyP
         real_prefetch(self, r0, r1)  # and really advise the kernel: must not fail
 
     monkeypatch.setattr(SafetensorsReader, "prefetch", record_prefetch)
-    options = StatsOptions(topk_sample=1024)  # SHAPE's 155617 elements are sampled
+    options = StatsOptions(topk_sample=1024)  # SHAPE's 310717 elements are sampled
     sv.stats([ckpts["bf16"], ckpts["bf16b"]], base=ckpts["base"], options=options)
     rows = SHAPE[0]
     assert sorted(advised) == [("base", 0, rows), ("bf16", 0, rows), ("bf16b", 0, rows)]

@@ -26,6 +26,7 @@ import numpy as np
 from dask.delayed import Delayed
 
 from streamvec.compute.linalg.blas import limit_blas_threads
+from streamvec.compute.linalg.defaults import DEFAULT_POWER_ITERS
 from streamvec.errors import StreamvecError
 
 __all__ = [
@@ -60,13 +61,6 @@ class SVDResult:
     passes: int
     power_iters: int = 0
 
-
-# The power iterations every command uses unless told otherwise (svd, lora, decompose, the
-# SVD merges, stats --spectrum): None chooses them per matrix from the measured residual
-# (:func:`converged`). Measured on realistic task-vector spectra (docs/decompositions.md):
-# rank 16 stops after 2 iterations at 1.001-1.002x the exact residual, rank 64 after 2-3 at
-# 1.007-1.010x, where a fixed 1 left rank 64 at 1.011-1.016x.
-DEFAULT_POWER_ITERS: int | None = None
 
 # Automatic power iterations: stop when the next iteration is predicted to improve the
 # residual by less than this fraction, and never run more than MAX_POWER_ITERS.

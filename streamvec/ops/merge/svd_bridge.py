@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from streamvec.compute.linalg.rsvd import DEFAULT_POWER_ITERS
+from streamvec.compute.linalg.defaults import DEFAULT_POWER_ITERS
 from streamvec.dtypes import dtype_name
 from streamvec.errors import StreamvecError
 from streamvec.ops.merge.method import RunSettings

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from streamvec.compute.linalg.blas import limit_blas_threads
-from streamvec.compute.linalg.rsvd import DEFAULT_POWER_ITERS
+from streamvec.compute.linalg.defaults import DEFAULT_POWER_ITERS
 from streamvec.engine.settings import Settings
 from streamvec.errors import StreamvecError
 from streamvec.ops.stats.accumulate import TensorMoments
@@ -134,9 +134,7 @@ def stats(
     found: dict[str, list[Spectrum | None]] = {}
     subspace: dict[str, np.ndarray] = {}
     energies = {t.name: np.diag(moments[t.name].gram).copy() for t in inputs.tensors}
-    from streamvec.ops.svd import RunOptions
-
-    svd_run = RunOptions(workers, scheduler, memory_limit, False, block_size=block_size)
+    svd_run = replace(run, progress=False)
     spec_options = SpectrumOptions(opts.spectrum, opts.oversample, opts.power_iters, opts.seed)
     for name, specs, overlaps in spectra(inputs.tensors, energies, spec_options, svd_run):
         found[name] = specs

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from streamvec.compute.linalg.rsvd import DEFAULT_POWER_ITERS
+from streamvec.compute.linalg.defaults import DEFAULT_POWER_ITERS
 from streamvec.io.zarr.lowrank import LowRankReader, is_factored_shape
 from streamvec.ops.stats.inputs import TensorTerms
 
@@ -129,17 +129,25 @@ def spectra(
         tensors: the lined-up tensors.
         energies: per tensor, ``(N,)`` exact ``||tau_i||_F^2`` from the main pass.
         options: ``rank`` 0 reads SVD store terms only.
-        run: a :class:`streamvec.ops.svd.RunOptions` (workers, memory budget, scheduler).
+        run: the :class:`~streamvec.engine.settings.Settings` of the SVD (workers, memory
+            budget, scheduler).
 
     Yields:
         ``(name, spectra, overlaps)`` with ``overlaps`` ``(N, N)`` (NaN where a vector has no
         factors).
     """
+    wanted = [
+        t
+        for t in tensors
+        if is_factored_shape(t.shape)
+        and (
+            options.rank > 0 or any(store_factors(t, i) is not None for i in range(len(t.vectors)))
+        )
+    ]
+    if not wanted:
+        return  # without importing the SVD (dask.array: most of a stats start-up)
     from streamvec.ops.svd import Factorizer, SVDOptions, dask_compute_kwargs, tensor_seed
 
-    wanted = [t for t in tensors if is_factored_shape(t.shape)]
-    if not wanted:
-        return
     workers = run.resolved_workers()
     svd_options = SVDOptions(
         rank=max(options.rank, 1),
