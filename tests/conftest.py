@@ -110,6 +110,19 @@ def run_cli_subprocess(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def modules_imported_by_cli(*args: str | Path, modules: tuple[str, ...]) -> tuple[int, list[str]]:
+    """Run the CLI in a fresh interpreter: its exit code, and which of ``modules`` it imported
+    (start-up cost: a command must not import what it does not use)."""
+    code = (
+        "import sys; from streamvec.cli.main import main; "
+        f"rc = main({[str(a) for a in args]!r}); "
+        f"print(rc, ','.join(sorted(m for m in {modules!r} if m in sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rc, _, names = done.stdout.strip().partition(" ")
+    return int(rc), [n for n in names.split(",") if n]
+
+
 def rounded_once(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float64 ``x`` rounded to nearest, ties to even, in ``dtype``: the reference the outputs
     are checked against, independent of the converters under test.

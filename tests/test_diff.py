@@ -13,7 +13,13 @@ import zarr
 import streamvec as sv
 from streamvec.names import encode_array_path
 
-from .conftest import BF16, run_cli, run_cli_subprocess, write_checkpoint
+from .conftest import (
+    BF16,
+    modules_imported_by_cli,
+    run_cli,
+    run_cli_subprocess,
+    write_checkpoint,
+)
 
 DTYPES = [BF16, np.dtype(np.float16), np.dtype(np.float32)]
 FLOAT_NAMES = [
@@ -275,18 +281,11 @@ def test_output_over_an_input_is_refused(pair_factory, tmp_path: Path) -> None:
 
 def test_diff_does_not_import_torch(pair_factory, tmp_path: Path) -> None:
     """torch costs ~2 s and ~120 MB of anonymous memory at start-up; diff must not pay it."""
-    import subprocess
-    import sys
-
     base_dir, ft_dir, *_ = pair_factory(BF16)
-    code = (
-        "import sys; from streamvec.cli.main import main; "
-        f"rc = main(['diff', {str(base_dir)!r}, {str(ft_dir)!r}, '-o', "
-        f"{str(tmp_path / 't.zarr')!r}, '-q']); "
-        "assert rc == 0; print('torch' in sys.modules)"
+    rc, imported = modules_imported_by_cli(
+        "diff", base_dir, ft_dir, "-o", tmp_path / "t.zarr", "-q", modules=("torch",)
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert (rc, imported) == (0, [])
 
 
 def test_each_block_starts_reading_the_next_one(

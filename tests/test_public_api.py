@@ -63,21 +63,17 @@ def test_import_streamvec_stays_light() -> None:
 def test_stats_without_spectrum_runs_without_the_svd_stack(tmp_path: Path) -> None:
     # `stats` factors nothing without --spectrum or an SVD store term: dask.array's import
     # (about 0.7 s) was most of its start-up; its compiled loop brings numba, on purpose.
-    from tests.conftest import write_checkpoint
+    from tests.conftest import modules_imported_by_cli, write_checkpoint
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal((64, 32)).astype(np.float32)
     write_checkpoint(tmp_path / "base", {"model.layers.0.mlp.up_proj.weight": base})
     write_checkpoint(tmp_path / "ft", {"model.layers.0.mlp.up_proj.weight": base + 1e-3})
-    code = (
-        "import sys; from streamvec.cli.main import main; "
-        f"rc = main(['stats', {str(tmp_path / 'ft')!r}, '--base', {str(tmp_path / 'base')!r}, "
-        f"'-o', {str(tmp_path / 'out')!r}, '--no-plots', '-q']); "
-        "print(rc, sorted(m for m in ('dask.array', 'numba') if m in sys.modules))"
+    args = ("stats", tmp_path / "ft", "--base", tmp_path / "base", "-o", tmp_path / "out")
+    rc, imported = modules_imported_by_cli(
+        *args, "--no-plots", "-q", modules=("dask.array", "numba")
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "0 ['numba']"
+    assert (rc, imported) == (0, ["numba"])
     assert (tmp_path / "out" / "stats.json").is_file()
 
 
