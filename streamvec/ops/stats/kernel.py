@@ -2,12 +2,12 @@
 
 A pass of ``stats`` does little arithmetic per element, so separate numpy calls (widen,
 subtract, mask, maximum, count, float64 copy, dot, ...) each sweep the slab again, and the
-sweeps, not the arithmetic, were its time: the numpy slab loop this replaces took 2-3x the
-wall and CPU time (docs/benchmarks.md). Here a slab's raw elements are taken
-:data:`CHUNK` at a time (every operand's chunk and the chunk's task vectors stay in L1),
-widened to float32, combined into each task vector with the float32 operations of
-:func:`streamvec.ops.stats.fused.task_vectors`, and summed into the figures of
-:class:`~streamvec.ops.stats.accumulate.BlockSums`.
+sweeps, not the arithmetic, were its time: the numpy slab loop this replaced took 2.3-2.5x
+the CPU and wall time of this loop over a 1B pair (docs/benchmarks.md). Here a slab's raw
+elements are taken :data:`CHUNK` at a time (every operand's chunk and the chunk's task
+vectors stay in L1), widened to float32, combined into each task vector with the float32
+operations of :func:`streamvec.ops.stats.fused.task_vectors`, and summed into the figures
+of :class:`~streamvec.ops.stats.accumulate.BlockSums`.
 
 Exactness. A task vector is formed with the same float32 steps as numpy's (multiply, then
 add, never contracted into a fused multiply-add), so its bits, and so maxima, zeros, top-set
@@ -18,9 +18,10 @@ in float64; only the order of the float64 additions of the Gram sums is left to 
 Each helper loops over 1-D arrays indexed from 0: indexing ``a[c0 + k]`` inside the chunk
 loop kept LLVM from vectorising (2.4 ns per element against 0.07 for the same widening).
 
-The functions are compiled on first use (about 6 s) and cached next to this file or, where
-that is read-only, in numba's user cache; loading the cache and ``import numba`` take about
-a second per process, which is why this module is imported only when a pass runs.
+The functions are compiled on first use (5-6 s, once per machine) and cached next to this
+file or, where that is read-only, in numba's user cache (with neither writable, compiled in
+each process). ``import numba`` takes about 0.3 s and loading the cached code 0.5-0.7 s,
+which is why this module is imported only when a pass runs (``FusedStat``).
 """
 
 from __future__ import annotations
