@@ -73,12 +73,14 @@ def ops(args: argparse.Namespace) -> None:
     t32, bits = np.empty((n, slab), np.float32), np.empty((n, slab), np.uint32)
     t64, b64 = np.empty((n, slab)), np.empty(slab)
     masks = np.empty((n, slab), np.bool_)
-    plan = fused.plan_vectors(t.coefs)
+    # each vector FT - BASE (the inputs this mode takes): its two operands
+    idx, _, _, sub = fused.plan_arrays(t.coefs, len(t.readers))
+    assert sub.all(), "ops takes fine-tunes and their base"
     clock = time.thread_time  # CPU time of this thread: time preempted by others left out
 
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
     steps: list[tuple[str, Callable[[list[np.ndarray], int], object]]] = [
-        ("task vectors (subtract)", lambda o, w: fused.task_vectors(o, plan, t32[:, :w])),
+        ("task vectors (subtract)", lambda o, w: [np.subtract(o[a], o[b], out=t32[i, :w]) for i, (a, b) in enumerate(idx[:, :2])]),  # noqa: E501
         ("|t| bits (and)", lambda o, w: np.bitwise_and(t32[:, :w].view(np.uint32), _ABS, out=bits[:, :w])),  # noqa: E501
         ("max", lambda o, w: bits[:, :w].max(axis=1)),
         ("zeros (count_nonzero)", lambda o, w: [np.count_nonzero(bits[i, :w]) for i in range(n)]),

@@ -13,14 +13,10 @@ float32 task vectors ``t_i`` (upcast before subtracting, as ``diff``) and adds:
   entries only);
 * with ``histogram``: the histogram of the top 15 bits of ``|t_i|`` (the exact top-k mode's
   first pass, as :mod:`streamvec.ops.merge.select`).
-
-:func:`task_vectors` is the same float32 arithmetic in numpy, for the sampled thresholds
-(:mod:`streamvec.ops.stats.sample`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +30,6 @@ from streamvec.ops.stats.slabs import SlabReader
 # thread took 0.84x the CPU of 2^16 at 2^17, 0.86x at 2^18, 1.21x at 2^14 (bench_stats_kernels
 # slabs): fewer slabs, fewer preads and calls from Python.
 SLAB = 1 << 17
-_ABS = np.uint32(0x7FFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -85,7 +80,7 @@ class FusedStat:
         both = np.zeros((n, n), np.int64)
         # floor >= 1 leaves exact zeros out of every top set (frozen tensors)
         floor = np.maximum(np.zeros(0) if thresholds is None else thresholds, 1).astype(np.uint32)
-        idx, coef, nterms, sub = _plan_arrays(plan_vectors(self.coefs), len(self.readers))
+        idx, coef, nterms, sub = plan_arrays(self.coefs, len(self.readers))
         with SlabReader(self.readers, r0, r1, width) as rd:
             for s0 in range(0, size, width):
                 s1 = min(size, s0 + width)
@@ -111,71 +106,27 @@ class FusedStat:
         )
 
 
-Plan = tuple[tuple[tuple[float, int], ...], ...]
-
-
-def plan_vectors(coefs: tuple[tuple[float, ...], ...]) -> Plan:
-    """Per task vector, its non-zero ``(coefficient, operand)`` terms (``ft - base``: the
-    ``+1`` first)."""
-    out = []
-    for row in coefs:
-        terms = [(c, r) for r, c in enumerate(row) if c != 0.0]
-        if len(terms) == 2 and {terms[0][0], terms[1][0]} == {1.0, -1.0}:
-            terms.sort(key=lambda x: -x[0])
-        out.append(tuple(terms))
-    return tuple(out)
-
-
-def _plan_arrays(
-    plan: Plan, operands: int
+def plan_arrays(
+    coefs: tuple[tuple[float, ...], ...], operands: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The plan as :func:`streamvec.ops.stats.kernel.slab_sums` takes it: per vector its
-    operands, float32 coefficients, number of terms, and whether it is one ``a - b``."""
-    n = len(plan)
-    idx = np.zeros((n, max(operands, 1)), np.int64)
-    coef = np.zeros((n, max(operands, 1)), np.float32)
+    """Each task vector's terms as :mod:`streamvec.ops.stats.kernel` takes them.
+
+    Returns:
+        ``(idx, coef, nterms, sub)``: per vector its operands with a non-zero coefficient
+        (``(N, R)`` int64), their float32 coefficients, the number of terms, and whether it
+        is one ``a - b`` (``ft - base``: the ``+1`` first, one correctly rounded subtraction).
+    """
+    n, width = len(coefs), max(operands, 1)
+    idx = np.zeros((n, width), np.int64)
+    coef = np.zeros((n, width), np.float32)
     nterms = np.zeros(n, np.int64)
     sub = np.zeros(n, np.bool_)
-    for i, terms in enumerate(plan):
+    for i, row in enumerate(coefs):
+        terms = [(c, r) for r, c in enumerate(row) if c != 0.0]
+        sub[i] = sorted(c for c, _ in terms) == [-1.0, 1.0]
+        if sub[i]:
+            terms.sort(key=lambda x: -x[0])
         nterms[i] = len(terms)
         for q, (c, r) in enumerate(terms):
             idx[i, q], coef[i, q] = r, c
-        sub[i] = len(terms) == 2 and terms[0][0] == 1.0 and terms[1][0] == -1.0
     return idx, coef, nterms, sub
-
-
-def task_vectors(ops: Sequence[np.ndarray], plan: Plan, out: np.ndarray) -> np.ndarray:
-    """``(N, w)`` float32 task vectors ``sum_r c_r x_r`` of one slab into ``out``.
-
-    ``ft - base`` is one correctly rounded subtraction (the float32 task vector ``diff``
-    stores); a store's vector is its values.
-
-    Args:
-        ops: every operand's slab, float32.
-        plan: from :func:`plan_vectors`.
-        out: ``(N, w)`` float32.
-
-    Returns:
-        ``out``.
-    """
-    for i, terms in enumerate(plan):
-        acc = out[i]
-        if len(terms) == 2 and terms[0][0] == 1.0 and terms[1][0] == -1.0:
-            np.subtract(ops[terms[0][1]], ops[terms[1][1]], out=acc)
-            continue
-        if not terms:
-            acc[:] = 0.0
-            continue
-        c0, r0 = terms[0]
-        if c0 == 1.0:
-            np.copyto(acc, ops[r0])
-        else:
-            np.multiply(ops[r0], np.float32(c0), out=acc)
-        for c, r in terms[1:]:
-            if c == 1.0:
-                np.add(acc, ops[r], out=acc)
-            elif c == -1.0:
-                np.subtract(acc, ops[r], out=acc)
-            else:
-                acc += np.float32(c) * ops[r]
-    return out

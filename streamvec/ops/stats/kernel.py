@@ -5,13 +5,14 @@ subtract, mask, maximum, count, float64 copy, dot, ...) each sweep the slab agai
 sweeps, not the arithmetic, were its time: the numpy slab loop this replaced took 2.3-2.5x
 the CPU and wall time of this loop over a 1B pair (docs/benchmarks.md). Here a slab's raw
 elements are taken :data:`CHUNK` at a time (every operand's chunk and the chunk's task
-vectors stay in L1), widened to float32, combined into each task vector with the float32
-operations of :func:`streamvec.ops.stats.fused.task_vectors`, and summed into the figures
-of :class:`~streamvec.ops.stats.accumulate.BlockSums`.
+vectors stay in L1), widened to float32, combined into each task vector with numpy's
+float32 operations, and summed into the figures of
+:class:`~streamvec.ops.stats.accumulate.BlockSums`.
 
-Exactness. A task vector is formed with the same float32 steps as numpy's (multiply, then
-add, never contracted into a fused multiply-add), so its bits, and so maxima, zeros, top-set
-counts and histograms, equal the numpy reference's. A product of two float32 values is exact
+Exactness. A task vector is formed with the same float32 steps as numpy's ``c * x`` and
+``a + b`` (multiply, then add, never contracted into a fused multiply-add; ``ft - base`` one
+subtraction, the float32 task vector ``diff`` stores), so its bits, and so maxima, zeros,
+top-set counts and histograms, equal the numpy reference's. A product of two float32 values is exact
 in float64; only the order of the float64 additions of the Gram sums is left to the compiler
 (``reassoc``, so that they vectorise), which moves them by a few ulps.
 
@@ -58,7 +59,7 @@ def _widen(src: np.ndarray, dst: np.ndarray, shift: np.uint32, m: int) -> None:
 
 @_jit()
 def _term(x: np.ndarray, c: np.float32, out: np.ndarray, m: int, first: bool) -> None:
-    # float32 steps in the order of fused.task_vectors (no contraction: the same rounding)
+    # float32 steps as numpy's c * x then a + b (no contraction: the same rounding)
     if first:
         if c == 1.0:
             for k in range(m):
@@ -133,6 +134,21 @@ def _histogram(bits: np.ndarray, hist: np.ndarray, m: int) -> None:
 
 
 @_jit()
+def _vectors(
+    fw: np.ndarray, m: int, idx: np.ndarray, coef: np.ndarray, nterms: np.ndarray,
+    sub: np.ndarray, t32: np.ndarray,
+) -> None:  # fmt: skip
+    # each task vector of one chunk (the first m columns of fw) into t32
+    for i in range(idx.shape[0]):
+        if sub[i]:
+            _sub(fw[idx[i, 0], :m], fw[idx[i, 1], :m], t32[i, :m], m)
+        else:
+            t32[i, :m] = 0.0
+            for q in range(nterms[i]):
+                _term(fw[idx[i, q], :m], coef[i, q], t32[i, :m], m, q == 0)
+
+
+@_jit()
 def slab_sums(
     raw: np.ndarray, shift: np.uint32, w: int, idx: np.ndarray, coef: np.ndarray,
     nterms: np.ndarray, sub: np.ndarray, base: int, moments: bool, floor: np.ndarray,
@@ -173,13 +189,7 @@ def slab_sums(
         m = min(w, c0 + CHUNK) - c0
         for r in range(r_all):
             _widen(raw[r, c0 : c0 + m], wide[r, :m], shift, m)
-        for i in range(n):
-            if sub[i]:
-                _sub(fw[idx[i, 0], :m], fw[idx[i, 1], :m], t32[i, :m], m)
-            else:
-                t32[i, :m] = 0.0
-                for q in range(nterms[i]):
-                    _term(fw[idx[i, q], :m], coef[i, q], t32[i, :m], m, q == 0)
+        _vectors(fw, m, idx, coef, nterms, sub, t32)
         for i in range(n):
             if moments:
                 mx, nz = _max_nonzero(tb[i, :m], m)
@@ -197,3 +207,26 @@ def slab_sums(
                     both[i, j] += _count2(tb[i, :m], floor[i], tb[j, :m], floor[j], m)
         if moments and base >= 0:
             base_sq[0] += _dot(fw[base, :m], fw[base, :m], m)
+
+
+@_jit()
+def magnitude_bits(
+    raw: np.ndarray, shift: np.uint32, w: int, idx: np.ndarray, coef: np.ndarray,
+    nterms: np.ndarray, sub: np.ndarray, out: np.ndarray,
+) -> None:  # fmt: skip
+    """The float32 bits of ``|t_i|`` of the first ``w`` elements into ``out`` (``(N, >= w)``
+    uint32), formed as :func:`slab_sums` forms them (the top-set thresholds' sample: its
+    thresholds are then compared with the very bits the pass counts). Arguments as there."""
+    n = idx.shape[0]
+    wide = np.empty((raw.shape[0], CHUNK), np.uint32)
+    fw = wide.view(np.float32)
+    t32 = np.empty((n, CHUNK), np.float32)
+    tb = t32.view(np.uint32)
+    for c0 in range(0, w, CHUNK):
+        m = min(w, c0 + CHUNK) - c0
+        for r in range(raw.shape[0]):
+            _widen(raw[r, c0 : c0 + m], wide[r, :m], shift, m)
+        _vectors(fw, m, idx, coef, nterms, sub, t32)
+        for i in range(n):
+            for k in range(m):
+                out[i, c0 + k] = tb[i, k] & _ABS

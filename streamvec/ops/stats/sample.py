@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from streamvec.io.blocks import BlockReader, matrix_shape
-from streamvec.ops.stats.fused import _ABS, plan_vectors, task_vectors
+from streamvec.ops.stats.fused import plan_arrays
 from streamvec.ops.stats.slabs import SlabReader, preadable, read_runs
 
 RUN = 32  # consecutive elements per sampled run (one pread per operand)
@@ -72,7 +72,7 @@ def thresholds(
     if n == 0:
         return np.zeros(len(coefs), np.uint32)
     if n <= sample:
-        bits = _bits(readers, coefs, [(0, rows)], cols)  # whole tensor: exact
+        bits = _bits(readers, coefs, rows, cols)  # whole tensor: exact
     elif all(preadable(r) for r in readers):
         bits = _run_bits(readers, coefs, n, sample, seed_name)
     else:
@@ -88,19 +88,16 @@ def _rng(seed_name: str) -> np.random.Generator:
 
 
 def _bits(
-    readers: Sequence[BlockReader],
-    coefs: tuple[tuple[float, ...], ...],
-    row_ranges: Sequence[tuple[int, int]],
-    cols: int,
+    readers: Sequence[BlockReader], coefs: tuple[tuple[float, ...], ...], rows: int, cols: int
 ) -> np.ndarray:
-    parts = []
-    for r0, r1 in row_ranges:
-        size = (r1 - r0) * cols
-        with SlabReader(readers, r0, r1, max(size, 1)) as rd:
-            out = np.empty((len(coefs), size), np.float32)
-            t = task_vectors(rd.load(0, size), plan_vectors(coefs), out)
-        parts.append(np.bitwise_and(t.view(np.uint32), _ABS))
-    return np.concatenate(parts, axis=1)
+    from streamvec.ops.stats import kernel  # numba: only when a pass runs
+
+    size = rows * cols
+    out = np.empty((len(coefs), size), np.uint32)
+    with SlabReader(readers, 0, rows, max(size, 1)) as rd:
+        raw, shift = rd.load_bits(0, size)
+        kernel.magnitude_bits(raw, shift, size, *plan_arrays(coefs, len(readers)), out)
+    return out
 
 
 def _run_bits(
@@ -110,6 +107,8 @@ def _run_bits(
     sample: int,
     seed_name: str,
 ) -> np.ndarray:
+    from streamvec.ops.stats import kernel  # numba: only when a pass runs
+
     runs = max(1, sample // RUN)
     stratum = n // runs
     starts = np.arange(runs) * stratum + _rng(seed_name).integers(
@@ -122,6 +121,9 @@ def _run_bits(
         # it, and the pass's blocks then find it cached (the sample alone over a cold 1B
         # pair: 5.3-5.5 s before, 3.3-3.5 s after).
         r.prefetch(0, rows)  # type: ignore[attr-defined]
-    ops = [read_runs(r, starts, RUN).reshape(-1) for r in readers]  # type: ignore[arg-type]
-    t = task_vectors(ops, plan_vectors(coefs), np.empty((len(coefs), runs * RUN), np.float32))
-    return np.bitwise_and(t.view(np.uint32), _ABS)
+    # float32 runs (read_runs widens them), handed to the loop as bits (shift 0)
+    ops = np.stack([read_runs(r, starts, RUN).reshape(-1) for r in readers])  # type: ignore[arg-type]
+    out = np.empty((len(coefs), runs * RUN), np.uint32)
+    plan = plan_arrays(coefs, len(readers))
+    kernel.magnitude_bits(ops.view(np.uint32), np.uint32(0), runs * RUN, *plan, out)
+    return out
